@@ -1,0 +1,1 @@
+"""dsalign.alignment."""
