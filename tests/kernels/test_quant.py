@@ -1,0 +1,64 @@
+"""Block quantization: torch references (checkpoint format) and the Triton kernels against them."""
+
+import pytest
+import torch
+from dsalign.kernels.quant import (
+    FP8_DTYPE,
+    dequantize_weight_blockwise,
+    quantize_act_ref,
+    quantize_weight_blockwise,
+    quantize_weight_ref,
+)
+
+# e4m3 keeps 3 mantissa bits: round-to-nearest error <= 2**-4 relative to the element, and elements far below the
+# tile amax can fall into the subnormal range where the absolute error is <= scale * 2**-10.
+E4M3_REL = 2.0**-4
+
+
+def _roundtrip_bound(x: torch.Tensor, scale_full: torch.Tensor) -> torch.Tensor:
+    return E4M3_REL * x.abs() + scale_full * 2.0**-9
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (576, 7168 // 8), (67, 130), (1, 1), (129, 257)])
+def test_weight_blockwise_roundtrip(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.02
+    w_fp8, scale_inv = quantize_weight_blockwise(w)
+    assert w_fp8.dtype == FP8_DTYPE and w_fp8.shape == w.shape
+    assert scale_inv.dtype == torch.float32
+    assert scale_inv.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    deq = dequantize_weight_blockwise(w_fp8, scale_inv)
+    full = scale_inv.repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]
+    assert ((deq - w).abs() <= _roundtrip_bound(w, full)).all()
+    # the block amax maps to +-448 exactly, so every block uses the full e4m3 range
+    assert w_fp8.float().abs().max() == 448.0
+    assert dequantize_weight_blockwise(w_fp8, scale_inv, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_kv_a_proj_padded_scale_rows():
+    """SPEC 5: kv_a_proj_with_mqa has 576 rows -> 5 scale rows; a wrong grid is rejected with the expected shape."""
+    w = torch.randn(576, 256)
+    w_fp8, scale_inv = quantize_weight_blockwise(w)
+    assert scale_inv.shape == (5, 2)
+    with pytest.raises(ValueError, match=r"\(5, 2\)"):
+        dequantize_weight_blockwise(w_fp8, scale_inv[:4])
+
+
+def test_scale_is_amax_over_448_with_clamp_and_pow2():
+    w = torch.zeros(128, 256)
+    w[3, 5] = -2.0
+    w[:, 128:] = 1e-7  # amax below the 1e-4 clamp
+    _, s = quantize_weight_ref(w)
+    torch.testing.assert_close(s, torch.tensor([[2.0 / 448, 1e-4 / 448]]))
+    _, s2 = quantize_weight_ref(w, pow2=True)
+    torch.testing.assert_close(s2, torch.tensor([[2.0**-7, 2.0**-22]]))  # 2/448 -> 2^-7.8 -> 2^-7
+
+
+def test_act_ref_tiles_are_per_row():
+    x = torch.ones(4, 200)
+    x[1, 130] = 8.0
+    x_fp8, s = quantize_act_ref(x)
+    assert s.shape == (4, 2)
+    torch.testing.assert_close(s[1], torch.tensor([1 / 448, 8 / 448]))
+    torch.testing.assert_close(s[0], torch.tensor([1 / 448, 1 / 448]))
+    assert x_fp8[1, 130].float() == 448.0
