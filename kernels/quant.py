@@ -17,6 +17,11 @@ Every quantizer has a plain torch reference (``*_ref``) that the Triton kernel i
 from __future__ import annotations
 
 import torch
+from dsalign.kernels._backend import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -120,3 +125,143 @@ def dequantize_weight_blockwise(
             f"of shape {expected}, got {tuple(scale_inv.shape)}"
         )
     return dequantize_ref(w_fp8, scale_inv, block, block, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _round_to_e4m3(v):
+        """Round fp32 (|v| <= 448) to the nearest e4m3 value, ties to even, in fp32.
+
+        Done explicitly so the following ``.to(tl.float8e4nv)`` is exact: hardware (cvt.rn.satfinite) and the
+        interpreter then agree bit for bit with torch's ``.to(torch.float8_e4m3fn)``.
+        """
+        a = tl.abs(v)
+        bits = a.to(tl.int32, bitcast=True)
+        lsb = (bits >> 20) & 1
+        normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # keep 3 mantissa bits
+        subnormal = (a + 16384.0) - 16384.0  # e4m3 subnormals are multiples of 2**-9 = ulp(2**14) in fp32
+        r = tl.where(a < 0.015625, subnormal, normal)
+        return tl.where(v < 0, -r, r)
+
+    @triton.jit
+    def _scale_from_amax(amax, POW2: tl.constexpr):
+        s = tl.maximum(amax, 1e-4) / 448.0
+        if POW2:
+            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+        return s
+
+    @triton.jit
+    def _quant_tile_kernel(
+        x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, stride_sm,
+        TILE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, POW2: tl.constexpr,
+    ):  # fmt: skip
+        """One program quantizes a [BLOCK_M, BLOCK_K] tile of x into contiguous q [M, K].
+
+        TILE_ROWS == 1: one scale per row (1 x BLOCK_K activation tiles, BLOCK_M rows per program);
+        TILE_ROWS == BLOCK_M: one scale for the whole tile (BLOCK_M x BLOCK_K weight blocks).
+        """
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        row_amax = tl.max(tl.abs(x), axis=1)
+        if TILE_ROWS == 1:
+            s = _scale_from_amax(row_amax, POW2)
+            q = _round_to_e4m3(tl.minimum(tl.maximum(x / s[:, None], -448.0), 448.0))
+            tl.store(s_ptr + rows * stride_sm + pid_k, s, mask=rows < M)
+        else:
+            s = _scale_from_amax(tl.max(row_amax, axis=0), POW2)
+            q = _round_to_e4m3(tl.minimum(tl.maximum(x / s, -448.0), 448.0))
+            tl.store(s_ptr + pid_m * stride_sm + pid_k, s)
+        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+
+    @triton.jit
+    def _dequant_kernel(
+        q_ptr, s_ptr, y_ptr, M, K, stride_sm,
+        SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        q = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s_offs = (rows[:, None] // SCALE_ROWS) * stride_sm + cols[None, :] // SCALE_COLS
+        s = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
+        tl.store(y_ptr + rows[:, None] * K + cols[None, :], (q * s).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_block(block: int) -> None:
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"Triton quantization needs a power-of-two block >= 16, got {block}")
+
+
+def _quantize_triton(x: torch.Tensor, block: int, pow2: bool, tile_rows: int, rows_per_prog: int):
+    _check_block(block)
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(-(-m // tile_rows), -(-k // block), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, rows_per_prog), triton.cdiv(k, block))
+    _quant_tile_kernel[grid](
+        x, q, scale, m, k, x.stride(0), x.stride(1), scale.stride(0),
+        TILE_ROWS=tile_rows, BLOCK_M=rows_per_prog, BLOCK_K=block, POW2=pow2,
+    )  # fmt: skip
+    return q, scale
+
+
+def quantize_act(
+    x_MK: torch.Tensor, block: int = BLOCK, pow2: bool = False, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x block tiles along the last dim of a 2-D tensor (any strides; pass ``x.t()`` to tile along rows).
+
+    Returns (x_fp8 [M, K] contiguous e4m3, scale fp32 [M, ceil(K/block)]) with x ~= x_fp8 * scale.
+    """
+    if x_MK.dim() != 2:
+        raise ValueError(f"quantize_act: expected a 2-D [M, K] tensor, got shape {tuple(x_MK.shape)}")
+    if not use_triton(x_MK, backend):
+        return quantize_act_ref(x_MK, block, pow2)
+    return _quantize_triton(x_MK, block, pow2, tile_rows=1, rows_per_prog=32)
+
+
+def quantize_weight(
+    w_MN: torch.Tensor, block: int = BLOCK, pow2: bool = False, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """block x block tiles. Returns (w_fp8 [M, N] contiguous e4m3, scale fp32 [ceil(M/block), ceil(N/block)])."""
+    if w_MN.dim() != 2:
+        raise ValueError(f"quantize_weight: expected a 2-D [M, N] tensor, got shape {tuple(w_MN.shape)}")
+    if not use_triton(w_MN, backend):
+        return quantize_weight_ref(w_MN, block, pow2)
+    return _quantize_triton(w_MN, block, pow2, tile_rows=block, rows_per_prog=block)
+
+
+def dequantize(
+    x_fp8: torch.Tensor,
+    scale: torch.Tensor,
+    block_rows: int,
+    block_cols: int = BLOCK,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """fp8 * scale for 1 x 128 (``block_rows=1``) or 128 x 128 (``block_rows=128``) scale grids."""
+    m, k = x_fp8.shape
+    expected = (-(-m // block_rows), -(-k // block_cols))
+    if x_fp8.dtype != FP8_DTYPE or tuple(scale.shape) != expected:
+        raise ValueError(
+            f"dequantize: expected e4m3 [M, K] with scale {expected}, got {x_fp8.dtype} {tuple(x_fp8.shape)} and "
+            f"scale {tuple(scale.shape)}"
+        )
+    if not use_triton(x_fp8, backend):
+        return dequantize_ref(x_fp8, scale, block_rows, block_cols, dtype)
+    assert x_fp8.is_contiguous() and scale.stride(1) == 1, "dequantize: fp8 data and scale rows must be contiguous"
+    y = torch.empty(m, k, dtype=dtype, device=x_fp8.device)
+    grid = (triton.cdiv(m, 32), triton.cdiv(k, 128))
+    _dequant_kernel[grid](
+        x_fp8, scale, y, m, k, scale.stride(0), SCALE_ROWS=block_rows, SCALE_COLS=block_cols, BLOCK_M=32, BLOCK_K=128
+    )
+    return y
