@@ -1,1 +1,24 @@
-"""dsalign.model."""
+"""dsalign.model: the DeepSeek-V3 network (MLA, DeepSeekMoE, MTP) and its HF checkpoint format."""
+
+from .cache import LatentCache
+from .checkpoint import build_model, load_checkpoint, save_checkpoint
+from .config import PRESETS, ModelConfig
+from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss
+from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss
+
+__all__ = [
+    "PRESETS",
+    "LatentCache",
+    "ModelConfig",
+    "ModelOutput",
+    "Transformer",
+    "apply_bias_update",
+    "bias_update_delta",
+    "build_attention_mask",
+    "build_model",
+    "causal_lm_loss",
+    "load_checkpoint",
+    "load_imbalance",
+    "save_checkpoint",
+    "sequence_balance_loss",
+]

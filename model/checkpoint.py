@@ -1,0 +1,410 @@
+"""Checkpoints in the HF format (SPEC.md section 6).
+
+Reads: ``config.json`` + safetensors (one file, or shards with ``model.safetensors.index.json``); routed experts as
+the official per-expert keys or transformers-v5 fused ``gate_up_proj`` / ``down_proj``; FP8 weights with
+``weight_scale_inv`` (128x128 blocks, padded edges); MTP layers at index ``num_hidden_layers + k``.
+Loading streams tensor by tensor into a model built on the meta device, so peak memory is about one model copy.
+
+Writes: the official layout (per-expert keys, MTP layers with their copies of the shared embedding and head,
+shards plus an index, ``config.json``), into a temporary directory that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+_EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+_SHARED_MTP = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+_MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight"}
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary\.inv_freq)$")
+
+
+@dataclass
+class Target:
+    """Where a checkpoint tensor goes: our parameter name, plus (expert index, 'gate'|'up'|None) for a slice."""
+
+    name: str
+    expert: int | None = None
+    part: str | None = None
+    shared_copy: bool = False  # an MTP layer's copy of the main embedding / head: checked, not loaded
+
+
+def hf_to_ours(key: str, cfg: ModelConfig) -> Target | None:
+    """Map one HF checkpoint key to its place in ``Transformer``; None when the key is not ours."""
+    if _IGNORED.search(key):
+        return None
+    m = _LAYER_KEY.match(key)
+    if m is None:
+        if key.startswith("model."):
+            return Target(key[len("model.") :])
+        return Target(key) if key == "lm_head.weight" else None
+    layer, rest = int(m.group(1)), m.group(2)
+    if layer < cfg.num_hidden_layers:
+        prefix = f"layers.{layer}."
+    else:
+        k = layer - cfg.num_hidden_layers
+        if k >= cfg.num_nextn_predict_layers:
+            return None
+        if rest in _SHARED_MTP:
+            return Target(_SHARED_MTP[rest], shared_copy=True)
+        if rest in _MTP_OWN:
+            return Target(f"mtp.{k}.{_MTP_OWN[rest]}")
+        if rest == "shared_head.norm.weight":
+            return Target(f"mtp.{k}.norm.weight")
+        prefix = f"mtp.{k}.block."
+    e = _EXPERT_KEY.search(rest)
+    if e is not None:
+        expert, proj = int(e.group(1)), e.group(2)
+        if proj == "down":
+            return Target(prefix + "mlp.experts.down_proj", expert=expert)
+        return Target(prefix + "mlp.experts.gate_up_proj", expert=expert, part=proj)
+    return Target(prefix + rest)
+
+
+def ours_to_hf(model: Transformer) -> Iterator[tuple[str, Callable[[], torch.Tensor], torch.Size, torch.dtype]]:
+    """Yield (hf_key, make_tensor, shape, dtype) in the official layout; tensors are produced lazily."""
+    cfg = model.cfg
+    state = model.state_dict()
+    n = cfg.num_hidden_layers
+    for name, t in state.items():
+        if name.startswith("rotary."):
+            continue
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        m = re.match(r"(layers\.(\d+)|mtp\.(\d+)\.block)\.(.+)$", name)
+        mm = re.match(r"mtp\.(\d+)\.(enorm|hnorm|eh_proj|norm)\.weight$", name)
+        if mm is not None:
+            k, part = int(mm.group(1)), mm.group(2)
+            suffix = "shared_head.norm.weight" if part == "norm" else f"{part}.weight"
+            yield f"model.layers.{n + k}.{suffix}", (lambda t=t: t), t.shape, t.dtype
+            continue
+        if m is None:
+            yield f"model.{name}" if name != "lm_head.weight" else name, (lambda t=t: t), t.shape, t.dtype
+            continue
+        layer = int(m.group(2)) if m.group(2) is not None else n + int(m.group(3))
+        rest = m.group(4)
+        prefix = f"model.layers.{layer}."
+        if rest.endswith("mlp.experts.gate_up_proj"):
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                for j, proj in enumerate(("gate", "up")):
+                    key = f"{prefix}mlp.experts.{e}.{proj}_proj.weight"
+                    sl = slice(j * inter, (j + 1) * inter)
+                    yield key, (lambda t=t, e=e, sl=sl: t[e, sl].contiguous()), torch.Size([inter, t.shape[2]]), t.dtype
+        elif rest.endswith("mlp.experts.down_proj"):
+            for e in range(t.shape[0]):
+                key = f"{prefix}mlp.experts.{e}.down_proj.weight"
+                yield key, (lambda t=t, e=e: t[e].contiguous()), t.shape[1:], t.dtype
+        else:
+            yield prefix + rest, (lambda t=t: t), t.shape, t.dtype
+    emb = state["embed_tokens.weight"]
+    head = state.get("lm_head.weight", emb)
+    for k in range(cfg.num_nextn_predict_layers):
+        yield f"model.layers.{n + k}.embed_tokens.weight", (lambda: emb.clone()), emb.shape, emb.dtype
+        yield f"model.layers.{n + k}.shared_head.head.weight", (lambda: head.clone()), head.shape, head.dtype
+
+
+# Projections the FP8 recipe keeps in high precision (embedding, head, gate, norms) never get quantized.
+def _fp8_quantizable(hf_key: str, shape: torch.Size) -> bool:
+    if len(shape) != 2 or not hf_key.endswith(".weight"):
+        return False
+    skip = ("embed_tokens", "lm_head", "shared_head.head", "mlp.gate.weight", "norm", "layernorm")
+    return not any(s in hf_key for s in skip)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """key -> file for every tensor in the checkpoint (reads only safetensors headers)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / name for name in set(weight_map.values())}
+        missing = sorted(str(f) for f in files.values() if not f.is_file())
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+        return {k: files[v] for k, v in weight_map.items()}
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no *.safetensors file")
+    out: dict[str, Path] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: shard for k in f.keys()})
+    return out
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    dequantized_fp8: int = 0
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
+    """Build on the meta device (no memory), then allocate once on ``device`` in ``dtype`` (uninitialized)."""
+    with _default_dtype(dtype), torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.rotary.reset_parameters()
+    return model
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    missing_mtp: str = "drop",
+    report: LoadReport | None = None,
+) -> Transformer:
+    """Load an HF-format DeepSeek-V3 checkpoint directory, streaming tensor by tensor.
+
+    ``missing_mtp`` decides what happens when the config declares MTP layers the checkpoint lacks (transformers'
+    ``save_pretrained`` drops them): ``"drop"`` builds the model without MTP, ``"init"`` initializes them
+    randomly, ``"error"`` refuses. Either way the choice is recorded in ``report.notes`` and logged.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    report = report if report is not None else LoadReport()
+    cfg = ModelConfig.from_hf(path)
+    key_files = _checkpoint_files(path)
+    has_mtp = any(
+        (m := _LAYER_KEY.match(k)) is not None and int(m.group(1)) >= cfg.num_hidden_layers for k in key_files
+    )
+    init_mtp = False
+    if cfg.num_nextn_predict_layers and not has_mtp:
+        msg = f"{path}: config declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint has none"
+        if missing_mtp == "error":
+            raise ValueError(msg)
+        if missing_mtp == "drop":
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+            msg += "; building the model without MTP (missing_mtp='init' trains fresh ones)"
+        else:
+            init_mtp = True
+            msg += "; initializing them randomly"
+        log.warning(msg)
+        report.notes.append(msg)
+    model = build_model(cfg, device, dtype)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    expected = _expected_fills(model)
+    filled: dict[str, int] = {}
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def get(key: str) -> torch.Tensor:
+            file = key_files[key]
+            if file not in handles:
+                handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            return handles[file].get_tensor(key)
+
+        for key in sorted(key_files, key=lambda k: (str(key_files[k]), k)):
+            if key.endswith(".weight_scale_inv"):
+                continue
+            target = hf_to_ours(key, cfg)
+            if target is None or target.name not in params:
+                report.ignored.append(key)
+                continue
+            tensor = get(key)
+            if tensor.dtype == torch.float8_e4m3fn:
+                scale_key = key[: -len("weight")] + "weight_scale_inv"
+                if scale_key not in key_files:
+                    raise ValueError(f"{path}: FP8 tensor {key} has no {scale_key}")
+                from dsalign.kernels.quant import dequantize_weight_blockwise
+
+                tensor = dequantize_weight_blockwise(tensor, get(scale_key).float())
+                report.dequantized_fp8 += 1
+            _assign(params[target.name], target, tensor, key, path)
+            if target.shared_copy:
+                continue
+            whole = target.expert is None  # a fused v5 expert tensor fills every slice at once
+            filled[target.name] = filled.get(target.name, 0) + (expected.get(target.name, 1) if whole else 1)
+            report.loaded += 1
+
+    missing = []
+    for name, need in expected.items():
+        if filled.get(name, 0) < need:
+            if init_mtp and name.startswith("mtp."):
+                continue
+            if name.endswith("e_score_correction_bias"):
+                params[name].zero_()
+                report.notes.append(f"{name} missing: initialized to zeros")
+                continue
+            missing.append(f"{name} ({filled.get(name, 0)}/{need} pieces)")
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:8]}")
+    if init_mtp:
+        _init_mtp(model)
+    if report.ignored:
+        log.warning("%s: ignored %d checkpoint tensors, e.g. %s", path, len(report.ignored), report.ignored[:4])
+    return model
+
+
+def _expected_fills(model: Transformer) -> dict[str, int]:
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("rotary."):
+            continue
+        if name.endswith("experts.gate_up_proj"):
+            out[name] = 2 * t.shape[0]
+        elif name.endswith("experts.down_proj"):
+            out[name] = t.shape[0]
+        else:
+            out[name] = 1
+    if model.cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+@torch.no_grad()
+def _assign(dst: torch.Tensor, target: Target, src: torch.Tensor, key: str, path: Path) -> None:
+    if target.shared_copy:
+        if dst.shape != src.shape or not torch.equal(dst.to(src.dtype), src):
+            log.warning("%s: %s differs from the main model's %s; dsalign shares it", path, key, target.name)
+        return
+    if target.expert is not None:
+        # Fused v5 keys land here too when present with a leading expert dim; per-expert keys fill one slice.
+        view = dst[target.expert]
+        if target.part is not None:
+            inter = dst.shape[1] // 2
+            view = view[:inter] if target.part == "gate" else view[inter:]
+    else:
+        view = dst
+    if view.shape != src.shape:
+        raise ValueError(f"{path}: {key} has shape {tuple(src.shape)}, expected {tuple(view.shape)} for {target.name}")
+    view.copy_(src)
+
+
+@torch.no_grad()
+def _init_mtp(model: Transformer) -> None:
+    std = model.cfg.initializer_range
+    for name, p in model.mtp.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std)
+    for m in model.mtp:
+        if hasattr(m.block.mlp, "gate"):
+            m.block.mlp.gate.e_score_correction_bias.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def save_checkpoint(
+    model: Transformer,
+    path: str | Path,
+    max_shard_bytes: int = 5 * 1024**3,
+    fp8: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the official HF layout atomically: everything goes to a temp dir beside ``path``, renamed at the end.
+
+    ``fp8=True`` stores linear weights as e4m3 with 128x128 ``weight_scale_inv`` and adds ``quantization_config``.
+    ``write_extra(tmp_dir)`` may add files (tokenizer, generation config) before the rename.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_tensors(model, tmp, max_shard_bytes, fp8)
+        cfg = model.cfg
+        hf = cfg.to_hf()
+        dtype = next(model.parameters()).dtype
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if fp8:
+            hf["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128],
+            }
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_tensors(model: Transformer, out_dir: Path, max_shard_bytes: int, fp8: bool) -> None:
+    entries = list(ours_to_hf(model))
+    elem = {torch.float8_e4m3fn: 1}
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in entries:
+        key, _, shape, dtype = entry
+        quant = fp8 and _fp8_quantizable(key, shape)
+        nbytes = shape.numel() * (1 if quant else elem.get(dtype, torch.empty(0, dtype=dtype).element_size()))
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((entry, quant))
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors: dict[str, torch.Tensor] = {}
+        for (key, make, _, _), quant in shard:
+            t = make().detach().cpu()
+            if quant:
+                from dsalign.kernels.quant import quantize_weight_blockwise
+
+                w8, scale_inv = quantize_weight_blockwise(t.float())
+                tensors[key] = w8
+                tensors[key[: -len("weight")] + "weight_scale_inv"] = scale_inv
+            else:
+                tensors[key] = t.contiguous()
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Swap ``tmp`` into ``path``; an existing ``path`` is moved aside first and deleted only after the swap."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

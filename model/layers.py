@@ -1,0 +1,48 @@
+"""Shared building blocks: RMSNorm, the linear-layer factory, the dense SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``w * x / sqrt(mean(x^2) + eps)``, computed in fp32 and cast back (as transformers and the official code)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """Every projection the FP8 recipe quantizes is built here, so the kernel switch lives in one place.
+
+    Embedding, output head, MoE gate and norms never come through this factory: they stay in bf16/fp32.
+    """
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate x) * up x)`` (dense layers and shared experts)."""
+
+    def __init__(self, cfg: ModelConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = make_linear(cfg, cfg.hidden_size, intermediate_size)
+        self.up_proj = make_linear(cfg, cfg.hidden_size, intermediate_size)
+        self.down_proj = make_linear(cfg, intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

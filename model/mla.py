@@ -1,0 +1,114 @@
+"""Multi-head latent attention (SPEC.md section 2), naive and weight-absorbed.
+
+Shape legend: B batch, T query tokens, S key tokens, D hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
+V v_head_dim, C kv_lora_rank.
+
+- Naive (training / prefill): expand the latent through ``kv_b_proj`` into per-head K and V, then SDPA.
+- Absorbed (decode): fold ``W_UK`` into the query and ``W_UV`` into the output so attention runs on the cached
+  latent directly; the cache holds only ``c_kv`` (C) and ``k_pe`` (R) per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import LatentCache
+from .config import ModelConfig
+from .layers import RMSNorm, make_linear
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        qk_dim = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = make_linear(cfg, cfg.hidden_size, self.n_heads * qk_dim)
+        else:
+            self.q_a_proj = make_linear(cfg, cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = make_linear(cfg, cfg.q_lora_rank, self.n_heads * qk_dim)
+        self.kv_a_proj_with_mqa = make_linear(
+            cfg, cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
+        )
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = make_linear(cfg, cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = make_linear(cfg, self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BTHK = q.view(*x_BTD.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope_BTHN, q_pe_BTHR = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope_BTHN, apply_rope(q_pe_BTHR, cos, sin, self.interleave)
+
+    def _latents(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_kv_BTC, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv_BTC), apply_rope(k_pe_BTR, cos, sin, self.interleave)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask_BTS: torch.Tensor | None,
+        cache: LatentCache | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+        absorbed: bool = False,
+    ) -> torch.Tensor:
+        """``mask_BTS`` is boolean (True = may attend). With a cache, latents are written at ``position_ids_BT``
+        and attention reads every cached position up to the batch's furthest query; ``mask_BTS`` is then built
+        by the caller over those cached positions."""
+        cos, sin = rope
+        q_nope, q_pe = self._queries(x_BTD, cos, sin)
+        c_kv, k_pe = self._latents(x_BTD, cos, sin)
+        if cache is not None:
+            cache.write(self.layer_idx, c_kv, k_pe, position_ids_BT)
+            if absorbed:
+                c_kv, k_pe = cache.read(self.layer_idx, mask_BTS.shape[-1])
+                c_kv, k_pe = c_kv.to(x_BTD.dtype), k_pe.to(x_BTD.dtype)
+        if absorbed:
+            o_BTHV = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask_BTS)
+        else:
+            o_BTHV = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask_BTS)
+        return self.o_proj(o_BTHV.reshape(*x_BTD.shape[:2], self.n_heads * self.v_dim))
+
+    def _attend_naive(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
+        B, S = c_kv_BSC.shape[:2]
+        kv_BSHK = self.kv_b_proj(c_kv_BSC).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope_BSHN, v_BSHV = kv_BSHK.split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe_BSHR = k_pe_BSR[:, :, None, :].expand(-1, -1, self.n_heads, -1)
+        q_BHTK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k_BHSK = torch.cat([k_nope_BSHN, k_pe_BSHR], dim=-1).transpose(1, 2)
+        v_BHSV = v_BSHV.transpose(1, 2)
+        attn_mask = None if mask_BTS is None else mask_BTS[:, None]
+        o_BHTV = F.scaled_dot_product_attention(
+            q_BHTK, k_BHSK, v_BHSV, attn_mask=attn_mask, is_causal=mask_BTS is None, scale=self.scale
+        )
+        return o_BHTV.transpose(1, 2)
+
+    def _attend_absorbed(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
+        w_HKC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HKC[:, : self.nope_dim], w_HKC[:, self.nope_dim :]
+        w_uk_HNC, w_uv_HVC = w_uk_HNC.to(q_nope.dtype), w_uv_HVC.to(q_nope.dtype)
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HNC)
+        scores_BHTS = torch.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC) + torch.einsum(
+            "bthr,bsr->bhts", q_pe, k_pe_BSR
+        )
+        scores_BHTS = scores_BHTS.float() * self.scale
+        if mask_BTS is None:
+            T, S = scores_BHTS.shape[-2:]
+            mask_BTS = torch.ones(T, S, dtype=torch.bool, device=scores_BHTS.device).tril(S - T)[None]
+        scores_BHTS = scores_BHTS.masked_fill(~mask_BTS[:, None], float("-inf"))
+        p_BHTS = scores_BHTS.softmax(dim=-1).to(q_nope.dtype)
+        o_lat_BTHC = torch.einsum("bhts,bsc->bthc", p_BHTS, c_kv_BSC)
+        return torch.einsum("bthc,hvc->bthv", o_lat_BTHC, w_uv_HVC)

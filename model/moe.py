@@ -1,0 +1,157 @@
+"""DeepSeekMoE: sigmoid gate with group-limited top-k and auxiliary-loss-free balancing (SPEC.md section 3).
+
+Shape legend: B batch, T tokens, N = B*T flattened tokens, D hidden, E routed experts, K experts per token,
+I moe_intermediate_size, G groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from dsalign.kernels.moe import moe_experts_forward
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer's forward reports for balancing.
+
+    counts_E: tokens routed to each expert (valid tokens only), from the biased top-k choice.
+    aux_loss: alpha-weighted complementary sequence-wise balance loss (0-dim; zero when alpha is 0).
+    """
+
+    counts_E: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+def limit_to_groups(scores_NE: torch.Tensor, n_groups: int, keep: int, per_group_topk: int) -> torch.Tensor:
+    """Mask (to -inf) every expert outside the ``keep`` best groups; a group scores the sum of its top
+    ``per_group_topk`` entries. Used for group-limited routing and for node-limited routing alike."""
+    n, e = scores_NE.shape
+    grouped = scores_NE.view(n, n_groups, e // n_groups)
+    group_scores_NG = grouped.topk(per_group_topk, dim=-1).values.sum(dim=-1)
+    kept_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool)
+    kept_NG.scatter_(1, group_scores_NG.topk(keep, dim=-1).indices, True)
+    return grouped.masked_fill(~kept_NG[..., None], float("-inf")).view(n, e)
+
+
+class Gate(nn.Module):
+    """Sigmoid router. ``e_score_correction_bias`` (fp32 buffer) only chooses experts; weights use unbiased scores."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (topk_idx [N, K], topk_weight [N, K] fp32, scores [N, E] fp32 unbiased sigmoid)."""
+        cfg = self.cfg
+        scores_NE = torch.sigmoid(x_ND.float() @ self.weight.float().t())
+        choice_NE = scores_NE + self.e_score_correction_bias.float()
+        if cfg.route_num_nodes is not None:
+            per_node = cfg.num_experts_per_tok // cfg.route_max_nodes
+            choice_NE = limit_to_groups(choice_NE, cfg.route_num_nodes, cfg.route_max_nodes, per_node)
+        if cfg.topk_group < cfg.n_group:
+            choice_NE = limit_to_groups(choice_NE, cfg.n_group, cfg.topk_group, 2)
+        topk_idx_NK = choice_NE.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weight_NK = scores_NE.gather(1, topk_idx_NK)
+        if cfg.norm_topk_prob:
+            weight_NK = weight_NK / (weight_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_idx_NK, weight_NK * cfg.routed_scaling_factor, scores_NE
+
+
+class GroupedExperts(nn.Module):
+    """Routed experts stored stacked: ``gate_up_proj`` [E, 2I, D] (gate rows first), ``down_proj`` [E, D, I]."""
+
+    def __init__(self, cfg: ModelConfig, num_experts: int | None = None):
+        super().__init__()
+        e = cfg.n_routed_experts if num_experts is None else num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(e, cfg.hidden_size, cfg.moe_intermediate_size))
+
+    def forward(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_weight_NK: torch.Tensor) -> torch.Tensor:
+        return moe_experts_forward(x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj)
+
+
+def sequence_balance_loss(
+    scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, valid_BT: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Complementary sequence-wise balance loss ``alpha * sum_i f_i P_i``, averaged over sequences.
+
+    ``f_i = E / (K T) * #tokens of the sequence routed to i``; ``P_i = mean_t s_ti / sum_j s_tj`` over the
+    sequence's valid tokens (DeepSeek-V3 report, eq. 17-20).
+    """
+    B, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    valid = valid_BT.to(scores_BTE.dtype)
+    n_valid_B = valid.sum(dim=1).clamp(min=1)
+    hits_BTE = torch.zeros_like(scores_BTE).scatter_(2, topk_idx_BTK, 1.0) * valid[..., None]
+    f_BE = hits_BTE.sum(dim=1) * E / (K * n_valid_B[:, None])
+    probs_BTE = scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)
+    p_BE = (probs_BTE * valid[..., None]).sum(dim=1) / n_valid_B[:, None]
+    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """``y = sum_k w_k Expert_k(x) + SharedExperts(x)``; no token dropping."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Gate(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.shared_experts = (
+            MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        topk_idx_NK, weight_NK, scores_NE = self.gate(x_ND)
+        y_ND = self.experts(x_ND, topk_idx_NK, weight_NK)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        if valid_BT is None:
+            valid_BT = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device)
+        E = self.cfg.n_routed_experts
+        with torch.no_grad():
+            hits = topk_idx_NK[valid_BT.reshape(-1)].reshape(-1)
+            counts_E = torch.bincount(hits, minlength=E).float()
+        alpha = self.cfg.aux_loss_alpha if self.cfg.seq_aux else 0.0
+        if alpha > 0 and torch.is_grad_enabled():
+            aux = sequence_balance_loss(scores_NE.view(B, T, E), topk_idx_NK.view(B, T, -1), valid_BT, alpha)
+        else:
+            aux = x_BTD.new_zeros((), dtype=torch.float32)
+        return y_ND.view(B, T, D), RouterStats(counts_E, aux)
+
+
+def bias_update_delta(counts_LE: torch.Tensor, gamma: float, center: bool = False) -> torch.Tensor:
+    """Auxiliary-loss-free sign rule: ``+gamma`` for underloaded experts, ``-gamma`` for overloaded ones.
+
+    ``counts_LE`` are the (globally all-reduced) tokens per expert of each MoE layer over the step. With
+    ``center=True`` the update is made zero-mean per layer (torchtitan's variant).
+    """
+    delta_LE = gamma * torch.sign(counts_LE.mean(dim=-1, keepdim=True) - counts_LE)
+    if center:
+        delta_LE = delta_LE - delta_LE.mean(dim=-1, keepdim=True)
+    return delta_LE
+
+
+@torch.no_grad()
+def apply_bias_update(gates: list[Gate], counts_LE: torch.Tensor, gamma: float, center: bool = False) -> None:
+    """Add ``bias_update_delta`` to every gate's ``e_score_correction_bias`` (one row of counts per gate)."""
+    if len(gates) != counts_LE.shape[0]:
+        raise ValueError(f"apply_bias_update: {len(gates)} gates but counts for {counts_LE.shape[0]} layers")
+    delta_LE = bias_update_delta(counts_LE.float(), gamma, center)
+    for gate, delta_E in zip(gates, delta_LE):
+        gate.e_score_correction_bias.add_(delta_E.to(gate.e_score_correction_bias.device))
+
+
+def load_imbalance(counts_LE: torch.Tensor) -> torch.Tensor:
+    """max/mean expert load per layer (1.0 is perfect balance)."""
+    return counts_LE.max(dim=-1).values / counts_LE.mean(dim=-1).clamp(min=1e-9)

@@ -1,0 +1,256 @@
+"""The DeepSeek-V3 network: embeddings, decoder layers (MLA + dense MLP or MoE), final norm, head, MTP modules.
+
+Shape legend: B batch, T tokens, S cached key positions, D hidden, V vocab, L MoE layers, E routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import LatentCache
+from .config import ModelConfig
+from .layers import MLP, RMSNorm, make_linear
+from .mla import MLA
+from .moe import MoE, RouterStats
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, T, V]; mtp_logits[k-1] [B, T, V] where position i of depth k predicts token i + k + 1;
+    hidden [B, T, D] the final (post-norm) hidden state; aux_loss the summed alpha-weighted balance losses;
+    expert_counts [L, E] tokens per routed expert of every MoE layer (main model first, then MTP blocks)."""
+
+    logits: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.intermediate_size)
+
+    def forward(self, h_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False):
+        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), rope, mask, cache, position_ids, absorbed)
+        x = self.post_attention_layernorm(h_BTD)
+        if isinstance(self.mlp, MoE):
+            y, stats = self.mlp(x, valid_BT)
+            return h_BTD + y, stats
+        return h_BTD + self.mlp(x), None
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: ``block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1, i})]))``.
+
+    The embedding comes first in the concatenation, as in the released checkpoints and vLLM/SGLang. The embedding
+    table and output head are the main model's (shared); ``norm`` is the checkpoint's ``shared_head.norm``.
+    """
+
+    def __init__(self, cfg: ModelConfig, depth: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = make_linear(cfg, 2 * cfg.hidden_size, cfg.hidden_size)
+        self.block = DecoderLayer(cfg, cfg.num_hidden_layers + depth - 1)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev_BTD, emb_next_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False):
+        x = self.eh_proj(torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1))
+        return self.block(x, rope, mask, valid_BT, cache, position_ids, absorbed)
+
+
+def build_attention_mask(
+    position_ids_BT: torch.Tensor,
+    key_valid_BS: torch.Tensor | None = None,
+    segment_ids_BT: torch.Tensor | None = None,
+    key_positions_S: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean [B, T, S] mask (True = attend) for queries at ``position_ids``.
+
+    Without a cache keys are the queries themselves: causal in sequence order, restricted to the same segment
+    (packed samples never see each other) and to valid (non-padding) keys. Each query may always attend to
+    itself, so padding rows stay finite. With a cache (``key_positions_S`` given) a query at position p sees the
+    cached keys at positions <= p.
+    """
+    if key_positions_S is not None:
+        return key_positions_S[None, None, :] <= position_ids_BT[:, :, None]
+    B, T = position_ids_BT.shape
+    idx = torch.arange(T, device=position_ids_BT.device)
+    mask = (idx[None, :] <= idx[:, None])[None].expand(B, T, T)
+    if key_valid_BS is not None:
+        mask = mask & key_valid_BS[:, None, :].bool()
+    if segment_ids_BT is not None:
+        mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    return mask | torch.eye(T, dtype=torch.bool, device=mask.device)[None]
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3 causal LM with MTP. Parameter names mirror the HF checkpoint without the ``model.`` prefix;
+    routed experts are stacked per layer (see ``model/checkpoint.py`` for the key mapping)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg, k + 1) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg)
+        self.activation_checkpointing = False
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for the routing bias."""
+        std = self.cfg.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or ".enorm." in name or ".hnorm." in name or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+        for gate in self.gates():
+            gate.e_score_correction_bias.zero_()
+        self.rotary.reset_parameters()
+
+    def gates(self) -> list:
+        """Every MoE gate, main layers first then MTP blocks (the row order of ``expert_counts``)."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return [b.mlp.gate for b in blocks if isinstance(b.mlp, MoE)]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        compute_mtp: bool | None = None,
+        absorbed: bool | None = None,
+        num_logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Full forward (training, prefill) or cached step (decode).
+
+        Args:
+            input_ids: [B, T].
+            attention_mask: [B, T] 1 for real tokens, 0 for padding (padding keys are never attended).
+            position_ids: [B, T]; default 0..T-1 (or continuing each sequence's cached length).
+            segment_ids: [B, T] packed-sample ids; tokens attend only within their segment.
+            cache: a ``LatentCache``; new latents are written at ``position_ids`` and each sequence's length grows by
+                its number of real tokens. An empty cache is prefilled with the naive path; otherwise the absorbed
+                path runs (force either with ``absorbed``).
+            compute_mtp: run the MTP modules (default: in training mode and without a cache).
+            num_logits_to_keep: if > 0, only the last that many positions get logits.
+        """
+        B, T = input_ids.shape
+        valid_BT = None if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            position_ids = start + torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        if cache is not None:
+            if absorbed is None:
+                absorbed = bool(cache.lengths.any())
+            if absorbed:
+                key_pos = torch.arange(int(position_ids.max()) + 1, device=input_ids.device)
+                mask = build_attention_mask(position_ids, key_positions_S=key_pos)
+            elif cache.lengths.any():
+                raise ValueError("the naive attention path cannot extend a non-empty cache; use absorbed=True")
+            else:
+                mask = build_attention_mask(position_ids, valid_BT, segment_ids)
+        elif absorbed:
+            raise ValueError("the absorbed attention path needs a LatentCache")
+        elif valid_BT is None and segment_ids is None:
+            mask = None  # plain causal: SDPA's is_causal fast path
+        else:
+            mask = build_attention_mask(position_ids, valid_BT, segment_ids)
+        rope = self.rotary(position_ids)
+
+        h = self.embed_tokens(input_ids)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            h, s = self._run_layer(layer, h, rope, mask, valid_BT, cache, position_ids, absorbed)
+            if s is not None:
+                stats.append(s)
+        hidden_pre = h
+        hidden = self.norm(h)
+        keep = slice(-num_logits_to_keep, None) if num_logits_to_keep > 0 else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+
+        mtp_logits: list[torch.Tensor] = []
+        if compute_mtp is None:
+            compute_mtp = self.training and cache is None
+        if compute_mtp and len(self.mtp):
+            if cache is not None:
+                raise ValueError("compute_mtp with a cache: draft through dsalign's generation engine instead")
+            h_prev = hidden if self.cfg.mtp_hidden == "post_norm" else hidden_pre
+            for k, module in enumerate(self.mtp, start=1):
+                next_ids = F.pad(input_ids[:, k:], (0, k), value=0)
+                h_prev, s = module(h_prev, self.embed_tokens(next_ids), rope, mask, valid_BT)
+                if s is not None:
+                    stats.append(s)
+                mtp_logits.append(self.lm_head(module.norm(h_prev)[:, keep]))
+
+        if cache is not None:
+            cache.lengths += valid_BT.sum(dim=1) if valid_BT is not None else T
+        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else logits.new_zeros(())
+        counts = torch.stack([s.counts_E for s in stats]) if stats else None
+        return ModelOutput(logits, mtp_logits, hidden, aux, counts)
+
+    def _run_layer(self, layer, h, rope, mask, valid_BT, cache, position_ids, absorbed):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return checkpoint(layer, h, rope, mask, valid_BT, use_reentrant=False)
+        return layer(h, rope, mask, valid_BT, cache, position_ids, absorbed)
+
+
+def causal_lm_loss(
+    out: ModelOutput,
+    labels: torch.Tensor,
+    mtp_lambda: float = 0.0,
+    segment_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``CE_main + lambda / D * sum_k CE_k`` (SPEC.md section 4), mean over target tokens.
+
+    ``labels`` [B, T] is aligned with ``input_ids`` (-100 = ignore) and shifted here: the main head at position i
+    predicts ``labels[i + 1]``, MTP depth k predicts ``labels[i + k + 1]``. With ``segment_ids``, targets in another
+    packed sample than the predicting position are ignored.
+    """
+
+    def shifted_ce(logits_BTV: torch.Tensor, shift: int) -> torch.Tensor:
+        T = labels.shape[1]
+        if shift >= T:
+            return logits_BTV.sum() * 0.0
+        target = labels[:, shift:].clone()
+        if segment_ids is not None:
+            target[segment_ids[:, shift:] != segment_ids[:, : T - shift]] = -100
+        logits = logits_BTV[:, : T - shift]
+        if (target != -100).sum() == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+
+    main = shifted_ce(out.logits, 1)
+    metrics = {"ce": main.item()}
+    loss = main
+    if mtp_lambda > 0 and out.mtp_logits:
+        depth = len(out.mtp_logits)
+        mtp_terms = [shifted_ce(lg, k + 1) for k, lg in enumerate(out.mtp_logits, start=1)]
+        for k, term in enumerate(mtp_terms, start=1):
+            metrics[f"mtp_ce_{k}"] = term.item()
+        loss = loss + mtp_lambda / depth * torch.stack(mtp_terms).sum()
+    return loss, metrics
