@@ -1,0 +1,315 @@
+"""FP8 block-scaled GEMM and the ``FP8Linear`` layer (DeepSeek-V3 section 3.3, SPEC.md section 5).
+
+Shape legend: M rows of the left operand (tokens), N output features, K the reduction dim, kb = ceil(K/128).
+
+``fp8_gemm`` computes ``C[M, N] = A[M, K] @ B[N, K]^T`` from e4m3 operands with fine-grained scales:
+``a_scale`` [M, kb] (1x128 tiles) and ``b_scale`` either [ceil(N/128), kb] (128x128 weight blocks) or [N, kb]
+(1x128 tiles, for the weight-gradient GEMM whose operands are both activation-like). Each 128-wide K chunk is one
+fp8 ``tl.dot`` whose fp32 result is multiplied by the chunk's two scales and added to an fp32 accumulator -- the
+"promotion every 128 of K" that keeps the fp8 tensor-core accumulation error from growing with K.
+
+``FP8Linear`` runs all three GEMMs of a linear layer in FP8:
+  forward  y  = x  @ W^T   x: 1x128 tiles along K,    W: 128x128 blocks
+  dgrad    dx = dy @ W     dy: 1x128 tiles along N,   W^T: the same 128x128 blocks, transposed
+  wgrad    dW = dy^T @ x   dy^T, x^T: 1x128 tiles along M (tokens), so both scale grids follow the reduction dim
+The master weight stays in its own dtype (fp32/bf16) and receives an fp32-accumulated gradient; its fp8 copy is cached
+and only recomputed when the weight changes (``weight._version`` / ``data_ptr``), so generation does not requantize.
+Without Triton (CPU), the same quantized math runs through ``fp8_gemm_ref`` (dequantize, then an fp32 matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from dsalign.kernels._backend import HAS_TRITON, triton_interpret, use_triton
+from dsalign.kernels.quant import BLOCK, FP8_DTYPE, FP8_MAX, dequantize_ref, quantize_act, quantize_weight
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch references
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fp8_gemm_ref(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_block_rows: int = BLOCK,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reference for ``fp8_gemm``: dequantize both operands exactly to fp32, then one fp32 matmul.
+
+    Each fp8 x fp8 product is exact in fp32, so this differs from the chunked kernel only in fp32 summation order.
+    """
+    a = dequantize_ref(a_fp8, a_scale, 1, BLOCK)
+    b = dequantize_ref(b_fp8, b_scale, b_block_rows, BLOCK)
+    return (a @ b.t()).to(out_dtype)
+
+
+def per_tensor_fp8_matmul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Baseline: one amax scale per tensor (the coarse recipe the fine-grained tiles replace). ``a @ b.T``, fp32."""
+
+    def q(t: torch.Tensor) -> torch.Tensor:
+        s = t.abs().amax().float().clamp_min(1e-4) / FP8_MAX
+        return (t.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s
+
+    return q(a) @ q(b).t()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    def _gemm_configs() -> list:
+        if triton_interpret():  # one small config: the interpreter is slow and autotuning would multiply it
+            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [
+                (128, 128, 8, 3),
+                (128, 128, 4, 4),
+                (128, 256, 8, 3),
+                (64, 128, 4, 4),
+                (64, 64, 4, 4),
+            ]
+        ]
+
+    @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "B_SCALE_ROWS"])
+    @triton.jit
+    def _fp8_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
+        stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+        stride_asm, stride_ask, stride_bsn, stride_bsk,
+        B_SCALE_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        # grouped launch order: GROUP_M row-tiles share the same B columns while they are hot in L2
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        as_ptrs = as_ptr + offs_m * stride_asm
+        bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = offs_k < K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+            # fp8 tensor-core dot over one 128-wide chunk, promoted into the fp32 accumulator with both scales
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows) -> tuple[int, int, int]:
+    if a_fp8.dim() != 2 or b_fp8.dim() != 2 or a_fp8.shape[1] != b_fp8.shape[1]:
+        raise ValueError(f"fp8_gemm: expected A [M, K] and B [N, K], got {tuple(a_fp8.shape)}, {tuple(b_fp8.shape)}")
+    if a_fp8.dtype != FP8_DTYPE or b_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"fp8_gemm: operands must be {FP8_DTYPE}, got {a_fp8.dtype} and {b_fp8.dtype}")
+    if b_block_rows not in (1, BLOCK):
+        raise ValueError(f"fp8_gemm: b_block_rows must be 1 (1x128 tiles) or {BLOCK} (128x128 blocks)")
+    (m, k), n = a_fp8.shape, b_fp8.shape[0]
+    kb = -(-k // BLOCK)
+    if tuple(a_scale.shape) != (m, kb) or tuple(b_scale.shape) != (-(-n // b_block_rows), kb):
+        raise ValueError(
+            f"fp8_gemm: scale grids {tuple(a_scale.shape)}, {tuple(b_scale.shape)} do not match A {tuple(a_fp8.shape)}"
+            f" (needs {(m, kb)}) and B {tuple(b_fp8.shape)} (needs {(-(-n // b_block_rows), kb)})"
+        )
+    return m, n, k
+
+
+def fp8_gemm(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    b_block_rows: int = BLOCK,
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``C = (A * a_scale) @ (B * b_scale)^T`` with fp8 A [M, K], B [N, K] and fp32 scales; any M, N, K.
+
+    Args:
+        a_fp8: [M, K] e4m3; a_scale: [M, ceil(K/128)] fp32 (1x128 tiles).
+        b_fp8: [N, K] e4m3 (any strides); b_scale: [ceil(N/b_block_rows), ceil(K/128)] fp32.
+        b_block_rows: 128 for weight blocks, 1 for 1x128 tiles.
+        out_dtype: bf16 or fp32 output.
+    """
+    m, n, k = _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows)
+    if out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"fp8_gemm: out_dtype must be bf16/fp16/fp32, got {out_dtype}")
+    if not use_triton(a_fp8, backend):
+        return fp8_gemm_ref(a_fp8, a_scale, b_fp8, b_scale, b_block_rows, out_dtype)
+    c = torch.empty(m, n, dtype=out_dtype, device=a_fp8.device)
+    if m == 0 or n == 0:
+        return c
+    if k == 0:
+        return c.zero_()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _fp8_gemm_kernel[grid](
+        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
+        a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        B_SCALE_ROWS=b_block_rows, BLOCK_K=BLOCK,
+    )  # fmt: skip
+    return c
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FP8Linear: autograd function, weight cache, module
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight's 128x128-block fp8 copy, and its transpose for the activation-gradient GEMM."""
+
+    q: torch.Tensor  # [N, K] e4m3
+    s: torch.Tensor  # [ceil(N/128), ceil(K/128)] fp32
+    q_t: torch.Tensor | None = None  # [K, N] e4m3, contiguous (K-major operand for dgrad)
+    s_t: torch.Tensor | None = None
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_t is None:
+            # 128x128 blocks are symmetric: quantizing W^T gives exactly the transposed bytes and scales
+            self.q_t, self.s_t = self.q.t().contiguous(), self.s.t().contiguous()
+        return self.q_t, self.s_t
+
+
+class FP8WeightCache:
+    """Holds one weight's fp8 copy; requantizes when the weight's storage, version, dtype or shape changed.
+
+    In-place updates (optimizer steps, ``load_state_dict``) bump ``weight._version``; a new tensor changes
+    ``data_ptr``. Writes through ``weight.data`` bypass the version counter: call ``invalidate()`` after those.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: QuantizedWeight | None = None
+        self.refreshes = 0
+
+    def get(self, weight: torch.Tensor, pow2: bool = False, backend: str = "auto") -> QuantizedWeight:
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device, pow2, backend)
+        if key != self._key:
+            with torch.no_grad():
+                q, s = quantize_weight(weight.detach(), pow2=pow2, backend=backend)
+            self._key, self._value = key, QuantizedWeight(q, s)
+            self.refreshes += 1
+        return self._value
+
+    def invalidate(self) -> None:
+        self._key, self._value = None, None
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, qweight: QuantizedWeight, pow2: bool, backend: str):
+        in_shape = x.shape
+        x_MK = x.reshape(-1, in_shape[-1])
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        x_fp8, x_s = quantize_act(x_MK, pow2=pow2, backend=backend)
+        y = fp8_gemm(x_fp8, x_s, qweight.q, qweight.s, BLOCK, out_dtype=out_dtype, backend=backend)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        # wgrad reduces over tokens: keep x^T in fp8 with 1x128 tiles along M (half the memory of bf16 x)
+        xt_fp8, xt_s = quantize_act(x_MK.t(), pow2=pow2, backend=backend) if ctx.needs_input_grad[1] else (None, None)
+        ctx.save_for_backward(xt_fp8, xt_s)
+        ctx.qweight, ctx.pow2, ctx.backend = qweight, pow2, backend
+        ctx.in_shape, ctx.x_dtype, ctx.w_dtype = in_shape, x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        return y.view(*in_shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt_fp8, xt_s = ctx.saved_tensors
+        dy_MN = dy.reshape(-1, dy.shape[-1])
+        pow2, backend = ctx.pow2, ctx.backend
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dy_fp8, dy_s = quantize_act(dy_MN, pow2=pow2, backend=backend)
+            w_t, s_t = ctx.qweight.transposed()
+            out_dtype = ctx.x_dtype if ctx.x_dtype in (torch.bfloat16, torch.float32) else torch.float32
+            dx = fp8_gemm(dy_fp8, dy_s, w_t, s_t, BLOCK, out_dtype=out_dtype, backend=backend)
+            dx = dx.view(ctx.in_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dyt_fp8, dyt_s = quantize_act(dy_MN.t(), pow2=pow2, backend=backend)
+            dw = fp8_gemm(dyt_fp8, dyt_s, xt_fp8, xt_s, 1, out_dtype=torch.float32, backend=backend)
+            dw = dw.to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy_MN.float().sum(0).to(ctx.w_dtype)
+        return dx, dw, db, None, None, None
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    cache: FP8WeightCache | None = None,
+    pow2: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the forward, dgrad and wgrad GEMMs in FP8 (see module docstring).
+
+    Args:
+        x: [..., K] activations (bf16/fp32). weight: [N, K] master weight. bias: [N] or None.
+        cache: reuse the weight's fp8 copy across calls (pass the same cache for the same weight).
+        pow2: power-of-two (ue8m0) scales.
+    """
+    qweight = (cache or FP8WeightCache()).get(weight, pow2=pow2, backend=backend)
+    return _FP8LinearFn.apply(x, weight, bias, qweight, pow2, backend)
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` whose GEMMs run in FP8 with DeepSeek-V3's fine-grained scaling; a drop-in for the model's
+    linear layers when ``ModelConfig.fp8`` is set (embedding, head, gate, norms and attention core stay bf16/fp32).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, pow2: bool = False,
+                 backend: str = "auto", device=None, dtype=None) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.pow2, self.backend = pow2, backend
+        self.fp8_cache = FP8WeightCache()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pow2: bool = False, backend: str = "auto") -> FP8Linear:
+        """An FP8Linear sharing ``linear``'s parameters (no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.pow2, new.backend, new.fp8_cache = pow2, backend, FP8WeightCache()
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, cache=self.fp8_cache, pow2=self.pow2, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8=e4m3 1x128/128x128, pow2={self.pow2}"
