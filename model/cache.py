@@ -57,12 +57,31 @@ class LatentCache:
         else:
             self.lengths[torch.as_tensor(rows, device=self.lengths.device)] = 0
 
-    def write(self, layer: int, c_kv_BTC: torch.Tensor, k_pe_BTR: torch.Tensor, position_ids_BT: torch.Tensor) -> None:
-        if int(position_ids_BT.max()) >= self.max_len:
-            raise ValueError(f"LatentCache: position {int(position_ids_BT.max())} beyond max_len={self.max_len}")
-        entry = torch.cat([c_kv_BTC, k_pe_BTR], dim=-1).to(self.data.dtype)
-        index = position_ids_BT[..., None].expand(-1, -1, entry.shape[-1])
-        self.data[layer].scatter_(1, index, entry)
+    def write(
+        self,
+        layer: int,
+        c_kv_BTC: torch.Tensor,
+        k_pe_BTR: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        valid_BT: torch.Tensor | None = None,
+    ) -> None:
+        """Store the latents of the (valid) new tokens at their positions; padding tokens are not written."""
+        entry_BTK = torch.cat([c_kv_BTC, k_pe_BTR], dim=-1).to(self.data.dtype)
+        if valid_BT is None:
+            b_idx, t_idx = (
+                x.reshape(-1)
+                for x in torch.meshgrid(
+                    torch.arange(entry_BTK.shape[0], device=entry_BTK.device),
+                    torch.arange(entry_BTK.shape[1], device=entry_BTK.device),
+                    indexing="ij",
+                )
+            )
+        else:
+            b_idx, t_idx = valid_BT.nonzero(as_tuple=True)
+        pos = position_ids_BT[b_idx, t_idx]
+        if pos.numel() and int(pos.max()) >= self.max_len:
+            raise ValueError(f"LatentCache: position {int(pos.max())} beyond max_len={self.max_len}")
+        self.data[layer, b_idx, pos] = entry_BTK[b_idx, t_idx]
 
     def read(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first ``upto`` positions: c_kv [B, upto, C], k_pe [B, upto, R]."""

@@ -221,6 +221,7 @@ def load_checkpoint(
     params.update(dict(model.named_buffers()))
     expected = _expected_fills(model)
     filled: dict[str, int] = {}
+    shared_copies: list[tuple[str, Target]] = []
 
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
@@ -247,12 +248,15 @@ def load_checkpoint(
 
                 tensor = dequantize_weight_blockwise(tensor, get(scale_key).float())
                 report.dequantized_fp8 += 1
-            _assign(params[target.name], target, tensor, key, path)
             if target.shared_copy:
+                shared_copies.append((key, target))
                 continue
+            _assign(params[target.name], target, tensor, key, path)
             whole = target.expert is None  # a fused v5 expert tensor fills every slice at once
             filled[target.name] = filled.get(target.name, 0) + (expected.get(target.name, 1) if whole else 1)
             report.loaded += 1
+        for key, target in shared_copies:  # after the main embedding / head are in place
+            _assign(params[target.name], target, get(key), key, path)
 
     missing = []
     for name, need in expected.items():
@@ -292,7 +296,7 @@ def _expected_fills(model: Transformer) -> dict[str, int]:
 @torch.no_grad()
 def _assign(dst: torch.Tensor, target: Target, src: torch.Tensor, key: str, path: Path) -> None:
     if target.shared_copy:
-        if dst.shape != src.shape or not torch.equal(dst.to(src.dtype), src):
+        if dst.shape != src.shape or not torch.equal(dst, src.to(dst.dtype)):
             log.warning("%s: %s differs from the main model's %s; dsalign shares it", path, key, target.name)
         return
     if target.expert is not None:

@@ -64,6 +64,7 @@ class MLA(nn.Module):
         cache: LatentCache | None = None,
         position_ids_BT: torch.Tensor | None = None,
         absorbed: bool = False,
+        valid_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``mask_BTS`` is boolean (True = may attend). With a cache, latents are written at ``position_ids_BT``
         and attention reads every cached position up to the batch's furthest query; ``mask_BTS`` is then built
@@ -72,7 +73,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self._queries(x_BTD, cos, sin)
         c_kv, k_pe = self._latents(x_BTD, cos, sin)
         if cache is not None:
-            cache.write(self.layer_idx, c_kv, k_pe, position_ids_BT)
+            cache.write(self.layer_idx, c_kv, k_pe, position_ids_BT, valid_BT)
             if absorbed:
                 c_kv, k_pe = cache.read(self.layer_idx, mask_BTS.shape[-1])
                 c_kv, k_pe = c_kv.to(x_BTD.dtype), k_pe.to(x_BTD.dtype)

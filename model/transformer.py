@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.intermediate_size)
 
     def forward(self, h_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False):
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), rope, mask, cache, position_ids, absorbed)
+        attn = self.self_attn(self.input_layernorm(h_BTD), rope, mask, cache, position_ids, absorbed, valid_BT)
+        h_BTD = h_BTD + attn
         x = self.post_attention_layernorm(h_BTD)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(x, valid_BT)
@@ -168,7 +169,9 @@ class Transformer(nn.Module):
             if absorbed is None:
                 absorbed = bool(cache.lengths.any())
             if absorbed:
-                key_pos = torch.arange(int(position_ids.max()) + 1, device=input_ids.device)
+                live_pos = position_ids if valid_BT is None else position_ids[valid_BT]
+                upto = min(int(live_pos.max()) + 1 if live_pos.numel() else 1, cache.max_len)
+                key_pos = torch.arange(upto, device=input_ids.device)
                 mask = build_attention_mask(position_ids, key_positions_S=key_pos)
             elif cache.lengths.any():
                 raise ValueError("the naive attention path cannot extend a non-empty cache; use absorbed=True")

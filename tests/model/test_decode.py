@@ -1,0 +1,84 @@
+"""Acceptance 2: incremental decoding with the absorbed latent cache reproduces the full forward (fp32, 1e-4)."""
+
+from __future__ import annotations
+
+import torch
+
+from dsalign.model import LatentCache, ModelConfig, Transformer
+
+from .conftest import YARN, tiny
+
+TOL = 1e-4
+
+
+def test_cache_holds_latent_plus_rope_per_token_per_layer():
+    cfg = tiny()
+    cache = LatentCache(cfg, batch_size=2, max_len=8)
+    assert cache.values_per_token_per_layer() == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.data.shape == (cfg.num_hidden_layers, 2, 8, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    big = ModelConfig.preset("v3-671b")
+    meta = LatentCache(big, batch_size=1, max_len=1, dtype=torch.bfloat16, device="meta")
+    assert meta.values_per_token_per_layer() == 576
+    assert meta.bytes_per_token() == 70_272  # 576 values x 2 bytes x 61 layers (SPEC.md section 2)
+
+
+def _ragged_decode(model, x, prompt_lens, absorbed_prefill):
+    """Prefill right-padded prompts, then feed each sequence's next tokens one at a time."""
+    B, T = x.shape
+    cache = LatentCache(model.cfg, batch_size=B, max_len=T)
+    P = max(prompt_lens)
+    prompt = x[:, :P].clone()
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for b, n in enumerate(prompt_lens):
+        mask[b, :n] = 1
+    steps = {}
+    out = model(prompt, attention_mask=mask, cache=cache, absorbed=absorbed_prefill)
+    for b, n in enumerate(prompt_lens):
+        steps[(b, n - 1)] = out.logits[b, n - 1]
+    assert cache.lengths.tolist() == list(prompt_lens)
+    while int(cache.lengths.min()) < T:
+        pos = cache.lengths.clone()
+        nxt = x.gather(1, pos.clamp(max=T - 1)[:, None])
+        live = pos < T
+        out = model(nxt, attention_mask=live[:, None].long(), cache=cache)
+        for b in range(B):
+            if live[b]:
+                steps[(b, int(pos[b]))] = out.logits[b, 0]
+    return steps
+
+
+def test_absorbed_decode_matches_full_forward_ragged():
+    cfg = tiny(rope_scaling=YARN)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (3, 14))
+    with torch.no_grad():
+        full = model(x).logits
+        for absorbed_prefill in (False, True):
+            steps = _ragged_decode(model, x, [3, 9, 6], absorbed_prefill)
+            for (b, t), logits in steps.items():
+                assert (logits - full[b, t]).abs().max().item() <= TOL, (b, t, absorbed_prefill)
+            assert len(steps) == sum(14 - n + 1 for n in (3, 9, 6))
+
+
+def test_absorbed_equals_naive_without_q_lora():
+    cfg = tiny(q_lora_rank=None, rope_interleave=False)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = LatentCache(cfg, batch_size=2, max_len=10)
+        chunked = [model(x[:, :4], cache=cache).logits, model(x[:, 4:7], cache=cache).logits]
+        chunked.append(model(x[:, 7:], cache=cache).logits)
+    assert (torch.cat(chunked, dim=1) - full).abs().max().item() <= TOL
+
+
+def test_cache_rejects_positions_past_its_end():
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    cache = LatentCache(cfg, batch_size=1, max_len=4)
+    try:
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+    except ValueError as e:
+        assert "max_len=4" in str(e)
+    else:
+        raise AssertionError("writing 5 tokens into a 4-token cache must fail")

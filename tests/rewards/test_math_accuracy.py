@@ -1,0 +1,99 @@
+"""Acceptance 2: math_accuracy on a table of answers, and proof that model text never reaches eval."""
+
+import builtins
+
+import pytest
+
+from dsalign.rewards import extract_answer, math_accuracy
+
+# (completion, gold, expected reward)
+CASES = [
+    # fractions and equivalent forms
+    (r"So the answer is \boxed{\frac{1}{2}}.", "1/2", 1.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"\boxed{\dfrac{2}{4}}", r"\tfrac{1}{2}", 1.0),
+    (r"\boxed{1/3}", r"\frac{1}{3}", 1.0),
+    (r"\boxed{\frac{1}{3}}", "0.5", 0.0),
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}", 1.0),
+    (r"\boxed{2^{10}}", "1024", 1.0),
+    (r"\boxed{\pi}", r"\pi", 1.0),
+    (r"\boxed{3.14}", r"\pi", 0.0),
+    (r"\boxed{x = 3}", "3", 1.0),
+    (r"\boxed{\{2, 1\}}", r"\{1, 2\}", 1.0),
+    (r"\boxed{-7}", "-7", 1.0),
+    (r"\boxed{7}", "-7", 0.0),
+    (r"\boxed{1,000}", "1000", 1.0),
+    # LaTeX wrappers, units, text
+    (r"The area is \boxed{12\text{ cm}^2}", "12", 1.0),
+    (r"\boxed{12 \text{ cm}}", "12", 1.0),
+    (r"\boxed{\$5}", "5", 1.0),
+    (r"\boxed{\left(\frac{3}{4}\right)}", "0.75", 1.0),
+    # "answer is" and last-number fallbacks
+    ("The answer is 42.", "42", 1.0),
+    ("Therefore, the final answer is $\\frac{3}{4}$.", "0.75", 1.0),
+    ("Answer: 17", "17", 1.0),
+    ("3 apples plus 4 apples make 7 apples", "7", 1.0),
+    ("3 apples plus 4 apples make 8 apples", "7", 0.0),
+    # reasoning handling
+    (r"<think>maybe 5</think> The answer is \boxed{6}", "6", 1.0),
+    (r"<think>the answer is \boxed{6}</think> I now think \boxed{5}", "6", 0.0),
+    (r"<think>I keep thinking about \boxed{6}", "6", 0.0),  # cut off before answering
+    # no answer
+    ("I don't know.", "6", 0.0),
+    ("", "6", 0.0),
+    (r"\boxed{}", "6", 0.0),
+    (r"\boxed{6", "6", 0.0),  # unclosed box: cut off mid-answer; the 6 inside must not count
+    # gold from a full solution column, and unusable gold
+    (r"\boxed{9}", r"We compute 3^2 and get \boxed{9}.", 1.0),
+    (r"\boxed{9}", "", None),
+    (r"\boxed{9}", None, None),
+    # adversarial strings: must not be executed, must not score
+    (r"\boxed{__import__('os').system('touch /tmp/pwned')}", "0", 0.0),
+    ("The answer is __import__('os').getcwd()", "0", 0.0),
+    (r"\boxed{eval('1+1')}", "2", 0.0),
+    (r"\boxed{exec(\"import os\")}", "2", 0.0),
+    (r"\boxed{10^{10^{10}}}", "5", 0.0),  # power tower: screened, compared as text (no minutes-long sympy)
+    (r"\boxed{99999!}", "5", 0.0),
+    ("\\boxed{" + "1+" * 400 + "1}", "401", 0.0),  # over the answer length cap
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), CASES)
+def test_math_accuracy_table(completion, gold, expected):
+    assert math_accuracy(["q"], [completion], answer=[gold]) == [expected]
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 30
+
+
+def test_conversational_completion_and_solution_column():
+    completions = [[{"role": "assistant", "content": r"\boxed{\frac{1}{3}}"}]]
+    assert math_accuracy([[{"role": "user", "content": "q"}]], completions, solution=[r"\frac{1}{3}"]) == [1.0]
+
+
+def test_missing_gold_column_names_the_columns():
+    with pytest.raises(ValueError, match=r"'answer' or 'solution'.*\['tests'\]"):
+        math_accuracy(["q"], ["1"], tests=["x"])
+
+
+def test_model_text_never_reaches_eval(monkeypatch, tmp_path):
+    """Every eval/exec while scoring the adversarial rows fails the test (sympy's parse_expr goes through eval)."""
+    calls = []
+
+    def forbidden(*args, **kwargs):
+        calls.append(args[0] if args else "")
+        raise AssertionError(f"eval/exec called on {args[:1]!r}")
+
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+    rows = [c for c in CASES if "import" in c[0] or "eval" in c[0] or "exec" in c[0]]
+    for completion, gold, expected in rows:
+        assert math_accuracy(["q"], [completion], answer=[gold]) == [expected]
+    assert calls == []
+
+
+def test_extract_answer_priorities():
+    assert extract_answer(r"answer is 3, so \boxed{4}") == "4"
+    assert extract_answer("The answer is 3. Then 5 more.") == "3"
+    assert extract_answer("no digits here") is None
