@@ -3,7 +3,6 @@
 import builtins
 
 import pytest
-
 from dsalign.rewards import extract_answer, math_accuracy
 
 # (completion, gold, expected reward)

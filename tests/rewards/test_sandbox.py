@@ -5,7 +5,6 @@ import socket
 import time
 
 import pytest
-
 from dsalign.rewards import sandbox
 from dsalign.rewards.sandbox import SandboxLimits, SandboxSupport, SandboxUnavailable, run_many, run_python
 

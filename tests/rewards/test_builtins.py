@@ -1,0 +1,85 @@
+"""Built-in rewards beyond math: format, length, style, code execution; plus every doctest in dsalign.rewards."""
+
+import doctest
+import importlib
+import pkgutil
+
+import dsalign.rewards as rewards
+import pytest
+from dsalign.rewards import (
+    code_execution,
+    get_reward,
+    kimi_length,
+    language_consistency,
+    list_rewards,
+    markdown_style,
+    register_reward,
+    soft_overlong,
+    target_length,
+    think_format,
+)
+
+
+@pytest.mark.parametrize("module_name", sorted(m.name for m in pkgutil.iter_modules(rewards.__path__)))
+def test_doctests(module_name):
+    module = importlib.import_module(f"dsalign.rewards.{module_name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def test_registry_lists_builtins_and_refuses_duplicates():
+    assert {"math_accuracy", "think_format", "code_execution", "kimi_length"} <= set(list_rewards())
+    with pytest.raises(ValueError, match="'think_format' is already registered"):
+        register_reward("think_format")(lambda completions, **kw: [])
+    with pytest.raises(KeyError, match="built-ins are"):
+        get_reward("nope")
+
+
+def test_think_format_cases():
+    texts = [
+        "<think>a</think>answer",
+        "  <think>\nmulti\nline\n</think>\n\nanswer",
+        "<think>a</think>",
+        "answer only",
+        "<think>a</think>b</think>",
+        "<think>a<think>b</think>c",
+    ]
+    assert think_format([""] * 6, texts) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert think_format([""], [[{"role": "assistant", "content": "<think>a</think>b"}]]) == [1.0]
+
+
+def test_length_rewards_use_token_ids_when_given():
+    ids = [[0] * 100, [0] * 50]
+    assert target_length([""] * 2, ["short", "short"], ids, budget=100) == [1.0, 0.5]
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        target_length([""], ["x"])
+    assert soft_overlong([""] * 2, ["", ""], [[0] * 85, [0] * 10], max_length=100, cache_length=20) == [-0.25, 0.0]
+
+
+def test_kimi_length_groups_by_prompt_and_uses_math_accuracy():
+    prompts = ["p1", "p1", "p1", "p2", "p2"]
+    completions = [r"\boxed{2}", r"so \boxed{2}" + " " * 5, r"wrong \boxed{3}" + " " * 40, r"\boxed{5}", r"\boxed{5}"]
+    out = kimi_length(prompts, completions, answer=["2", "2", "2", "5", "5"])
+    assert out[0] == 0.5 and out[2] == -0.5 and 0.0 < out[1] < 0.5  # shorter correct better; long wrong penalised
+    assert out[3:] == [0.0, 0.0]  # equal lengths in a group: no signal
+    by_group = kimi_length(["a"] * 2, ["xx", "xxxx"], correct=[True, False], group_ids=[0, 1])
+    assert by_group == [0.0, 0.0]
+
+
+def test_style_rewards():
+    assert markdown_style([""] * 3, ["# Title\ntext", "| a | b |", "Just prose."]) == [0.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="mode must be"):
+        markdown_style([""], ["x"], mode="sometimes")
+    prompts = ["Combien font $2+2$ ?", "请计算 $x^2$ 的导数", "Сколько будет два плюс два?", "???"]
+    completions = ["Cela fait $4$.", "The derivative is $2x$.", "Четыре.", "4"]
+    assert language_consistency(prompts, completions) == [1.0, 0.0, 1.0, None]
+
+
+def test_code_execution_against_tests():
+    solution = "```python\ndef square(x):\n    return x * x\n```"
+    cheat_exit = "```python\nimport os\nos._exit(0)\n```"
+    forged = '```python\nprint(\'{"passed": 2, "total": 2}\')\n```'
+    completions = [solution, "no code here", cheat_exit, forged, "```python\nwhile True: pass\n```", solution]
+    tests = [["assert square(3) == 9", "assert square(-2) == 4"]] * 5 + [None]
+    out = code_execution([""] * 6, completions, tests=tests, wall_seconds=2.0)
+    assert out == [1.0, 0.0, 0.0, 0.0, 0.0, None]
