@@ -9,8 +9,8 @@ Two row schemas:
 - ``conversation`` (SFT): a ``messages`` field, a list of ``{role, content[, reasoning_content]}`` with at least one
   assistant turn (validated by ``chat.validate_messages``).
 
-Every row gets a ``prompt_id`` (the ``id`` column if present, else ``<file name>:<row>``) so traces and rollouts can
-be traced back to their prompt.
+Every row gets a ``prompt_id`` (the ``id`` column if present, else an existing ``prompt_id`` column, else
+``<file name>:<row>``) so traces and rollouts can be traced back to their prompt.
 
 Malformed rows (broken JSON, missing or mistyped field) raise ``DataError`` naming the file, the row (JSONL: the
 1-based line number; other formats: the 1-based row number) and the field. With ``skip_invalid=True`` they are
@@ -113,7 +113,7 @@ def normalize_row(row: Any, cfg: DataConfig, default_id: str) -> dict[str, Any]:
         out[cfg.prompt_field] = _check_prompt(row, cfg)
     else:
         out[cfg.messages_field] = _check_conversation(row, cfg)
-    rid = row.get(cfg.id_field)
+    rid = row.get(cfg.id_field, row.get("prompt_id"))
     if rid is not None and not isinstance(rid, (str, int)):
         raise _RowError(cfg.id_field, f"must be a string or an integer, got {type(rid).__name__}")
     out["prompt_id"] = str(rid) if rid is not None else default_id

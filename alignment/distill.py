@@ -1,0 +1,223 @@
+"""R1-style distillation: filter teacher traces into an SFT dataset, and an optional top-k logit distillation loss.
+
+Trace distillation (DeepSeek-R1 sec. 2.3.3 and 4): a teacher samples k reasoning traces per prompt
+(``<think> ... </think> answer``); each is scored with the reward functions (``score_traces``) and kept if it is
+correct (reward >= ``min_reward``), within the token budget, and well formed (one closed think block followed by
+a non-empty answer). Per prompt, keep the best passing trace or all of them; prompts can also be filtered by their
+pass rate (drop ones the teacher never or always solves). Every kept row carries its provenance: ``teacher``,
+``prompt_id``, ``trace_index`` and ``reward``.
+
+Logit distillation (when teacher and student share a vocabulary): with the teacher's top-k log-probs per position,
+``forward`` KL(p_T || p_S) uses the student's full-vocabulary log-probs at the teacher's ids (the student is also
+pushed to move mass into the support); ``reverse`` KL(p_S || p_T) is computed on the top-k support with both
+distributions renormalised there (mode seeking, as in on-policy distillation; Gu et al. 2024, "MiniLLM").
+
+Shape legend: B sequences, T positions (aligned: student logits at t and teacher top-k at t score the same
+next token), V vocabulary, K teacher top-k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .chat import THINK_CLOSE, THINK_OPEN
+from .policy_loss import aggregate_loss
+
+RewardFn = Callable[..., list]
+
+
+@dataclass
+class TraceFilterConfig:
+    """Which teacher traces become SFT rows."""
+
+    min_reward: float = field(default=1.0, metadata={"help": "a trace is correct when its reward >= min_reward"})
+    max_tokens: int | None = field(default=None, metadata={"help": "drop traces longer than this; None = no limit"})
+    require_well_formed: bool = field(default=True, metadata={"help": "need one closed <think> block + an answer"})
+    keep: str = field(default="best", metadata={"help": "'best' (one per prompt) or 'all' passing traces"})
+    min_pass_rate: float = field(default=0.0, metadata={"help": "drop prompts whose correct fraction is lower"})
+    max_pass_rate: float = field(default=1.0, metadata={"help": "drop prompts whose correct fraction is higher"})
+
+    def __post_init__(self) -> None:
+        if self.keep not in ("best", "all"):
+            raise ValueError(f"keep must be 'best' or 'all', got {self.keep!r}")
+        if not 0.0 <= self.min_pass_rate <= self.max_pass_rate <= 1.0:
+            raise ValueError("need 0 <= min_pass_rate <= max_pass_rate <= 1")
+
+
+@dataclass
+class FilterStats:
+    """Counts of what the filter dropped and why (a trace is counted under its first failing check)."""
+
+    traces: int = 0
+    kept: int = 0
+    incorrect: int = 0
+    too_long: int = 0
+    malformed: int = 0
+    prompts: int = 0
+    prompts_kept: int = 0
+    prompts_out_of_pass_rate: int = 0
+
+
+def split_reasoning(completion: str) -> tuple[str, str] | None:
+    """``(reasoning, answer)`` of a well-formed trace, else None.
+
+    Well formed: exactly one ``</think>``, at most one ``<think>`` and only before it (R1 prompts may already end
+    with ``<think>\\n``, so the opening tag is optional), and a non-empty answer after it.
+    """
+    if completion.count(THINK_CLOSE) != 1 or completion.count(THINK_OPEN) > 1:
+        return None
+    head, answer = completion.split(THINK_CLOSE)
+    if THINK_OPEN in head:
+        before, head = head.split(THINK_OPEN)
+        if before.strip():
+            return None
+    reasoning, answer = head.strip(), answer.strip()
+    if not reasoning or not answer:
+        return None
+    return reasoning, answer
+
+
+def score_traces(
+    traces: Sequence[dict[str, Any]], reward_fns: Sequence[RewardFn], weights: Sequence[float] | None = None
+) -> list[float | None]:
+    """Weighted sum of TRL-style rewards ``fn(prompts, completions, completion_ids=None, **columns)``.
+
+    ``columns`` are the traces' other keys (``answer``, ``ground_truth``, ...). ``None`` means "not applicable" and
+    is left out of the sum; a trace for which every reward is None scores None (and will not pass the filter).
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(reward_fns)
+    if len(weights) != len(reward_fns):
+        raise ValueError(f"{len(reward_fns)} reward functions but {len(weights)} weights")
+    skip = {"prompt", "completion", "completion_ids", "reward"}
+    columns = {k: [t.get(k) for t in traces] for k in dict.fromkeys(k for t in traces for k in t) if k not in skip}
+    prompts = [t["prompt"] for t in traces]
+    completions = [t["completion"] for t in traces]
+    ids = [t.get("completion_ids") for t in traces]
+    totals: list[float | None] = [None] * len(traces)
+    for fn, w in zip(reward_fns, weights):
+        values = fn(prompts, completions, completion_ids=ids, **columns)
+        if len(values) != len(traces):
+            raise ValueError(f"reward {getattr(fn, '__name__', fn)} returned {len(values)} values for {len(traces)}")
+        for i, v in enumerate(values):
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                totals[i] = (totals[i] or 0.0) + w * float(v)
+    return totals
+
+
+def _as_messages(prompt: Any) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt, "reasoning_content": None}]
+    return [dict(m) for m in prompt]
+
+
+def filter_traces(traces: Iterable[dict[str, Any]], cfg: TraceFilterConfig) -> tuple[list[dict[str, Any]], FilterStats]:
+    """Turn scored traces into SFT rows (``messages`` + provenance). See the module doc for the rules.
+
+    Each trace needs ``prompt_id``, ``prompt`` (string or messages), ``completion``, ``reward`` (float or None),
+    ``teacher`` and, when ``max_tokens`` is set, ``num_tokens``. ``best`` breaks ties by fewer tokens, then by
+    the earlier trace. Rows come out in the order prompts first appear.
+    """
+    stats = FilterStats()
+    groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for t in traces:
+        for key in ("prompt_id", "prompt", "completion", "reward", "teacher"):
+            if key not in t:
+                raise KeyError(f"trace {stats.traces} (prompt_id {t.get('prompt_id')!r}) has no {key!r} field")
+        group = groups.setdefault(str(t["prompt_id"]), [])
+        group.append((t.get("trace_index", len(group)), t))  # default: position among this prompt's traces
+        stats.traces += 1
+    rows: list[dict[str, Any]] = []
+    for pid, group in groups.items():
+        stats.prompts += 1
+        passing, correct = [], 0
+        for idx, t in group:
+            reward = t["reward"]
+            if reward is None or reward < cfg.min_reward:
+                stats.incorrect += 1
+                continue
+            correct += 1
+            if cfg.max_tokens is not None:
+                if "num_tokens" not in t:
+                    raise KeyError(f"trace {idx} of prompt {pid!r} has no 'num_tokens' but max_tokens is set")
+                if t["num_tokens"] > cfg.max_tokens:
+                    stats.too_long += 1
+                    continue
+            parts = split_reasoning(t["completion"])
+            if parts is None and cfg.require_well_formed:
+                stats.malformed += 1
+                continue
+            passing.append((idx, t, parts))
+        rate = correct / len(group)
+        if not cfg.min_pass_rate <= rate <= cfg.max_pass_rate:
+            stats.prompts_out_of_pass_rate += 1
+            continue
+        if cfg.keep == "best" and passing:
+            passing = [min(passing, key=lambda p: (-p[1]["reward"], p[1].get("num_tokens", 0), p[0]))]
+        for idx, t, parts in passing:
+            reasoning, answer = parts if parts is not None else (None, t["completion"].strip())
+            assistant = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+            rows.append(
+                {
+                    "messages": _as_messages(t["prompt"]) + [assistant],
+                    "prompt_id": pid,
+                    "teacher": t["teacher"],
+                    "trace_index": idx,
+                    "reward": float(t["reward"]),
+                    "pass_rate": rate,
+                }
+            )
+        stats.prompts_kept += bool(passing)
+    stats.kept = len(rows)
+    return rows, stats
+
+
+def write_sft_dataset(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write SFT rows as JSON lines (readable by ``data.load_conversations``). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def topk_distill_loss(
+    student_logits_BTV: Tensor,
+    teacher_topk_ids_BTK: Tensor,
+    teacher_topk_logp_BTK: Tensor,
+    mask_BT: Tensor,
+    direction: str = "forward",
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL between teacher (top-k) and student per position, aggregated like the policy loss. Returns ``(loss [], m)``.
+
+    The teacher's top-k log-probs are renormalised over their k ids. ``forward``: ``sum_k p_k (log p_k - log q_k)``
+    with ``q`` the student's full softmax; ``reverse``: ``sum_k q~_k (log q~_k - log p_k)`` with ``q~`` the student
+    renormalised over the same k ids.
+    """
+    V = student_logits_BTV.shape[-1]
+    if int(teacher_topk_ids_BTK.max()) >= V:
+        raise ValueError(
+            f"teacher token id {int(teacher_topk_ids_BTK.max())} >= student vocab {V}: vocabularies differ"
+        )
+    logp_t = torch.log_softmax(teacher_topk_logp_BTK.float(), dim=-1)
+    logits = student_logits_BTV.float()
+    picked = torch.gather(logits, -1, teacher_topk_ids_BTK.long())
+    if direction == "forward":
+        logq = picked - torch.logsumexp(logits, dim=-1, keepdim=True)
+        kl = (logp_t.exp() * (logp_t - logq)).sum(-1)
+    elif direction == "reverse":
+        logq = torch.log_softmax(picked, dim=-1)
+        kl = (logq.exp() * (logq - logp_t)).sum(-1)
+    else:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    loss = aggregate_loss(kl, mask_BT, agg)
+    return loss, {"distill_kl": loss.detach()}

@@ -1,0 +1,152 @@
+"""R1-style trace filtering with provenance, top-k logit distillation, and length/style targets."""
+
+import math
+
+import datasets
+import pytest
+import torch
+from dsalign.alignment.chat import tokenize_conversation
+from dsalign.alignment.data import load_conversations
+from dsalign.alignment.distill import (
+    TraceFilterConfig,
+    filter_traces,
+    score_traces,
+    split_reasoning,
+    topk_distill_loss,
+    write_sft_dataset,
+)
+from dsalign.alignment.length_control import LengthControlConfig, add_length_targets, sample_target
+
+WF = "<think>\nadd them\n</think>\n\nThe answer is {}."
+
+
+def _trace(pid, reward, completion, num_tokens=50, prompt="What is 2 + 2?"):
+    return {"prompt_id": pid, "prompt": prompt, "completion": completion, "reward": reward,
+            "num_tokens": num_tokens, "teacher": "teacher-r1"}  # fmt: skip
+
+
+TRACES = [
+    _trace("p1", 1.0, WF.format(4), 50),
+    _trace("p1", 1.0, WF.format("four"), 30),  # same reward, shorter: best of p1
+    _trace("p1", 0.0, WF.format(5)),  # incorrect
+    _trace("p2", 1.0, "The answer is 6 without thinking."),  # malformed
+    _trace("p2", 1.0, WF.format(6), 200),  # too long
+    _trace("p2", None, WF.format(6)),  # reward not applicable -> not correct
+    _trace("p3", 1.5, "<think>\nonly thoughts\n</think>\n"),  # malformed: empty answer
+    _trace("p3", 2.0, WF.format(7), 40),  # best of p3
+    _trace("p3", 1.0, "forced think prompt\n</think>\n\n7", 20),  # well formed: opening tag was in the prompt
+]
+
+
+def test_filter_keeps_best_of_k_with_provenance():
+    rows, stats = filter_traces(TRACES, TraceFilterConfig(min_reward=1.0, max_tokens=100, keep="best"))
+    assert [(r["prompt_id"], r["trace_index"], r["reward"]) for r in rows] == [("p1", 1, 1.0), ("p3", 1, 2.0)]
+    assert all(r["teacher"] == "teacher-r1" for r in rows)
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "What is 2 + 2?", "reasoning_content": None},
+        {"role": "assistant", "content": "The answer is four.", "reasoning_content": "add them"},
+    ]
+    assert (stats.traces, stats.kept, stats.incorrect, stats.too_long, stats.malformed) == (9, 2, 2, 1, 2)
+    assert (stats.prompts, stats.prompts_kept) == (3, 2)
+
+
+def test_filter_keeps_all_passing_and_pass_rate_window():
+    rows, _ = filter_traces(TRACES, TraceFilterConfig(max_tokens=100, keep="all"))
+    assert [(r["prompt_id"], r["trace_index"]) for r in rows] == [("p1", 0), ("p1", 1), ("p3", 1), ("p3", 2)]
+    assert rows[3]["messages"][-1] == {"role": "assistant", "content": "7", "reasoning_content": "forced think prompt"}
+    # p3's teacher is always correct (3/3): drop prompts that are too easy
+    rows, stats = filter_traces(TRACES, TraceFilterConfig(max_tokens=100, keep="all", max_pass_rate=0.9))
+    assert [r["prompt_id"] for r in rows] == ["p1", "p1"] and stats.prompts_out_of_pass_rate == 1
+    assert rows[0]["pass_rate"] == pytest.approx(2 / 3)
+
+
+def test_split_reasoning():
+    assert split_reasoning(WF.format(4)) == ("add them", "The answer is 4.")
+    assert split_reasoning("<think>a</think>b</think>c") is None
+    assert split_reasoning("junk <think>a</think> b") is None
+    assert split_reasoning("<think></think> b") is None
+
+
+def test_score_traces_weights_and_not_applicable():
+    traces = [
+        {"prompt": "q", "completion": "The answer is 4.", "answer": "4", "kind": "math"},
+        {"prompt": "q", "completion": "The answer is 5.", "answer": "4", "kind": "math"},
+        {"prompt": "q", "completion": "code", "answer": None, "kind": "code"},
+    ]
+
+    def correct(prompts, completions, answer, kind, **_):
+        return [None if k != "math" else float(a in c) for c, a, k in zip(completions, answer, kind)]
+
+    def brevity(prompts, completions, completion_ids=None, **_):
+        return [1.0 if len(c) < 10 else None for c in completions]
+
+    assert score_traces(traces, [correct, brevity], [2.0, 0.5]) == [2.0, 0.0, 0.5]
+    assert score_traces(traces[:2], [brevity]) == [None, None]
+
+
+def test_written_dataset_loads_and_tokenizes(tmp_path, tokenizer):
+    rows, _ = filter_traces(TRACES, TraceFilterConfig(max_tokens=100))
+    path = write_sft_dataset(rows, tmp_path / "sft" / "distilled.jsonl")
+    ds, report = load_conversations(str(path))
+    assert report.num_invalid == 0 and ds["prompt_id"] == ["p1", "p3"] and ds["teacher"] == ["teacher-r1"] * 2
+    conv = tokenize_conversation(tokenizer, ds[0]["messages"])
+    masked = tokenizer.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m])
+    assert masked == "<think>\nadd them\n</think>\n\nThe answer is four.<｜end▁of▁sentence｜>"
+
+
+def test_topk_distill_hand_computed():
+    student = torch.zeros(1, 1, 3)  # uniform 1/3
+    ids = torch.tensor([[[0, 1]]])
+    teacher = torch.tensor([[[math.log(0.5), math.log(0.25)]]])  # renormalised on top-2: (2/3, 1/3)
+    mask = torch.ones(1, 1)
+    fwd, _ = topk_distill_loss(student, ids, teacher, mask, "forward")
+    assert fwd.item() == pytest.approx(2 / 3 * math.log(2))  # 2/3 ln(2/3 / 1/3) + 1/3 ln(1)
+    rev, _ = topk_distill_loss(student, ids, teacher, mask, "reverse")
+    assert rev.item() == pytest.approx(0.5 * math.log(0.75) + 0.5 * math.log(1.5))  # q~ = (1/2, 1/2)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        topk_distill_loss(student, torch.tensor([[[0, 3]]]), teacher, mask)
+
+
+def test_topk_distill_forward_gradient_is_softmax_minus_teacher():
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 5, generator=gen, requires_grad=True)
+    teacher_logp = torch.log_softmax(torch.randn(2, 3, 5, generator=gen), -1)
+    ids = torch.arange(5).expand(2, 3, 5)  # k = V: exact forward KL
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, _ = topk_distill_loss(student, ids, teacher_logp, mask, "forward")
+    loss.backward()
+    want = (torch.softmax(student.detach(), -1) - teacher_logp.exp()) * mask[..., None] / 3
+    torch.testing.assert_close(student.grad, want)
+    same, _ = topk_distill_loss(teacher_logp, ids, teacher_logp, mask, "reverse")
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_length_targets_in_system_turn_and_columns():
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": [
+                    {"role": "system", "content": "Be exact.", "reasoning_content": None},
+                    {"role": "user", "content": "2+2?", "reasoning_content": None},
+                ],
+                "answer": "4",
+            },  # fmt: skip
+            {"prompt": [{"role": "user", "content": "3+3?", "reasoning_content": None}], "answer": "6"},
+        ]
+    )
+    cfg = LengthControlConfig(budgets=[256, 1024], styles=["concise"], seed=3)
+    out = add_length_targets(ds, cfg)
+    assert out["length_budget"] == [sample_target(cfg, 0)[0], sample_target(cfg, 1)[0]]
+    assert set(out["length_budget"]) <= {256, 1024} and out["style"] == ["concise", "concise"]
+    b0, b1 = out["length_budget"]
+    assert out[0]["prompt"][0]["content"] == f"Be exact.\n\nThink for at most {b0} tokens. Answer in a concise style."
+    assert out[1]["prompt"][0] == {
+        "role": "system",
+        "content": f"Think for at most {b1} tokens. Answer in a concise style.",
+        "reasoning_content": None,
+    }
+    assert add_length_targets(ds, cfg)["length_budget"] == out["length_budget"]  # deterministic
+    none = add_length_targets(ds, LengthControlConfig(probability=0.0))
+    assert none["length_budget"] == [None, None] and none["prompt"] == ds["prompt"]
+    many = [sample_target(LengthControlConfig(budgets=[1, 2, 3, 4]), i)[0] for i in range(40)]
+    assert set(many) == {1, 2, 3, 4}
