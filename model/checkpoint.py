@@ -223,21 +223,28 @@ def load_checkpoint(
     filled: dict[str, int] = {}
     shared_copies: list[tuple[str, Target]] = []
 
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, object] = {}
+    # One shard open at a time, so mapped pages of finished shards leave the resident set (peak ~ model + shard).
+    current: dict[Path, object] = {}
 
-        def get(key: str) -> torch.Tensor:
-            file = key_files[key]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            return handles[file].get_tensor(key)
+    def get(key: str) -> torch.Tensor:
+        file = key_files[key]
+        if file not in current:
+            for handle in current.values():
+                handle.__exit__(None, None, None)
+            current.clear()
+            current[file] = safe_open(str(file), framework="pt", device="cpu").__enter__()
+        return current[file].get_tensor(key)
 
+    try:
         for key in sorted(key_files, key=lambda k: (str(key_files[k]), k)):
             if key.endswith(".weight_scale_inv"):
                 continue
             target = hf_to_ours(key, cfg)
             if target is None or target.name not in params:
                 report.ignored.append(key)
+                continue
+            if target.shared_copy:
+                shared_copies.append((key, target))
                 continue
             tensor = get(key)
             if tensor.dtype == torch.float8_e4m3fn:
@@ -246,17 +253,19 @@ def load_checkpoint(
                     raise ValueError(f"{path}: FP8 tensor {key} has no {scale_key}")
                 from dsalign.kernels.quant import dequantize_weight_blockwise
 
-                tensor = dequantize_weight_blockwise(tensor, get(scale_key).float())
+                scale_inv = get(scale_key).float()
+                tensor = dequantize_weight_blockwise(get(key), scale_inv)
                 report.dequantized_fp8 += 1
-            if target.shared_copy:
-                shared_copies.append((key, target))
-                continue
             _assign(params[target.name], target, tensor, key, path)
+            del tensor
             whole = target.expert is None  # a fused v5 expert tensor fills every slice at once
             filled[target.name] = filled.get(target.name, 0) + (expected.get(target.name, 1) if whole else 1)
             report.loaded += 1
         for key, target in shared_copies:  # after the main embedding / head are in place
             _assign(params[target.name], target, get(key), key, path)
+    finally:
+        for handle in current.values():
+            handle.__exit__(None, None, None)
 
     missing = []
     for name, need in expected.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from dsalign.model import LatentCache, ModelConfig, Transformer
 
 from .conftest import YARN, tiny

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors import safe_open
-
 from dsalign.model import Transformer, load_checkpoint, save_checkpoint
+from safetensors import safe_open
 
 from .conftest import tiny
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-
 from dsalign.model import ModelOutput, Transformer, causal_lm_loss, load_checkpoint, save_checkpoint
+from safetensors import safe_open
 
 from .conftest import tiny
 
@@ -19,9 +18,18 @@ def test_mtp_round_trips_through_layer_n_keys(tmp_path):
         keys = set(f.keys())
     n = cfg.num_hidden_layers
     for k in range(2):
-        for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                       "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight",
-                       "mlp.experts.3.up_proj.weight", "mlp.gate.e_score_correction_bias", "input_layernorm.weight"):
+        for suffix in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "embed_tokens.weight",
+            "self_attn.kv_b_proj.weight",
+            "mlp.experts.3.up_proj.weight",
+            "mlp.gate.e_score_correction_bias",
+            "input_layernorm.weight",
+        ):
             assert f"model.layers.{n + k}.{suffix}" in keys
     assert not any(k.startswith(f"model.layers.{n + 2}.") for k in keys)
     loaded = load_checkpoint(tmp_path / "ck")

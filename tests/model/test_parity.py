@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dsalign.model import load_checkpoint, save_checkpoint
 
 from .conftest import YARN, hf_reference, tiny

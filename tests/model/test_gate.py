@@ -1,0 +1,105 @@
+"""Acceptance 5: gate bias selects but does not weight; group limits hold; balance loss and bias rule by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsalign.model import bias_update_delta, load_imbalance, sequence_balance_loss
+from dsalign.model.moe import Gate, MoE
+
+from .conftest import tiny
+
+
+def _gate(**changes):
+    cfg = tiny(**changes)
+    gate = Gate(cfg)
+    with torch.no_grad():
+        gate.weight.normal_(0, 1.0)
+    return gate, cfg
+
+
+def test_bias_changes_choice_not_weights():
+    gate, cfg = _gate(n_group=1, topk_group=1, num_experts_per_tok=2)
+    x = torch.randn(5, cfg.hidden_size)
+    idx0, w0, scores = gate(x)
+    # Push one expert that token 0 did not choose above everything: it must now be chosen...
+    outsider = next(e for e in range(cfg.n_routed_experts) if e not in idx0[0].tolist())
+    with torch.no_grad():
+        gate.e_score_correction_bias[outsider] = 10.0
+    idx1, w1, scores1 = gate(x)
+    assert torch.equal(scores, scores1)
+    assert all(outsider in row for row in idx1.tolist())
+    # ...and its weight comes from the unbiased sigmoid score, normalized over the chosen set and scaled.
+    for t in range(5):
+        chosen = idx1[t]
+        want = scores[t, chosen] / scores[t, chosen].sum() * cfg.routed_scaling_factor
+        assert torch.allclose(w1[t], want, atol=1e-6)
+        assert w1[t].max() < cfg.routed_scaling_factor  # a bias of 10 did not leak into the weight
+
+
+def test_group_limited_routing_stays_inside_best_groups():
+    gate, cfg = _gate(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    with torch.no_grad():
+        gate.e_score_correction_bias.uniform_(-0.2, 0.2)
+    x = torch.randn(200, cfg.hidden_size)
+    idx, _, scores = gate(x)
+    biased = (scores + gate.e_score_correction_bias).view(200, 4, 4)
+    best_groups = biased.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    for t in range(200):
+        groups = set((idx[t] // 4).tolist())
+        assert groups <= set(best_groups[t].tolist())
+        assert len(groups) <= 2
+
+
+def test_node_limited_routing_caps_nodes_per_token():
+    gate, cfg = _gate(
+        n_routed_experts=16, n_group=1, topk_group=1, num_experts_per_tok=4, route_num_nodes=4, route_max_nodes=2
+    )
+    idx, _, _ = gate(torch.randn(300, cfg.hidden_size))
+    nodes_per_token = [(len(set((row // 4).tolist()))) for row in idx]
+    assert max(nodes_per_token) <= 2
+    assert min(nodes_per_token) >= 1
+
+
+def test_sequence_balance_loss_by_hand():
+    # 1 sequence, T=2 tokens, E=4 experts, K=1.
+    scores = torch.tensor([[[0.8, 0.2, 0.5, 0.5], [0.1, 0.9, 0.6, 0.4]]])
+    idx = torch.tensor([[[0], [1]]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    # f_i = E/(K*T) * count_i = 4/2 * [1, 1, 0, 0] = [2, 2, 0, 0]
+    # P_i = mean_t s_ti / sum_j s_tj: token0 /2.0 = [.4,.1,.25,.25]; token1 /2.0 = [.05,.45,.3,.2]
+    # P = [.225, .275, .275, .225];  sum f*P = 2*.225 + 2*.275 = 1.0
+    got = sequence_balance_loss(scores, idx, valid, alpha=1e-4)
+    assert got.item() == pytest.approx(1e-4, rel=1e-6)
+    # a padding token neither counts nor contributes probability mass
+    scores3 = torch.cat([scores, torch.tensor([[[0.9, 0.9, 0.9, 0.1]]])], dim=1)
+    idx3 = torch.cat([idx, torch.tensor([[[3]]])], dim=1)
+    valid3 = torch.tensor([[True, True, False]])
+    assert sequence_balance_loss(scores3, idx3, valid3, alpha=1e-4).item() == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_bias_update_sign_rule_by_hand():
+    counts = torch.tensor([[1.0, 3.0, 2.0, 2.0], [4.0, 0.0, 0.0, 4.0]])
+    delta = bias_update_delta(counts, gamma=0.001)
+    assert torch.allclose(delta, torch.tensor([[0.001, -0.001, 0.0, 0.0], [-0.001, 0.001, 0.001, -0.001]]))
+    centered = bias_update_delta(torch.tensor([[1.0, 3.0, 3.0, 3.0]]), gamma=0.001, center=True)
+    assert centered.sum().abs() < 1e-9
+    assert torch.allclose(load_imbalance(counts), torch.tensor([1.5, 2.0]))
+
+
+def test_moe_counts_ignore_padding_and_grouped_equals_loop():
+    from dsalign.kernels.moe import moe_experts_reference
+
+    cfg = tiny()
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    y, stats = moe(x, valid)
+    assert stats.counts_E.sum().item() == 8 * cfg.num_experts_per_tok
+    idx, w, _ = moe.gate(x.reshape(-1, cfg.hidden_size))
+    ref = moe_experts_reference(x.reshape(-1, cfg.hidden_size), idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
+    ref = ref + moe.shared_experts(x.reshape(-1, cfg.hidden_size))
+    assert torch.allclose(y.reshape(-1, cfg.hidden_size), ref, atol=1e-5)
