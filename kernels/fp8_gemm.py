@@ -192,15 +192,15 @@ def fp8_gemm(
 class QuantizedWeight:
     """A weight's 128x128-block fp8 copy, and its transpose for the activation-gradient GEMM."""
 
-    q: torch.Tensor  # [N, K] e4m3
-    s: torch.Tensor  # [ceil(N/128), ceil(K/128)] fp32
+    q: torch.Tensor  # [N, K] e4m3 ([E, N, K] for stacked experts)
+    s: torch.Tensor  # [ceil(N/128), ceil(K/128)] fp32 ([E, ...] for stacked experts)
     q_t: torch.Tensor | None = None  # [K, N] e4m3, contiguous (K-major operand for dgrad)
     s_t: torch.Tensor | None = None
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_t is None:
             # 128x128 blocks are symmetric: quantizing W^T gives exactly the transposed bytes and scales
-            self.q_t, self.s_t = self.q.t().contiguous(), self.s.t().contiguous()
+            self.q_t, self.s_t = self.q.transpose(-1, -2).contiguous(), self.s.transpose(-1, -2).contiguous()
         return self.q_t, self.s_t
 
 
@@ -220,10 +220,12 @@ class FP8WeightCache:
         key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device, pow2, backend)
         if key != self._key:
             with torch.no_grad():
-                q, s = quantize_weight(weight.detach(), pow2=pow2, backend=backend)
-            self._key, self._value = key, QuantizedWeight(q, s)
+                self._key, self._value = key, self._quantize(weight.detach(), pow2, backend)
             self.refreshes += 1
         return self._value
+
+    def _quantize(self, weight: torch.Tensor, pow2: bool, backend: str) -> QuantizedWeight:
+        return QuantizedWeight(*quantize_weight(weight, pow2=pow2, backend=backend))
 
     def invalidate(self) -> None:
         self._key, self._value = None, None

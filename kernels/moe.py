@@ -6,13 +6,15 @@ Expert weights are stacked like ``nn.Linear`` weights, one slab per expert:
 ``gate_up_proj`` [E, 2I, H] (gate rows first, as transformers v5 fuses them) and ``down_proj`` [E, H, I].
 
 The hot path never loops over experts in Python: tokens are sorted by expert id and every projection is a single
-grouped GEMM (``torch._grouped_mm`` where the backend supports it, otherwise a padded batched matmul).
+grouped GEMM: the Triton kernels of ``grouped_gemm.py`` on CUDA (bf16 or FP8), and on CPU ``torch._grouped_mm``
+where the backend supports it, otherwise a padded batched matmul (FP8 emulated through the same quantization).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsalign.kernels.grouped_gemm import ExpertWeightCache, grouped_gemm
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -108,12 +110,23 @@ def permute_by_expert(topk_idx_NK: torch.Tensor, num_experts: int) -> tuple[torc
 
 
 def swiglu_experts(
-    x_NH: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, counts_E: torch.Tensor
+    x_NH: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    counts_E: torch.Tensor,
+    fp8: bool = False,
+    backend: str = "auto",
+    caches: tuple[ExpertWeightCache, ExpertWeightCache] | None = None,
 ) -> torch.Tensor:
-    """SwiGLU over rows already grouped by expert: ``down(silu(gate x) * up x)`` with one grouped GEMM each."""
-    gate_up = grouped_mm(x_NH, gate_up_proj, counts_E)
+    """SwiGLU over rows already grouped by expert: ``down(silu(gate x) * up x)`` with one grouped GEMM each.
+
+    ``fp8``: FP8 grouped GEMMs (DeepSeek-V3 tiling); ``backend``: "auto" (Triton on CUDA, torch on CPU), "triton",
+    "torch"; ``caches``: (gate_up, down) fp8 weight caches owned by the layer, so generation does not requantize.
+    """
+    cache_gu, cache_down = caches if caches is not None else (None, None)
+    gate_up = grouped_gemm(x_NH, gate_up_proj, counts_E, fp8=fp8, cache=cache_gu, backend=backend)
     gate, up = gate_up.chunk(2, dim=-1)
-    return grouped_mm(F.silu(gate) * up, down_proj, counts_E)
+    return grouped_gemm(F.silu(gate) * up, down_proj, counts_E, fp8=fp8, cache=cache_down, backend=backend)
 
 
 def moe_experts_forward(
@@ -122,6 +135,9 @@ def moe_experts_forward(
     topk_weight_NK: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
+    fp8: bool = False,
+    backend: str = "auto",
+    caches: tuple[ExpertWeightCache, ExpertWeightCache] | None = None,
 ) -> torch.Tensor:
     """Routed-expert output ``sum_k w_k * Expert_{idx_k}(x)`` for every token, computed grouped.
 
@@ -130,13 +146,14 @@ def moe_experts_forward(
         topk_idx_NK: [N, K] expert ids in [0, E).
         topk_weight_NK: [N, K] combine weights.
         gate_up_proj: [E, 2I, H]; down_proj: [E, H, I].
+        fp8, backend, caches: see ``swiglu_experts``.
     Returns:
         [N, H] in x's dtype; differentiable w.r.t. x, the weights and the combine weights.
     """
     num_tokens, top_k = topk_idx_NK.shape
     order, token_of_row, counts_E = permute_by_expert(topk_idx_NK, gate_up_proj.shape[0])
     x_sorted = x_NH.index_select(0, token_of_row)
-    y_sorted = swiglu_experts(x_sorted, gate_up_proj, down_proj, counts_E)
+    y_sorted = swiglu_experts(x_sorted, gate_up_proj, down_proj, counts_E, fp8=fp8, backend=backend, caches=caches)
     weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(y_sorted.dtype)
     out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=y_sorted.dtype, device=x_NH.device)
     out.index_add_(0, token_of_row, y_sorted * weight_sorted[:, None])
