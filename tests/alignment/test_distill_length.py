@@ -21,8 +21,14 @@ WF = "<think>\nadd them\n</think>\n\nThe answer is {}."
 
 
 def _trace(pid, reward, completion, num_tokens=50, prompt="What is 2 + 2?"):
-    return {"prompt_id": pid, "prompt": prompt, "completion": completion, "reward": reward,
-            "num_tokens": num_tokens, "teacher": "teacher-r1"}  # fmt: skip
+    return {
+        "prompt_id": pid,
+        "prompt": prompt,
+        "completion": completion,
+        "reward": reward,
+        "num_tokens": num_tokens,
+        "teacher": "teacher-r1",
+    }
 
 
 TRACES = [
@@ -130,7 +136,7 @@ def test_length_targets_in_system_turn_and_columns():
                     {"role": "user", "content": "2+2?", "reasoning_content": None},
                 ],
                 "answer": "4",
-            },  # fmt: skip
+            },
             {"prompt": [{"role": "user", "content": "3+3?", "reasoning_content": None}], "answer": "6"},
         ]
     )
