@@ -44,6 +44,7 @@ _HF_METADATA_KEYS = {
 }
 
 _EXTRA_FIELDS = ("mtp_hidden", "route_num_nodes", "route_max_nodes")
+_RUNTIME_FIELDS = ("fp8", "fp8_pow2_scales")
 
 
 @dataclass
@@ -93,6 +94,9 @@ class ModelConfig:
     mtp_hidden: str = field(default="post_norm", metadata={"help": "main hidden fed to MTP: post_norm | pre_norm"})
     route_num_nodes: int | None = field(default=None, metadata={"help": "node-limited routing: nodes experts span"})
     route_max_nodes: int | None = field(default=None, metadata={"help": "node-limited routing: M nodes per token"})
+    # Runtime switches (never written to config.json): which kernels the projections run on.
+    fp8: bool = field(default=False, metadata={"help": "FP8 block-scaled GEMMs for the quantizable projections"})
+    fp8_pow2_scales: bool = field(default=False, metadata={"help": "power-of-two (ue8m0) FP8 scales"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -232,7 +236,7 @@ class ModelConfig:
         out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in _EXTRA_FIELDS and value == f.default:
+            if f.name in _RUNTIME_FIELDS or (f.name in _EXTRA_FIELDS and value == f.default):
                 continue
             if f.name == "quantization_config" and value is None:
                 continue

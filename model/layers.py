@@ -31,7 +31,12 @@ def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: boo
     """Every projection the FP8 recipe quantizes is built here, so the kernel switch lives in one place.
 
     Embedding, output head, MoE gate and norms never come through this factory: they stay in bf16/fp32.
+    ``FP8Linear`` subclasses ``nn.Linear`` (same parameters and state-dict keys), so checkpoints do not change.
     """
+    if cfg.fp8:
+        from dsalign.kernels.fp8_gemm import FP8Linear
+
+        return FP8Linear(in_features, out_features, bias=bias, pow2=cfg.fp8_pow2_scales)
     return nn.Linear(in_features, out_features, bias=bias)
 
 
