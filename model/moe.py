@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from dsalign.kernels.grouped_gemm import ExpertWeightCache
 from dsalign.kernels.moe import moe_experts_forward
 from torch import nn
 
@@ -73,9 +74,14 @@ class GroupedExperts(nn.Module):
         e = cfg.n_routed_experts if num_experts is None else num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * cfg.moe_intermediate_size, cfg.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(e, cfg.hidden_size, cfg.moe_intermediate_size))
+        self.fp8 = cfg.fp8
+        # FP8 copies of the stacked weights, refreshed only when the weights change (generation reuses them).
+        self.fp8_caches = (ExpertWeightCache(), ExpertWeightCache()) if cfg.fp8 else None
 
     def forward(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_weight_NK: torch.Tensor) -> torch.Tensor:
-        return moe_experts_forward(x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj)
+        return moe_experts_forward(
+            x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj, fp8=self.fp8, caches=self.fp8_caches
+        )
 
 
 def sequence_balance_loss(
