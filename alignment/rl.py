@@ -1,0 +1,92 @@
+"""GRPO's training-side glue: rollouts -> padded token batch -> per-token log-probs -> the policy loss.
+
+Shape legend: B sequences (prompt + completion), T padded length, V vocab.
+
+Log-probs are computed exactly as the rollout engine computes them (temperature-scaled log-softmax of the same
+model's logits), so with on-policy data the importance ratio starts at 1 up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from dsalign.model import causal_lm_loss
+from torch import Tensor
+
+from .metrics import entropy_from_logits, logprobs_from_logits
+from .policy_loss import PolicyLossConfig, grpo_loss
+
+
+def build_rl_batch(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, Tensor]:
+    """Right-padded ``prompt + completion`` rows.
+
+    Returns ``input_ids`` [B, T], ``attention_mask`` [B, T], and ``completion_mask`` [B, T] (1 where the token at
+    that position is a completion token, i.e. where its log-prob enters the loss).
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"build_rl_batch: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    completion_mask = torch.zeros(B, T, dtype=torch.float32)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        n = len(p) + len(c)
+        input_ids[b, :n] = torch.tensor(rows[b], dtype=torch.long)
+        attention_mask[b, :n] = 1
+        completion_mask[b, len(p) : n] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    batch: dict[str, Tensor],
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    compute_mtp: bool = False,
+) -> tuple[Tensor, Tensor | None, Any]:
+    """``logp[b, t] = log softmax(logits[b, t-1] / temperature)[input_ids[b, t]]`` (0 at t = 0), float32 [B, T].
+
+    Also returns the per-token entropy (same alignment) when asked, and the model output (for aux losses).
+    """
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], compute_mtp=compute_mtp)
+    logits = out.logits[:, :-1].float() / temperature
+    logp = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
+    logp = torch.nn.functional.pad(logp, (1, 0))
+    ent = torch.nn.functional.pad(entropy_from_logits(logits), (1, 0)) if with_entropy else None
+    return logp, ent, out
+
+
+def grpo_loss_fn(
+    cfg: PolicyLossConfig, temperature: float = 1.0, aux_loss_coef: float = 1.0, mtp_lambda: float = 0.0
+) -> Callable[[torch.nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
+    """A trainer loss function over batches holding ``input_ids``, ``attention_mask``, ``completion_mask``,
+    ``old_logp`` [B, T], ``advantages`` [B] and, when ``cfg.kl_beta > 0``, ``ref_logp`` [B, T].
+
+    With ``mtp_lambda > 0`` the MTP modules keep training during RL: their CE on the sampled completion tokens
+    (the policy's own continuations) is added with weight ``mtp_lambda / D``, so speculative decoding stays useful.
+    """
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        logp, ent, out = token_logprobs(model, batch, temperature, with_entropy=True, compute_mtp=mtp_lambda > 0)
+        mask = batch["completion_mask"]
+        loss, metrics = grpo_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg, batch.get("ref_logp"))
+        if aux_loss_coef and out.aux_loss is not None:
+            loss = loss + aux_loss_coef * out.aux_loss
+        if mtp_lambda > 0 and out.mtp_logits:
+            labels = batch["input_ids"].masked_fill(mask == 0, -100)
+            mtp_only = type(out)(logits=out.logits.detach(), mtp_logits=out.mtp_logits)
+            total, mtp_metrics = causal_lm_loss(mtp_only, labels, mtp_lambda)
+            loss = loss + (total - total.new_tensor(mtp_metrics["ce"]))
+            metrics.update({k: v for k, v in mtp_metrics.items() if k.startswith("mtp_")})
+        n = mask.sum().clamp(min=1)
+        plain = {k: float(v) for k, v in metrics.items()}
+        plain["entropy"] = float((ent.detach() * mask).sum() / n)
+        return loss, plain
+
+    return loss_fn

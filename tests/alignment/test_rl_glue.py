@@ -1,0 +1,45 @@
+"""GRPO glue: rollout rows -> padded batch -> token log-probs -> loss with the model in the loop."""
+
+from __future__ import annotations
+
+import torch
+from dsalign.alignment.policy_loss import PolicyLossConfig
+from dsalign.alignment.rl import build_rl_batch, grpo_loss_fn, token_logprobs
+from dsalign.model import ModelConfig, Transformer
+
+
+def _setup():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    model = Transformer(cfg)
+    prompts = [[1, 5, 7], [1, 9]]
+    completions = [[11, 12, 13, 2], [14, 2]]
+    return model, build_rl_batch(prompts, completions, pad_id=0)
+
+
+def test_batch_layout_and_logprobs_by_hand():
+    model, batch = _setup()
+    assert batch["input_ids"].tolist() == [[1, 5, 7, 11, 12, 13, 2], [1, 9, 14, 2, 0, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0]]
+    logp, _, _ = token_logprobs(model.eval(), batch, temperature=0.7)
+    with torch.no_grad():
+        alone = model(torch.tensor([[1, 9, 14, 2]])).logits[0]
+    want = torch.log_softmax(alone[1] / 0.7, -1)[14]  # token at position 2 scored by logits at position 1
+    assert abs(logp[1, 2].item() - want.item()) < 1e-5
+
+
+def test_on_policy_loss_has_unit_ratio_and_mtp_term_trains_mtp_only_when_asked():
+    model, batch = _setup()
+    model.train()
+    with torch.no_grad():
+        old, _, _ = token_logprobs(model, batch)
+    batch = {**batch, "old_logp": old, "advantages": torch.tensor([1.0, -1.0])}
+    cfg = PolicyLossConfig()
+    loss, metrics = grpo_loss_fn(cfg, aux_loss_coef=0.0)(model, batch)
+    loss.backward()
+    assert all(v == 0 for k, v in metrics.items() if "clip" in k)
+    assert model.mtp[0].eh_proj.weight.grad is None
+    model.zero_grad()
+    loss, metrics = grpo_loss_fn(cfg, aux_loss_coef=0.0, mtp_lambda=0.3)(model, batch)
+    loss.backward()
+    assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0 and "mtp_ce_1" in metrics
