@@ -1,0 +1,72 @@
+"""Ray Jobs: submit a run to a cluster, and follow or stop it (``dsalign submit|status|logs|stop``).
+
+The job's working directory (default: the config file's directory) is packaged by Ray and unpacked on the
+cluster; the entrypoint is ``python -m dsalign.pipelines.cli run <config relative to it>``, so dsalign itself must be
+installed on the cluster's nodes (the same image), while the config and local data files travel with the job.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+DEFAULT_EXCLUDES = [".git", "runs", "outputs", "*.safetensors", "__pycache__", ".venv", ".whl", ".gl"]
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    if "://" not in address:
+        address = f"http://{address}"
+    return JobSubmissionClient(address)
+
+
+def submit(
+    config: str | Path,
+    address: str,
+    working_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+    resume: bool = False,
+) -> str:
+    """Submit ``dsalign run CONFIG`` as a Ray Job; returns the job id."""
+    config = Path(config).resolve()
+    root = Path(working_dir).resolve() if working_dir else config.parent
+    try:
+        rel = config.relative_to(root)
+    except ValueError as e:
+        raise ValueError(f"config {config} is not inside the job's working dir {root}") from e
+    args = ["python", "-m", "dsalign.pipelines.cli", "run", str(rel)]
+    if resume:
+        args.append("--resume")
+    for ov in overrides or []:
+        args += ["--set", ov]
+    runtime_env = {"working_dir": str(root), "excludes": DEFAULT_EXCLUDES}
+    return _client(address).submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
+
+
+def status(job_id: str, address: str) -> str:
+    return str(_client(address).get_job_status(job_id))
+
+
+def logs(job_id: str, address: str) -> str:
+    return _client(address).get_job_logs(job_id)
+
+
+def stop(job_id: str, address: str) -> bool:
+    return bool(_client(address).stop_job(job_id))
+
+
+def wait(job_id: str, address: str, timeout_s: float = 900.0, poll_s: float = 2.0) -> str:
+    """Block until the job reaches a terminal state (or the timeout); returns the final status."""
+    from ray.job_submission import JobStatus
+
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = client.get_job_status(job_id)
+        if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(st)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {st} after {timeout_s:.0f}s")
+        time.sleep(poll_s)

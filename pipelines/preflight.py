@@ -1,0 +1,75 @@
+"""Checks that run before any Ray actor starts: every problem a config can have that is visible up front.
+
+Data files exist, reward specs import (with their parameters), checkpoints have a config and weights, the tokenizer
+is there, and the output directory is writable. All problems are reported together, each naming its stage and key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dsalign.model import ModelConfig
+
+from .config import ModelSource, RunConfig
+from .schema import ConfigError
+
+
+class PreflightError(ConfigError):
+    """One or more problems found before starting; ``problems`` lists them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("config problems found before starting:\n  - " + "\n  - ".join(problems))
+
+
+def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
+    if src.preset is not None:
+        try:
+            cfg = ModelConfig.preset(src.preset)
+            if src.overrides:
+                cfg.replace(**src.overrides)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"{where}: {e}")
+    elif src.checkpoint is not None:
+        path = Path(src.checkpoint)
+        if not (path / "config.json").is_file():
+            problems.append(f"{where}.checkpoint: {path} has no config.json")
+        elif not any(path.glob("*.safetensors")):
+            problems.append(f"{where}.checkpoint: {path} has no *.safetensors weights")
+        else:
+            try:
+                ModelConfig.from_hf(path)
+            except (ValueError, FileNotFoundError) as e:
+                problems.append(f"{where}.checkpoint: {e}")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
+    from dsalign.rewards import load_reward
+
+    problems: list[str] = []
+    if cfg.tokenizer != "demo":
+        tok = Path(cfg.tokenizer)
+        if not (tok / "tokenizer_config.json").is_file() and not (tok / "tokenizer.json").is_file():
+            problems.append(f"tokenizer: {tok} is not a tokenizer directory (no tokenizer.json)")
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages[{i}] ({stage.name})"
+        _check_model(stage.model, f"{where}.model", problems)
+        if stage.kind == "distill":
+            _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
+        if stage.data.path is not None and not Path(stage.data.path).exists():
+            problems.append(f"{where}.data.path: {stage.data.path} does not exist")
+        if stage.kind in ("grpo", "distill") and not stage.rewards:
+            problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
+        for j, entry in enumerate(stage.rewards):
+            try:
+                load_reward(entry.fn, **entry.params)
+            except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
+                problems.append(f"{where}.rewards[{j}].fn {entry.fn!r}: {type(e).__name__}: {e}")
+    out = Path(cfg.output_dir)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        problems.append(f"output_dir: {out} is not writable")
+    if problems:
+        raise PreflightError(problems)

@@ -1,0 +1,115 @@
+"""Observability: per-step metrics to JSONL and TensorBoard, and the end-of-run report (Markdown + PNG plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+PLOTTED = {
+    "reward": "reward (mean)",
+    "accuracy": "accuracy",
+    "response_length": "response length (tokens)",
+    "kl": "KL to reference",
+    "expert_load_max_over_mean": "expert load max/mean",
+    "mtp_acceptance": "MTP acceptance",
+    "loss": "loss",
+}
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``metrics.jsonl`` (flushed each line) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: str | Path, stage: str, tensorboard: bool = True):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self.path = self.dir / "metrics.jsonl"
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"stage": self.stage, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: list[dict[str, Any]], title: str) -> Path:
+    """``report.md`` plus one PNG per plotted metric (all stages on one figure) in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_stage = {name: read_metrics(d / "metrics.jsonl") for name, d in stage_dirs.items()}
+    lines = [f"# {title}", "", "## Held-out evaluation", ""]
+    if eval_rows:
+        cols = list(eval_rows[0])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in eval_rows]
+    lines += ["", "## Training curves", ""]
+    for key, label in PLOTTED.items():
+        series = {s: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for s, rows in per_stage.items()}
+        series = {s: v for s, v in series.items() if v}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for stage, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        png = out_dir / f"{key}.png"
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        lines.append(f"![{label}]({png.name})")
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table for the terminal."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    head = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    body = ["  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join([head, "-" * len(head), *body])

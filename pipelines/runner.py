@@ -1,0 +1,143 @@
+"""``dsalign run``: validate, start (or join) Ray, run the stages in order with retries, evaluate, report.
+
+The driver holds no model. Each stage runs inside Ray actors (``actors.py``); the driver only passes configs and
+checkpoint paths, so a stage can be retried from its last checkpoint after an actor dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, StageConfig
+from .preflight import preflight
+from .report import format_table, write_report
+from .schema import to_dict
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A stage that failed more times than its ``retries`` allow; the message names stage, step and error."""
+
+
+@dataclass
+class RunState:
+    """What survives a crash of the driver: finished stages and their outputs (``run_state.json``)."""
+
+    finished: dict[str, str] = field(default_factory=dict)  # stage name -> final HF checkpoint dir
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(finished=data.get("finished", {}), evals=data.get("evals", []))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"finished": self.finished, "evals": self.evals}, indent=2))
+        os.replace(tmp, path)
+
+
+def init_ray(cfg: RunConfig):
+    """Join the configured cluster, the one this process was submitted to (``RAY_ADDRESS``), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env)
+    return ray
+
+
+def resolve_sources(cfg: RunConfig, stage: StageConfig, state: RunState) -> dict[str, Any]:
+    """Turn ``from_stage`` references into checkpoint paths of finished stages."""
+
+    def one(src) -> dict[str, Any]:
+        if src.from_stage is not None:
+            if src.from_stage not in state.finished:
+                raise StageFailed(f"stage {stage.name!r} needs {src.from_stage!r}, which has not finished")
+            return {"checkpoint": state.finished[src.from_stage], "overrides": src.overrides}
+        return {"preset": src.preset, "checkpoint": src.checkpoint, "overrides": src.overrides}
+
+    out = {"model": one(stage.model)}
+    if stage.kind == "distill":
+        out["teacher"] = one(stage.distill.teacher)
+    return out
+
+
+def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState:
+    """Run every stage of ``cfg``; with ``resume`` finished stages are skipped and a partial one continues."""
+    from . import actors
+
+    preflight(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "run_state.json"
+    state = RunState.load(state_path) if resume else RunState()
+    if not resume and state_path.exists():
+        state_path.unlink()
+    (out / "config.resolved.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    ray = init_ray(cfg)
+    t0 = time.time()
+    tokenizer_dir = ray.get(actors.prepare_tokenizer.remote(to_dict(cfg)))
+    if not state.evals:
+        first = cfg.stages[0]
+        base = ray.get(
+            actors.evaluate_source.remote(to_dict(cfg), resolve_sources(cfg, first, state)["model"], tokenizer_dir)
+        )
+        state.evals.append({"stage": "untrained", **base})
+        state.save(state_path)
+    for stage in cfg.stages:
+        if stage.name in state.finished:
+            log.info("stage %s already finished: %s", stage.name, state.finished[stage.name])
+            continue
+        ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress)
+        state.finished[stage.name] = ckpt
+        result = ray.get(
+            actors.evaluate_source.remote(to_dict(cfg), {"checkpoint": ckpt, "overrides": {}}, tokenizer_dir)
+        )
+        state.evals.append({"stage": stage.name, **result})
+        state.save(state_path)
+    stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
+    report = write_report(out, stage_dirs, state.evals, f"dsalign run {cfg.name}")
+    print(f"\nHeld-out evaluation ({cfg.eval.num_prompts} prompts x {cfg.eval.samples_per_prompt} samples, "
+          f"temperature {cfg.eval.temperature}):")  # fmt: skip
+    print(format_table(state.evals))
+    print(f"\nreport: {report}   total time: {time.time() - t0:.0f}s")
+    return state
+
+
+def run_stage_with_retries(
+    cfg: RunConfig, stage: StageConfig, state: RunState, tokenizer_dir: str, resume: bool, progress: bool
+) -> str:
+    """Run one stage in fresh actors; when an actor dies or raises, report it and retry from the checkpoint."""
+    import ray
+
+    from . import actors
+
+    attempts = stage.retries + 1
+    for attempt in range(1, attempts + 1):
+        sources = resolve_sources(cfg, stage, state)
+        try:
+            return actors.run_stage(cfg, stage, sources, tokenizer_dir, resume=resume or attempt > 1, attempt=attempt)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, actors.StageWorkerError) as e:
+            step = actors.last_checkpoint_step(cfg.stage_dir(stage))
+            msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed (last checkpoint: step {step}): {e}"
+            log.error(msg)
+            print(msg, flush=True)
+            if attempt == attempts:
+                raise StageFailed(msg + f"; no retries left (stage retries={stage.retries})") from e
+    raise AssertionError("unreachable")
