@@ -77,8 +77,16 @@ class GroupedExperts(nn.Module):
         self.fp8 = cfg.fp8
         # FP8 copies of the stacked weights, refreshed only when the weights change (generation reuses them).
         self.fp8_caches = (ExpertWeightCache(), ExpertWeightCache()) if cfg.fp8 else None
+        # Expert parallelism: set by the trainer (``alignment.trainer.distributed.shard_experts``), which also slices
+        # the parameters to this rank's experts; tokens then travel to their experts by all-to-all (kernels.ep).
+        self.ep_group = None
 
     def forward(self, x_ND: torch.Tensor, topk_idx_NK: torch.Tensor, topk_weight_NK: torch.Tensor) -> torch.Tensor:
+        if self.ep_group is not None:
+            from dsalign.kernels.ep import ep_moe_forward
+
+            return ep_moe_forward(x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj,
+                                  self.ep_group, fp8=self.fp8, caches=self.fp8_caches)  # fmt: skip
         return moe_experts_forward(
             x_ND, topk_idx_NK, topk_weight_NK, self.gate_up_proj, self.down_proj, fp8=self.fp8, caches=self.fp8_caches
         )

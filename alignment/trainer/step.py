@@ -1,0 +1,212 @@
+"""One optimizer step as a sequence of named steps: forward/backward per micro-batch, optimizer step, expert-count
+reduction, router-bias update, metrics. The loss is a pure function handed in by the caller (SFT, GRPO, ...).
+
+    loss_fn(model, micro_batch) -> (loss [], metrics dict)
+
+The optimizer side is a ``Runner``: ``LocalRunner`` (one process, plain torch) here, ``DeepSpeedRunner`` in
+``distributed.py``. Both see gradients of ``mean over micro-batches`` of the loss, clipped to ``grad_clip``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from dsalign.model import Transformer, apply_bias_update, causal_lm_loss, load_imbalance
+from torch import nn
+
+from .config import TrainerConfig
+from .optim import build_optimizer, build_scheduler
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Runner(Protocol):
+    """What ``train_step`` needs from the optimizer side."""
+
+    model: Transformer  # the bare network (what loss functions are called with)
+    dp_group: Any  # process group over which the global batch is split (None: single process)
+
+    def backward(self, loss: torch.Tensor, micro_index: int, num_micro: int) -> None: ...
+
+    def optimizer_step(self) -> float: ...  # returns the pre-clip global gradient norm
+
+    def lr(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class LocalRunner:
+    """Single-process runner: ``loss / num_micro`` backward, global-norm clip, AdamW, warmup + cosine."""
+
+    dp_group = None
+
+    def __init__(self, model: Transformer, cfg: TrainerConfig, optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.cfg = model, cfg
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    def backward(self, loss: torch.Tensor, micro_index: int, num_micro: int) -> None:
+        (loss / num_micro).backward()
+
+    def optimizer_step(self) -> float:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def prepare_model(model: Transformer, cfg: TrainerConfig) -> Transformer:
+    """Apply the trainer's model-side switches: train mode, activation checkpointing, balance-loss alpha."""
+    model.train()
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.aux_loss_alpha is not None:
+        model.cfg.aux_loss_alpha = cfg.aux_loss_alpha  # the config object is shared by every MoE layer
+    return model
+
+
+class ExpertLoadTracker:
+    """Sums ``ModelOutput.expert_counts`` over the forwards of one step (a forward hook, so loss functions stay
+    unaware of balancing)."""
+
+    def __init__(self, model: Transformer):
+        self.counts_LE: torch.Tensor | None = None
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        counts = getattr(output, "expert_counts", None)
+        if counts is None or not torch.is_grad_enabled():
+            return  # no MoE layers, or a no-grad forward (reference / old-policy log-probs) that is not trained on
+        counts = counts.detach().float()
+        self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
+
+    def take(self) -> torch.Tensor | None:
+        counts, self.counts_LE = self.counts_LE, None
+        return counts
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def autocast_context(cfg: TrainerConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward/backward when ``compute_dtype == "bf16"`` (fp32 master weights stay)."""
+    if cfg.compute_dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_backward(runner: Runner, micro_batch: Any, loss_fn: LossFn, cfg: TrainerConfig, micro_index: int,
+                     num_micro: int) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """Forward one micro-batch through ``loss_fn`` and backpropagate its share of the step's loss."""
+    device = next(runner.model.parameters()).device
+    with autocast_context(cfg, device):
+        loss, metrics = loss_fn(runner.model, micro_batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {float(loss)} at micro-batch {micro_index}; metrics {metrics}")
+    runner.backward(loss, micro_index, num_micro)
+    return float(loss.detach()), metrics
+
+
+def reduce_expert_counts(counts_LE: torch.Tensor | None, group: Any) -> torch.Tensor | None:
+    """Sum the step's tokens-per-expert over the data-parallel world, so every rank sees the global batch."""
+    if counts_LE is not None and group is not None and dist.is_initialized():
+        dist.all_reduce(counts_LE, group=group)
+    return counts_LE
+
+
+def update_router_bias(model: Transformer, counts_LE: torch.Tensor | None, cfg: TrainerConfig) -> None:
+    """Auxiliary-loss-free balancing (SPEC.md section 3): sign rule on every gate's ``e_score_correction_bias``."""
+    if counts_LE is None or cfg.bias_update_gamma == 0:
+        return
+    apply_bias_update(model.gates(), counts_LE, cfg.bias_update_gamma, center=cfg.bias_update_center)
+
+
+def expert_load_metrics(counts_LE: torch.Tensor | None) -> dict[str, float]:
+    """Per MoE layer max/mean expert load (1.0 = balanced), plus their mean and max over layers."""
+    if counts_LE is None:
+        return {}
+    imb_L = load_imbalance(counts_LE)
+    metrics = {f"load_max_mean/{i}": float(v) for i, v in enumerate(imb_L)}
+    metrics["load_max_mean/avg"] = float(imb_L.mean())
+    metrics["load_max_mean/worst"] = float(imb_L.max())
+    return metrics
+
+
+def average_metrics(per_micro: Sequence[dict[str, float]], group: Any) -> dict[str, float]:
+    """Mean of each metric over micro-batches and data-parallel ranks (keys must match across ranks)."""
+    keys = sorted(set().union(*per_micro)) if per_micro else []
+    local = torch.tensor([sum(m.get(k, 0.0) for m in per_micro) / len(per_micro) for k in keys], dtype=torch.float64)
+    if group is not None and dist.is_initialized() and keys:
+        dist.all_reduce(local, group=group)
+        local /= dist.get_world_size(group)
+    return dict(zip(keys, local.tolist()))
+
+
+def train_step(runner: Runner, micro_batches: Sequence[Any], loss_fn: LossFn, cfg: TrainerConfig,
+               tracker: ExpertLoadTracker | None = None) -> dict[str, float]:  # fmt: skip
+    """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Returns metrics:
+    ``loss`` (mean over micro-batches and ranks), the loss function's metrics, ``grad_norm``, ``lr`` (the one
+    used), and per-layer ``load_max_mean/<layer>`` of the step's global expert counts."""
+    if len(micro_batches) != cfg.micro_batches:
+        raise ValueError(f"train_step got {len(micro_batches)} micro-batches, TrainerConfig.micro_batches is "
+                         f"{cfg.micro_batches}; split the batch accordingly")  # fmt: skip
+    tracker = tracker if tracker is not None else _tracker_of(runner)
+    tracker.take()  # drop counts of forwards outside the step
+    per_micro = []
+    for i, mb in enumerate(micro_batches):
+        loss, metrics = forward_backward(runner, mb, loss_fn, cfg, i, len(micro_batches))
+        per_micro.append({"loss": loss, **metrics})
+    lr = runner.lr()
+    grad_norm = runner.optimizer_step()
+    counts_LE = reduce_expert_counts(tracker.take(), runner.dp_group)
+    update_router_bias(runner.model, counts_LE, cfg)
+    metrics = average_metrics(per_micro, runner.dp_group)
+    metrics.update(grad_norm=grad_norm, lr=lr, **expert_load_metrics(counts_LE))
+    return metrics
+
+
+def _tracker_of(runner: Runner) -> ExpertLoadTracker:
+    if not hasattr(runner, "_expert_tracker"):
+        runner._expert_tracker = ExpertLoadTracker(runner.model)
+    return runner._expert_tracker
+
+
+def lm_loss_fn(mtp_lambda: float = 0.1, aux_loss_coef: float = 1.0) -> LossFn:
+    """Next-token loss for dict batches {input_ids, labels, [attention_mask, position_ids, segment_ids]}:
+    ``CE + mtp_lambda / D * sum_k CE_k + aux_loss_coef * balance loss``. MTP is skipped when lambda is 0."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
+            compute_mtp=mtp_lambda > 0,
+        )
+        loss, metrics = causal_lm_loss(out, batch["labels"], mtp_lambda, segment_ids=batch.get("segment_ids"))
+        if aux_loss_coef and out.aux_loss is not None:
+            loss = loss + aux_loss_coef * out.aux_loss
+            metrics["aux_loss"] = float(out.aux_loss.detach())
+        return loss, metrics
+
+    return loss_fn

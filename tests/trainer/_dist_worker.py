@@ -1,0 +1,64 @@
+"""One rank of the distributed trainer test (launched by test_distributed.py): DeepSpeed ZeRO over gloo.
+
+Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+STEPS, GLOBAL_B, T = 3, 4, 16
+
+
+def trainer_config(ep_size: int = 1, zero_stage: int = 2):
+    from dsalign.alignment.trainer import TrainerConfig
+
+    return TrainerConfig(lr=2e-3, warmup_steps=1, total_steps=STEPS, bias_update_gamma=0.01, grad_clip=1.0,
+                         ep_size=ep_size, zero_stage=zero_stage)  # fmt: skip
+
+
+def make_model():
+    from dsalign.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.preset("tiny"))
+
+
+def global_batch(step: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (GLOBAL_B, T), generator=torch.Generator().manual_seed(100 + step))
+
+
+def main() -> None:
+    from dsalign.alignment.trainer import lm_loss_fn, prepare_model, train_step
+    from dsalign.alignment.trainer.distributed import build_runner, full_model_for_export, init_distributed
+
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    ep_size, zero_stage = int(sys.argv[5]), int(sys.argv[6])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    init_distributed("gloo")
+    cfg = trainer_config(ep_size, zero_stage)
+    model = prepare_model(make_model(), cfg)
+    runner = build_runner(model, cfg)
+    loss_fn = lm_loss_fn(mtp_lambda=0.3)
+    per = GLOBAL_B // world
+    history = []
+    for step in range(STEPS):
+        ids = global_batch(step, model.cfg.vocab_size)[rank * per : (rank + 1) * per]
+        metrics = train_step(runner, [{"input_ids": ids, "labels": ids}], loss_fn, cfg)
+        history.append(metrics)
+    full = full_model_for_export(model)
+    if rank == 0:
+        torch.save(full.state_dict(), os.path.join(out_dir, "params.pt"))
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(history, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
