@@ -1,6 +1,6 @@
 """dsalign.model: the DeepSeek-V3 network (MLA, DeepSeekMoE, MTP) and its HF checkpoint format."""
 
-from .cache import LatentCache
+from .cache import FP8LatentCache, LatentCache
 from .checkpoint import build_model, load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss
@@ -8,6 +8,7 @@ from .transformer import ModelOutput, Transformer, build_attention_mask, causal_
 
 __all__ = [
     "PRESETS",
+    "FP8LatentCache",
     "LatentCache",
     "ModelConfig",
     "ModelOutput",

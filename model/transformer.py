@@ -24,13 +24,15 @@ from .rope import RotaryEmbedding
 class ModelOutput:
     """logits [B, T, V]; mtp_logits[k-1] [B, T, V] where position i of depth k predicts token i + k + 1;
     hidden [B, T, D] the final (post-norm) hidden state; aux_loss the summed alpha-weighted balance losses;
-    expert_counts [L, E] tokens per routed expert of every MoE layer (main model first, then MTP blocks)."""
+    expert_counts [L, E] tokens per routed expert of every MoE layer (main model first, then MTP blocks);
+    hidden_pre [B, T, D] the last layer's output before the final norm (what ``mtp_hidden='pre_norm'`` feeds)."""
 
     logits: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     hidden: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None
+    hidden_pre: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
@@ -214,7 +216,7 @@ class Transformer(nn.Module):
             cache.lengths += valid_BT.sum(dim=1) if valid_BT is not None else T
         aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else logits.new_zeros(())
         counts = torch.stack([s.counts_E for s in stats]) if stats else None
-        return ModelOutput(logits, mtp_logits, hidden, aux, counts)
+        return ModelOutput(logits, mtp_logits, hidden, aux, counts, hidden_pre)
 
     def _run_layer(self, layer, h, rope, mask, valid_BT, cache, position_ids, absorbed):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:

@@ -1,0 +1,476 @@
+"""The rollout engine: batched generation on the MLA latent cache, with MTP speculative decoding.
+
+GRPO and distillation spend most of their time here. The engine runs the policy model itself (no separate
+inference server), so the log-probs it reports are the ones the trainer recomputes (SPEC.md section 8).
+
+How a ``generate`` call runs:
+
+1. Prompts wait in a queue. When slots are free, a batch of waiting prompts is prefilled (naive MLA path) into a
+   scratch cache; each prompt's cached latents, last logits and last hidden are stashed. Its ``n`` samples are then
+   admitted one per free slot by copying the stashed rows into the engine's preallocated ``LatentCache``: the prompt
+   is prefilled once however many samples it has.
+2. Every decode step feeds each live slot's last token through the absorbed MLA path (attention over the cached
+   latents, per-step cost dominated by the weights). A finished sequence frees its slot at once and the next waiting
+   sample takes it (continuous batching), so a long straggler does not idle the batch.
+3. With ``speculative=True`` the MTP module drafts the token after next (DeepSeek-V3 report, section 2.2 / 5.4.3):
+   the main model verifies ``[last, draft]`` in one forward; greedy accepts iff the draft is the argmax, sampling uses
+   the speculative-sampling rule (``sampling_params.speculative_accept``), so outputs keep their distribution.
+   The MTP block keeps its own layer in the same cache (layer index ``num_hidden_layers``). State per live row:
+   ``n`` tokens fed to both the main and MTP layers, one committed token not yet fed, one draft for the position
+   after it.
+
+Shape legend: B slots, T tokens per step, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from dsalign.model import FP8LatentCache, LatentCache, Transformer, build_attention_mask
+from torch import Tensor
+
+from .sampling_params import SamplingParams, draw, policy_logprobs, sampling_probs, speculative_accept
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+@dataclass
+class Completion:
+    """One sampled completion. ``logprobs[i]`` is the policy log-prob of ``token_ids[i]`` (temperature-scaled)."""
+
+    request_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    text: str | None = None
+
+
+@dataclass
+class GenerationStats:
+    prompts: int = 0
+    completions: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class _Prefilled:
+    """A prompt's shared prefill: its cache rows (in a scratch cache), last logits and last hidden."""
+
+    cache: LatentCache
+    row: int
+    logits_V: Tensor
+    hidden_D: Tensor
+    next_sample: int = 0
+
+
+@dataclass
+class _Seq:
+    request: int
+    sample: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    draft: int = -1
+    draft_probs: Tensor | None = None
+    finish: str | None = None
+    stop_reason: int | str | None = None
+
+
+class RolloutEngine:
+    """Generate completions for batches of prompts with ``model`` (kept in eval mode, updated in place).
+
+    Args:
+        model: a ``dsalign.model.Transformer``; its dtype is the compute dtype.
+        tokenizer: optional HF tokenizer, for string prompts, stop strings and ``Completion.text``.
+        max_batch_size: decode slots (sequences decoded together).
+        max_len: context per slot, prompt + completion (default: ``model.cfg.max_position_embeddings``).
+        cache_dtype: latent dtype (default: the model's); ``"fp8"`` uses ``FP8LatentCache``.
+        speculative: draft one token per step with ``model.mtp[0]`` and verify it.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any = None,
+        *,
+        max_batch_size: int = 8,
+        max_len: int | None = None,
+        cache_dtype: torch.dtype | str | None = None,
+        speculative: bool = False,
+    ):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_len = max_len or self.cfg.max_position_embeddings
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.fp8_cache = cache_dtype == "fp8"
+        self.cache_dtype = self.dtype if cache_dtype in (None, "fp8") else cache_dtype
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative=True needs an MTP module (the model has num_nextn_predict_layers=0)")
+        self.speculative = speculative
+        self.num_layers = self.cfg.num_hidden_layers + (1 if speculative else 0)
+        # one extra position so a verify step may hold the draft of a sequence at the context's last token
+        self.cache = self._new_cache(max_batch_size, self.max_len + 1)
+        eos = self.cfg.eos_token_id
+        self.default_stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.last_stats = GenerationStats()
+
+    def _new_cache(self, batch: int, length: int) -> LatentCache:
+        kind = FP8LatentCache if self.fp8_cache else LatentCache
+        dtype = self.dtype if self.fp8_cache else self.cache_dtype
+        return kind(self.cfg, batch, length, num_layers=self.num_layers, dtype=dtype, device=self.device)
+
+    def cache_bytes_per_token(self) -> int:
+        """Latent-cache bytes one token costs across the main model's layers (MTP's layer not counted)."""
+        return self.cache.bytes_per_token() * self.cfg.num_hidden_layers // self.num_layers
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def update_weights(self, state_dict: Mapping[str, Tensor], strict: bool = True) -> int:
+        """Copy a trainer's parameters into the engine's model in place (same names as ``Transformer``).
+
+        FP8 weight caches are invalidated, so quantized copies are rebuilt from the new weights. Returns the number
+        of tensors copied. ``strict`` refuses a state dict missing any of the model's parameters.
+        """
+        own = dict(self.model.named_parameters())
+        own.update(self.model.named_buffers())
+        unknown = sorted(k for k in state_dict if k not in own)
+        if unknown:
+            raise KeyError(f"update_weights: {len(unknown)} names the model does not have, e.g. {unknown[:5]}")
+        missing = sorted(k for k in dict(self.model.named_parameters()) if k not in state_dict)
+        if strict and missing:
+            raise KeyError(f"update_weights: state dict lacks {len(missing)} parameters, e.g. {missing[:5]}")
+        for name, value in state_dict.items():
+            dst = own[name]
+            if dst.shape != value.shape:
+                raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, model has {tuple(dst.shape)}")
+            dst.copy_(value.detach())
+        for module in self.model.modules():
+            for attr in ("fp8_cache", "caches"):
+                caches = getattr(module, attr, None)
+                for c in caches if isinstance(caches, (tuple, list)) else [caches]:
+                    if hasattr(c, "invalidate"):
+                        c.invalidate()
+        return len(state_dict)
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: Sequence[int] | str, where: str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{where}: a string prompt needs a tokenizer (pass tokenizer= or token ids)")
+            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, Tensor) and prompt.dim() == 1):
+            ids = [int(t) for t in prompt]
+        else:
+            raise TypeError(f"{where}: a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"{where}: empty prompt (at least one token is needed to condition on)")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(ids) >= self.max_len:
+            raise ValueError(
+                f"{where}: prompt of {len(ids)} tokens does not fit the context of {self.max_len} tokens "
+                "(prompt + at least one generated token); shorten it or raise max_len"
+            )
+        return ids
+
+    # ------------------------------------------------------------------ generate
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        on_token: Callable[[int, int, list[int]], None] | None = None,
+    ) -> list[Completion]:
+        """Complete every prompt ``params.n`` times. Returns completions ordered by (prompt, sample).
+
+        ``params`` is one ``SamplingParams`` for all prompts or one per prompt. ``on_token(request, sample, ids)``
+        is called with each sequence's newly committed token ids (streaming).
+        """
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        for p in params:
+            if p.stop_strings and self.tokenizer is None:
+                raise ValueError("generate: stop strings need a tokenizer (pass tokenizer= to the engine)")
+            p.validate()
+        ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        self.cache.reset()
+        self.last_stats = stats = GenerationStats(prompts=len(ids), prompt_tokens=sum(map(len, ids)))
+        self._on_token = on_token
+        waiting = deque(range(len(ids)))
+        stash: dict[int, _Prefilled] = {}
+        slots: list[_Seq | None] = [None] * self.max_batch_size
+        done: list[Completion] = []
+        while waiting or stash or any(s is not None for s in slots):
+            free = [i for i, s in enumerate(slots) if s is None]
+            if free and (waiting or stash):
+                t0 = time.perf_counter()
+                self._admit(free, slots, waiting, stash, ids, params, done)
+                stats.prefill_s += time.perf_counter() - t0
+                if all(s is None for s in slots):  # every admitted sample finished on its first token
+                    continue
+            t0 = time.perf_counter()
+            if self.speculative:
+                self._spec_step(slots, done)
+            else:
+                self._step(slots, done)
+            stats.decode_steps += 1
+            stats.decode_s += time.perf_counter() - t0
+        done.sort(key=lambda c: (c.request_index, c.sample_index))
+        stats.completions = len(done)
+        stats.generated_tokens = sum(len(c.token_ids) for c in done)
+        return done
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self, free, slots, waiting, stash, ids, params, done) -> None:
+        """Fill free slots with samples of already-prefilled prompts, prefilling more prompts as needed."""
+        need = len(free) - sum(params[r].n - p.next_sample for r, p in stash.items())
+        batch = []
+        while waiting and (need > 0 or not batch) and len(batch) < self.max_batch_size:
+            r = waiting.popleft()
+            batch.append(r)
+            need -= params[r].n
+        if batch:
+            self._prefill(batch, ids, stash)
+        admitted = []
+        for r in list(stash):
+            pre = stash[r]
+            while free and pre.next_sample < params[r].n:
+                seq = self._new_seq(r, pre.next_sample, ids[r], params[r])
+                pre.next_sample += 1
+                slot = free[0]
+                self._sample_first(seq, pre.logits_V, done)
+                if seq.finish is not None:
+                    continue
+                free.pop(0)
+                self.cache.copy_rows(pre.cache, pre.row, slot, len(ids[r]))
+                slots[slot] = seq
+                admitted.append((slot, pre.hidden_D))
+            if pre.next_sample >= params[r].n:
+                del stash[r]
+        if self.speculative and admitted:
+            self._draft_after_admit(slots, admitted)
+
+    def _new_seq(self, r: int, j: int, prompt: list[int], p: SamplingParams) -> _Seq:
+        g = torch.Generator(device="cpu")
+        seed = p.sample_seed(j)
+        g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        stop_ids = frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else self.default_stop_ids)
+        return _Seq(r, j, prompt, p, g, stop_ids)
+
+    def _prefill(self, batch: list[int], ids: list[list[int]], stash: dict[int, _Prefilled]) -> None:
+        """Naive-path prefill of a batch of prompts into a scratch cache (plus the MTP layer over positions
+        0..P-2, whose inputs are all known from the prompt)."""
+        lens = [len(ids[r]) for r in batch]
+        P = max(lens)
+        x = torch.zeros(len(batch), P, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(batch), P, dtype=torch.bool, device=self.device)
+        for i, r in enumerate(batch):
+            x[i, : lens[i]] = torch.tensor(ids[r], device=self.device)
+            mask[i, : lens[i]] = True
+        self.last_stats.prefill_tokens += sum(lens)
+        scratch = self._new_cache(len(batch), P)
+        out = self.model(x, attention_mask=mask.long(), cache=scratch)
+        last = torch.tensor(lens, device=self.device) - 1
+        rows = torch.arange(len(batch), device=self.device)
+        hidden = self._mtp_input_hidden(out)
+        if self.speculative and P > 1:
+            pos = torch.arange(P, device=self.device)[None].expand(len(batch), P)
+            valid = mask & (pos < last[:, None])
+            nxt = torch.nn.functional.pad(x[:, 1:], (0, 1))
+            attn = build_attention_mask(pos, valid, None)
+            self.model.mtp[0](hidden, self.model.embed_tokens(nxt), self.model.rotary(pos), attn, valid, scratch, pos)
+        for i, r in enumerate(batch):
+            stash[r] = _Prefilled(scratch, i, out.logits[rows[i], last[i]], hidden[rows[i], last[i]])
+
+    def _mtp_input_hidden(self, out) -> Tensor:
+        return out.hidden if self.cfg.mtp_hidden == "post_norm" else out.hidden_pre
+
+    # ------------------------------------------------------------------ committing tokens
+    def _sample_first(self, seq: _Seq, logits_V: Tensor, done: list[Completion]) -> None:
+        """Sample an admitted sample's first token from its prompt's last logits."""
+        probs = sampling_probs(logits_V[None], *self._knobs([seq]))
+        tok = int(draw(probs, self._uniforms([seq]))[0])
+        self._append(seq, [tok], logits_V[None], done)
+
+    def _append(self, seq: _Seq, toks: list[int], logits_TV: Tensor, done: list[Completion]) -> int:
+        """Append tokens (the t-th sampled from ``logits_TV[t]``) until a stop or the length cap; records the
+        policy log-probs. Returns how many tokens were kept."""
+        temps = torch.full((len(toks),), float(seq.params.temperature))
+        lps = policy_logprobs(logits_TV[: len(toks)], temps, torch.tensor(toks)).tolist()
+        kept = 0
+        for tok, lp in zip(toks, lps):
+            seq.tokens.append(tok)
+            seq.logprobs.append(lp)
+            kept += 1
+            if tok in seq.stop_ids:
+                seq.finish, seq.stop_reason = FINISH_STOP, tok
+            elif self._hit_stop_string(seq):
+                seq.finish = FINISH_STOP
+            elif len(seq.tokens) >= seq.params.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= self.max_len:
+                seq.finish = FINISH_LENGTH
+            if seq.finish is not None:
+                break
+        if self._on_token is not None:
+            self._on_token(seq.request, seq.sample, seq.tokens[-kept:])
+        if seq.finish is not None:
+            done.append(self._completion(seq))
+        return kept
+
+    def _hit_stop_string(self, seq: _Seq) -> bool:
+        stops = seq.params.stop_strings
+        if not stops:
+            return False
+        window = 4 * max(map(len, stops)) + 8
+        tail = self.tokenizer.decode(seq.tokens[-window:], skip_special_tokens=False)
+        for s in stops:
+            if s in tail:
+                seq.stop_reason = s
+                return True
+        return False
+
+    def _completion(self, seq: _Seq) -> Completion:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            if isinstance(seq.stop_reason, str) and seq.stop_reason in text:
+                text = text[: text.index(seq.stop_reason)]
+        return Completion(
+            seq.request, seq.sample, seq.prompt, seq.tokens, seq.logprobs, seq.finish, seq.stop_reason, text
+        )
+
+    def _knobs(self, seqs: Sequence[_Seq]) -> tuple[Tensor, Tensor, Tensor]:
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=self.device)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=self.device)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=self.device)
+        return temps, top_k, top_p
+
+    def _uniforms(self, seqs: Sequence[_Seq]) -> Tensor:
+        return torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(self.device)
+
+    # ------------------------------------------------------------------ plain decode
+    def _step(self, slots: list[_Seq | None], done: list[Completion]) -> None:
+        live = [i for i, s in enumerate(slots) if s is not None]
+        x = torch.zeros(len(slots), 1, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(slots), 1, dtype=torch.long, device=self.device)
+        for i in live:
+            x[i, 0], valid[i, 0] = slots[i].tokens[-1], 1
+        logits = self.model(x, attention_mask=valid, cache=self.cache).logits[:, 0]
+        seqs = [slots[i] for i in live]
+        idx = torch.tensor(live, device=self.device)
+        probs = sampling_probs(logits[idx], *self._knobs(seqs))
+        toks = draw(probs, self._uniforms(seqs)).tolist()
+        for j, i in enumerate(live):
+            self._append(slots[i], [toks[j]], logits[i : i + 1], done)
+            self._free_if_done(slots, i)
+
+    def _free_if_done(self, slots: list[_Seq | None], i: int) -> None:
+        if slots[i] is not None and slots[i].finish is not None:
+            slots[i] = None
+            self.cache.reset([i])
+
+    # ------------------------------------------------------------------ speculative decode
+    def _run_mtp(self, h_BTD: Tensor, next_ids_BT: Tensor, pos_BT: Tensor, valid_BT: Tensor, pick_B: Tensor) -> Tensor:
+        """MTP block over the cache (absorbed path) at ``pos_BT``; logits [B, V] at column ``pick_B`` of each row."""
+        module = self.model.mtp[0]
+        live_pos = pos_BT[valid_BT]
+        upto = int(live_pos.max()) + 1 if live_pos.numel() else 1
+        mask = build_attention_mask(pos_BT, key_positions_S=torch.arange(upto, device=self.device))
+        emb = self.model.embed_tokens(next_ids_BT)
+        rope = self.model.rotary(pos_BT)
+        h, _ = module(h_BTD, emb, rope, mask, valid_BT, self.cache, pos_BT, absorbed=True)
+        rows = torch.arange(h.shape[0], device=self.device)
+        return self.model.lm_head(module.norm(h[rows, pick_B]))
+
+    def _set_drafts(self, slots, live: list[int], logits_BV: Tensor) -> None:
+        seqs = [slots[i] for i in live]
+        idx = torch.tensor(live, device=self.device)
+        q = sampling_probs(logits_BV[idx], *self._knobs(seqs))
+        drafts = draw(q, self._uniforms(seqs))
+        for j, s in enumerate(seqs):
+            s.draft, s.draft_probs = int(drafts[j]), q[j]
+
+    def _draft_after_admit(self, slots, admitted: list[tuple[int, Tensor]]) -> None:
+        """Catch the MTP layer up to position P-1 for newly admitted rows (its input there is the sampled t_P)."""
+        B = len(slots)
+        h = torch.zeros(B, 1, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        nxt = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
+        valid = torch.zeros(B, 1, dtype=torch.bool, device=self.device)
+        for slot, h_D in admitted:
+            seq = slots[slot]
+            h[slot, 0], nxt[slot, 0], pos[slot, 0], valid[slot, 0] = h_D, seq.tokens[-1], len(seq.prompt) - 1, True
+        logits = self._run_mtp(h, nxt, pos, valid, torch.zeros(B, dtype=torch.long, device=self.device))
+        self._set_drafts(slots, [s for s, _ in admitted], logits)
+
+    def _spec_step(self, slots: list[_Seq | None], done: list[Completion]) -> None:
+        B = len(slots)
+        live = [i for i, s in enumerate(slots) if s is not None]
+        seqs = [slots[i] for i in live]
+        idx = torch.tensor(live, device=self.device)
+        x = torch.zeros(B, 2, dtype=torch.long, device=self.device)
+        valid = torch.zeros(B, 2, dtype=torch.bool, device=self.device)
+        for i in live:
+            x[i, 0], x[i, 1], valid[i] = slots[i].tokens[-1], slots[i].draft, True
+        start = self.cache.lengths.clone()
+        pos = start[:, None] + torch.arange(2, device=self.device)[None]
+        out = self.model(x, attention_mask=valid.long(), position_ids=pos, cache=self.cache, absorbed=True)
+        logits = out.logits[idx]  # [b, 2, V]
+        knobs = self._knobs(seqs)
+        p0 = sampling_probs(logits[:, 0], *knobs)
+        p1 = sampling_probs(logits[:, 1], *knobs)
+        q = torch.stack([s.draft_probs for s in seqs])
+        drafts = torch.tensor([s.draft for s in seqs], device=self.device)
+        u_acc, u_res = self._uniforms(seqs), self._uniforms(seqs)
+        accepted, first = speculative_accept(p0, q, drafts, u_acc, u_res)
+        bonus = draw(p1, u_res)  # u_res is only used by the branch that happened
+        stats = self.last_stats
+        stats.drafted += len(live)
+        stats.accepted += int(accepted.sum())
+        acc = torch.zeros(B, dtype=torch.bool, device=self.device)
+        acc[idx] = accepted
+        # a rejected row keeps only position n: roll its length back over the draft's stale latent
+        self.cache.lengths[idx] -= (~accepted).long()
+        new_tok = torch.zeros(B, 2, dtype=torch.long, device=self.device)
+        for j, i in enumerate(live):
+            toks = [int(first[j]), int(bonus[j])] if accepted[j] else [int(first[j])]
+            new_tok[i, : len(toks)] = torch.tensor(toks)
+            self._append(slots[i], toks, logits[j], done)
+        still = [i for i in live if slots[i].finish is None]
+        for i in live:
+            self._free_if_done(slots, i)
+        if not still:
+            return
+        h = self._mtp_input_hidden(out)
+        mvalid = torch.zeros(B, 2, dtype=torch.bool, device=self.device)
+        for i in still:
+            mvalid[i, 0], mvalid[i, 1] = True, bool(acc[i])
+        logits_mtp = self._run_mtp(h, new_tok, pos, mvalid, acc.long())
+        self._set_drafts(slots, still, logits_mtp)

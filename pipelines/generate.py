@@ -1,0 +1,215 @@
+"""``dsalign generate`` and ``dsalign chat``: the rollout engine behind the command line.
+
+``generate`` reads a JSONL file of prompts (one object per line: ``"prompt"`` as text or as a list of chat
+messages, or ``"prompt_ids"``) and writes one JSONL line per completion. ``chat`` is a streaming multi-turn chat
+that renders the conversation with the checkpoint tokenizer's chat template (the DeepSeek-V3 template when the
+tokenizer has none).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_checkpoint_dir(path: str | Path, need_tokenizer: bool) -> Path:
+    """Refuse, naming every missing file and what to do, a directory that cannot serve generation."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json (the model configuration)")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES) and not any(path.glob("*.safetensors")):
+        missing.append("model.safetensors or model.safetensors.index.json + shards (the weights)")
+    if need_tokenizer and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        missing.append("tokenizer.json / tokenizer_config.json (save the tokenizer with save_pretrained)")
+    if missing:
+        raise FileNotFoundError(
+            f"checkpoint directory {path} is missing: " + "; ".join(missing) + ". Write checkpoints with "
+            "dsalign.model.save_checkpoint (write_extra can add the tokenizer) or transformers' save_pretrained."
+        )
+    return path
+
+
+def load_engine(
+    checkpoint: str | Path,
+    *,
+    need_tokenizer: bool,
+    max_batch_size: int = 8,
+    max_len: int | None = None,
+    speculative: bool = False,
+    cache_dtype: str = "auto",
+    dtype: str = "float32",
+):
+    """Load model (+ tokenizer when present) from an HF-format directory and wrap them in a ``RolloutEngine``."""
+    from dsalign.alignment.rollout import RolloutEngine
+    from dsalign.model import load_checkpoint
+
+    path = check_checkpoint_dir(checkpoint, need_tokenizer)
+    tokenizer = None
+    if any((path / f).is_file() for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = load_checkpoint(path, dtype=getattr(torch, dtype), missing_mtp="error" if speculative else "drop")
+    cache = {"auto": None, "fp8": "fp8", "bf16": torch.bfloat16, "fp32": torch.float32}[cache_dtype]
+    return RolloutEngine(
+        model, tokenizer, max_batch_size=max_batch_size, max_len=max_len, cache_dtype=cache, speculative=speculative
+    )
+
+
+def _sampling_params(args: Any, **extra: Any):
+    from dsalign.alignment.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or None,
+        **extra,
+    )
+
+
+def read_prompts(path: str | Path, engine) -> list[list[int]]:
+    """Token ids of every prompt in a JSONL file; errors name the file and line."""
+    from dsalign.alignment.chat import tokenize_prompt
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(row, dict) or ("prompt" not in row) == ("prompt_ids" not in row):
+            raise ValueError(f"{where}: expected an object with exactly one of 'prompt' or 'prompt_ids'")
+        prompt = row.get("prompt", row.get("prompt_ids"))
+        if "prompt" in row and isinstance(prompt, list):
+            if engine.tokenizer is None:
+                raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
+            messages = [{"reasoning_content": None, **m} for m in prompt]
+            prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
+        prompts.append(engine.encode(prompt, where))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def run_generate(args: Any, out: IO[str] = sys.stdout) -> int:
+    engine = load_engine(
+        args.checkpoint,
+        need_tokenizer=False,
+        max_batch_size=args.batch_size,
+        max_len=args.max_len,
+        speculative=args.speculative,
+        cache_dtype=args.cache_dtype,
+    )
+    prompts = read_prompts(args.prompts, engine)
+    completions = engine.generate(prompts, _sampling_params(args, n=args.n))
+    rows = []
+    for c in completions:
+        row = {
+            "index": c.request_index,
+            "sample": c.sample_index,
+            "text": c.text,
+            "token_ids": c.token_ids,
+            "logprobs": c.logprobs,
+            "finish_reason": c.finish_reason,
+        }
+        rows.append(json.dumps(row) + "\n")
+    if args.output:
+        Path(args.output).write_text("".join(rows))
+    else:
+        out.write("".join(rows))
+    s = engine.last_stats
+    rate = s.generated_tokens / max(s.decode_s + s.prefill_s, 1e-9)
+    msg = f"{s.completions} completions, {s.generated_tokens} tokens, {rate:.1f} tok/s"
+    if engine.speculative:
+        msg += f", MTP acceptance {s.acceptance_rate:.2f}"
+    print(f"dsalign generate: {msg}", file=sys.stderr)
+    return 0
+
+
+class ChatSession:
+    """A multi-turn conversation: each user turn renders the whole history with the chat template."""
+
+    def __init__(self, engine, params, system: str | None = None):
+        if engine.tokenizer is None:
+            raise ValueError("chat needs the checkpoint's tokenizer")
+        self.engine, self.params = engine, params
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        if self.system:
+            self.messages.append({"role": "system", "content": self.system, "reasoning_content": None})
+
+    def prompt_ids(self) -> list[int]:
+        from dsalign.alignment.chat import tokenize_prompt
+
+        tok = self.engine.tokenizer
+        return tokenize_prompt(tok, self.messages, chat_template=getattr(tok, "chat_template", None))
+
+    def send(self, text: str, stream: IO[str] | None = None) -> str:
+        """Add a user turn, stream the reply to ``stream`` as it is generated, and add the reply to the history."""
+        self.messages.append({"role": "user", "content": text, "reasoning_content": None})
+        tok = self.engine.tokenizer
+        shown, tokens = "", []
+
+        def on_token(_r: int, _s: int, ids: list[int]) -> None:
+            nonlocal shown
+            tokens.extend(ids)
+            now = tok.decode(tokens, skip_special_tokens=True)
+            if stream is not None and now.startswith(shown) and not now.endswith("\ufffd"):
+                stream.write(now[len(shown) :])
+                stream.flush()
+                shown = now
+
+        try:
+            reply = self.engine.generate([self.prompt_ids()], self.params, on_token=on_token)[0].text
+        except ValueError:
+            self.messages.pop()
+            raise
+        if stream is not None:
+            stream.write(reply[len(shown) :] if reply.startswith(shown) else "\n" + reply)
+            stream.write("\n")
+        self.messages.append({"role": "assistant", "content": reply, "reasoning_content": None})
+        return reply
+
+
+def run_chat(args: Any, stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> int:
+    engine = load_engine(
+        args.checkpoint, need_tokenizer=True, max_len=args.max_len, speculative=args.speculative, max_batch_size=1
+    )
+    session = ChatSession(engine, _sampling_params(args), system=args.system)
+    out.write("dsalign chat: /reset clears the conversation, /exit (or end of input) quits\n")
+    while True:
+        out.write("> ")
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            session.reset()
+            continue
+        if line.strip():
+            try:
+                session.send(line.rstrip("\n"), stream=out)
+            except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+                out.write(f"[error: {e}]\n")

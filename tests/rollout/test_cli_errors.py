@@ -1,0 +1,140 @@
+"""Acceptance 5 (clear errors) and the ``dsalign generate`` / ``dsalign chat`` commands on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from dsalign.alignment.chat import ASSISTANT_TAG, USER_TAG, install_chat_template
+from dsalign.alignment.rollout import RolloutEngine
+from dsalign.alignment.sampling_params import SamplingParams
+from dsalign.model import save_checkpoint
+from dsalign.pipelines.cli import main
+from dsalign.pipelines.generate import ChatSession, check_checkpoint_dir, load_engine
+
+from .conftest import tiny_model
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[BOS, EOS, USER_TAG, ASSISTANT_TAG],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["hello world, how are you today?"] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
+    return install_chat_template(fast, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=320, eos_token_id=1, bos_token_id=0)
+    save_checkpoint(model, path, write_extra=lambda d: _tokenizer().save_pretrained(str(d)))
+    return path
+
+
+def test_bad_prompts_and_stop_types_are_refused():
+    engine = RolloutEngine(tiny_model(), max_batch_size=2, max_len=16)
+    with pytest.raises(ValueError, match="prompt 1: prompt of 16 tokens does not fit the context of 16"):
+        engine.generate([[3, 4], [5] * 16])
+    with pytest.raises(ValueError, match="prompt 0: empty prompt"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="string prompt needs a tokenizer"):
+        engine.generate(["hello"])
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings, got int"):
+        SamplingParams(stop=5)
+    with pytest.raises(TypeError, match="stop strings must be str, got int"):
+        SamplingParams(stop=["ok", 7])
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        engine.generate([[3]], SamplingParams(stop="x"))
+    with pytest.raises(ValueError, match="speculative=True needs an MTP module"):
+        RolloutEngine(tiny_model(num_nextn_predict_layers=0), speculative=True)
+
+
+def test_checkpoint_directory_missing_files(tmp_path, checkpoint):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_checkpoint_dir(tmp_path / "nope", need_tokenizer=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing: config.json .*; model.safetensors"):
+        check_checkpoint_dir(tmp_path / "empty", need_tokenizer=False)
+    only_weights = tmp_path / "weights"
+    only_weights.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (only_weights / f).write_bytes((checkpoint / f).read_bytes())
+    check_checkpoint_dir(only_weights, need_tokenizer=False)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json / tokenizer_config.json"):
+        check_checkpoint_dir(only_weights, need_tokenizer=True)
+    assert main(["chat", "--checkpoint", str(only_weights)]) == 2  # the CLI prints the message, exit code 2
+
+
+def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "hello world"}, {"prompt_ids": [5, 6, 7]}, {"prompt": [{"role": "user", "content": "hi"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(out)]
+    assert main([*args, "--temperature", "0", "--max-new-tokens", "6", "--speculative"]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    engine = load_engine(checkpoint, need_tokenizer=True, max_batch_size=2)
+    want = engine.generate(
+        [
+            engine.encode("hello world", "x"),
+            [5, 6, 7],
+            engine.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+            ),
+        ],
+        SamplingParams(max_new_tokens=6, temperature=0),
+    )
+    assert [r["token_ids"] for r in got] == [c.token_ids for c in want]
+    assert [r["text"] for r in got] == [c.text for c in want]
+    assert "MTP acceptance" in capsys.readouterr().err
+    prompts.write_text('{"prompt": ""}\n')
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts)]) == 2
+    assert "p.jsonl line 1: empty prompt" in capsys.readouterr().err
+
+
+def test_chat_is_multi_turn_and_streams(checkpoint):
+    engine = load_engine(checkpoint, need_tokenizer=True, max_batch_size=1)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=5, temperature=0))
+    stream = io.StringIO()
+    first = session.send("hello", stream=stream)
+    assert stream.getvalue() == first + "\n"
+    ids_after_first = session.prompt_ids()  # history rendered through the template, ending with the reply
+    session.send("how are you", stream=io.StringIO())
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert session.messages[1]["content"] == first
+    rendered = engine.tokenizer.decode(ids_after_first)
+    assert USER_TAG + "hello" + ASSISTANT_TAG in rendered
+    stdin = io.StringIO("hello\n/reset\nhi\n/exit\n")
+    out = io.StringIO()
+    from dsalign.pipelines.generate import run_chat
+
+    args = SimpleNamespace(
+        checkpoint=str(checkpoint),
+        max_len=None,
+        speculative=True,
+        system=None,
+        max_new_tokens=4,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=None,
+        stop=[],
+    )
+    assert run_chat(args, stdin=stdin, out=out) == 0
+    assert out.getvalue().count("> ") == 4

@@ -1,0 +1,167 @@
+"""Acceptance 1, 2 and the engine's scheduling, sampling knobs, FP8 cache and weight updates (tiny model, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsalign.alignment.rollout import RolloutEngine
+from dsalign.alignment.sampling_params import SamplingParams
+from dsalign.model import FP8LatentCache, LatentCache, ModelConfig
+
+from .conftest import ByteTokenizer, tiny_model
+
+PROMPT_LENS = (3, 9, 6, 1, 12)
+
+
+def _prompts(vocab: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def _argmax_reference(model, prompt: list[int], steps: int) -> list[int]:
+    """Step-by-step argmax of the full forward (no cache): the definition greedy decoding must reproduce."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_greedy_equals_full_forward_argmax_ragged(speculative):
+    model = tiny_model()
+    prompts = _prompts(model.cfg.vocab_size)
+    # per-prompt lengths so slots free at different steps and waiting prompts get admitted mid-run
+    params = [SamplingParams(max_new_tokens=m, temperature=0, ignore_eos=True) for m in (12, 4, 9, 7, 5)]
+    engine = RolloutEngine(model, max_batch_size=3, max_len=64, speculative=speculative)
+    out = engine.generate(prompts, params)
+    assert [c.request_index for c in out] == list(range(5))
+    for c, p in zip(out, params):
+        assert c.token_ids == _argmax_reference(model, c.prompt_ids, p.max_new_tokens), c.request_index
+        assert c.finish_reason == "length"
+    if speculative:
+        assert engine.last_stats.drafted > 0
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_logprobs_match_training_forward(speculative):
+    model = tiny_model(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # peaked distributions: a wrong position or temperature shows up clearly
+    prompts = _prompts(model.cfg.vocab_size, seed=1)
+    temperature = 0.7
+    sp = SamplingParams(max_new_tokens=10, temperature=temperature, top_k=20, top_p=0.9, seed=5, ignore_eos=True, n=2)
+    engine = RolloutEngine(model, max_batch_size=4, max_len=64, speculative=speculative)
+    out = engine.generate(prompts, sp)
+    assert len(out) == 2 * len(prompts)
+    worst = 0.0
+    with torch.no_grad():
+        for c in out:
+            full = torch.tensor([c.prompt_ids + c.token_ids])
+            logits = model(full).logits[0].float() / temperature
+            P, L = len(c.prompt_ids), len(c.token_ids)
+            want = torch.log_softmax(logits[P - 1 : P + L - 1], dim=-1).gather(1, torch.tensor(c.token_ids)[:, None])
+            got = torch.tensor(c.logprobs)
+            assert got.shape == (L,)
+            worst = max(worst, (want[:, 0] - got).abs().max().item())
+    assert worst <= 1e-5
+
+
+def test_samples_share_prefill_and_seeds_reproduce():
+    model = tiny_model()
+    prompts = _prompts(model.cfg.vocab_size)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=11, ignore_eos=True)
+    engine = RolloutEngine(model, max_batch_size=4, max_len=64)
+    out = engine.generate(prompts, sp)
+    assert engine.last_stats.prefill_tokens == sum(PROMPT_LENS)  # once per prompt, not per sample
+    assert [(c.request_index, c.sample_index) for c in out] == [(r, j) for r in range(5) for j in range(3)]
+    # the same seeded request alone, in a different batch layout, samples the same tokens
+    alone = RolloutEngine(model, max_batch_size=2, max_len=64).generate([prompts[2]], sp)
+    assert [c.token_ids for c in alone] == [c.token_ids for c in out if c.request_index == 2]
+    assert len({tuple(c.token_ids) for c in out if c.request_index == 2}) > 1  # samples differ from each other
+
+
+def test_continuous_batching_refills_freed_slots():
+    model = tiny_model()
+    prompts = _prompts(model.cfg.vocab_size)
+    params = [SamplingParams(max_new_tokens=m, temperature=0, ignore_eos=True) for m in (20, 2, 2, 2, 2)]
+    engine = RolloutEngine(model, max_batch_size=2, max_len=64)
+    engine.generate(prompts, params)
+    # the straggler needs 19 decode steps (its first token comes from the prefill); the four short requests run
+    # in the other slot meanwhile. Static batches of 2 would need 19 + 1 + 1 steps.
+    assert engine.last_stats.decode_steps == 19
+
+
+def test_stop_token_and_stop_string():
+    model = tiny_model()
+    tok = ByteTokenizer()
+    prompt = _prompts(model.cfg.vocab_size)[1]
+    engine = RolloutEngine(model, tok, max_batch_size=2, max_len=64)
+    base = engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert base.text == tok.decode(base.token_ids)
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[stop_id]))[0]
+    assert (c.finish_reason, c.stop_reason) == ("stop", stop_id)
+    assert c.token_ids == base.token_ids[: first + 1]  # the stop token is kept (the trainer learns to stop)
+    stop = tok.decode(base.token_ids[6:8])
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, stop=[stop], ignore_eos=True))[0]
+    cut = base.text.index(stop)
+    assert (c.finish_reason, c.stop_reason, c.text) == ("stop", stop, base.text[:cut])
+    assert c.token_ids == base.token_ids[: len(c.token_ids)] and len(c.token_ids) <= 8
+    assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_eos_from_config_stops_unless_ignored():
+    model = tiny_model()
+    prompt = _prompts(model.cfg.vocab_size)[0]
+    engine = RolloutEngine(model, max_batch_size=1, max_len=64)
+    base = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    model.cfg.eos_token_id = base.token_ids[2]
+    engine = RolloutEngine(model, max_batch_size=1, max_len=64)
+    c = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    assert c.finish_reason == "stop" and c.token_ids == base.token_ids[: base.token_ids.index(c.stop_reason) + 1]
+
+
+def test_context_limit_ends_with_length():
+    model = tiny_model()
+    engine = RolloutEngine(model, max_batch_size=2, max_len=10, speculative=True)
+    out = engine.generate([[5] * 7, [6] * 3], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))
+    assert [len(c.prompt_ids) + len(c.token_ids) for c in out] == [10, 10]
+    assert all(c.finish_reason == "length" for c in out)
+
+
+def test_fp8_latent_cache_layout_and_accuracy():
+    big = ModelConfig.preset("v3-671b")
+    meta = FP8LatentCache(big, batch_size=1, max_len=1, device="meta")
+    assert meta.bytes_per_token() == 61 * 656  # FlashMLA's FP8 layout: 512 e4m3 + 4 fp32 scales + 64 bf16
+    model = tiny_model(kv_lora_rank=128)
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        full = model(x).logits
+        for kind, tol in ((LatentCache, 1e-4), (FP8LatentCache, 0.05)):
+            cache = kind(model.cfg, 2, 16)
+            steps = [model(x[:, :8], cache=cache).logits]
+            steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(8, 16)]
+            err = (torch.cat(steps, dim=1) - full).abs().max().item()
+            assert err <= tol * full.abs().max().item(), (kind.__name__, err)
+    engine = RolloutEngine(model, max_batch_size=2, max_len=32, cache_dtype="fp8", speculative=True)
+    assert engine.cache_bytes_per_token() == 3 * (128 + 4 + 8 * 2)
+    out = engine.generate(_prompts(model.cfg.vocab_size)[:3], SamplingParams(max_new_tokens=5, temperature=0))
+    assert all(len(c.token_ids) >= 1 for c in out)
+
+
+def test_update_weights_in_place():
+    a, b = tiny_model(seed=0), tiny_model(seed=7)
+    prompts = _prompts(a.cfg.vocab_size)
+    sp = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    engine = RolloutEngine(a, max_batch_size=3, max_len=64, speculative=True)
+    before = [c.token_ids for c in engine.generate(prompts, sp)]
+    assert engine.update_weights(b.state_dict()) == len(b.state_dict())
+    after = [c.token_ids for c in engine.generate(prompts, sp)]
+    want = [c.token_ids for c in RolloutEngine(b, max_batch_size=3, max_len=64).generate(prompts, sp)]
+    assert after == want and after != before
+    with pytest.raises(KeyError, match="does not have"):
+        engine.update_weights({"layers.0.nonsense": torch.zeros(1)})
+    with pytest.raises(KeyError, match="lacks"):
+        engine.update_weights({"norm.weight": b.norm.weight})
