@@ -1,0 +1,45 @@
+"""Acceptance 5: LoRA trains only adapters; the merged export loads in transformers with base + adapter logits."""
+
+import pytest
+import torch
+from dsalign.alignment.trainer import LocalRunner, TrainerConfig, lm_loss_fn, prepare_model, train_step
+from dsalign.alignment.trainer.lora import LoraSettings, apply_lora, export_merged, lora_state_dict
+from dsalign.model import ModelConfig, Transformer
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["attention", "attention+experts"])
+def test_lora_trains_adapters_only_and_merged_export_matches(tmp_path, experts):
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = TrainerConfig(lr=5e-3, total_steps=4, bias_update_gamma=0.01)
+    model = prepare_model(Transformer(ModelConfig.preset("tiny")), cfg)
+    lora = apply_lora(model, LoraSettings(r=4, alpha=8, experts=experts))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    adapters0 = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    assert any("experts" in k for k in adapters0) == experts
+
+    runner = LocalRunner(model, cfg)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    losses = [train_step(runner, [{"input_ids": ids, "labels": ids}], lm_loss_fn(0.1), cfg)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), f"base weight {n} changed"
+    moved = [k for k, v in lora_state_dict(model).items() if not torch.equal(v, adapters0[k])]
+    assert any("lora_B" in k for k in moved) and (not experts or any("experts" in k for k in moved))
+
+    model.eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(x).logits  # base + adapter, unmerged
+        lora.disable_adapter_layers()
+        base_logits = model(x).logits  # same base weights and router biases, adapters off
+        lora.enable_adapter_layers()
+    assert (base_logits - want).abs().max() > 1e-3  # the adapters did change the model
+    export_merged(lora, tmp_path / "merged")  # merges in place: ``model`` is now the merged network
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(x).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
