@@ -174,8 +174,6 @@ class DeepSpeedRunner:
             config_class=DeepSpeedConfig(ds_cfg),
             dist_init_required=False,
         )
-        self._fp8_caches = [m.fp8_cache for m in model.modules() if getattr(m, "fp8_cache", None) is not None]
-        self._fp8_caches += [c for m in model.modules() for c in (getattr(m, "fp8_caches", None) or ())]
 
     def backward(self, loss: torch.Tensor, micro_index: int, num_micro: int) -> None:
         self.engine.backward(loss)
@@ -184,8 +182,6 @@ class DeepSpeedRunner:
 
     def optimizer_step(self) -> float:
         self.engine.step()
-        for cache in self._fp8_caches:  # ZeRO writes updated weights through .data: drop stale FP8 copies
-            cache.invalidate()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

@@ -98,6 +98,10 @@ class ExpertLoadTracker:
         if counts is None or not torch.is_grad_enabled():
             return  # no MoE layers, or a no-grad forward (reference / old-policy log-probs) that is not trained on
         counts = counts.detach().float()
+        if self.counts_LE is not None and self.counts_LE.shape != counts.shape:  # e.g. MTP on in one forward only
+            rows = max(counts.shape[0], self.counts_LE.shape[0])
+            counts, self.counts_LE = (torch.nn.functional.pad(c, (0, 0, 0, rows - c.shape[0]))
+                                      for c in (counts, self.counts_LE))  # fmt: skip
         self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
 
     def take(self) -> torch.Tensor | None:
@@ -127,6 +131,21 @@ def forward_backward(runner: Runner, micro_batch: Any, loss_fn: LossFn, cfg: Tra
     return float(loss.detach()), metrics
 
 
+def refresh_fp8_weights(model: nn.Module) -> None:
+    """Drop the FP8 copies of the weights after an optimizer step.
+
+    The FP8 caches (``FP8Linear.fp8_cache``, the experts' ``fp8_caches``) requantize when a weight's version counter
+    moves, but not every in-place update moves it: torch's fused AdamW and ZeRO's copies through ``.data`` do not,
+    and a stale copy silently trains against old weights. Invalidating after each step is cheap and always right.
+    """
+    for module in model.modules():
+        cache = getattr(module, "fp8_cache", None)
+        if cache is not None:
+            cache.invalidate()
+        for cache in getattr(module, "fp8_caches", None) or ():
+            cache.invalidate()
+
+
 def reduce_expert_counts(counts_LE: torch.Tensor | None, group: Any) -> torch.Tensor | None:
     """Sum the step's tokens-per-expert over the data-parallel world, so every rank sees the global batch."""
     if counts_LE is not None and group is not None and dist.is_initialized():
@@ -138,7 +157,9 @@ def update_router_bias(model: Transformer, counts_LE: torch.Tensor | None, cfg: 
     """Auxiliary-loss-free balancing (SPEC.md section 3): sign rule on every gate's ``e_score_correction_bias``."""
     if counts_LE is None or cfg.bias_update_gamma == 0:
         return
-    apply_bias_update(model.gates(), counts_LE, cfg.bias_update_gamma, center=cfg.bias_update_center)
+    # Rows are main layers first, then MTP blocks; a step without MTP (lambda 0) leaves the MTP gates alone.
+    gates = model.gates()[: counts_LE.shape[0]]
+    apply_bias_update(gates, counts_LE, cfg.bias_update_gamma, center=cfg.bias_update_center)
 
 
 def expert_load_metrics(counts_LE: torch.Tensor | None) -> dict[str, float]:
@@ -178,6 +199,7 @@ def train_step(runner: Runner, micro_batches: Sequence[Any], loss_fn: LossFn, cf
         per_micro.append({"loss": loss, **metrics})
     lr = runner.lr()
     grad_norm = runner.optimizer_step()
+    refresh_fp8_weights(runner.model)
     counts_LE = reduce_expert_counts(tracker.take(), runner.dp_group)
     update_router_bias(runner.model, counts_LE, cfg)
     metrics = average_metrics(per_micro, runner.dp_group)
