@@ -33,6 +33,57 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.runner import run
+
+    cfg = load_config(args.config, args.set)
+    if args.address:
+        cfg.ray.address = args.address
+    run(cfg, resume=args.resume)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    args.config = str(Path(__file__).resolve().parent / "demo.yaml")
+    return _run(args)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from dsalign.pipelines import jobs
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.preflight import preflight
+
+    preflight(load_config(args.config, args.set))  # fail here, not on the cluster
+    job_id = jobs.submit(args.config, args.address, args.working_dir, args.set, args.resume)
+    print(job_id)
+    if args.wait:
+        status = jobs.wait(job_id, args.address, timeout_s=args.wait)
+        print(status)
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    from dsalign.pipelines import jobs
+
+    if args.command == "status":
+        print(jobs.status(args.job_id, args.address))
+    elif args.command == "logs":
+        print(jobs.logs(args.job_id, args.address), end="")
+    else:
+        print("stopped" if jobs.stop(args.job_id, args.address) else "not running")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set stages.grpo.grpo.iterations=10 (repeatable)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue the last one")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--checkpoint", required=True, help="HF-format checkpoint directory (config, weights, tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion length cap")
@@ -68,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, temperature=0.7)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=_chat)
+
+    run = sub.add_parser("run", help="run a pipeline config (local Ray unless an address is given)")
+    run.add_argument("config", help="run config YAML (see pipelines/demo.yaml)")
+    run.add_argument("--address", default=None, help="Ray cluster address to join instead of starting one")
+    _add_run_args(run)
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="the built-in demo: SFT -> GRPO -> distillation -> length control")
+    demo.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    _add_run_args(demo)
+    demo.set_defaults(func=_demo)
+
+    submit = sub.add_parser("submit", help="submit a run config as a Ray Job; prints the job id")
+    submit.add_argument("config")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--working-dir", default=None, help="directory shipped with the job (default: the config's)")
+    submit.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for the job to finish")
+    _add_run_args(submit)
+    submit.set_defaults(func=_submit)
+
+    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True, help="Ray dashboard address")
+        p.set_defaults(func=_job)
     return parser
 
 

@@ -130,7 +130,8 @@ class DistillParams:
     teacher: ModelSource = field(default_factory=lambda: ModelSource(from_stage="grpo"))
     samples_per_prompt: int = 4
     keep: str = field(default="best", metadata={"help": "best (best-of-k) | all (every passing trace)"})
-    min_reward: float = 1.0
+    min_reward: float = field(default=1.0, metadata={"help": "a trace passes when its combined reward >= this"})
+    require_well_formed: bool = field(default=True, metadata={"help": "need one closed <think> block + an answer"})
     max_new_tokens: int = 96
     temperature: float = 0.7
     sft: SFTParams = field(default_factory=SFTParams)

@@ -1,12 +1,12 @@
-"""The demo's verifiable task family: multi-digit addition with column-by-column reasoning traces.
+"""The demo's verifiable task family: sums of small numbers with running-total reasoning traces.
 
 Everything is generated locally from a seed. Each row is a chat prompt with a gold ``answer``; the SFT cold-start
-set adds an R1-format reasoning trace (``<think>`` column sums with carries ``</think>`` then ``\\boxed{sum}``).
+set adds an R1-format reasoning trace (``<think>`` running totals ``</think>`` then ``\\boxed{sum}``).
 
 Two things make the demo's later stages meaningful rather than decorative:
-- the cold-start traces come from a sloppy "teacher" that forgets a carry with probability ``carry_error``, so the
-  SFT model imitates a real failure mode that a correctness reward (GRPO) can remove;
-- traces come in two verbosities (``verbose`` spells out each column, ``concise`` does not), so a length budget in
+- the cold-start traces come from a sloppy "teacher" that slips by one with probability ``slip_rate`` per step, so
+  the SFT model imitates a real failure mode that a correctness reward (GRPO) can remove;
+- traces come in two verbosities (``7 plus 8 makes 15`` vs ``7+8=15``), so a length budget in
   the system turn has a lever the length-controlled stage can learn to pull.
 """
 
@@ -21,87 +21,82 @@ LENGTH_INSTRUCTION = "Answer in about {budget} tokens."
 
 @dataclass
 class AdditionTask:
-    """Operands are drawn uniformly from ``[10**(min_digits-1), 10**max_digits - 1]``."""
+    """Sums of ``min_terms``..``max_terms`` numbers in ``[1, max_value]``, reasoned as a chain of running totals.
 
-    min_digits: int = field(default=2, metadata={"help": "fewest digits per operand"})
-    max_digits: int = field(default=3, metadata={"help": "most digits per operand"})
-    carry_error: float = field(default=0.3, metadata={"help": "cold-start traces: chance of dropping each carry"})
+    A running-total chain keeps every step local (the next term is right there in the question), so a
+    few-million-parameter model learns the format and most of the arithmetic in a few hundred CPU steps.
+    """
+
+    min_terms: int = field(default=3, metadata={"help": "fewest numbers to add"})
+    max_terms: int = field(default=5, metadata={"help": "most numbers to add"})
+    max_value: int = field(default=9, metadata={"help": "largest term"})
+    slip_rate: float = field(default=0.12, metadata={"help": "cold-start traces: chance each step is off by one"})
     verbose_fraction: float = field(default=0.5, metadata={"help": "cold-start traces: share of verbose traces"})
 
-    def operands(self, rng: random.Random) -> tuple[int, int]:
-        lo, hi = 10 ** (self.min_digits - 1), 10**self.max_digits - 1
-        return rng.randint(lo, hi), rng.randint(lo, hi)
+    def operands(self, rng: random.Random) -> tuple[int, ...]:
+        n = rng.randint(self.min_terms, self.max_terms)
+        return tuple(rng.randint(1, self.max_value) for _ in range(n))
 
 
-def question(a: int, b: int) -> str:
-    return f"What is {a}+{b}?"
+def question(terms: tuple[int, ...]) -> str:
+    return "What is " + "+".join(map(str, terms)) + "?"
 
 
-def reasoning_trace(a: int, b: int, verbose: bool, carry_error: float, rng: random.Random) -> tuple[str, int]:
-    """Column-by-column addition, least significant digit first; returns (trace, the sum the trace arrives at).
+def reasoning_trace(terms: tuple[int, ...], verbose: bool, slip_rate: float, rng: random.Random) -> tuple[str, int]:
+    """Running totals, one line per addition; returns (trace, the total the trace arrives at).
 
-    With probability ``carry_error`` per carry, the carry is forgotten (the trace stays self-consistent, so the
-    final answer is wrong exactly when a carry was dropped)."""
-    da, db = str(a)[::-1], str(b)[::-1]
-    lines, digits, carry = [], [], 0
-    names = ["units", "tens", "hundreds", "thousands", "ten-thousands"]
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
-        terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
-        s = x + y + carry
-        digit, new_carry = s % 10, s // 10
-        if new_carry and rng.random() < carry_error:
-            new_carry = 0
-        if verbose:
-            tail = f", write {digit}" + (f" carry {new_carry}" if new_carry else "")
-            lines.append(f"{names[i]}: {terms}={s}{tail}")
-        else:
-            lines.append(f"{terms}={s}")
-        digits.append(str(digit))
-        carry = new_carry
-    if carry:
-        digits.append(str(carry))
-        lines.append(f"final carry {carry}" if verbose else f"{carry}")
-    result = int("".join(reversed(digits)))
-    return "\n".join(lines), result
+    With probability ``slip_rate`` per step the sloppy teacher writes a total off by one and carries the slip on
+    (the trace stays self-consistent, so its final answer is wrong exactly when it slipped)."""
+    total = terms[0]
+    lines = []
+    for t in terms[1:]:
+        new = total + t
+        if rng.random() < slip_rate:
+            new += rng.choice((-1, 1))
+        lines.append(f"{total} plus {t} makes {new}" if verbose else f"{total}+{t}={new}")
+        total = new
+    return "\n".join(lines), total
 
 
-def prompt_messages(a: int, b: int, budget: int | None = None) -> list[dict[str, str]]:
-    msgs = [{"role": "user", "content": question(a, b)}]
+def prompt_messages(terms: tuple[int, ...], budget: int | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": question(terms)}]
     if budget is not None:
         msgs.insert(0, {"role": "system", "content": LENGTH_INSTRUCTION.format(budget=budget)})
     return msgs
 
 
 def make_prompts(
-    task: AdditionTask, n: int, seed: int, exclude: set[tuple[int, int]] | None = None, budget: int | None = None
+    task: AdditionTask, n: int, seed: int, exclude: set[tuple[int, ...]] | None = None, budget: int | None = None
 ) -> list[dict[str, Any]]:
-    """``n`` distinct prompt rows ``{"prompt_id", "prompt", "answer"}``, none of whose operand pairs is in
+    """``n`` distinct prompt rows ``{"prompt_id", "prompt", "answer"}``, none of whose term tuples is in
     ``exclude`` (so held-out prompts never appear in training)."""
     rng = random.Random(seed)
     exclude = exclude or set()
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, ...]] = set()
     rows = []
     while len(rows) < n:
-        a, b = task.operands(rng)
-        if (a, b) in exclude or (a, b) in seen:
+        terms = task.operands(rng)
+        if terms in exclude or terms in seen:
             continue
-        seen.add((a, b))
-        row = {"prompt_id": f"add-{seed}-{len(rows)}", "prompt": prompt_messages(a, b, budget), "answer": str(a + b)}
+        seen.add(terms)
+        row = {
+            "prompt_id": f"add-{seed}-{len(rows)}",
+            "prompt": prompt_messages(terms, budget),
+            "answer": str(sum(terms)),
+        }
         if budget is not None:
             row["length_target"] = budget
         rows.append(row)
     return rows
 
 
-def operand_pairs(rows: list[dict[str, Any]]) -> set[tuple[int, int]]:
-    out = set()
-    for row in rows:
-        text = row["prompt"][-1]["content"]
-        a, b = text.removeprefix("What is ").removesuffix("?").split("+")
-        out.add((int(a), int(b)))
-    return out
+def terms_of(row: dict[str, Any]) -> tuple[int, ...]:
+    text = row["prompt"][-1]["content"]
+    return tuple(int(v) for v in text.removeprefix("What is ").removesuffix("?").split("+"))
+
+
+def operand_sets(rows: list[dict[str, Any]]) -> set[tuple[int, ...]]:
+    return {terms_of(row) for row in rows}
 
 
 def make_sft_conversations(task: AdditionTask, prompts: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
@@ -109,9 +104,8 @@ def make_sft_conversations(task: AdditionTask, prompts: list[dict[str, Any]], se
     rng = random.Random(seed)
     rows = []
     for row in prompts:
-        a, b = sorted(operand_pairs([row]))[0]
         verbose = rng.random() < task.verbose_fraction
-        trace, result = reasoning_trace(a, b, verbose, task.carry_error, rng)
+        trace, result = reasoning_trace(terms_of(row), verbose, task.slip_rate, rng)
         messages = [
             *row["prompt"],
             {"role": "assistant", "content": f"\\boxed{{{result}}}", "reasoning_content": trace},
@@ -125,8 +119,8 @@ def corpus_for_tokenizer(task: AdditionTask, n: int = 2000, seed: int = 0) -> li
     rng = random.Random(seed)
     texts = []
     for i in range(n):
-        a, b = task.operands(rng)
-        trace, result = reasoning_trace(a, b, verbose=i % 2 == 0, carry_error=0.0, rng=rng)
+        terms = task.operands(rng)
+        trace, result = reasoning_trace(terms, verbose=i % 2 == 0, slip_rate=0.0, rng=rng)
         budget = LENGTH_INSTRUCTION.format(budget=rng.randint(8, 99))
-        texts.append(f"{budget}{question(a, b)}\n{trace}\n\\boxed{{{result}}}")
+        texts.append(f"{budget}{question(terms)}\n{trace}\n\\boxed{{{result}}}")
     return texts

@@ -92,25 +92,30 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     (out / "config.resolved.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ray = init_ray(cfg)
     t0 = time.time()
+    cpus = max(s.resources.cpus_per_worker for s in cfg.stages)
     tokenizer_dir = ray.get(actors.prepare_tokenizer.remote(to_dict(cfg)))
-    if not state.evals:
-        first = cfg.stages[0]
-        base = ray.get(
-            actors.evaluate_source.remote(to_dict(cfg), resolve_sources(cfg, first, state)["model"], tokenizer_dir)
-        )
-        state.evals.append({"stage": "untrained", **base})
+
+    def evaluate(source: dict[str, Any], label: str, length_target: int | None = None) -> None:
+        task = actors.evaluate_source.options(num_cpus=cpus)
+        result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
+        state.evals.append({"stage": label, **{k: v for k, v in result.items() if k != "length_target"},
+                            "length_target": result.get("length_target", "-")})  # fmt: skip
         state.save(state_path)
+        print(f"[eval] {label}: {result}", flush=True)
+
+    if not state.evals:
+        evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], "untrained")
     for stage in cfg.stages:
         if stage.name in state.finished:
             log.info("stage %s already finished: %s", stage.name, state.finished[stage.name])
             continue
+        print(f"[run] stage {stage.name} ({stage.kind}) starting", flush=True)
         ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress)
         state.finished[stage.name] = ckpt
-        result = ray.get(
-            actors.evaluate_source.remote(to_dict(cfg), {"checkpoint": ckpt, "overrides": {}}, tokenizer_dir)
-        )
-        state.evals.append({"stage": stage.name, **result})
         state.save(state_path)
+        evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name)
+        if stage.data.length_target is not None:
+            evaluate({"checkpoint": ckpt, "overrides": {}}, f"{stage.name} (budget prompts)", stage.data.length_target)
     stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
     report = write_report(out, stage_dirs, state.evals, f"dsalign run {cfg.name}")
     print(f"\nHeld-out evaluation ({cfg.eval.num_prompts} prompts x {cfg.eval.samples_per_prompt} samples, "
@@ -135,7 +140,10 @@ def run_stage_with_retries(
             return actors.run_stage(cfg, stage, sources, tokenizer_dir, resume=resume or attempt > 1, attempt=attempt)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, actors.StageWorkerError) as e:
             step = actors.last_checkpoint_step(cfg.stage_dir(stage))
-            msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed (last checkpoint: step {step}): {e}"
+            what = "its worker process died" if isinstance(e, ray.exceptions.RayActorError) else "it raised"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = (f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} "
+                   f"(last checkpoint: step {step}): {first}")  # fmt: skip
             log.error(msg)
             print(msg, flush=True)
             if attempt == attempts:

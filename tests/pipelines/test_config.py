@@ -10,7 +10,7 @@ from dsalign.pipelines.config import load_config
 from dsalign.pipelines.preflight import PreflightError, preflight
 from dsalign.pipelines.schema import ConfigError
 
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo.yaml"
 
 
 def _write(tmp_path, data) -> Path:

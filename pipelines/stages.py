@@ -1,0 +1,415 @@
+"""What runs inside a stage worker: model loading, data, and the SFT / GRPO / distillation loops.
+
+Every loop is resumable exactly: the data a step sees is a pure function of (seed, step), so a stage's checkpoint
+only needs the trainer state (model, optimizer, scheduler, RNG) and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from dsalign.model import ModelConfig, Transformer, load_checkpoint
+
+from .config import DataSource, OptimConfig, RunConfig, SFTParams, StageConfig
+from .demo_task import make_prompts, make_sft_conversations, operand_sets
+from .report import MetricsLogger
+
+HELD_OUT_SEED = 987_654
+
+
+@dataclass
+class StageEnv:
+    """What a stage needs besides its config; built by the worker."""
+
+    run: RunConfig
+    stage: StageConfig
+    out_dir: Path
+    tokenizer: Any
+    sources: dict[str, Any]
+    resume: bool
+    fault_at_step: int | None = None  # testing hook: the worker process dies right after this step's checkpoint
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def padded_vocab(tokenizer) -> int:
+    return int(math.ceil(len(tokenizer) / 64) * 64)
+
+
+def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
+    """A model from a preset (vocab sized to the tokenizer, initialized from ``seed``) or an HF checkpoint dir."""
+    overrides = dict(src.get("overrides") or {})
+    if src.get("preset"):
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+        cfg = ModelConfig.preset(src["preset"]).replace(vocab_size=padded_vocab(tokenizer), **ids, **overrides)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return Transformer(cfg)
+    model = load_checkpoint(src["checkpoint"], missing_mtp="init")
+    if overrides:
+        runtime = {k: v for k, v in overrides.items() if k in ("fp8", "fp8_pow2_scales")}
+        if runtime:
+            fresh = Transformer(model.cfg.replace(**runtime))
+            fresh.load_state_dict(model.state_dict())
+            model = fresh
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def training_prompts(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
+    """Prompt rows (``prompt`` messages, ``answer``, ...) of a stage; synthetic rows never overlap held-out ones."""
+    if data.synthetic is not None:
+        held = make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED)
+        return make_prompts(run.task, data.num_rows, data.seed, exclude=operand_sets(held), budget=data.length_target)
+    from dsalign.alignment.data import load_prompts
+
+    ds, _ = load_prompts(data.path, skip_invalid=data.skip_invalid)
+    rows = list(ds)
+    return rows[: data.num_rows] if data.num_rows else rows
+
+
+def held_out_prompts(run: RunConfig, budget: int | None = None) -> list[dict[str, Any]]:
+    return make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED, budget=budget)
+
+
+def sft_conversations(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
+    if data.synthetic is not None:
+        return make_sft_conversations(run.task, training_prompts(run, data), seed=data.seed + 1)
+    from dsalign.alignment.data import load_conversations
+
+    ds, _ = load_conversations(data.path, skip_invalid=data.skip_invalid)
+    rows = list(ds)
+    return rows[: data.num_rows] if data.num_rows else rows
+
+
+# ---------------------------------------------------------------------------------------------------- trainer glue
+def trainer_config(optim: OptimConfig, total_steps: int, run: RunConfig, stage: StageConfig, **extra: Any):
+    from dsalign.alignment.trainer import TrainerConfig
+
+    return TrainerConfig(
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        beta1=optim.betas[0],
+        beta2=optim.betas[1],
+        warmup_steps=optim.warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        grad_clip=optim.grad_clip,
+        zero_stage=stage.resources.zero_stage,
+        ep_size=stage.resources.ep_size,
+        seed=run.seed,
+        **extra,
+    )
+
+
+def save_hf(runner, path: Path, tokenizer) -> Path:
+    """Export the stage's model with its tokenizer (chat template included) and generation config."""
+    from dsalign.alignment.trainer import export_hf
+
+    def extra(tmp: Path) -> None:
+        tokenizer.save_pretrained(str(tmp))
+        gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id, "do_sample": True, "temperature": 1.0}  # fmt: skip
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    export_hf(runner, path, write_extra=extra)
+    return path
+
+
+class StageLoop:
+    """Checkpointing, resume, logging and the fault hook shared by the stage loops."""
+
+    def __init__(self, env: StageEnv, runner, total_steps: int):
+        from dsalign.alignment.trainer import latest_checkpoint, load_training_checkpoint
+
+        self.env, self.runner, self.total = env, runner, total_steps
+        self.ckpt_root = env.out_dir / "checkpoints"
+        self.logger = MetricsLogger(env.out_dir, env.stage.name)
+        self.start = 0
+        if env.resume and latest_checkpoint(self.ckpt_root) is not None:
+            self.start, _ = load_training_checkpoint(self.ckpt_root, runner)
+            print(f"[{env.stage.name}] resumed at step {self.start}", flush=True)
+        self.t0 = time.time()
+
+    def end_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """Log step ``step`` (1-based count of finished steps), checkpoint on schedule, honour the fault hook."""
+        from dsalign.alignment.trainer import save_training_checkpoint
+
+        metrics = {**metrics, "elapsed_s": time.time() - self.t0}
+        self.logger.log(step, metrics)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
+        print(f"[{self.env.stage.name}] step {step}/{self.total} {shown}", flush=True)
+        if step % self.env.stage.checkpoint_every == 0 or step == self.total:
+            save_training_checkpoint(self.ckpt_root, step, self.runner, data_state={"step": step})
+        if self.env.fault_at_step is not None and step == self.env.fault_at_step:
+            import os
+
+            print(f"[{self.env.stage.name}] fault injection: worker exits after step {step}", flush=True)
+            os._exit(17)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+# ---------------------------------------------------------------------------------------------------- SFT
+def sft_batches(examples: list[dict], params: SFTParams, seed: int, step: int, pad_id: int):
+    """The packed batch of ``step``: a deterministic function of (seed, step), which makes resume exact."""
+    from dsalign.alignment.packing import pack_examples
+
+    rng = random.Random(seed * 1_000_003 + step)
+    chosen = [examples[i] for i in rng.sample(range(len(examples)), min(params.batch_size, len(examples)))]
+    return [pack_examples(chosen, max_length=params.max_length * 4, pad_token_id=pad_id)]
+
+
+def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], params: SFTParams) -> Path:
+    """Fine-tune ``model`` on conversations (assistant tokens only, plus MTP); returns the exported HF dir."""
+    from dsalign.alignment.sft import SFTConfig, build_sft_examples, sft_loss
+    from dsalign.alignment.trainer import prepare_model, train_step
+    from dsalign.alignment.trainer.distributed import build_runner
+
+    examples, _ = build_sft_examples(conversations, env.tokenizer, SFTConfig(max_length=params.max_length))
+    cfg = trainer_config(params.optim, params.steps, env.run, env.stage, mtp_lambda=params.mtp_lambda,
+                         bias_update_gamma=params.bias_update_gamma)  # fmt: skip
+    torch.manual_seed(env.run.seed)
+    model = prepare_model(model, cfg)
+    runner = build_runner(model, cfg)
+    loop = StageLoop(env, runner, params.steps)
+
+    def loss_fn(m, batch):
+        return sft_loss(m, batch, mtp_lambda=params.mtp_lambda)
+
+    for step in range(loop.start, params.steps):
+        batches = sft_batches(examples, params, env.run.seed, step, env.tokenizer.pad_token_id)
+        metrics = train_step(runner, batches, loss_fn, cfg)
+        loop.end_step(step + 1, metrics)
+    loop.close()
+    return save_hf(runner, env.out_dir / "final", env.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+def completion_texts(tokenizer, completions) -> list[str]:
+    """Decoded completions without the end-of-sequence token (special tags like ``<think>`` are kept)."""
+    eos = tokenizer.eos_token_id
+    return [tokenizer.decode([t for t in c.token_ids if t != eos], skip_special_tokens=False) for c in completions]
+
+
+def rollout(engine, tokenizer, rows: list[dict], n: int, temperature: float, max_new_tokens: int, seed: int,
+            top_p: float = 1.0):  # fmt: skip
+    """Generate ``n`` completions per prompt row; per-request seeds make every rollout reproducible."""
+    from dsalign.alignment.chat import tokenize_prompt
+    from dsalign.alignment.sampling_params import SamplingParams
+
+    prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
+    params = [
+        SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed * 1_000_003 + i
+        )  # fmt: skip
+        for i in range(len(rows))
+    ]
+    return prompt_ids, engine.generate(prompt_ids, params)
+
+
+def expand_columns(rows: list[dict], n: int) -> dict[str, list]:
+    """Every dataset column except the prompt itself, repeated once per sample (TRL's reward convention)."""
+    keys = [k for k in rows[0] if k not in ("prompt",)]
+    return {k: [r.get(k) for r in rows for _ in range(n)] for k in keys}
+
+
+def build_combiner(entries):
+    from dsalign.rewards import RewardCombiner, RewardSpec
+
+    specs = [RewardSpec(e.fn, weight=e.weight, params=dict(e.params), timeout_s=e.timeout_s) for e in entries]
+    return RewardCombiner(specs)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) -> dict[str, float]:
+    """Held-out accuracy (math_accuracy, sampled at ``eval.temperature``), mean response length (tokens), format."""
+    from dsalign.alignment.rollout import RolloutEngine
+    from dsalign.rewards import math_accuracy, think_format
+
+    ev = run.eval
+    engine = RolloutEngine(model, tokenizer, max_batch_size=min(128, len(rows) * ev.samples_per_prompt),
+                           max_len=256)  # fmt: skip
+    _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
+    texts = completion_texts(tokenizer, comps)
+    prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
+    answers = [r["answer"] for r in rows for _ in range(ev.samples_per_prompt)]
+    acc = math_accuracy(prompts, texts, answer=answers)
+    fmt = think_format(prompts, texts)
+    lengths = [len(c.token_ids) for c in comps]
+    out = {
+        "accuracy": sum(a or 0.0 for a in acc) / len(acc),
+        "format": sum(f or 0.0 for f in fmt) / len(fmt),
+        "mean_length": sum(lengths) / len(lengths),
+    }
+    targets = [r.get("length_target") for r in rows]
+    if targets[0] is not None:
+        out["length_target"] = float(sum(targets) / len(targets))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- GRPO
+def grpo_iteration_rows(rows: list[dict], per_iter: int, seed: int, it: int) -> list[dict]:
+    rng = random.Random(seed * 7_919 + it)
+    return [rows[i] for i in rng.sample(range(len(rows)), min(per_iter, len(rows)))]
+
+
+def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float], n: int, params) -> dict[str, torch.Tensor]:
+    from dsalign.alignment.advantages import compute_advantages, group_ids_from_size
+    from dsalign.alignment.rl import build_rl_batch
+    from dsalign.alignment.sampling import mask_truncated
+
+    full_prompts = [prompt_ids[i // n] for i in range(len(comps))]
+    batch = build_rl_batch(full_prompts, [c.token_ids for c in comps], tokenizer.pad_token_id)
+    old = torch.zeros_like(batch["completion_mask"])
+    for b, (p, c) in enumerate(zip(full_prompts, comps)):
+        old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
+    batch["old_logp"] = old
+    r = torch.tensor(rewards, dtype=torch.float32)
+    batch["advantages"] = compute_advantages(params.advantage, r, group_ids_from_size(len(comps), n))
+    if params.mask_truncated:
+        truncated = torch.tensor([c.finish_reason == "length" for c in comps])
+        batch["completion_mask"] = mask_truncated(batch["completion_mask"], truncated)
+    return batch
+
+
+def split_micro(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    B = batch["input_ids"].shape[0]
+    out = []
+    for s in range(0, B, size):
+        mb = {k: v[s : s + size] for k, v in batch.items()}
+        keep = int(mb["attention_mask"].sum(1).max())  # trim padding columns this micro-batch does not need
+        out.append({k: v[:, :keep] if v.dim() == 2 else v for k, v in mb.items()})
+    return out
+
+
+def run_grpo(env: StageEnv) -> Path:
+    """GRPO with group-relative advantages; colocated: the engine decodes with the trainer's own model object."""
+    from dsalign.alignment.policy_loss import PolicyLossConfig
+    from dsalign.alignment.rl import grpo_loss_fn, token_logprobs
+    from dsalign.alignment.rollout import RolloutEngine
+    from dsalign.alignment.trainer import prepare_model, train_step
+    from dsalign.alignment.trainer.distributed import build_runner
+
+    p = env.stage.grpo
+    model = load_source(env.sources["model"], env.tokenizer, env.run.seed)
+    rows = training_prompts(env.run, env.stage.data)
+    combiner = build_combiner(env.stage.rewards)
+    cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
+                         bias_update_gamma=p.bias_update_gamma)  # fmt: skip
+    loss_cfg = PolicyLossConfig(policy_loss=p.policy_loss, eps_low=p.eps_low, eps_high=p.eps_high,
+                                dual_clip_c=p.dual_clip_c, agg=p.loss_agg, kl_beta=p.kl_beta,
+                                kl_estimator=p.kl_estimator)  # fmt: skip
+    loss_fn = grpo_loss_fn(loss_cfg, temperature=p.temperature, mtp_lambda=p.mtp_lambda)
+    reference = load_source(env.sources["model"], env.tokenizer, env.run.seed).eval() if p.kl_beta > 0 else None
+    torch.manual_seed(env.run.seed)
+    model = prepare_model(model, cfg)
+    runner = build_runner(model, cfg)
+    engine = RolloutEngine(model, env.tokenizer, max_batch_size=p.prompts_per_iter * p.group_size, max_len=256)
+    loop = StageLoop(env, runner, p.iterations)
+    for it in range(loop.start, p.iterations):
+        t0 = time.time()
+        it_rows = grpo_iteration_rows(rows, p.prompts_per_iter, env.run.seed, it)
+        prompt_ids, comps = rollout(engine, env.tokenizer, it_rows, p.group_size, p.temperature, p.max_new_tokens,
+                                    seed=env.run.seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
+        gen_s = time.time() - t0
+        texts = completion_texts(env.tokenizer, comps)
+        scored = combiner([r["prompt"] for r in it_rows for _ in range(p.group_size)], texts,
+                          [c.token_ids for c in comps], **expand_columns(it_rows, p.group_size))  # fmt: skip
+        rewards = [0.0 if v is None else v for v in scored.rewards]
+        batch = make_rl_batch(env.tokenizer, prompt_ids, comps, rewards, p.group_size, p)
+        if reference is not None:
+            batch["ref_logp"] = token_logprobs(reference, batch, p.temperature)[0].detach()
+        model.train()
+        micro = split_micro(batch, p.micro_batch_size)
+        cfg.micro_batches = len(micro)
+        for _ in range(p.updates_per_batch):
+            metrics = train_step(runner, micro, loss_fn, cfg)
+        metrics.update(
+            reward=sum(rewards) / len(rewards),
+            response_length=sum(len(c.token_ids) for c in comps) / len(comps),
+            generate_s=gen_s,
+            tokens_per_s=sum(len(c.token_ids) for c in comps) / max(gen_s, 1e-9),
+            **{f"reward/{k}": sum(x or 0.0 for x in v) / len(v) for k, v in scored.components.items()},
+        )
+        if "math_accuracy" in scored.components:
+            metrics["accuracy"] = metrics["reward/math_accuracy"]
+        loads = [v for k, v in metrics.items() if k.startswith("load_max_mean/")]
+        if loads:
+            metrics["expert_load_max_over_mean"] = max(loads)
+        loop.end_step(it + 1, metrics)
+    loop.close()
+    return save_hf(runner, env.out_dir / "final", env.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------- distillation
+def run_distill(env: StageEnv) -> Path:
+    """R1-style: the teacher samples k traces per prompt, rewards verify them, the filtered traces (with
+    provenance) become the student's SFT set."""
+    from dsalign.alignment.distill import TraceFilterConfig, filter_traces, write_sft_dataset
+    from dsalign.alignment.rollout import RolloutEngine
+
+    d = env.stage.distill
+    data_file = env.out_dir / "distill_sft.jsonl"
+    if not (env.resume and data_file.is_file()):
+        teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
+        rows = training_prompts(env.run, env.stage.data)
+        engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=128, max_len=256)
+        prompt_ids, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature,
+                                    d.max_new_tokens, seed=env.run.seed + 31)  # fmt: skip
+        texts = completion_texts(env.tokenizer, comps)
+        k = d.samples_per_prompt
+        scored = build_combiner(env.stage.rewards)(
+            [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps],
+            **expand_columns(rows, k),
+        )  # fmt: skip
+        teacher_name = env.sources["teacher"].get("checkpoint") or env.sources["teacher"].get("preset")
+        traces = [
+            {
+                "prompt_id": rows[i // k]["prompt_id"],
+                "prompt": rows[i // k]["prompt"],
+                "completion": texts[i],
+                "reward": scored.rewards[i],
+                "teacher": str(teacher_name),
+                "trace_index": i % k,
+                "num_tokens": len(comps[i].token_ids),
+                "answer": rows[i // k]["answer"],
+            }  # fmt: skip
+            for i in range(len(comps))
+        ]
+        rules = TraceFilterConfig(min_reward=d.min_reward, keep=d.keep, require_well_formed=d.require_well_formed,
+                                  max_tokens=d.max_new_tokens)  # fmt: skip
+        kept, stats = filter_traces(traces, rules)
+        if not kept:
+            raise RuntimeError(f"distill: no teacher trace passed the filter ({stats})")
+        tmp = data_file.with_suffix(".tmp")
+        write_sft_dataset(kept, tmp)
+        tmp.replace(data_file)
+        print(
+            f"[{env.stage.name}] kept {stats.kept}/{stats.traces} traces from {stats.prompts_kept} prompts", flush=True
+        )
+        del teacher, engine
+    conversations = [json.loads(line) for line in data_file.read_text().splitlines()]
+    student = load_source(env.sources["model"], env.tokenizer, env.run.seed)
+    return run_sft_loop(env, student, conversations, d.sft)
+
+
+def run_sft(env: StageEnv) -> Path:
+    model = load_source(env.sources["model"], env.tokenizer, env.run.seed)
+    return run_sft_loop(env, model, sft_conversations(env.run, env.stage.data), env.stage.sft)
+
+
+STAGE_RUNNERS = {"sft": run_sft, "grpo": run_grpo, "distill": run_distill}

@@ -1,0 +1,81 @@
+"""End-to-end pipeline runs on the tiny preset through a local Ray (issue 8, acceptance 3 and the chain)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from dsalign.pipelines.config import load_config
+from dsalign.pipelines.runner import StageFailed, run
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _sft_only(tmp_path: Path, name: str, retries: int = 1):
+    data = yaml.safe_load(TINY.read_text())
+    data["stages"] = data["stages"][:1]
+    data["stages"][0].update(retries=retries, checkpoint_every=2)
+    data["stages"][0]["sft"]["steps"] = 6
+    data["output_dir"] = str(tmp_path / name)
+    data["eval"]["num_prompts"] = 2
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+def test_full_chain_runs_and_exports_loadable_checkpoints(tmp_path, local_ray, capsys):
+    from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'run'}"])
+    state = run(cfg)
+    assert list(state.finished) == ["sft", "grpo", "distill", "length"]
+    assert [r["stage"] for r in state.evals] == ["untrained", "sft", "grpo", "distill", "length",
+                                                "length (budget prompts)"]  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Held-out evaluation" in out and "length (budget prompts)" in out
+    final = Path(state.finished["grpo"])
+    model = DeepseekV3ForCausalLM.from_pretrained(final)  # standard HF format, tokenizer and chat template beside it
+    tok = AutoTokenizer.from_pretrained(final)
+    assert "<｜Assistant｜>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                         add_generation_prompt=True)  # fmt: skip
+    assert model.config.vocab_size >= len(tok)
+    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    rows = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "response_length", "loss", "expert_load_max_over_mean"} <= set(rows[-1])
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "reward.png").is_file()
+    distilled = [
+        json.loads(line) for line in (tmp_path / "run" / "distill" / "distill_sft.jsonl").read_text().splitlines()
+    ]
+    assert distilled and {"teacher", "prompt_id", "reward"} <= set(distilled[0])
+
+
+def test_killed_worker_resumes_to_the_clean_result(tmp_path, local_ray, monkeypatch):
+    from dsalign.model import load_checkpoint
+
+    clean = run(_sft_only(tmp_path, "clean"))
+    monkeypatch.setenv("DSALIGN_FAULT", "sft:3")  # the worker process exits after step 3 (checkpoint at step 2)
+    resumed = run(_sft_only(tmp_path, "faulted"))
+    log = [json.loads(line) for line in (tmp_path / "faulted" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 3, 4, 5, 6]  # steps 3+ ran twice: before the kill and after resume
+    a = load_checkpoint(clean.finished["sft"]).state_dict()
+    b = load_checkpoint(resumed.finished["sft"]).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_exhausted_retries_fail_clearly(tmp_path, local_ray, monkeypatch):
+    monkeypatch.setenv("DSALIGN_FAULT", "sft:3")
+    expected = r"stage 'sft' attempt 1/1 failed: its worker process died \(last checkpoint: step 2\).*no retries left"
+    with pytest.raises(StageFailed, match=expected):
+        run(_sft_only(tmp_path, "noretry", retries=0))
