@@ -1,0 +1,57 @@
+"""``dsalign submit`` against a Ray head started with ``ray start --head`` on this machine (slow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_submit_runs_a_one_stage_config_as_a_ray_job(tmp_path):
+    if shutil.which("ray") is None:
+        pytest.skip("the ray CLI is not installed")
+    data = yaml.safe_load(TINY.read_text())
+    data["stages"] = data["stages"][:1]
+    data["output_dir"] = "out"  # relative: lands in the job's unpacked working dir on the cluster
+    data["eval"]["num_prompts"] = 2
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "run.yaml").write_text(yaml.safe_dump(data))
+    dash = _port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    temp = Path(tempfile.mkdtemp(prefix="dsr", dir="/tmp"))  # unix socket paths must stay under 108 bytes
+    subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--dashboard-port={dash}", "--include-dashboard=true",
+                    f"--temp-dir={temp}", "--port", str(_port())], check=True, env=env, timeout=180)  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        env["RAY_AUTH_MODE"] = "token"  # `ray start` enables token auth and writes the token to ~/.ray/auth_token
+        out = subprocess.run(
+            [sys.executable, "-m", "dsalign.pipelines.cli", "submit", str(job_dir / "run.yaml"), "--address", address,
+             "--wait", "600"],
+            capture_output=True, text=True, env=env, timeout=700,
+        )  # fmt: skip
+        job_id = out.stdout.split()[0] if out.stdout.split() else ""
+        logs = subprocess.run([sys.executable, "-m", "dsalign.pipelines.cli", "logs", job_id, "--address", address],
+                              capture_output=True, text=True, env=env, timeout=60).stdout  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr + logs
+        assert "SUCCEEDED" in out.stdout
+        assert "Held-out evaluation" in logs and "[sft] step 4/4" in logs
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
