@@ -165,3 +165,16 @@ def test_update_weights_in_place():
         engine.update_weights({"layers.0.nonsense": torch.zeros(1)})
     with pytest.raises(KeyError, match="lacks"):
         engine.update_weights({"norm.weight": b.norm.weight})
+
+
+def test_update_weights_refreshes_fp8_weight_caches():
+    """With FP8 projections the engine runs on cached quantized weights; an update must requantize them."""
+    a, b = tiny_model(seed=0, fp8=True), tiny_model(seed=7, fp8=True)
+    prompts = _prompts(a.cfg.vocab_size)[:3]
+    sp = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    engine = RolloutEngine(a, max_batch_size=3, max_len=64)
+    before = [c.token_ids for c in engine.generate(prompts, sp)]
+    engine.update_weights(b.state_dict())
+    after = [c.token_ids for c in engine.generate(prompts, sp)]
+    want = [c.token_ids for c in RolloutEngine(b, max_batch_size=3, max_len=64).generate(prompts, sp)]
+    assert after == want and after != before
