@@ -221,6 +221,14 @@ class RolloutEngine:
                 raise ValueError("generate: stop strings need a tokenizer (pass tokenizer= to the engine)")
             p.validate()
         ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        was_training = self.model.training  # a colocated trainer may have switched the shared model to train mode
+        self.model.eval()
+        try:
+            return self._run(ids, params, on_token)
+        finally:
+            self.model.train(was_training)
+
+    def _run(self, ids: list[list[int]], params: Sequence[SamplingParams], on_token) -> list[Completion]:
         self.cache.reset()
         self.last_stats = stats = GenerationStats(prompts=len(ids), prompt_tokens=sum(map(len, ids)))
         self._on_token = on_token

@@ -178,3 +178,18 @@ def test_update_weights_refreshes_fp8_weight_caches():
     after = [c.token_ids for c in engine.generate(prompts, sp)]
     want = [c.token_ids for c in RolloutEngine(b, max_batch_size=3, max_len=64).generate(prompts, sp)]
     assert after == want and after != before
+
+
+def test_generate_runs_in_eval_mode_and_restores_train_mode():
+    """A colocated GRPO trainer shares the model: generation must not depend on, nor change, its mode."""
+    model = tiny_model()
+    prompts = _prompts(model.cfg.vocab_size)[:2]
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    engine = RolloutEngine(model, max_batch_size=2, max_len=32)
+    want = [c.token_ids for c in engine.generate(prompts, sp)]
+    model.train()
+    modes = []
+    out = engine.generate(prompts, sp, on_token=lambda r, j, ids: modes.append(model.training))
+    assert [c.token_ids for c in out] == want
+    assert modes and not any(modes)  # eval while generating
+    assert model.training  # restored afterwards
