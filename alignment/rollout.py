@@ -326,13 +326,12 @@ class RolloutEngine:
         """Sample an admitted sample's first token from its prompt's last logits."""
         probs = sampling_probs(logits_V[None], *self._knobs([seq]))
         tok = int(draw(probs, self._uniforms([seq]))[0])
-        self._append(seq, [tok], logits_V[None], done)
+        temps = torch.tensor([float(seq.params.temperature)], device=self.device)
+        lp = policy_logprobs(logits_V[None], temps, torch.tensor([tok], device=self.device))
+        self._append(seq, [tok], lp.tolist(), done)
 
-    def _append(self, seq: _Seq, toks: list[int], logits_TV: Tensor, done: list[Completion]) -> int:
-        """Append tokens (the t-th sampled from ``logits_TV[t]``) until a stop or the length cap; records the
-        policy log-probs. Returns how many tokens were kept."""
-        temps = torch.full((len(toks),), float(seq.params.temperature))
-        lps = policy_logprobs(logits_TV[: len(toks)], temps, torch.tensor(toks)).tolist()
+    def _append(self, seq: _Seq, toks: list[int], lps: list[float], done: list[Completion]) -> int:
+        """Append tokens and their policy log-probs until a stop or the length cap. Returns how many were kept."""
         kept = 0
         for tok, lp in zip(toks, lps):
             seq.tokens.append(tok)
@@ -386,17 +385,17 @@ class RolloutEngine:
     # ------------------------------------------------------------------ plain decode
     def _step(self, slots: list[_Seq | None], done: list[Completion]) -> None:
         live = [i for i, s in enumerate(slots) if s is not None]
-        x = torch.zeros(len(slots), 1, dtype=torch.long, device=self.device)
-        valid = torch.zeros(len(slots), 1, dtype=torch.long, device=self.device)
-        for i in live:
-            x[i, 0], valid[i, 0] = slots[i].tokens[-1], 1
+        x = torch.tensor([[s.tokens[-1] if s is not None else 0] for s in slots], device=self.device)
+        valid = torch.tensor([[int(s is not None)] for s in slots], device=self.device)
         logits = self.model(x, attention_mask=valid, cache=self.cache).logits[:, 0]
         seqs = [slots[i] for i in live]
         idx = torch.tensor(live, device=self.device)
-        probs = sampling_probs(logits[idx], *self._knobs(seqs))
-        toks = draw(probs, self._uniforms(seqs)).tolist()
-        for j, i in enumerate(live):
-            self._append(slots[i], [toks[j]], logits[i : i + 1], done)
+        knobs = self._knobs(seqs)
+        probs = sampling_probs(logits[idx], *knobs)
+        toks = draw(probs, self._uniforms(seqs))
+        lps = policy_logprobs(logits[idx], knobs[0], toks).tolist()
+        for j, (i, tok) in enumerate(zip(live, toks.tolist())):
+            self._append(slots[i], [tok], [lps[j]], done)
             self._free_if_done(slots, i)
 
     def _free_if_done(self, slots: list[_Seq | None], i: int) -> None:
@@ -443,10 +442,8 @@ class RolloutEngine:
         live = [i for i, s in enumerate(slots) if s is not None]
         seqs = [slots[i] for i in live]
         idx = torch.tensor(live, device=self.device)
-        x = torch.zeros(B, 2, dtype=torch.long, device=self.device)
-        valid = torch.zeros(B, 2, dtype=torch.bool, device=self.device)
-        for i in live:
-            x[i, 0], x[i, 1], valid[i] = slots[i].tokens[-1], slots[i].draft, True
+        x = torch.tensor([[s.tokens[-1], s.draft] if s is not None else [0, 0] for s in slots], device=self.device)
+        valid = torch.tensor([[s is not None] * 2 for s in slots], device=self.device)
         start = self.cache.lengths.clone()
         pos = start[:, None] + torch.arange(2, device=self.device)[None]
         out = self.model(x, attention_mask=valid.long(), position_ids=pos, cache=self.cache, absorbed=True)
@@ -467,10 +464,15 @@ class RolloutEngine:
         # a rejected row keeps only position n: roll its length back over the draft's stale latent
         self.cache.lengths[idx] -= (~accepted).long()
         new_tok = torch.zeros(B, 2, dtype=torch.long, device=self.device)
+        new_tok[idx, 0], new_tok[idx, 1] = first, torch.where(accepted, bonus, torch.zeros_like(bonus))
+        lp_first = policy_logprobs(logits[:, 0], knobs[0], first).tolist()
+        lp_bonus = policy_logprobs(logits[:, 1], knobs[0], bonus).tolist()
+        first, bonus, accepted_l = first.tolist(), bonus.tolist(), accepted.tolist()
         for j, i in enumerate(live):
-            toks = [int(first[j]), int(bonus[j])] if accepted[j] else [int(first[j])]
-            new_tok[i, : len(toks)] = torch.tensor(toks)
-            self._append(slots[i], toks, logits[j], done)
+            if accepted_l[j]:
+                self._append(slots[i], [first[j], bonus[j]], [lp_first[j], lp_bonus[j]], done)
+            else:
+                self._append(slots[i], [first[j]], [lp_first[j]], done)
         still = [i for i in live if slots[i].finish is None]
         for i in live:
             self._free_if_done(slots, i)
@@ -478,7 +480,7 @@ class RolloutEngine:
             return
         h = self._mtp_input_hidden(out)
         mvalid = torch.zeros(B, 2, dtype=torch.bool, device=self.device)
-        for i in still:
-            mvalid[i, 0], mvalid[i, 1] = True, bool(acc[i])
+        rows = torch.tensor(still, device=self.device)
+        mvalid[rows, 0], mvalid[rows, 1] = True, acc[rows]
         logits_mtp = self._run_mtp(h, new_tok, pos, mvalid, acc.long())
         self._set_drafts(slots, still, logits_mtp)
