@@ -193,7 +193,14 @@ class DeepSpeedRunner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Call after the model state is loaded: ZeRO rebuilds its fp32 partitions from the model weights."""
-        self.engine.optimizer.load_state_dict([state["optimizer"]], load_optimizer_states=True)
+        zero = self.engine.optimizer
+        if self.cfg.zero_stage == 0:
+            zero.load_state_dict(state["optimizer"])
+        else:  # ZeRO takes the list of every rank's state and reads its own (rigid, same world size) entry
+            group = getattr(zero, "dp_process_group", None)
+            states = [None] * dist.get_world_size(group)
+            states[dist.get_rank(group)] = state["optimizer"]
+            zero.load_state_dict(states, load_optimizer_states=True)
         self.engine.lr_scheduler.load_state_dict(state["scheduler"])
 
 

@@ -1,6 +1,8 @@
 """One rank of the distributed trainer test (launched by test_distributed.py): DeepSpeed ZeRO over gloo.
 
-Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE
+Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE [MODE]
+MODE: "straight" (default, STEPS steps), "save" (2 steps, then a training checkpoint in OUT_DIR/ckpt, then exit),
+"resume" (load OUT_DIR/ckpt, run the remaining steps).
 """
 
 import json
@@ -32,11 +34,18 @@ def global_batch(step: int, vocab: int) -> torch.Tensor:
 
 
 def main() -> None:
-    from dsalign.alignment.trainer import lm_loss_fn, prepare_model, train_step
+    from dsalign.alignment.trainer import (
+        lm_loss_fn,
+        load_training_checkpoint,
+        prepare_model,
+        save_training_checkpoint,
+        train_step,
+    )
     from dsalign.alignment.trainer.distributed import build_runner, full_model_for_export, init_distributed
 
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     ep_size, zero_stage = int(sys.argv[5]), int(sys.argv[6])
+    mode = sys.argv[7] if len(sys.argv) > 7 else "straight"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
@@ -46,15 +55,26 @@ def main() -> None:
     runner = build_runner(model, cfg)
     loss_fn = lm_loss_fn(mtp_lambda=0.3)
     per = GLOBAL_B // world
+    ckpt = os.path.join(out_dir, "ckpt")
+    first, last = 0, STEPS
+    if mode == "save":
+        last = 2
+    elif mode == "resume":
+        first, data_state = load_training_checkpoint(ckpt, runner)
+        assert data_state == {"next_step": first, "rank": rank}, data_state
     history = []
-    for step in range(STEPS):
+    for step in range(first, last):
         ids = global_batch(step, model.cfg.vocab_size)[rank * per : (rank + 1) * per]
         metrics = train_step(runner, [{"input_ids": ids, "labels": ids}], loss_fn, cfg)
         history.append(metrics)
+    if mode == "save":
+        save_training_checkpoint(ckpt, last, runner, {"next_step": last, "rank": rank})
+        dist.destroy_process_group()
+        return
     full = full_model_for_export(model)
     if rank == 0:
-        torch.save(full.state_dict(), os.path.join(out_dir, "params.pt"))
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        torch.save(full.state_dict(), os.path.join(out_dir, f"params_{mode}.pt"))
+        with open(os.path.join(out_dir, f"metrics_{mode}.json"), "w") as f:
             json.dump(history, f)
     dist.barrier()
     dist.destroy_process_group()

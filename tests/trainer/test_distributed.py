@@ -41,14 +41,13 @@ def reference():
     return _single_process_reference()
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("ep_size", [1, 2], ids=["dp2_zero2", "ep2_zero2"])
-def test_two_ranks_match_single_process(tmp_path, reference, ep_size):
+def _launch(tmp_path, ep_size: int, mode: str = "straight", zero_stage: int = 2) -> None:
     world, port = 2, _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path), str(ep_size), str(zero_stage), mode]
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, str(r), str(world), port, str(tmp_path), str(ep_size), "2"],
+            [sys.executable, WORKER, str(r), str(world), port, *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -59,9 +58,19 @@ def test_two_ranks_match_single_process(tmp_path, reference, ep_size):
     for p in procs:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-4000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "ep_size, zero_stage",
+    [(1, 2), (2, 2), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(2, 0, marks=pytest.mark.slow)],
+    ids=["dp2_zero2", "ep2_zero2", "ep2_zero1", "ep2_zero0"],
+)
+def test_two_ranks_match_single_process(tmp_path, reference, ep_size, zero_stage):
+    _launch(tmp_path, ep_size, zero_stage=zero_stage)
     want_params, want_hist = reference
-    got_params = torch.load(tmp_path / "params.pt")
-    got_hist = json.loads((tmp_path / "metrics.json").read_text())
+    got_params = torch.load(tmp_path / "params_straight.pt")
+    got_hist = json.loads((tmp_path / "metrics_straight.json").read_text())
     for step, (g, w) in enumerate(zip(got_hist, want_hist)):
         for key in ("loss", "grad_norm", "lr", "load_max_mean/worst"):
             assert abs(g[key] - w[key]) <= 1e-5 * max(1.0, abs(w[key])), (step, key, g[key], w[key])
@@ -71,3 +80,18 @@ def test_two_ranks_match_single_process(tmp_path, reference, ep_size):
         torch.testing.assert_close(got_params[k], w, atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     biases = [k for k in want_params if k.endswith("e_score_correction_bias")]
     assert biases and all(want_params[k].abs().sum() > 0 for k in biases)
+
+
+@pytest.mark.distributed
+def test_ep2_zero2_resume_is_exact(tmp_path):
+    """Checkpoint of per-rank expert shards + ZeRO-2 optimizer partitions, resumed by fresh processes."""
+    _launch(tmp_path, 2, "straight")
+    _launch(tmp_path, 2, "save")
+    assert not (tmp_path / "params_save.pt").exists()
+    _launch(tmp_path, 2, "resume")
+    straight, resumed = torch.load(tmp_path / "params_straight.pt"), torch.load(tmp_path / "params_resume.pt")
+    for k, v in straight.items():
+        assert torch.equal(v, resumed[k]), k
+    last_straight = json.loads((tmp_path / "metrics_straight.json").read_text())[-1]
+    (last_resumed,) = json.loads((tmp_path / "metrics_resume.json").read_text())
+    assert last_resumed == last_straight
