@@ -105,7 +105,8 @@ class RolloutEngine:
         model: a ``dsalign.model.Transformer``; its dtype is the compute dtype.
         tokenizer: optional HF tokenizer, for string prompts, stop strings and ``Completion.text``.
         max_batch_size: decode slots (sequences decoded together).
-        max_len: context per slot, prompt + completion (default: ``model.cfg.max_position_embeddings``).
+        max_len: context per slot, prompt + completion (default: ``model.cfg.max_position_embeddings``); the cache
+            itself is sized per call to the longest prompt + ``max_new_tokens`` it can reach.
         cache_dtype: latent dtype (default: the model's); ``"fp8"`` uses ``FP8LatentCache``.
         speculative: draft one token per step with ``model.mtp[0]`` and verify it.
     """
@@ -133,20 +134,29 @@ class RolloutEngine:
             raise ValueError("speculative=True needs an MTP module (the model has num_nextn_predict_layers=0)")
         self.speculative = speculative
         self.num_layers = self.cfg.num_hidden_layers + (1 if speculative else 0)
-        # one extra position so a verify step may hold the draft of a sequence at the context's last token
-        self.cache = self._new_cache(max_batch_size, self.max_len + 1)
+        self.cache: LatentCache | None = None  # allocated by generate, sized to what the call can reach
         eos = self.cfg.eos_token_id
         self.default_stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.last_stats = GenerationStats()
 
-    def _new_cache(self, batch: int, length: int) -> LatentCache:
+    def _new_cache(self, batch: int, length: int, device: torch.device | str | None = None) -> LatentCache:
         kind = FP8LatentCache if self.fp8_cache else LatentCache
         dtype = self.dtype if self.fp8_cache else self.cache_dtype
-        return kind(self.cfg, batch, length, num_layers=self.num_layers, dtype=dtype, device=self.device)
+        return kind(self.cfg, batch, length, num_layers=self.num_layers, dtype=dtype, device=device or self.device)
+
+    def _ensure_cache(self, ids: list[list[int]], params: Sequence[SamplingParams]) -> None:
+        """Preallocate the slots' cache for the longest sequence this call can produce (kept for later calls;
+        grown only when a call needs more). One extra position lets a verify step hold the draft of a sequence at
+        the context's last token."""
+        need = min(self.max_len, max(len(i) + p.max_new_tokens for i, p in zip(ids, params))) + 1
+        if self.cache is None or self.cache.max_len < need:
+            self.cache = None  # free the old buffer before allocating the new one
+            self.cache = self._new_cache(self.max_batch_size, need)
 
     def cache_bytes_per_token(self) -> int:
         """Latent-cache bytes one token costs across the main model's layers (MTP's layer not counted)."""
-        return self.cache.bytes_per_token() * self.cfg.num_hidden_layers // self.num_layers
+        probe = self._new_cache(1, 1, device="meta")
+        return probe.bytes_per_token() * self.cfg.num_hidden_layers // self.num_layers
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -229,6 +239,7 @@ class RolloutEngine:
             self.model.train(was_training)
 
     def _run(self, ids: list[list[int]], params: Sequence[SamplingParams], on_token) -> list[Completion]:
+        self._ensure_cache(ids, params)
         self.cache.reset()
         self.last_stats = stats = GenerationStats(prompts=len(ids), prompt_tokens=sum(map(len, ids)))
         self._on_token = on_token

@@ -193,3 +193,15 @@ def test_generate_runs_in_eval_mode_and_restores_train_mode():
     assert [c.token_ids for c in out] == want
     assert modes and not any(modes)  # eval while generating
     assert model.training  # restored afterwards
+
+
+def test_cache_is_sized_to_what_the_call_can_reach():
+    """max_len defaults to the model's context (163,840 at 671B); the cache must not be allocated that long."""
+    model = tiny_model()
+    engine = RolloutEngine(model, max_batch_size=2, speculative=True)
+    assert engine.max_len == model.cfg.max_position_embeddings and engine.cache is None
+    engine.generate([[3, 4, 5], [6] * 9], SamplingParams(max_new_tokens=5, temperature=0))
+    assert engine.cache.max_len == 9 + 5 + 1
+    assert engine.cache.num_layers == model.cfg.num_hidden_layers + 1  # the MTP block's latent too
+    engine.generate([[3]], SamplingParams(max_new_tokens=2, temperature=0))
+    assert engine.cache.max_len == 15  # kept, not shrunk
