@@ -82,3 +82,23 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainerConfig.from_dict({"lr": 1e-4, "learning_rate": 1e-4})
     with pytest.raises(ValueError, match="moment_dtype"):
         TrainerConfig(moment_dtype="fp16")
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    plain, r1 = _run(2)
+    recomputed, r2 = _run(2, activation_checkpointing=True)
+    assert r2.model.activation_checkpointing and not r1.model.activation_checkpointing
+    assert recomputed == pytest.approx(plain, rel=1e-6)
+    for (name, a), b in zip(r1.model.state_dict().items(), r2.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_export_hf_round_trip(tmp_path):
+    from dsalign.alignment.trainer import export_hf
+    from dsalign.model import load_checkpoint
+
+    _, runner = _run(2)
+    export_hf(runner, tmp_path / "hf")
+    back = load_checkpoint(tmp_path / "hf")
+    for name, tensor in runner.model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name  # incl. the trained router biases
