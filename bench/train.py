@@ -10,9 +10,8 @@ forward, next-token cross-entropy, backward, global-norm clip 1.0, AdamW.
     sequence-wise balance loss (alpha 1e-4, which transformers lacks, so ours does slightly more work);
   * baseline: transformers' model with its default kernels (SDPA attention; ``experts_implementation`` default,
     reported), ``labels=`` loss, ``torch.optim.AdamW``.
-``--ours-experts-bmm`` is an experiment, not the default path: it makes our CPU grouped expert GEMM take
-``kernels.moe.grouped_mm_padded`` (one padded ``bmm``) instead of ``torch._grouped_mm``, whose CPU implementation
-loops over experts (measured ~3.5x slower fwd+bwd on a bench MoE layer); both sides otherwise use ``_grouped_mm``.
+``--ours-experts-bmm`` adds an experiment, not the default path: a third process where our CPU grouped expert GEMM
+takes ``kernels.moe.grouped_mm_padded`` (one padded ``bmm``) instead of ``torch._grouped_mm``.
 Each side runs in its own fresh process so that its peak resident memory (``ru_maxrss``: weights, gradients,
 optimizer state, activations and the runtime itself) is its own. Prints one JSON line per measurement.
 """
@@ -48,7 +47,7 @@ def _ours(ckpt: str, args: argparse.Namespace):
     def step() -> float:
         return train_step(runner, [{"input_ids": ids, "labels": ids}], loss_fn, cfg)["loss"]
 
-    return step, "dsalign, experts=" + ("padded bmm" if args.ours_experts_bmm else "kernels default (_grouped_mm)")
+    return step, "dsalign, experts=" + ("padded bmm" if args.child == "ours_bmm" else "kernels default (_grouped_mm)")
 
 
 def _baseline(ckpt: str, args: argparse.Namespace):
@@ -73,11 +72,11 @@ def _baseline(ckpt: str, args: argparse.Namespace):
 def child(side: str, ckpt: str, args: argparse.Namespace) -> None:
     """Runs in a fresh process: warm up, time ``steps`` steps, print one JSON result line."""
     torch.set_num_threads(args.threads)
-    if side == "ours" and args.ours_experts_bmm:
+    if side == "ours_bmm":
         from dsalign.kernels import moe
 
         moe._GROUPED_MM_OK[("cpu", torch.float32)] = False  # the probe's cache: "does _grouped_mm run here"
-    step, impl = (_ours if side == "ours" else _baseline)(ckpt, args)
+    step, impl = (_baseline if side == "baseline" else _ours)(ckpt, args)
     losses = [step() for _ in range(args.warmup)]
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -92,7 +91,7 @@ def child(side: str, ckpt: str, args: argparse.Namespace) -> None:
 def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-           "--threads", str(args.threads)] + (["--ours-experts-bmm"] if args.ours_experts_bmm else [])  # fmt: skip
+           "--threads", str(args.threads)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         raise RuntimeError(f"{side} benchmark process failed:\n{proc.stderr[-4000:]}")
@@ -108,7 +107,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ours-experts-bmm", action="store_true", help="experiment: padded-bmm CPU expert GEMM (ours)")
-    p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "ours_bmm", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -124,17 +123,22 @@ def main() -> None:
         ckpt = os.path.join(tmp, "bench")
         base = run_side("baseline", ckpt, args)
         ours = run_side("ours", ckpt, args)
+        ours_bmm = run_side("ours_bmm", ckpt, args) if args.ours_experts_bmm else None
     print(f"load average after: {os.getloadavg()}", flush=True)
-    for name, r in (("ours", ours), ("baseline", base)):
+    sides = [("ours", ours), ("baseline", base)] + ([("ours_bmm", ours_bmm)] if ours_bmm else [])
+    for name, r in sides:
         print(f"{name:8s} {r['tokens_per_s']:8.1f} tok/s  {r['s_per_step']:6.2f} s/step  peak {r['peak_mib']:7.0f} MiB"
               f"  losses {[round(x, 4) for x in r['losses']]}  ({r['impl']})")  # fmt: skip
-    shape = f"bench_{args.batch}x{args.seq_len}_fp32_{args.threads}threads" + (
-        "_ours_bmm" if args.ours_experts_bmm else ""
-    )
+    shape = f"bench_{args.batch}x{args.seq_len}_fp32_{args.threads}threads"
     rows = [
         ("train_tokens_per_s_" + shape, ours["tokens_per_s"], base["tokens_per_s"], "tokens/s"),
         ("train_peak_rss_" + shape, ours["peak_mib"], base["peak_mib"], "MiB"),
     ]
+    if ours_bmm:
+        rows += [
+            ("train_tokens_per_s_experts_bmm_" + shape, ours_bmm["tokens_per_s"], base["tokens_per_s"], "tokens/s"),
+            ("train_peak_rss_experts_bmm_" + shape, ours_bmm["peak_mib"], base["peak_mib"], "MiB"),
+        ]
     for metric, o, b, unit in rows:
         print(json.dumps({"metric": metric, "ours": round(o, 2), "baseline": round(b, 2), "ratio": round(o / b, 3),
                           "unit": unit}))  # fmt: skip
