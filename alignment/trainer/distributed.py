@@ -181,6 +181,7 @@ class DeepSpeedRunner:
             self.engine.step()
 
     def optimizer_step(self) -> float:
+        """Returns DeepSpeed's global gradient norm (NaN where it reports none: ZeRO stage 0)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
