@@ -66,12 +66,16 @@ class Resources:
     gpus_per_worker: float = 0.0
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size"})
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage (0 = plain data parallel)"})
-    mode: str = field(default="colocated", metadata={"help": "colocated | split (rollout on its own workers)"})
-    rollout_workers: int = field(default=1, metadata={"help": "split mode: rollout actors"})
+    mode: str = field(default="colocated", metadata={"help": "colocated (split: not implemented yet)"})
 
     def __post_init__(self) -> None:
-        if self.mode not in ("colocated", "split"):
-            raise ConfigError(f"resources.mode: expected 'colocated' or 'split', got {self.mode!r}")
+        if self.mode == "split":
+            raise ConfigError(
+                "resources.mode: 'split' (rollout on separate workers, weights broadcast after each update) is not "
+                "implemented yet; use 'colocated' (the rollout engine shares the trainer's model in process)"
+            )
+        if self.mode != "colocated":
+            raise ConfigError(f"resources.mode: expected 'colocated', got {self.mode!r}")
         if self.num_workers < 1 or self.ep_size < 1 or self.num_workers % self.ep_size:
             raise ConfigError(
                 f"resources: num_workers ({self.num_workers}) must be a positive multiple of ep_size ({self.ep_size})"

@@ -37,6 +37,14 @@ class StageEnv:
     fault_at_step: int | None = None  # testing hook: the worker process dies right after this step's checkpoint
 
 
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
@@ -136,7 +144,8 @@ class StageLoop:
 
         self.env, self.runner, self.total = env, runner, total_steps
         self.ckpt_root = env.out_dir / "checkpoints"
-        self.logger = MetricsLogger(env.out_dir, env.stage.name)
+        self.rank = rank_world()[0]
+        self.logger = MetricsLogger(env.out_dir, env.stage.name) if self.rank == 0 else None
         self.start = 0
         if env.resume and latest_checkpoint(self.ckpt_root) is not None:
             self.start, _ = load_training_checkpoint(self.ckpt_root, runner)
@@ -148,9 +157,10 @@ class StageLoop:
         from dsalign.alignment.trainer import save_training_checkpoint
 
         metrics = {**metrics, "elapsed_s": time.time() - self.t0}
-        self.logger.log(step, metrics)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
-        print(f"[{self.env.stage.name}] step {step}/{self.total} {shown}", flush=True)
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
+            print(f"[{self.env.stage.name}] step {step}/{self.total} {shown}", flush=True)
         if step % self.env.stage.checkpoint_every == 0 or step == self.total:
             save_training_checkpoint(self.ckpt_root, step, self.runner, data_state={"step": step})
         if self.env.fault_at_step is not None and step == self.env.fault_at_step:
@@ -160,7 +170,8 @@ class StageLoop:
             os._exit(17)
 
     def close(self) -> None:
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 # ---------------------------------------------------------------------------------------------------- SFT
@@ -170,7 +181,8 @@ def sft_batches(examples: list[dict], params: SFTParams, seed: int, step: int, p
 
     rng = random.Random(seed * 1_000_003 + step)
     chosen = [examples[i] for i in rng.sample(range(len(examples)), min(params.batch_size, len(examples)))]
-    return [pack_examples(chosen, max_length=params.max_length * 4, pad_token_id=pad_id)]
+    rank, world = rank_world()  # data parallel: each rank takes its share of the global batch
+    return [pack_examples(chosen[rank::world], max_length=params.max_length * 4, pad_token_id=pad_id)]
 
 
 def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], params: SFTParams) -> Path:
@@ -322,7 +334,8 @@ def run_grpo(env: StageEnv) -> Path:
     loop = StageLoop(env, runner, p.iterations)
     for it in range(loop.start, p.iterations):
         t0 = time.time()
-        it_rows = grpo_iteration_rows(rows, p.prompts_per_iter, env.run.seed, it)
+        rank, world = rank_world()  # each rank generates and trains on its share of the prompts (whole groups)
+        it_rows = grpo_iteration_rows(rows, p.prompts_per_iter, env.run.seed, it)[rank::world]
         prompt_ids, comps = rollout(engine, env.tokenizer, it_rows, p.group_size, p.temperature, p.max_new_tokens,
                                     seed=env.run.seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
         gen_s = time.time() - t0
@@ -356,52 +369,70 @@ def run_grpo(env: StageEnv) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- distillation
+def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]:
+    """This rank's share of the teacher's scored traces (``samples_per_prompt`` per prompt, with provenance)."""
+    from dsalign.alignment.rollout import RolloutEngine
+
+    d = env.stage.distill
+    teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
+    rows = training_prompts(env.run, env.stage.data)[rank::world]
+    engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=128, max_len=256)
+    _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
+                       seed=env.run.seed + 31 + rank)  # fmt: skip
+    texts = completion_texts(env.tokenizer, comps)
+    k = d.samples_per_prompt
+    scored = build_combiner(env.stage.rewards)(
+        [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps], **expand_columns(rows, k)
+    )
+    teacher_name = str(env.sources["teacher"].get("checkpoint") or env.sources["teacher"].get("preset"))
+    return [
+        {
+            "prompt_id": rows[i // k]["prompt_id"],
+            "prompt": rows[i // k]["prompt"],
+            "completion": texts[i],
+            "reward": scored.rewards[i],
+            "teacher": teacher_name,
+            "trace_index": i % k,
+            "num_tokens": len(comps[i].token_ids),
+            "answer": rows[i // k]["answer"],
+        }  # fmt: skip
+        for i in range(len(comps))
+    ]
+
+
 def run_distill(env: StageEnv) -> Path:
     """R1-style: the teacher samples k traces per prompt, rewards verify them, the filtered traces (with
     provenance) become the student's SFT set."""
     from dsalign.alignment.distill import TraceFilterConfig, filter_traces, write_sft_dataset
-    from dsalign.alignment.rollout import RolloutEngine
 
     d = env.stage.distill
     data_file = env.out_dir / "distill_sft.jsonl"
+    rank, world = rank_world()
     if not (env.resume and data_file.is_file()):
-        teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
-        rows = training_prompts(env.run, env.stage.data)
-        engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=128, max_len=256)
-        prompt_ids, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature,
-                                    d.max_new_tokens, seed=env.run.seed + 31)  # fmt: skip
-        texts = completion_texts(env.tokenizer, comps)
-        k = d.samples_per_prompt
-        scored = build_combiner(env.stage.rewards)(
-            [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps],
-            **expand_columns(rows, k),
-        )  # fmt: skip
-        teacher_name = env.sources["teacher"].get("checkpoint") or env.sources["teacher"].get("preset")
-        traces = [
-            {
-                "prompt_id": rows[i // k]["prompt_id"],
-                "prompt": rows[i // k]["prompt"],
-                "completion": texts[i],
-                "reward": scored.rewards[i],
-                "teacher": str(teacher_name),
-                "trace_index": i % k,
-                "num_tokens": len(comps[i].token_ids),
-                "answer": rows[i // k]["answer"],
-            }  # fmt: skip
-            for i in range(len(comps))
-        ]
-        rules = TraceFilterConfig(min_reward=d.min_reward, keep=d.keep, require_well_formed=d.require_well_formed,
-                                  max_tokens=d.max_new_tokens)  # fmt: skip
-        kept, stats = filter_traces(traces, rules)
-        if not kept:
-            raise RuntimeError(f"distill: no teacher trace passed the filter ({stats})")
-        tmp = data_file.with_suffix(".tmp")
-        write_sft_dataset(kept, tmp)
-        tmp.replace(data_file)
-        print(
-            f"[{env.stage.name}] kept {stats.kept}/{stats.traces} traces from {stats.prompts_kept} prompts", flush=True
-        )
-        del teacher, engine
+        traces = teacher_traces(env, rank, world)
+        if world > 1:  # every rank sampled its share of the prompts; rank 0 filters and writes the dataset
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, traces)
+            traces = [t for part in gathered for t in part]
+        if rank == 0:
+            rules = TraceFilterConfig(min_reward=d.min_reward, keep=d.keep, require_well_formed=d.require_well_formed,
+                                      max_tokens=d.max_new_tokens)  # fmt: skip
+            kept, stats = filter_traces(traces, rules)
+            if kept:
+                tmp = data_file.with_suffix(".tmp")
+                write_sft_dataset(kept, tmp)
+                tmp.replace(data_file)
+            print(
+                f"[{env.stage.name}] kept {stats.kept}/{stats.traces} traces, {stats.prompts_kept} prompts", flush=True
+            )
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if not data_file.is_file():
+            raise RuntimeError(f"distill: no teacher trace passed the filter (min_reward={d.min_reward})")
     conversations = [json.loads(line) for line in data_file.read_text().splitlines()]
     student = load_source(env.sources["model"], env.tokenizer, env.run.seed)
     return run_sft_loop(env, student, conversations, d.sft)
