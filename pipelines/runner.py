@@ -87,6 +87,11 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "run_state.json"
     state = RunState.load(state_path) if resume else RunState()
+    for name, path in list(state.finished.items()):
+        if not Path(path).is_dir():  # its output was deleted since: run that stage (and its evals) again
+            print(f"[run] stage {name}: output {path} is missing; it will run again", flush=True)
+            del state.finished[name]
+            state.evals = [e for e in state.evals if not str(e["stage"]).startswith(name)]
     if not resume and state_path.exists():
         state_path.unlink()
     (out / "config.resolved.json").write_text(json.dumps(to_dict(cfg), indent=2))

@@ -118,7 +118,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_scalar(raw)
         keys = dotted.split(".")
         node: Any = data
         for i, key in enumerate(keys):
@@ -138,6 +138,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 raise ConfigError(f"override {item!r}: {where} is not a mapping or list")
     return data
+
+
+def _parse_scalar(raw: str) -> Any:
+    """YAML scalar parsing, plus numbers YAML 1.1 leaves as strings (``2e-5`` has no dot)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _list_index(node: list, key: str, where: str) -> int:

@@ -26,9 +26,11 @@ def _base(tmp_path) -> dict:
 
 
 def test_demo_config_loads_and_overrides_apply(tmp_path):
-    cfg = load_config(DEMO, ["stages.grpo.grpo.iterations=3", "stages.0.sft.optim.lr=0.01", "eval.num_prompts=7"])
+    cfg = load_config(DEMO, ["stages.grpo.grpo.iterations=3", "stages.0.sft.optim.lr=0.01", "eval.num_prompts=7",
+                             "stages.grpo.grpo.optim.lr=2e-5"])  # fmt: skip
     assert [s.kind for s in cfg.stages] == ["sft", "grpo", "distill", "grpo"]
     assert cfg.stages[1].grpo.iterations == 3 and cfg.stages[0].sft.optim.lr == 0.01 and cfg.eval.num_prompts == 7
+    assert cfg.stages[1].grpo.optim.lr == 2e-5
     assert cfg.stages[2].distill.teacher.from_stage == "grpo"
 
 
