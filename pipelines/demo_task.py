@@ -32,6 +32,9 @@ class AdditionTask:
     max_value: int = field(default=9, metadata={"help": "largest term"})
     slip_rate: float = field(default=0.12, metadata={"help": "cold-start traces: chance each step is off by one"})
     verbose_fraction: float = field(default=0.5, metadata={"help": "cold-start traces: share of verbose traces"})
+    budget_prompt_fraction: float = field(
+        default=0.5, metadata={"help": "cold-start prompts carrying a random (not yet obeyed) length budget"}
+    )
 
     def operands(self, rng: random.Random) -> tuple[int, ...]:
         n = rng.randint(self.min_terms, self.max_terms)
@@ -106,8 +109,12 @@ def make_sft_conversations(task: AdditionTask, prompts: list[dict[str, Any]], se
     for row in prompts:
         verbose = rng.random() < task.verbose_fraction
         trace, result = reasoning_trace(terms_of(row), verbose, task.slip_rate, rng)
+        prompt = row["prompt"]
+        if rng.random() < task.budget_prompt_fraction and prompt[0]["role"] != "system":
+            # The format of a budget instruction is seen in SFT, its meaning is left for length-controlled RL.
+            prompt = prompt_messages(terms_of(row), budget=rng.randint(20, 60))
         messages = [
-            *row["prompt"],
+            *prompt,
             {"role": "assistant", "content": f"\\boxed{{{result}}}", "reasoning_content": trace},
         ]
         rows.append({"prompt_id": row["prompt_id"], "messages": messages, "answer": row["answer"]})
