@@ -37,16 +37,16 @@ def synthetic_corpus(vocab: int, n_seqs: int, seq_len: int, seed: int = 0) -> to
     return torch.where(noise, torch.randint(0, vocab, data.shape, generator=g), data)
 
 
-def train(fp8: bool, steps: int, batch: int, seq_len: int, device: str, log_every: int) -> float:
+def train(fp8: bool, steps: int, batch: int, seq_len: int, device: str, log_every: int, seed: int = 0) -> float:
     """Train from a fixed init; return the loss on a fixed held-out batch of 64 sequences (single-batch training
     losses swing by +-30% here, so they are printed but not compared)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = ModelConfig.preset("tiny").replace(fp8=fp8)
     model = Transformer(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     corpus = synthetic_corpus(cfg.vocab_size, 576, seq_len).to(device)
     corpus, held_out = corpus[:512], corpus[512:]  # same rules, unseen sequences
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + seed)
     t0 = time.perf_counter()
     for step in range(steps):
         ids = corpus[torch.randint(0, corpus.shape[0], (batch,), generator=g)]
@@ -71,12 +71,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seeds", type=int, default=1, help="repeat over init/data seeds and report the mean losses")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_final = train(False, args.steps, args.batch, args.seq_len, device, 50)
-    fp8_final = train(True, args.steps, args.batch, args.seq_len, device, 50)
+    pairs = []
+    for seed in range(args.seeds):
+        base = train(False, args.steps, args.batch, args.seq_len, device, 50, seed)
+        fp8 = train(True, args.steps, args.batch, args.seq_len, device, 50, seed)
+        print(f"seed {seed}: base {base:.4f} fp8 {fp8:.4f} rel {(fp8 - base) / base:+.4f}", flush=True)
+        pairs.append((base, fp8))
+    base_final = sum(b for b, _ in pairs) / len(pairs)
+    fp8_final = sum(f for _, f in pairs) / len(pairs)
     rel = abs(fp8_final - base_final) / base_final
-    print(json.dumps({"metric": f"tiny_fp8_vs_base_final_loss_{args.steps}steps", "ours": round(fp8_final, 4),
+    metric = f"tiny_fp8_vs_base_final_loss_{args.steps}steps_{args.seeds}seeds"
+    print(json.dumps({"metric": metric, "ours": round(fp8_final, 4),
                       "baseline": round(base_final, 4), "ratio": round(fp8_final / base_final, 4), "unit": "loss",
                       "rel_diff": round(rel, 4)}))  # fmt: skip
 
