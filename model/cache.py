@@ -30,14 +30,29 @@ class LatentCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
+        self._init_dims(cfg, batch_size, max_len, num_layers, device)
+        self.data = torch.zeros(
+            self.num_layers, batch_size, max_len, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device
+        )
+
+    def _init_dims(self, cfg: ModelConfig, batch_size: int, max_len: int, num_layers: int | None, device) -> None:
         self.kv_lora_rank = cfg.kv_lora_rank
         self.rope_dim = cfg.qk_rope_head_dim
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         self.max_len = max_len
-        self.data = torch.zeros(
-            self.num_layers, batch_size, max_len, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device
-        )
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def _slots(
+        self, position_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch index, token index, cache position) of every token to write; padding tokens are left out."""
+        if valid_BT is None:
+            valid_BT = torch.ones(position_ids_BT.shape, dtype=torch.bool, device=position_ids_BT.device)
+        b_idx, t_idx = valid_BT.nonzero(as_tuple=True)
+        pos = position_ids_BT[b_idx, t_idx]
+        if pos.numel() and int(pos.max()) >= self.max_len:
+            raise ValueError(f"LatentCache: position {int(pos.max())} beyond max_len={self.max_len}")
+        return b_idx, t_idx, pos
 
     @property
     def batch_size(self) -> int:
@@ -67,20 +82,7 @@ class LatentCache:
     ) -> None:
         """Store the latents of the (valid) new tokens at their positions; padding tokens are not written."""
         entry_BTK = torch.cat([c_kv_BTC, k_pe_BTR], dim=-1).to(self.data.dtype)
-        if valid_BT is None:
-            b_idx, t_idx = (
-                x.reshape(-1)
-                for x in torch.meshgrid(
-                    torch.arange(entry_BTK.shape[0], device=entry_BTK.device),
-                    torch.arange(entry_BTK.shape[1], device=entry_BTK.device),
-                    indexing="ij",
-                )
-            )
-        else:
-            b_idx, t_idx = valid_BT.nonzero(as_tuple=True)
-        pos = position_ids_BT[b_idx, t_idx]
-        if pos.numel() and int(pos.max()) >= self.max_len:
-            raise ValueError(f"LatentCache: position {int(pos.max())} beyond max_len={self.max_len}")
+        b_idx, t_idx, pos = self._slots(position_ids_BT, valid_BT)
         self.data[layer, b_idx, pos] = entry_BTK[b_idx, t_idx]
 
     def read(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +129,7 @@ class FP8LatentCache(LatentCache):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        self.kv_lora_rank = cfg.kv_lora_rank
-        self.rope_dim = cfg.qk_rope_head_dim
-        self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
-        self.max_len = max_len
+        self._init_dims(cfg, batch_size, max_len, num_layers, device)
         self.tile = min(128, self.kv_lora_rank)
         if self.kv_lora_rank % self.tile:
             raise ValueError(f"FP8LatentCache: kv_lora_rank={self.kv_lora_rank} is not a multiple of 128")
@@ -138,7 +137,6 @@ class FP8LatentCache(LatentCache):
         self.c_kv = torch.zeros(*shape, self.kv_lora_rank, dtype=torch.float8_e4m3fn, device=device)
         self.scale = torch.ones(*shape, self.kv_lora_rank // self.tile, dtype=torch.float32, device=device)
         self.k_pe = torch.zeros(*shape, self.rope_dim, dtype=torch.bfloat16, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.compute_dtype = dtype
 
     @property
@@ -156,12 +154,7 @@ class FP8LatentCache(LatentCache):
         return [self.c_kv, self.scale, self.k_pe]
 
     def write(self, layer, c_kv_BTC, k_pe_BTR, position_ids_BT, valid_BT=None) -> None:
-        if valid_BT is None:
-            valid_BT = torch.ones(c_kv_BTC.shape[:2], dtype=torch.bool, device=c_kv_BTC.device)
-        b_idx, t_idx = valid_BT.nonzero(as_tuple=True)
-        pos = position_ids_BT[b_idx, t_idx]
-        if pos.numel() and int(pos.max()) >= self.max_len:
-            raise ValueError(f"LatentCache: position {int(pos.max())} beyond max_len={self.max_len}")
+        b_idx, t_idx, pos = self._slots(position_ids_BT, valid_BT)
         c_NGt = c_kv_BTC[b_idx, t_idx].float().unflatten(-1, (-1, self.tile))
         scale_NG = c_NGt.abs().amax(dim=-1).clamp(min=1e-4) / self.FP8_MAX
         self.c_kv[layer, b_idx, pos] = (c_NGt / scale_NG[..., None]).to(torch.float8_e4m3fn).flatten(-2)
