@@ -1,8 +1,6 @@
 """Expert parallelism (EP=2 over gloo) equals the single-process MoE: output and x / weight / router grads."""
 
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -12,32 +10,13 @@ from dsalign.kernels.moe import moe_experts_forward
 WORKER = os.path.join(os.path.dirname(__file__), "_ep_worker.py")
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.mark.distributed
-def test_ep2_matches_single_process(tmp_path):
+def test_ep2_matches_single_process(tmp_path, launch_workers):
     sys.path.insert(0, os.path.dirname(__file__))
     import _ep_worker as case_def
 
-    world, port = 2, _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(r), str(world), port, str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out
+    world = 2
+    launch_workers(WORKER, world, [str(tmp_path)], timeout=240)
 
     gate_up, down = case_def.full_weights()
     gate_up.requires_grad_()

@@ -3,8 +3,6 @@ match a single process on the same global batch within 1e-5 after 3 steps (fp32,
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -14,12 +12,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _dist_worker as case  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _single_process_reference():
@@ -41,23 +33,8 @@ def reference():
     return _single_process_reference()
 
 
-def _launch(tmp_path, ep_size: int, mode: str = "straight", zero_stage: int = 2) -> None:
-    world, port = 2, _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(tmp_path), str(ep_size), str(zero_stage), mode]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(r), str(world), port, *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out[-4000:]
+def _launch(launch_workers, tmp_path, ep_size: int, mode: str = "straight", zero_stage: int = 2) -> None:
+    launch_workers(WORKER, 2, [str(tmp_path), str(ep_size), str(zero_stage), mode], timeout=300)
 
 
 @pytest.mark.distributed
@@ -66,8 +43,8 @@ def _launch(tmp_path, ep_size: int, mode: str = "straight", zero_stage: int = 2)
     [(1, 2), (2, 2), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(2, 0, marks=pytest.mark.slow)],
     ids=["dp2_zero2", "ep2_zero2", "ep2_zero1", "ep2_zero0"],
 )
-def test_two_ranks_match_single_process(tmp_path, reference, ep_size, zero_stage):
-    _launch(tmp_path, ep_size, zero_stage=zero_stage)
+def test_two_ranks_match_single_process(tmp_path, reference, ep_size, zero_stage, launch_workers):
+    _launch(launch_workers, tmp_path, ep_size, zero_stage=zero_stage)
     want_params, want_hist = reference
     got_params = torch.load(tmp_path / "params_straight.pt")
     got_hist = json.loads((tmp_path / "metrics_straight.json").read_text())
@@ -84,12 +61,12 @@ def test_two_ranks_match_single_process(tmp_path, reference, ep_size, zero_stage
 
 
 @pytest.mark.distributed
-def test_ep2_zero2_resume_is_exact(tmp_path):
+def test_ep2_zero2_resume_is_exact(tmp_path, launch_workers):
     """Checkpoint of per-rank expert shards + ZeRO-2 optimizer partitions, resumed by fresh processes."""
-    _launch(tmp_path, 2, "straight")
-    _launch(tmp_path, 2, "save")
+    _launch(launch_workers, tmp_path, 2, "straight")
+    _launch(launch_workers, tmp_path, 2, "save")
     assert not (tmp_path / "params_save.pt").exists()
-    _launch(tmp_path, 2, "resume")
+    _launch(launch_workers, tmp_path, 2, "resume")
     straight, resumed = torch.load(tmp_path / "params_straight.pt"), torch.load(tmp_path / "params_resume.pt")
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k
