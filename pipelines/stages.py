@@ -258,8 +258,7 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
     _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
     prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
-    answers = [r["answer"] for r in rows for _ in range(ev.samples_per_prompt)]
-    acc = math_accuracy(prompts, texts, answer=answers)
+    acc = math_accuracy(prompts, texts, answer=expand_columns(rows, ev.samples_per_prompt)["answer"])
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
     out = {
@@ -403,6 +402,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
 def run_distill(env: StageEnv) -> Path:
     """R1-style: the teacher samples k traces per prompt, rewards verify them, the filtered traces (with
     provenance) become the student's SFT set."""
+    import torch.distributed as dist
     from dsalign.alignment.distill import TraceFilterConfig, filter_traces, write_sft_dataset
 
     d = env.stage.distill
@@ -411,8 +411,6 @@ def run_distill(env: StageEnv) -> Path:
     if not (env.resume and data_file.is_file()):
         traces = teacher_traces(env, rank, world)
         if world > 1:  # every rank sampled its share of the prompts; rank 0 filters and writes the dataset
-            import torch.distributed as dist
-
             gathered: list = [None] * world
             dist.all_gather_object(gathered, traces)
             traces = [t for part in gathered for t in part]
@@ -428,8 +426,6 @@ def run_distill(env: StageEnv) -> Path:
                 f"[{env.stage.name}] kept {stats.kept}/{stats.traces} traces, {stats.prompts_kept} prompts", flush=True
             )
         if world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
         if not data_file.is_file():
             raise RuntimeError(f"distill: no teacher trace passed the filter (min_reward={d.min_reward})")
