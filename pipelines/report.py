@@ -75,7 +75,7 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
     if eval_rows:
         cols = list(eval_rows[0])
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in eval_rows]
+        lines += ["| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |" for r in eval_rows]
     lines += ["", "## Training curves", ""]
     for key, label in PLOTTED.items():
         series = {s: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for s, rows in per_stage.items()}
@@ -109,7 +109,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
     cols = list(rows[0])
-    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    widths = [max(len(c), *(len(_fmt(r.get(c, "-"))) for r in rows)) for c in cols]
     head = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    body = ["  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    body = ["  ".join(_fmt(r.get(c, "-")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
     return "\n".join([head, "-" * len(head), *body])

@@ -32,17 +32,20 @@ class RunState:
 
     finished: dict[str, str] = field(default_factory=dict)  # stage name -> final HF checkpoint dir
     evals: list[dict[str, Any]] = field(default_factory=list)
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)  # eval label -> accuracy per held-out prompt
 
     @classmethod
     def load(cls, path: Path) -> RunState:
         if not path.is_file():
             return cls()
         data = json.loads(path.read_text())
-        return cls(finished=data.get("finished", {}), evals=data.get("evals", []))
+        return cls(finished=data.get("finished", {}), evals=data.get("evals", []),
+                   per_prompt=data.get("per_prompt", {}))  # fmt: skip
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"finished": self.finished, "evals": self.evals}, indent=2))
+        data = {"finished": self.finished, "evals": self.evals, "per_prompt": self.per_prompt}
+        tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, path)
 
 
@@ -92,6 +95,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
             print(f"[run] stage {name}: output {path} is missing; it will run again", flush=True)
             del state.finished[name]
             state.evals = [e for e in state.evals if not str(e["stage"]).startswith(name)]
+            state.per_prompt = {k: v for k, v in state.per_prompt.items() if not k.startswith(name)}
     if not resume and state_path.exists():
         state_path.unlink()
     (out / "config.resolved.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -100,13 +104,17 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     cpus = max(s.resources.cpus_per_worker for s in cfg.stages)
     tokenizer_dir = ray.get(actors.prepare_tokenizer.remote(to_dict(cfg)))
 
-    def evaluate(source: dict[str, Any], label: str, length_target: int | None = None) -> None:
+    def evaluate(source: dict[str, Any], label: str, length_target: int | None = None, vs: str | None = None) -> None:
         task = actors.evaluate_source.options(num_cpus=cpus)
         result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
-        state.evals.append({"stage": label, **{k: v for k, v in result.items() if k != "length_target"},
-                            "length_target": result.get("length_target", "-")})  # fmt: skip
+        state.per_prompt[label] = per = result.pop("per_prompt")
+        row = {"stage": label, "accuracy": result["accuracy"], "acc_se": clustered_se(per)}
+        row.update({k: v for k, v in result.items() if k not in ("accuracy", "length_target")})
+        row["length_target"] = result.get("length_target", "-")
+        row["vs"] = paired_delta(per, state.per_prompt.get(vs), vs) if vs else "-"
+        state.evals.append(row)
         state.save(state_path)
-        print(f"[eval] {label}: {result}", flush=True)
+        print(f"[eval] {label}: {row}", flush=True)
 
     if not state.evals:
         evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], "untrained")
@@ -118,16 +126,46 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress)
         state.finished[stage.name] = ckpt
         state.save(state_path)
-        evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name)
+        vs = comparison_label(stage)
+        evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name, vs=vs)
         if stage.data.length_target is not None:
-            evaluate({"checkpoint": ckpt, "overrides": {}}, f"{stage.name} (budget prompts)", stage.data.length_target)
+            evaluate({"checkpoint": ckpt, "overrides": {}}, f"{stage.name} (budget prompts)", stage.data.length_target,
+                     vs=vs)  # fmt: skip
     stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
     report = write_report(out, stage_dirs, state.evals, f"dsalign run {cfg.name}")
     print(f"\nHeld-out evaluation ({cfg.eval.num_prompts} prompts x {cfg.eval.samples_per_prompt} samples, "
           f"temperature {cfg.eval.temperature}):")  # fmt: skip
     print(format_table(state.evals))
+    print(
+        "acc_se: standard error of accuracy, samples of a prompt clustered; vs: accuracy change on the same prompts "
+        "with its paired standard error, against the model the stage started from (a student: its teacher)"
+    )
     print(f"\nreport: {report}   total time: {time.time() - t0:.0f}s")
     return state
+
+
+def comparison_label(stage: StageConfig) -> str:
+    """The eval a stage's accuracy is compared with: the model it started from (a distilled student: its teacher)."""
+    src = stage.distill.teacher if stage.kind == "distill" else stage.model
+    return src.from_stage or "untrained"
+
+
+def clustered_se(per_prompt: list[float]) -> float:
+    """Standard error of the mean accuracy with the samples of one prompt as a cluster (they are correlated)."""
+    n = len(per_prompt)
+    if n < 2:
+        return float("nan")
+    mean = sum(per_prompt) / n
+    return (sum((a - mean) ** 2 for a in per_prompt) / (n - 1) / n) ** 0.5
+
+
+def paired_delta(per: list[float], base: list[float] | None, label: str) -> str:
+    """``+d (SE s, label)``: accuracy difference to ``base`` on the same held-out prompts, paired per prompt."""
+    if base is None or len(base) != len(per):
+        return "-"
+    diffs = [a - b for a, b in zip(per, base)]
+    d = sum(diffs) / len(diffs)
+    return f"{d:+.3f} (SE {clustered_se(diffs):.3f}) vs {label}"
 
 
 def run_stage_with_retries(

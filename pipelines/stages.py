@@ -261,8 +261,11 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
     acc = math_accuracy(prompts, texts, answer=expand_columns(rows, ev.samples_per_prompt)["answer"])
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
+    k = ev.samples_per_prompt
     out = {
         "accuracy": sum(a or 0.0 for a in acc) / len(acc),
+        # per held-out prompt (mean over its samples): the unit of the paired noise estimate between stages
+        "per_prompt": [sum(a or 0.0 for a in acc[i : i + k]) / k for i in range(0, len(acc), k)],
         "format": sum(f or 0.0 for f in fmt) / len(fmt),
         "mean_length": sum(lengths) / len(lengths),
     }

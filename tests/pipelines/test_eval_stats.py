@@ -1,0 +1,53 @@
+"""The noise estimates printed with the held-out table: clustered SE and the paired stage-to-stage difference."""
+
+import math
+import random
+
+from dsalign.pipelines.config import RunConfig
+from dsalign.pipelines.runner import clustered_se, comparison_label, paired_delta
+from dsalign.pipelines.schema import from_dict
+
+
+def test_clustered_se_matches_formula_and_shrinks_with_n():
+    per = [0.0, 0.25, 0.5, 1.0]
+    mean = sum(per) / 4
+    expect = math.sqrt(sum((a - mean) ** 2 for a in per) / 3 / 4)
+    assert math.isclose(clustered_se(per), expect)
+    rng = random.Random(0)
+    small = [rng.random() for _ in range(50)]
+    big = small * 8
+    assert clustered_se(big) < clustered_se(small) / 2.5
+    assert math.isnan(clustered_se([0.5]))
+
+
+def test_paired_delta_cancels_shared_prompt_difficulty():
+    rng = random.Random(1)
+    difficulty = [rng.random() for _ in range(200)]  # prompts differ a lot in how hard they are ...
+    base = difficulty
+    better = [d + 0.05 for d in difficulty]  # ... but the new model gains the same on each
+    text = paired_delta(better, base, "sft")
+    assert text.startswith("+0.050 (SE 0.000) vs sft"), text
+    assert paired_delta(better, None, "sft") == "-"
+    assert paired_delta(better[:10], base, "sft") == "-"  # different prompt sets are not paired
+
+
+def test_comparison_label_follows_the_stage_source():
+    cfg = from_dict(
+        RunConfig,
+        {
+            "name": "t",
+            "output_dir": "/tmp/unused",
+            "stages": [
+                {"name": "sft", "kind": "sft", "model": {"preset": "tiny"}, "data": {"synthetic": "addition"}},
+                {"name": "rl", "kind": "grpo", "model": {"from_stage": "sft"}, "data": {"synthetic": "addition"}},
+                {
+                    "name": "student",
+                    "kind": "distill",
+                    "model": {"preset": "tiny"},
+                    "data": {"synthetic": "addition"},
+                    "distill": {"teacher": {"from_stage": "rl"}},
+                },
+            ],
+        },
+    )
+    assert [comparison_label(s) for s in cfg.stages] == ["untrained", "sft", "rl"]
