@@ -36,6 +36,10 @@ class AdditionTask:
         default=0.5, metadata={"help": "cold-start prompts carrying a random (not yet obeyed) length budget"}
     )
 
+    def num_distinct(self) -> int:
+        """How many different term tuples the task can produce."""
+        return sum(self.max_value**n for n in range(self.min_terms, self.max_terms + 1))
+
     def operands(self, rng: random.Random) -> tuple[int, ...]:
         n = rng.randint(self.min_terms, self.max_terms)
         return tuple(rng.randint(1, self.max_value) for _ in range(n))
@@ -75,6 +79,13 @@ def make_prompts(
     ``exclude`` (so held-out prompts never appear in training)."""
     rng = random.Random(seed)
     exclude = exclude or set()
+    available = task.num_distinct() - len(exclude)
+    if n > available:
+        raise ValueError(
+            f"the addition task (min_terms={task.min_terms}, max_terms={task.max_terms}, max_value={task.max_value}) "
+            f"has {task.num_distinct()} distinct prompts, {len(exclude)} of them held out: cannot make {n} distinct "
+            f"rows (at most {available}); lower num_rows or widen the task"
+        )
     seen: set[tuple[int, ...]] = set()
     rows = []
     while len(rows) < n:
