@@ -1,9 +1,12 @@
 """Ray actors and tasks: the only place (with ``runner.py`` and ``jobs.py``) that talks to Ray.
 
 - ``StageWorker``: one process of a stage's trainer group. With ``num_workers > 1`` the workers form one
-  ``torch.distributed`` group (gloo on CPU, NCCL on GPU) and run the stage SPMD; rank 0 logs, checkpoints and
-  exports. In the default colocated mode the rollout engine decodes with the trainer's own model object, so
-  weights are handed over in process, never converted or copied.
+  ``torch.distributed`` group (gloo on CPU, NCCL on GPU; rendezvous on rank 0's node) and run the stage SPMD; rank 0
+  logs, checkpoints and exports. In the default colocated mode the rollout engine decodes with the trainer's own
+  model object, so weights are handed over in process, never converted or copied. In split mode (GRPO) rollout
+  workers decode instead and get the trainer's weights before every iteration (``pools.py``).
+- ``run_stage``: reserves the stage's placement group (``placement.py``: one bundle per trainer, rollout and reward
+  worker), starts the actors in it, and removes actors and group when the stage ends or fails.
 - ``prepare_tokenizer`` / ``evaluate_source``: short tasks for the driver (tokenizer training, held-out evals).
 """
 
@@ -17,6 +20,8 @@ from typing import Any
 import ray
 
 from .config import RunConfig, StageConfig
+from .placement import StageLayout, in_bundle, release, reserve
+from .pools import RewardPool, RewardWorker, RolloutPool, RolloutWorker
 from .schema import from_dict, to_dict
 
 
@@ -26,38 +31,49 @@ class StageWorkerError(RuntimeError):
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _threads(cpus: float) -> int:
+    """torch threads for an actor holding ``cpus`` CPUs: its whole CPUs, at least one."""
+    return max(1, int(cpus))
 
 
 @ray.remote
 class StageWorker:
     """Runs one stage (SFT, GRPO or distillation) in its own process."""
 
-    def __init__(self, rank: int, world_size: int, master: tuple[str, int] | None, num_threads: int):
+    def __init__(self, num_threads: int):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.rank, self.world = rank, world_size
-        if world_size > 1:
-            import torch.distributed as dist
-
-            os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
-                              WORLD_SIZE=str(world_size), LOCAL_RANK="0")  # fmt: skip
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
 
     def pid(self) -> int:
         return os.getpid()
 
+    def address(self) -> tuple[str, int]:
+        """This worker's node address and a free port on it: rank 0's serve as the group's rendezvous."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def join_group(self, rank: int, world_size: int, master: tuple[str, int]) -> None:
+        import torch
+        import torch.distributed as dist
+
+        os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")  # fmt: skip
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+
     def run(self, run_cfg: dict, stage_name: str, sources: dict, tokenizer_dir: str, resume: bool,
-            fault_at_step: int | None) -> str:  # fmt: skip
+            fault_at_step: int | None, pools: dict[str, Any]) -> str:  # fmt: skip
         from .stages import STAGE_RUNNERS, StageEnv, load_tokenizer
 
         run = from_dict(RunConfig, run_cfg)
         stage = next(s for s in run.stages if s.name == stage_name)
         env = StageEnv(run=run, stage=stage, out_dir=run.stage_dir(stage), tokenizer=load_tokenizer(tokenizer_dir),
-                       sources=sources, resume=resume, fault_at_step=fault_at_step)  # fmt: skip
+                       sources=sources, resume=resume, fault_at_step=fault_at_step, rollout_pool=pools.get("rollout"),
+                       reward_pool=pools.get("reward"))  # fmt: skip
         env.out_dir.mkdir(parents=True, exist_ok=True)
         return str(STAGE_RUNNERS[stage.kind](env))
 
@@ -78,18 +94,51 @@ def _fault_step(stage: StageConfig, attempt: int) -> int | None:
     return int(step) if name == stage.name else None
 
 
+def start_actors(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: str, pg: Any,
+                 layout: StageLayout) -> tuple[list[Any], dict[str, Any]]:  # fmt: skip
+    """The stage's trainer workers (joined into one torch.distributed group) and its rollout / reward pools, each
+    actor in its own bundle of ``pg``."""
+    res = stage.resources
+    pools: dict[str, Any] = {}
+    if layout.rollout:
+        p = stage.grpo
+        slots = -(-p.prompts_per_iter // len(layout.rollout)) * p.group_size  # one engine slot per sample of a chunk
+        opts = {"num_cpus": res.rollout_cpus_per_worker, "max_restarts": 0}
+        pools["rollout"] = RolloutPool([
+            RolloutWorker.options(**opts, **in_bundle(pg, b)).remote(
+                sources["model"], tokenizer_dir, cfg.seed, slots, _threads(res.rollout_cpus_per_worker))
+            for b in layout.rollout
+        ])  # fmt: skip
+    if layout.reward:
+        group = stage.grpo.group_size if stage.kind == "grpo" else stage.distill.samples_per_prompt
+        opts = {"num_cpus": res.reward_cpus_per_worker, "max_restarts": 0}
+        workers = [RewardWorker.options(**opts, **in_bundle(pg, b)).remote(stage.rewards,
+                                                                          _threads(res.reward_cpus_per_worker))
+                   for b in layout.reward]  # fmt: skip
+        pools["reward"] = RewardPool(workers, group)
+    opts = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker, "max_restarts": 0}
+    trainers = [StageWorker.options(**opts, **in_bundle(pg, b)).remote(_threads(res.cpus_per_worker))
+                for b in layout.trainers]  # fmt: skip
+    if len(trainers) > 1:
+        master = ray.get(trainers[0].address.remote())
+        ray.get([w.join_group.remote(r, len(trainers), master) for r, w in enumerate(trainers)])
+    return trainers, pools
+
+
 def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: str, resume: bool,
               attempt: int) -> str:  # fmt: skip
-    """Start the stage's worker group, run it to the end, tear it down; returns the exported checkpoint dir."""
-    res = stage.resources
-    n = res.num_workers
-    master = ("127.0.0.1", _free_port()) if n > 1 else None
-    threads = max(1, int(res.cpus_per_worker))
-    opts = {"num_cpus": res.cpus_per_worker, "num_gpus": res.gpus_per_worker, "max_restarts": 0}
-    workers = [StageWorker.options(**opts).remote(r, n, master, threads) for r in range(n)]
-    fault = _fault_step(stage, attempt)
+    """Reserve the stage's placement group, start its actors, run it to the end, tear everything down; returns the
+    exported checkpoint dir."""
     try:
-        refs = [w.run.remote(to_dict(cfg), stage.name, sources, tokenizer_dir, resume, fault) for w in workers]
+        pg, layout = reserve(stage)
+    except TimeoutError as e:
+        raise StageWorkerError(str(e)) from e
+    actors: list[Any] = []
+    try:
+        trainers, pools = start_actors(cfg, stage, sources, tokenizer_dir, pg, layout)
+        actors = trainers + [w for pool in pools.values() for w in pool.workers]
+        fault = _fault_step(stage, attempt)
+        refs = [w.run.remote(to_dict(cfg), stage.name, sources, tokenizer_dir, resume, fault, pools) for w in trainers]
         try:
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as e:
@@ -97,8 +146,9 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
             raise StageWorkerError(f"stage {stage.name!r} raised at/after step {step}: {e.cause!r}") from e
         return results[0]
     finally:
-        for w in workers:
+        for w in actors:
             ray.kill(w, no_restart=True)
+        release(pg)
 
 
 @ray.remote(num_cpus=1)

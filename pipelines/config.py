@@ -59,29 +59,61 @@ class RewardEntry:
     timeout_s: float = 60.0
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+ROLLOUT_MODES = ("colocated", "split")
+
+
 @dataclass
 class Resources:
+    """A stage's actors and where they run. Every actor (trainer workers, then rollout workers, then reward workers)
+    gets one bundle of one Ray placement group, reserved before any actor starts (``pipelines/placement.py``)."""
+
     num_workers: int = field(default=1, metadata={"help": "trainer processes (one torch.distributed group)"})
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per trainer worker (fractions allowed)"})
     gpus_per_worker: float = 0.0
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size"})
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage (0 = plain data parallel)"})
-    mode: str = field(default="colocated", metadata={"help": "colocated (split: not implemented yet)"})
+    mode: str = field(
+        default="colocated",
+        metadata={"help": "GRPO rollout: colocated (the trainer's own model decodes) | split (rollout workers)"},
+    )
+    rollout_workers: int = field(default=0, metadata={"help": "split mode: rollout actors, each with a model copy"})
+    rollout_cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per rollout worker"})
+    verify_weight_sync: bool = field(
+        default=True,
+        metadata={
+            "help": "split mode: checksum every rollout worker's weights against the trainer's after each "
+            "broadcast (one pass over the weights per iteration)"
+        },  # fmt: skip
+    )
+    reward_workers: int = field(default=0, metadata={"help": "actors that score rewards (0 = in the trainer)"})
+    reward_cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per reward worker"})
+    placement_strategy: str = field(default="PACK", metadata={"help": " | ".join(PLACEMENT_STRATEGIES)})
+    placement_timeout_s: float = field(
+        default=600.0, metadata={"help": "how long to wait for the cluster to fit the stage's placement group"}
+    )
 
     def __post_init__(self) -> None:
-        if self.mode == "split":
-            raise ConfigError(
-                "resources.mode: 'split' (rollout on separate workers, weights broadcast after each update) is not "
-                "implemented yet; use 'colocated' (the rollout engine shares the trainer's model in process)"
-            )
-        if self.mode != "colocated":
-            raise ConfigError(f"resources.mode: expected 'colocated', got {self.mode!r}")
+        if self.mode not in ROLLOUT_MODES:
+            raise ConfigError(f"resources.mode: expected one of {ROLLOUT_MODES}, got {self.mode!r}")
         if self.num_workers < 1 or self.ep_size < 1 or self.num_workers % self.ep_size:
             raise ConfigError(
                 f"resources: num_workers ({self.num_workers}) must be a positive multiple of ep_size ({self.ep_size})"
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"resources.zero_stage: expected 0-3, got {self.zero_stage}")
+        for key in ("rollout_workers", "reward_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"resources.{key}: expected 0 or more, got {getattr(self, key)}")
+        for key in ("cpus_per_worker", "rollout_cpus_per_worker", "reward_cpus_per_worker"):
+            if getattr(self, key) <= 0:  # a Ray bundle must reserve something; fractions such as 0.5 are fine
+                raise ConfigError(f"resources.{key}: expected a positive number of CPUs, got {getattr(self, key)}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"resources.gpus_per_worker: expected 0 or more, got {self.gpus_per_worker}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(
+                f"resources.placement_strategy: expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
+            )
 
 
 @dataclass

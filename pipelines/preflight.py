@@ -1,7 +1,8 @@
 """Checks that run before any Ray actor starts: every problem a config can have that is visible up front.
 
 Data files exist, reward specs import (with their parameters), checkpoints have a config and weights, the tokenizer
-is there, and the output directory is writable. All problems are reported together, each naming its stage and key.
+is there, resources make sense for the stage (split mode has rollout workers, a local Ray fits every stage's placement
+group), and the output directory is writable. All problems are reported together, each naming its stage and key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from dsalign.model import ModelConfig
 
-from .config import ModelSource, RunConfig
+from .config import ModelSource, RunConfig, StageConfig
+from .placement import stage_layout, total_cpus
 from .schema import ConfigError
 
 
@@ -44,6 +46,38 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
                 problems.append(f"{where}.checkpoint: {e}")
 
 
+def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, problems: list[str]) -> None:
+    """Mode/worker combinations that cannot work, and (on a local Ray we start) a placement group that cannot fit."""
+    res = stage.resources
+    where = f"{where}.resources"
+    if res.mode == "split":
+        if stage.kind != "grpo":
+            problems.append(f"{where}.mode: 'split' applies to GRPO stages only (this is a {stage.kind} stage)")
+        elif res.rollout_workers < 1:
+            problems.append(
+                f"{where}: mode 'split' needs rollout_workers >= 1 (got {res.rollout_workers}); set e.g. "
+                "rollout_workers: 1, or use mode: colocated (the trainer's own model decodes)"
+            )
+        if res.zero_stage == 3:
+            problems.append(
+                f"{where}: mode 'split' broadcasts rank 0's full weights, which ZeRO stage 3 partitions; "
+                "use zero_stage 0-2 or mode: colocated"
+            )
+    elif res.rollout_workers:
+        problems.append(
+            f"{where}.rollout_workers: {res.rollout_workers} set, but mode is {res.mode!r}; set mode: split"
+        )
+    if res.reward_workers and stage.kind == "sft":
+        problems.append(f"{where}.reward_workers: an sft stage scores no rewards; remove reward_workers")
+    layout = stage_layout(res, stage.kind)
+    if local_cpus is not None and total_cpus(layout) > local_cpus:
+        problems.append(
+            f"{where}: the stage's placement group needs {total_cpus(layout):g} CPUs ({layout.bundles}) but the "
+            f"local Ray has {local_cpus:g} (ray.num_cpus); lower the *cpus_per_worker values (fractions such as 0.5 "
+            "are allowed) or the worker counts"
+        )
+
+
 def preflight(cfg: RunConfig) -> None:
     """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
     from dsalign.rewards import load_reward
@@ -53,9 +87,12 @@ def preflight(cfg: RunConfig) -> None:
         tok = Path(cfg.tokenizer)
         if not (tok / "tokenizer_config.json").is_file() and not (tok / "tokenizer.json").is_file():
             problems.append(f"tokenizer: {tok} is not a tokenizer directory (no tokenizer.json)")
+    local = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")  # a Ray we start here: capacity known
+    local_cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1) if local else None
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}] ({stage.name})"
         _check_model(stage.model, f"{where}.model", problems)
+        _check_resources(stage, where, local_cpus, problems)
         if stage.kind == "distill":
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
         if stage.data.path is not None and not Path(stage.data.path).exists():

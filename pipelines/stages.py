@@ -35,6 +35,8 @@ class StageEnv:
     sources: dict[str, Any]
     resume: bool
     fault_at_step: int | None = None  # testing hook: the worker process dies right after this step's checkpoint
+    rollout_pool: Any = None  # split-mode GRPO: ``pools.RolloutPool`` (None: decode with the trainer's own model)
+    reward_pool: Any = None  # ``pools.RewardPool`` (None: score in this process with ``build_combiner``)
 
 
 def rank_world() -> tuple[int, int]:
@@ -217,20 +219,54 @@ def completion_texts(tokenizer, completions) -> list[str]:
     return [tokenizer.decode([t for t in c.token_ids if t != eos], skip_special_tokens=False) for c in completions]
 
 
+ROLLOUT_MAX_LEN = 256  # context per decode slot (prompt + completion) of the engines the stages build
+
+
 def rollout(engine, tokenizer, rows: list[dict], n: int, temperature: float, max_new_tokens: int, seed: int,
-            top_p: float = 1.0):  # fmt: skip
-    """Generate ``n`` completions per prompt row; per-request seeds make every rollout reproducible."""
+            top_p: float = 1.0, row_ids: list[int] | None = None):  # fmt: skip
+    """Generate ``n`` completions per prompt row; per-request seeds make every rollout reproducible.
+
+    Row ``rows[i]`` samples with seed ``seed * 1000003 + row_ids[i]`` (default ``row_ids[i] = i``): passing each
+    row's index in the full batch makes its samples independent of how the batch was shared out (trainer ranks,
+    rollout workers)."""
     from dsalign.alignment.chat import tokenize_prompt
     from dsalign.alignment.sampling_params import SamplingParams
 
     prompt_ids = [tokenize_prompt(tokenizer, r["prompt"]) for r in rows]
+    ids = range(len(rows)) if row_ids is None else row_ids
     params = [
         SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed * 1_000_003 + i
         )  # fmt: skip
-        for i in range(len(rows))
+        for i in ids
     ]
     return prompt_ids, engine.generate(prompt_ids, params)
+
+
+class LocalRollout:
+    """Colocated generation: the engine decodes with the trainer's own model object, so the optimizer's updates are
+    visible to it at once (nothing is copied). Same ``generate`` as ``pools.RolloutPool``."""
+
+    def __init__(self, engine, tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+
+    def generate(self, rows: list[dict], row_ids: list[int], n: int, temperature: float, max_new_tokens: int,
+                 seed: int, top_p: float = 1.0):  # fmt: skip
+        return rollout(self.engine, self.tokenizer, rows, n, temperature, max_new_tokens, seed, top_p, row_ids)
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and raw bytes (sorted by name): equal digests mean the two
+    state dicts are bitwise equal. One pass over the weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def expand_columns(rows: list[dict], n: int) -> dict[str, list]:
@@ -254,7 +290,7 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
 
     ev = run.eval
     engine = RolloutEngine(model, tokenizer, max_batch_size=min(128, len(rows) * ev.samples_per_prompt),
-                           max_len=256)  # fmt: skip
+                           max_len=ROLLOUT_MAX_LEN)  # fmt: skip
     _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
     prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
@@ -310,8 +346,56 @@ def split_micro(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, tor
     return out
 
 
+def sync_rollout_weights(pool, runner, verify: bool) -> dict[str, Any]:
+    """Split mode: send the trainer's current weights to every rollout worker, before the iteration generates.
+
+    Every rank takes part in gathering expert-parallel shards (``full_model_for_export``, a collective over the EP
+    group); rank 0 puts the full state dict (CPU tensors) in the Ray object store once and every worker copies it
+    into its engine's model. With ``verify`` the workers' digests must equal the trainer's, bit for bit."""
+    import torch.distributed as dist
+    from dsalign.alignment.trainer.distributed import full_model_for_export
+
+    t0 = time.time()
+    rank, world = rank_world()
+    full = full_model_for_export(runner.model)
+    out: dict[str, Any] = {}
+    if rank == 0:
+        state = {k: v.detach().cpu() for k, v in full.state_dict().items()}
+        digests = pool.push_weights(state, verify)
+        if verify:
+            mine = weights_digest(state)
+            stale = [k for k, d in enumerate(digests) if d != mine]
+            if stale:
+                theirs = [digests[k][:12] for k in stale]
+                raise RuntimeError(f"split mode: rollout workers {stale} hold weights that differ from the trainer's "
+                                   f"after the broadcast (digest {mine[:12]} vs {theirs})")  # fmt: skip
+            out.update(weights_sha256=mine, rollout_weights_sha256=digests)
+    if world > 1:
+        dist.barrier()  # no rank asks for completions before every worker holds the new weights
+    out["weight_sync_s"] = time.time() - t0
+    return out
+
+
+def grpo_metrics(metrics: dict[str, Any], rewards: list[float], comps, scored, gen_s: float) -> dict[str, Any]:
+    """The step's logged scalars: the trainer's, plus reward, length, generation speed and expert load."""
+    metrics.update(
+        reward=sum(rewards) / len(rewards),
+        response_length=sum(len(c.token_ids) for c in comps) / len(comps),
+        generate_s=gen_s,
+        tokens_per_s=sum(len(c.token_ids) for c in comps) / max(gen_s, 1e-9),
+        **{f"reward/{k}": sum(x or 0.0 for x in v) / len(v) for k, v in scored.components.items()},
+    )
+    if "math_accuracy" in scored.components:
+        metrics["accuracy"] = metrics["reward/math_accuracy"]
+    loads = [v for k, v in metrics.items() if k.startswith("load_max_mean/")]
+    if loads:
+        metrics["expert_load_max_over_mean"] = max(loads)
+    return metrics
+
+
 def run_grpo(env: StageEnv) -> Path:
-    """GRPO with group-relative advantages; colocated: the engine decodes with the trainer's own model object."""
+    """GRPO with group-relative advantages. Colocated: the engine decodes with the trainer's own model object.
+    Split (``env.rollout_pool``): rollout workers decode with their own copies, refreshed before every iteration."""
     from dsalign.alignment.policy_loss import PolicyLossConfig
     from dsalign.alignment.rl import grpo_loss_fn, token_logprobs
     from dsalign.alignment.rollout import RolloutEngine
@@ -321,7 +405,7 @@ def run_grpo(env: StageEnv) -> Path:
     p = env.stage.grpo
     model = load_source(env.sources["model"], env.tokenizer, env.run.seed)
     rows = training_prompts(env.run, env.stage.data)
-    combiner = build_combiner(env.stage.rewards)
+    scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
                          bias_update_gamma=p.bias_update_gamma)  # fmt: skip
     loss_cfg = PolicyLossConfig(policy_loss=p.policy_loss, eps_low=p.eps_low, eps_high=p.eps_high,
@@ -332,18 +416,28 @@ def run_grpo(env: StageEnv) -> Path:
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
     runner = build_runner(model, cfg)
-    engine = RolloutEngine(model, env.tokenizer, max_batch_size=p.prompts_per_iter * p.group_size, max_len=256)
+    if env.rollout_pool is None:
+        slots = p.prompts_per_iter * p.group_size
+        generator = LocalRollout(RolloutEngine(model, env.tokenizer, max_batch_size=slots, max_len=ROLLOUT_MAX_LEN),
+                                 env.tokenizer)  # fmt: skip
+    else:
+        generator = env.rollout_pool
     loop = StageLoop(env, runner, p.iterations)
     for it in range(loop.start, p.iterations):
+        sync = {}
+        if env.rollout_pool is not None:
+            sync = sync_rollout_weights(env.rollout_pool, runner, env.stage.resources.verify_weight_sync)
         t0 = time.time()
         rank, world = rank_world()  # each rank generates and trains on its share of the prompts (whole groups)
-        it_rows = grpo_iteration_rows(rows, p.prompts_per_iter, env.run.seed, it)[rank::world]
-        prompt_ids, comps = rollout(engine, env.tokenizer, it_rows, p.group_size, p.temperature, p.max_new_tokens,
-                                    seed=env.run.seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
+        all_rows = grpo_iteration_rows(rows, p.prompts_per_iter, env.run.seed, it)
+        row_ids = list(range(rank, len(all_rows), world))
+        it_rows = [all_rows[i] for i in row_ids]
+        prompt_ids, comps = generator.generate(it_rows, row_ids, p.group_size, p.temperature, p.max_new_tokens,
+                                               seed=env.run.seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
         gen_s = time.time() - t0
         texts = completion_texts(env.tokenizer, comps)
-        scored = combiner([r["prompt"] for r in it_rows for _ in range(p.group_size)], texts,
-                          [c.token_ids for c in comps], **expand_columns(it_rows, p.group_size))  # fmt: skip
+        scored = scorer([r["prompt"] for r in it_rows for _ in range(p.group_size)], texts,
+                        [c.token_ids for c in comps], **expand_columns(it_rows, p.group_size))  # fmt: skip
         rewards = [0.0 if v is None else v for v in scored.rewards]
         batch = make_rl_batch(env.tokenizer, prompt_ids, comps, rewards, p.group_size, p)
         if reference is not None:
@@ -353,19 +447,7 @@ def run_grpo(env: StageEnv) -> Path:
         cfg.micro_batches = len(micro)
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
-        metrics.update(
-            reward=sum(rewards) / len(rewards),
-            response_length=sum(len(c.token_ids) for c in comps) / len(comps),
-            generate_s=gen_s,
-            tokens_per_s=sum(len(c.token_ids) for c in comps) / max(gen_s, 1e-9),
-            **{f"reward/{k}": sum(x or 0.0 for x in v) / len(v) for k, v in scored.components.items()},
-        )
-        if "math_accuracy" in scored.components:
-            metrics["accuracy"] = metrics["reward/math_accuracy"]
-        loads = [v for k, v in metrics.items() if k.startswith("load_max_mean/")]
-        if loads:
-            metrics["expert_load_max_over_mean"] = max(loads)
-        loop.end_step(it + 1, metrics)
+        loop.end_step(it + 1, {**grpo_metrics(metrics, rewards, comps, scored, gen_s), **sync})
     loop.close()
     return save_hf(runner, env.out_dir / "final", env.tokenizer)
 
@@ -378,12 +460,13 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
     rows = training_prompts(env.run, env.stage.data)[rank::world]
-    engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=128, max_len=256)
+    engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=128, max_len=ROLLOUT_MAX_LEN)
     _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
                        seed=env.run.seed + 31 + rank)  # fmt: skip
     texts = completion_texts(env.tokenizer, comps)
     k = d.samples_per_prompt
-    scored = build_combiner(env.stage.rewards)(
+    scorer = env.reward_pool or build_combiner(env.stage.rewards)
+    scored = scorer(
         [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps], **expand_columns(rows, k)
     )
     teacher_name = str(env.sources["teacher"].get("checkpoint") or env.sources["teacher"].get("preset"))

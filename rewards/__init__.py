@@ -16,7 +16,15 @@ from .api import (
     reward_name,
 )
 from .code import code_execution, extract_code
-from .combine import CombinedRewards, RewardCombiner, RewardError, RewardFailure, RewardSpec, combine_rewards
+from .combine import (
+    CombinedRewards,
+    RewardCombiner,
+    RewardError,
+    RewardFailure,
+    RewardSpec,
+    combine_rewards,
+    concat_results,
+)
 from .format import think_format
 from .length import kimi_length, soft_overlong, target_length
 from .sandbox import SandboxLimits, SandboxResult, SandboxUnavailable, run_many, run_python, sandbox_support
@@ -34,6 +42,7 @@ __all__ = [
     "SandboxUnavailable",
     "code_execution",
     "combine_rewards",
+    "concat_results",
     "completion_text",
     "extract_answer",
     "extract_code",

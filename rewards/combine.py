@@ -15,6 +15,7 @@ their value (group rewards that need the whole batch, marked ``requires_full_bat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import math
@@ -257,7 +258,7 @@ def _metrics(
     rewards: list[float | None],
     components: dict[str, list[float | None]],
     failures: list[RewardFailure],
-    fns: dict[str, RewardFn],
+    fns: dict[str, RewardFn] | Sequence[str],
 ) -> dict[str, float]:
     """Scalars for the logger: mean/std of the combined reward and of each component, None share, error counts."""
     metrics: dict[str, float] = {}
@@ -271,6 +272,33 @@ def _metrics(
         metrics[f"errors/{name}"] = float(sum(f.reward == name for f in failures))
     metrics["errors/total"] = float(len(failures))
     return metrics
+
+
+def concat_results(parts: Sequence[CombinedRewards], reward_names: Sequence[str]) -> CombinedRewards:
+    """One result from the results of scoring consecutive slices of one batch (e.g. on several worker processes).
+
+    Rewards and components are concatenated in order; a component that a slice lacks (a dict-returning reward that
+    failed on that slice) is ``None`` on its samples. Failures keep their sample, with the index shifted to the whole
+    batch; metrics are recomputed over the whole batch. When no reward fails, the result equals scoring the whole
+    batch at once, for group rewards too as long as every group lies within one slice.
+
+    >>> combiner = RewardCombiner(["think_format"])
+    >>> parts = [combiner(["q"], ["<think>a</think>1"]), combiner(["q", "q"], ["no", "<think>b</think>2"])]
+    >>> concat_results(parts, ["think_format"]).rewards
+    [1.0, 0.0, 1.0]
+    """
+    rewards: list[float | None] = []
+    components: dict[str, list[float | None]] = {}
+    failures: list[RewardFailure] = []
+    for part in parts:
+        start, n = len(rewards), len(part.rewards)
+        for key in [*components, *(k for k in part.components if k not in components)]:
+            components.setdefault(key, [None] * start).extend(part.components.get(key, [None] * n))
+        rewards += part.rewards
+        for f in part.failures:
+            shifted = None if f.sample_index is None else f.sample_index + start
+            failures.append(dataclasses.replace(f, sample_index=shifted))
+    return CombinedRewards(rewards, components, failures, _metrics(rewards, components, failures, reward_names))
 
 
 def _row(batch: tuple, i: int) -> tuple:

@@ -12,14 +12,6 @@ from dsalign.pipelines.config import load_config
 from dsalign.pipelines.runner import StageFailed, run
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _sft_only(tmp_path: Path, name: str, retries: int = 1):
