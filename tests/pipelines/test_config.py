@@ -11,6 +11,7 @@ from dsalign.pipelines.preflight import PreflightError, preflight
 from dsalign.pipelines.schema import ConfigError
 
 DEMO = Path(__file__).resolve().parents[2] / "pipelines" / "demo.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def _write(tmp_path, data) -> Path:
@@ -79,3 +80,63 @@ def test_preflight_checks_checkpoint_dirs(tmp_path):
     with pytest.raises(PreflightError, match="missing_ckpt has no config.json"):
         preflight(load_config(_write(tmp_path, data)))
     preflight(load_config(DEMO, [f"output_dir={tmp_path / 'ok'}"]))  # the demo itself passes
+
+
+def _tiny(tmp_path, **grpo_resources) -> dict:
+    data = yaml.safe_load(TINY.read_text())
+    data["output_dir"] = str(tmp_path / "out")
+    data["stages"][1]["resources"] = grpo_resources
+    return data
+
+
+def test_split_mode_without_rollout_workers_fails_preflight(tmp_path):
+    cfg = load_config(_write(tmp_path, _tiny(tmp_path, mode="split")))
+    with pytest.raises(
+        PreflightError, match=r"stages\[1\] \(grpo\)\.resources: mode 'split' needs rollout_workers >= 1"
+    ):
+        preflight(cfg)
+
+
+def test_resource_combinations_that_cannot_work_fail_preflight(tmp_path):
+    data = _tiny(tmp_path, mode="split", rollout_workers=2, reward_workers=1)  # 1 + 2 + 1 CPUs on a 2-CPU Ray
+    data["stages"][0]["resources"] = {"mode": "split", "reward_workers": 1}
+    data["stages"][3]["resources"] = {"rollout_workers": 1}
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    text = str(err.value)
+    assert "stages[0] (sft).resources.mode: 'split' applies to GRPO stages only" in text
+    assert "stages[0] (sft).resources.reward_workers: an sft stage scores no rewards" in text
+    assert "stages[1] (grpo).resources: the stage's placement group needs 4 CPUs" in text and "has 2" in text
+    assert "stages[3] (length).resources.rollout_workers: 1 set, but mode is 'colocated'; set mode: split" in text
+    assert len(err.value.problems) == 4
+    fits = _tiny(tmp_path, mode="split", rollout_workers=2, rollout_cpus_per_worker=0.25, reward_workers=1,
+                 reward_cpus_per_worker=0.5)  # fmt: skip
+    preflight(load_config(_write(tmp_path, fits)))  # fractional CPUs: 1 + 0.5 + 0.5 fits
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"mode": "spilt"}, r"resources\.mode: expected one of \('colocated', 'split'\), got 'spilt'"),
+        ({"placement_strategy": "pack"}, r"resources\.placement_strategy: expected one of \('PACK'"),
+        ({"rollout_cpus_per_worker": 0}, r"resources\.rollout_cpus_per_worker: expected a positive number of CPUs"),
+        ({"reward_workers": -1}, r"resources\.reward_workers: expected 0 or more, got -1"),
+    ],
+)
+def test_bad_resources_fail_on_load(tmp_path, resources, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, _tiny(tmp_path, **resources)))
+
+
+def test_placement_bundles_one_per_actor_in_role_order():
+    from dsalign.pipelines.config import Resources
+    from dsalign.pipelines.placement import stage_layout, total_cpus
+
+    res = Resources(num_workers=2, cpus_per_worker=2, gpus_per_worker=1, mode="split", rollout_workers=2,
+                    rollout_cpus_per_worker=0.5, reward_workers=1)  # fmt: skip
+    layout = stage_layout(res, "grpo")
+    assert layout.bundles == [{"CPU": 2, "GPU": 1}] * 2 + [{"CPU": 0.5}] * 2 + [{"CPU": 1.0}]
+    assert (layout.trainers, layout.rollout, layout.reward) == (range(0, 2), range(2, 4), range(4, 5))
+    assert stage_layout(res, "distill").bundles == [{"CPU": 2, "GPU": 1}] * 2 + [{"CPU": 1.0}]  # no rollout workers
+    demo = load_config(DEMO)  # every demo stage's placement group fits the demo's local Ray
+    assert all(total_cpus(stage_layout(s.resources, s.kind)) <= demo.ray.num_cpus for s in demo.stages)
