@@ -70,6 +70,13 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
     if res.reward_workers and stage.kind == "sft":
         problems.append(f"{where}.reward_workers: an sft stage scores no rewards; remove reward_workers")
     layout = stage_layout(res, stage.kind)
+    gpus = sum(b.get("GPU", 0.0) for b in layout.bundles)
+    if local_cpus is not None and gpus > 0:
+        import torch
+
+        if gpus > torch.cuda.device_count():
+            problems.append(f"{where}: the stage reserves {gpus:g} GPUs but this machine has "
+                            f"{torch.cuda.device_count()}; set gpus_per_worker: 0")  # fmt: skip
     if local_cpus is not None and total_cpus(layout) > local_cpus:
         problems.append(
             f"{where}: the stage's placement group needs {total_cpus(layout):g} CPUs ({layout.bundles}) but the "

@@ -101,6 +101,7 @@ def test_resource_combinations_that_cannot_work_fail_preflight(tmp_path):
     data = _tiny(tmp_path, mode="split", rollout_workers=2, reward_workers=1)  # 1 + 2 + 1 CPUs on a 2-CPU Ray
     data["stages"][0]["resources"] = {"mode": "split", "reward_workers": 1}
     data["stages"][3]["resources"] = {"rollout_workers": 1}
+    data["stages"][2]["resources"] = {"gpus_per_worker": 64}
     with pytest.raises(PreflightError) as err:
         preflight(load_config(_write(tmp_path, data)))
     text = str(err.value)
@@ -108,7 +109,8 @@ def test_resource_combinations_that_cannot_work_fail_preflight(tmp_path):
     assert "stages[0] (sft).resources.reward_workers: an sft stage scores no rewards" in text
     assert "stages[1] (grpo).resources: the stage's placement group needs 4 CPUs" in text and "has 2" in text
     assert "stages[3] (length).resources.rollout_workers: 1 set, but mode is 'colocated'; set mode: split" in text
-    assert len(err.value.problems) == 4
+    assert "stages[2] (distill).resources: the stage reserves 64 GPUs but this machine has" in text
+    assert len(err.value.problems) == 5
     fits = _tiny(tmp_path, mode="split", rollout_workers=2, rollout_cpus_per_worker=0.25, reward_workers=1,
                  reward_cpus_per_worker=0.5)  # fmt: skip
     preflight(load_config(_write(tmp_path, fits)))  # fractional CPUs: 1 + 0.5 + 0.5 fits
