@@ -57,11 +57,17 @@ def build_sft_examples(
 
 
 def sft_loss(
-    model: torch.nn.Module, batch: PackedBatch, mtp_lambda: float = 0.1, aux_loss_coef: float = 1.0
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    mtp_lambda: float = 0.1,
+    aux_loss_coef: float = 1.0,
+    fused_ce: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """Forward a packed batch and return ``(loss [], metrics)``.
 
-    ``loss = CE(assistant tokens) + mtp_lambda / D * sum_k CE_k + aux_loss_coef * aux_loss``.
+    ``loss = CE(assistant tokens) + mtp_lambda / D * sum_k CE_k + aux_loss_coef * aux_loss``. ``fused_ce`` (default)
+    computes the CE terms with the fused chunked head + cross-entropy (``kernels.fused_ce``, no [B, T, V] logits;
+    same values up to fp32 rounding).
     """
     out = model(
         batch.input_ids,
@@ -69,8 +75,10 @@ def sft_loss(
         position_ids=batch.position_ids,
         segment_ids=batch.segment_ids,
         compute_mtp=mtp_lambda > 0,
+        return_logits=not fused_ce,
     )
-    loss, metrics = causal_lm_loss(out, batch.labels, mtp_lambda, segment_ids=batch.segment_ids)
+    head_weight = model.lm_head.weight if fused_ce else None
+    loss, metrics = causal_lm_loss(out, batch.labels, mtp_lambda, batch.segment_ids, head_weight)
     if aux_loss_coef and out.aux_loss is not None:
         loss = loss + aux_loss_coef * out.aux_loss
         metrics["aux_loss"] = float(out.aux_loss.detach())

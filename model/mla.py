@@ -91,11 +91,18 @@ class MLA(nn.Module):
         q_BHTK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k_BHSK = torch.cat([k_nope_BSHN, k_pe_BSHR], dim=-1).transpose(1, 2)
         v_BHSV = v_BSHV.transpose(1, 2)
+        pad = k_BHSK.shape[-1] - self.v_dim if q_BHTK.device.type == "cpu" else 0
+        if pad > 0:
+            # CPU SDPA has a flash kernel only for equal q/k/v head dims; otherwise it takes the math path, which
+            # materializes [B, H, T, S] scores and computes the masked half of causal attention too. Zero columns
+            # appended to V leave the first v_dim output columns unchanged (and their gradients: the pad's backward
+            # drops the extra columns).
+            v_BHSV = F.pad(v_BHSV, (0, pad))
         attn_mask = None if mask_BTS is None else mask_BTS[:, None]
         o_BHTV = F.scaled_dot_product_attention(
             q_BHTK, k_BHSK, v_BHSV, attn_mask=attn_mask, is_causal=mask_BTS is None, scale=self.scale
         )
-        return o_BHTV.transpose(1, 2)
+        return o_BHTV[..., : self.v_dim].transpose(1, 2)
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
         w_HKC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

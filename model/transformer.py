@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from dsalign.kernels.fused_ce import fused_linear_cross_entropy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,16 +24,20 @@ from .rope import RotaryEmbedding
 @dataclass
 class ModelOutput:
     """logits [B, T, V]; mtp_logits[k-1] [B, T, V] where position i of depth k predicts token i + k + 1;
-    hidden [B, T, D] the final (post-norm) hidden state; aux_loss the summed alpha-weighted balance losses;
-    expert_counts [L, E] tokens per routed expert of every MoE layer (main model first, then MTP blocks);
-    hidden_pre [B, T, D] the last layer's output before the final norm (what ``mtp_hidden='pre_norm'`` feeds)."""
+    hidden [B, T, D] the final (post-norm) hidden state, the head's input; aux_loss the summed alpha-weighted balance
+    losses; expert_counts [L, E] tokens per routed expert of every MoE layer (main model first, then MTP blocks);
+    hidden_pre [B, T, D] the last layer's output before the final norm (what ``mtp_hidden='pre_norm'`` feeds);
+    mtp_hidden[k-1] [B, T, D] depth k's head input (its ``shared_head.norm`` output), filled when the forward ran with
+    ``return_logits=False``: then ``logits`` is None, ``mtp_logits`` empty, and a loss applies the head itself
+    (``causal_lm_loss(..., head_weight=)``, the fused chunked cross-entropy)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     hidden: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None
     hidden_pre: torch.Tensor | None = None
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class DecoderLayer(nn.Module):
@@ -148,6 +153,7 @@ class Transformer(nn.Module):
         compute_mtp: bool | None = None,
         absorbed: bool | None = None,
         num_logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Full forward (training, prefill) or cached step (decode).
 
@@ -161,6 +167,9 @@ class Transformer(nn.Module):
                 path runs (force either with ``absorbed``).
             compute_mtp: run the MTP modules (default: in training mode and without a cache).
             num_logits_to_keep: if > 0, only the last that many positions get logits.
+            return_logits: False skips the output head: ``logits`` is None and the head inputs come back in
+                ``hidden`` / ``mtp_hidden`` (for losses that fuse the head with the cross-entropy, which never
+                materialize the [B, T, V] logits).
         """
         B, T = input_ids.shape
         valid_BT = None if attention_mask is None else attention_mask.bool()
@@ -196,9 +205,10 @@ class Transformer(nn.Module):
         hidden_pre = h
         hidden = self.norm(h)
         keep = slice(-num_logits_to_keep, None) if num_logits_to_keep > 0 else slice(None)
-        logits = self.lm_head(hidden[:, keep])
+        logits = self.lm_head(hidden[:, keep]) if return_logits else None
 
         mtp_logits: list[torch.Tensor] = []
+        mtp_hidden: list[torch.Tensor] = []
         if compute_mtp is None:
             compute_mtp = self.training and cache is None
         if compute_mtp and len(self.mtp):
@@ -210,13 +220,16 @@ class Transformer(nn.Module):
                 h_prev, s = module(h_prev, self.embed_tokens(next_ids), rope, mask, valid_BT)
                 if s is not None:
                     stats.append(s)
-                mtp_logits.append(self.lm_head(module.norm(h_prev)[:, keep]))
+                if return_logits:
+                    mtp_logits.append(self.lm_head(module.norm(h_prev)[:, keep]))
+                else:
+                    mtp_hidden.append(module.norm(h_prev)[:, keep])
 
         if cache is not None:
             cache.lengths += valid_BT.sum(dim=1) if valid_BT is not None else T
-        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else logits.new_zeros(())
+        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else hidden.new_zeros((), dtype=torch.float32)
         counts = torch.stack([s.counts_E for s in stats]) if stats else None
-        return ModelOutput(logits, mtp_logits, hidden, aux, counts, hidden_pre)
+        return ModelOutput(logits, mtp_logits, hidden, aux, counts, hidden_pre, mtp_hidden)
 
     def _run_layer(self, layer, h, rope, mask, valid_BT, cache, position_ids, absorbed):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
@@ -229,33 +242,56 @@ def causal_lm_loss(
     labels: torch.Tensor,
     mtp_lambda: float = 0.0,
     segment_ids: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``CE_main + lambda / D * sum_k CE_k`` (SPEC.md section 4), mean over target tokens.
 
     ``labels`` [B, T] is aligned with ``input_ids`` (-100 = ignore) and shifted here: the main head at position i
     predicts ``labels[i + 1]``, MTP depth k predicts ``labels[i + k + 1]``. With ``segment_ids``, targets in another
     packed sample than the predicting position are ignored.
-    """
 
-    def shifted_ce(logits_BTV: torch.Tensor, shift: int) -> torch.Tensor:
-        T = labels.shape[1]
-        if shift >= T:
-            return logits_BTV.sum() * 0.0
+    ``out`` from a ``return_logits=False`` forward has no logits: pass the output head's weight (``model.lm_head
+    .weight``) and every term is ``kernels.fused_ce.fused_linear_cross_entropy`` on the head inputs (``out.hidden``,
+    ``out.mtp_hidden``), which never materializes the [B, T, V] logits; same loss and gradients up to fp32 rounding.
+    """
+    fused = out.logits is None
+    if fused and head_weight is None:
+        raise ValueError("causal_lm_loss: the model output has no logits (return_logits=False); pass head_weight="
+                         "model.lm_head.weight to compute the fused loss")  # fmt: skip
+    T = labels.shape[1]
+
+    def shifted_target(shift: int) -> torch.Tensor:
         target = labels[:, shift:].clone()
         if segment_ids is not None:
             target[segment_ids[:, shift:] != segment_ids[:, : T - shift]] = -100
+        return target
+
+    def shifted_ce(logits_BTV: torch.Tensor, shift: int) -> torch.Tensor:
+        if shift >= T:
+            return logits_BTV.sum() * 0.0
+        target = shifted_target(shift)
         logits = logits_BTV[:, : T - shift]
         if (target != -100).sum() == 0:
             return logits.sum() * 0.0
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
 
-    main = shifted_ce(out.logits, 1)
+    def shifted_fused_ce(hidden_BTD: torch.Tensor, shift: int) -> torch.Tensor:
+        if shift >= T:
+            return hidden_BTD.sum() * 0.0 + head_weight.sum() * 0.0
+        hidden_ND = hidden_BTD[:, : T - shift].reshape(-1, hidden_BTD.shape[-1])
+        return fused_linear_cross_entropy(hidden_ND, head_weight, shifted_target(shift).reshape(-1))
+
+    if fused:
+        term, main_out, mtp_outs = shifted_fused_ce, out.hidden, out.mtp_hidden
+    else:
+        term, main_out, mtp_outs = shifted_ce, out.logits, out.mtp_logits
+    main = term(main_out, 1)
     metrics = {"ce": main.item()}
     loss = main
-    if mtp_lambda > 0 and out.mtp_logits:
-        depth = len(out.mtp_logits)
-        mtp_terms = [shifted_ce(lg, k + 1) for k, lg in enumerate(out.mtp_logits, start=1)]
-        for k, term in enumerate(mtp_terms, start=1):
-            metrics[f"mtp_ce_{k}"] = term.item()
+    if mtp_lambda > 0 and mtp_outs:
+        depth = len(mtp_outs)
+        mtp_terms = [term(x, k + 1) for k, x in enumerate(mtp_outs, start=1)]
+        for k, mtp_term in enumerate(mtp_terms, start=1):
+            metrics[f"mtp_ce_{k}"] = mtp_term.item()
         loss = loss + mtp_lambda / depth * torch.stack(mtp_terms).sum()
     return loss, metrics

@@ -102,3 +102,28 @@ def test_export_hf_round_trip(tmp_path):
     back = load_checkpoint(tmp_path / "hf")
     for name, tensor in runner.model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name  # incl. the trained router biases
+
+
+@pytest.mark.parametrize("mtp_lambda", [0.0, 0.3])
+def test_fused_ce_loss_equals_the_logits_loss(mtp_lambda):
+    """``lm_loss_fn(fused_ce=True)`` (head inputs + fused chunked CE) gives the loss, metrics and every parameter
+    gradient of the plain logits path, with ignored labels, packed segments and MTP."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).train()
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    labels = ids.masked_fill(torch.arange(17) < 5, -100)
+    segment_ids = torch.tensor([[0] * 9 + [1] * 8, [0] * 17])
+    batch = {"input_ids": ids, "labels": labels, "segment_ids": segment_ids}
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, metrics = lm_loss_fn(mtp_lambda, fused_ce=fused)(model, batch)
+        loss.backward()
+        results.append((loss.item(), metrics, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_metrics, plain_grads), (fused, fused_metrics, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-6)
+    assert fused_metrics.keys() == plain_metrics.keys() and ("mtp_ce_1" in fused_metrics) == (mtp_lambda > 0)
+    assert fused_metrics == pytest.approx(plain_metrics, rel=1e-6)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, g in fused_grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")

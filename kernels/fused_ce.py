@@ -1,0 +1,163 @@
+"""Fused, chunked linear + cross-entropy: the LM head's loss without the full [N, V] logits (Liger-Kernel's
+FusedLinearCrossEntropy, in torch).
+
+Shape legend: N rows (tokens), D hidden, V vocab, C rows per chunk.
+
+``F.cross_entropy(h @ W.T, y)`` materializes the logits [N, V] (2048 x 32000 fp32 = 262 MB), its log-softmax, and in
+backward a gradient of the same size, each written and read through memory several times. Here the rows are taken
+C at a time: the chunk's logits, its loss and the gradient with respect to those logits (``softmax - onehot``) are
+computed in the forward itself, and immediately turned into ``grad_h`` rows (``grad_logits @ W``) and a running
+``grad_W`` (``+= grad_logits^T @ h``). The backward only scales the stored gradients by the incoming gradient.
+Same GEMMs as the unfused path (three per row: logits, dgrad, wgrad), one [C, V] buffer instead of several [N, V].
+
+Math (mean over the valid rows ``M = {i : y_i != ignore_index}``, logits ``z = s * h W^T`` with ``s = logit_scale``):
+    loss    = 1/|M| sum_{i in M} (logsumexp(z_i) - z_{i, y_i})
+    dL/dz_i = (softmax(z_i) - onehot(y_i)) / |M|   for i in M, 0 otherwise
+    dL/dh   = s * dL/dz W,   dL/dW = s * (dL/dz)^T h
+With no valid row the loss is 0 with zero gradients (``F.cross_entropy`` would give NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def linear_cross_entropy_ref(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The plain torch reference: full logits, ``F.cross_entropy`` in fp32."""
+    logits_NV = (hidden_ND @ weight_VD.t()).float() * logit_scale
+    return torch.nn.functional.cross_entropy(logits_NV, target_N, ignore_index=ignore_index, reduction=reduction)
+
+
+def _chunk_grad_logits(logits_CV: torch.Tensor, target_C: torch.Tensor, valid_C: torch.Tensor) -> torch.Tensor:
+    """Turn a chunk's fp32 logits, in place, into ``softmax - onehot`` (rows of ignored targets zeroed); returns the
+    per-row loss ``logsumexp - z_target`` [C] (0 on ignored rows)."""
+    rows = torch.arange(logits_CV.shape[0], device=logits_CV.device)
+    safe_target_C = torch.where(valid_C, target_C, 0)
+    max_C1 = logits_CV.amax(dim=1, keepdim=True)
+    logits_CV.sub_(max_C1)  # z - max: at most 0, so exp never overflows
+    z_target_C = logits_CV[rows, safe_target_C]
+    logits_CV.exp_()
+    sum_C1 = logits_CV.sum(dim=1, keepdim=True)
+    logits_CV.div_(sum_C1)  # softmax
+    logits_CV[rows, safe_target_C] -= 1.0
+    logits_CV.mul_(valid_C[:, None])
+    return (sum_C1.squeeze(1).log() - z_target_C) * valid_C
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss *and* both gradients; backward scales them by the incoming gradient (once)."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, target_N, ignore_index, logit_scale, reduction, chunk_rows, compute_dtype,
+                grad_enabled):  # fmt: skip
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        device_type = hidden_ND.device.type
+        with torch.autocast(device_type, enabled=False):
+            h_ND = hidden_ND.to(compute_dtype)
+            w_VD = weight_VD.to(compute_dtype)
+            valid_N = target_N != ignore_index
+            n_valid = valid_N.sum()
+            grad_h_ND = torch.empty_like(h_ND) if need_h else None
+            grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+            # One [C, V] buffer for every chunk (fresh large allocations cost page faults on CPU).
+            buf = torch.empty(min(chunk_rows, h_ND.shape[0]), w_VD.shape[0], dtype=compute_dtype, device=h_ND.device)
+            for start in range(0, h_ND.shape[0], chunk_rows):
+                h_CD = h_ND[start : start + chunk_rows]
+                logits_CV = torch.mm(h_CD, w_VD.t(), out=buf[: h_CD.shape[0]])
+                z_CV = logits_CV.float()  # a view when computing in fp32; a bf16 GEMM is upcast like F.cross_entropy
+                if logit_scale != 1.0:
+                    z_CV.mul_(logit_scale)
+                loss_sum += _chunk_grad_logits(z_CV, target_N[start : start + chunk_rows],
+                                               valid_N[start : start + chunk_rows]).sum()  # fmt: skip
+                g_CV = z_CV.to(compute_dtype)
+                if need_h:
+                    torch.mm(g_CV, w_VD, out=grad_h_ND[start : start + chunk_rows])
+                if need_w:
+                    if compute_dtype == torch.float32:
+                        grad_w_VD.addmm_(g_CV.t(), h_CD)
+                    else:
+                        grad_w_VD += (g_CV.t() @ h_CD).float()
+            scale = logit_scale / n_valid.clamp(min=1).float() if reduction == "mean" else logit_scale
+            loss = loss_sum / n_valid.clamp(min=1) if reduction == "mean" else loss_sum
+        ctx.grads = (grad_h_ND, grad_w_VD, scale)
+        ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward called twice (retain_graph); its gradients are computed in the "
+                "forward and handed out once. Use the unfused loss (fused_ce=False) for double backward."
+            )
+        grad_h_ND, grad_w_VD, scale = ctx.grads
+        ctx.grads = None
+        factor = grad_out.float() * scale
+        if grad_h_ND is not None:
+            grad_h_ND = grad_h_ND.mul_(factor.to(grad_h_ND.dtype)).to(ctx.dtypes[0])
+        if grad_w_VD is not None:
+            grad_w_VD = grad_w_VD.mul_(factor).to(ctx.dtypes[1])
+        return grad_h_ND, grad_w_VD, None, None, None, None, None, None, None
+
+
+def default_chunk_rows(num_rows: int, vocab_size: int, budget_elements: int = 1 << 25) -> int:
+    """Rows per chunk: as few chunks as keep one chunk's logits within ``budget_elements`` values (32M: 128 MB in
+    fp32), split evenly. Few large chunks matter on CPU: the forward GEMM ``h_C @ W^T`` repacks all of ``W`` per
+    call, so 256-row chunks cost 1.6x the unchunked GEMM there while ~1000-row chunks beat it (bench head shape)."""
+    max_rows = max(1, budget_elements // vocab_size)
+    num_chunks = -(-num_rows // max_rows)
+    return max(1, -(-num_rows // max(1, num_chunks)))
+
+
+def fused_linear_cross_entropy(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    logit_scale: float = 1.0,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(logit_scale * hidden @ weight.T, target)`` without materializing the logits.
+
+    Args:
+        hidden_ND: [N, D] the head's input (e.g. the final-norm hidden states).
+        weight_VD: [V, D] the head's weight.
+        target_N: [N] int64 class ids; ``ignore_index`` rows count neither in the loss nor in the mean.
+        logit_scale: multiplies the logits (``1 / temperature``).
+        reduction: "mean" over valid rows (0 when there is none) or "sum".
+        chunk_rows: rows per chunk (default: ``default_chunk_rows(N, V)``).
+    Returns:
+        The scalar loss (fp32). Under autocast the GEMMs run in the autocast dtype and the softmax in fp32, as
+        ``F.cross_entropy(lm_head(h).float())`` does. The backward may run once (no ``retain_graph``).
+    """
+    if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or hidden_ND.shape[1] != weight_VD.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: expected hidden [N, D] and weight [V, D], got "
+                         f"{tuple(hidden_ND.shape)} and {tuple(weight_VD.shape)}")  # fmt: skip
+    if target_N.shape != hidden_ND.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: target {tuple(target_N.shape)} does not match hidden rows "
+                         f"{hidden_ND.shape[0]}")  # fmt: skip
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    chunk_rows = default_chunk_rows(*target_N.shape, weight_VD.shape[0]) if chunk_rows is None else chunk_rows
+    if chunk_rows < 1:
+        raise ValueError(f"fused_linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    device_type = hidden_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(hidden_ND.dtype, weight_VD.dtype)
+    if hidden_ND.shape[0] == 0:
+        return (hidden_ND.sum() + weight_VD.sum()).float() * 0.0
+    return _FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, target_N, ignore_index, float(logit_scale), reduction,
+                                          chunk_rows, compute_dtype, torch.is_grad_enabled())  # fmt: skip
