@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsalign.kernels.causal_attention import blocked_causal_attention
 from torch import nn
 
 from .cache import LatentCache
 from .config import ModelConfig
 from .layers import RMSNorm, make_linear
 from .rope import apply_rope
+
+# Longest sequence for the blocked CPU attention: it keeps ~0.6 T^2 probabilities per head for the backward.
+BLOCKED_ATTENTION_MAX_T = 1024
 
 
 class MLA(nn.Module):
@@ -91,7 +95,17 @@ class MLA(nn.Module):
         q_BHTK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k_BHSK = torch.cat([k_nope_BSHN, k_pe_BSHR], dim=-1).transpose(1, 2)
         v_BHSV = v_BSHV.transpose(1, 2)
-        pad = k_BHSK.shape[-1] - self.v_dim if q_BHTK.device.type == "cpu" else 0
+        return self._attention(q_BHTK, k_BHSK, v_BHSV, mask_BTS).transpose(1, 2)
+
+    def _attention(self, q_BHTK, k_BHSK, v_BHSV, mask_BTS) -> torch.Tensor:
+        """SDPA, except on CPU where torch's kernels waste work at MLA's shapes (V head dim < K head dim)."""
+        T = q_BHTK.shape[2]
+        on_cpu = q_BHTK.device.type == "cpu"
+        if on_cpu and mask_BTS is None and q_BHTK.dtype == torch.float32 and T <= BLOCKED_ATTENTION_MAX_T:
+            # Plain causal, short: query blocks skip most of the masked half (kernels/causal_attention.py).
+            q, k, v = q_BHTK.contiguous(), k_BHSK.contiguous(), v_BHSV.contiguous()
+            return blocked_causal_attention(q, k, v, self.scale)
+        pad = k_BHSK.shape[-1] - self.v_dim if on_cpu else 0
         if pad > 0:
             # CPU SDPA has a flash kernel only for equal q/k/v head dims; otherwise it takes the math path, which
             # materializes [B, H, T, S] scores and computes the masked half of causal attention too. Zero columns
@@ -102,7 +116,7 @@ class MLA(nn.Module):
         o_BHTV = F.scaled_dot_product_attention(
             q_BHTK, k_BHSK, v_BHSV, attn_mask=attn_mask, is_causal=mask_BTS is None, scale=self.scale
         )
-        return o_BHTV[..., : self.v_dim].transpose(1, 2)
+        return o_BHTV[..., : self.v_dim]
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
         w_HKC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
