@@ -1,19 +1,29 @@
 """Training throughput of the ``bench`` preset: dsalign's trainer step vs transformers' DeepseekV3ForCausalLM.
 
-    python bench/train.py [--steps 3] [--warmup 1] [--batch 4] [--seq-len 512] [--threads 2] [--ours-experts-bmm]
+    python bench/train.py [--steps 3] [--warmup 1] [--batch 4] [--seq-len 512] [--threads 2]
+                          [--variant unfused_ce] [--variant experts_bmm]
 
 Both sides start from the same weights (our model written in the HF format, loaded by each side), train in fp32
 on the same random batch with ``torch.set_num_threads(threads)``, and make the same kind of step:
 forward, next-token cross-entropy, backward, global-norm clip 1.0, AdamW.
   * ours: ``alignment.trainer.train_step`` with ``LocalRunner`` (AdamW, warmup+cosine, router-bias update, load
-    metrics), ``lm_loss_fn(mtp_lambda=0)`` (no MTP: transformers has no MTP layers) plus the model's own
-    sequence-wise balance loss (alpha 1e-4, which transformers lacks, so ours does slightly more work);
+    metrics), ``lm_loss_fn(mtp_lambda=0)`` (no MTP: transformers has no MTP layers; the fused chunked head +
+    cross-entropy, its default) plus the model's own sequence-wise balance loss (alpha 1e-4, which transformers
+    lacks, so ours does slightly more work);
   * baseline: transformers' model with its default kernels (SDPA attention; ``experts_implementation`` default,
     reported), ``labels=`` loss, ``torch.optim.AdamW``.
-``--ours-experts-bmm`` adds an experiment, not the default path: a third process where our CPU grouped expert GEMM
-takes ``kernels.moe.grouped_mm_padded`` (one padded ``bmm``) instead of ``torch._grouped_mm``.
-Each side runs in its own fresh process so that its peak resident memory (``ru_maxrss``: weights, gradients,
-optimizer state, activations and the runtime itself) is its own. Prints one JSON line per measurement.
+``--variant`` adds experiments of ours, never the default path: ``unfused_ce`` (``lm_loss_fn(fused_ce=False)``:
+full logits and ``F.cross_entropy``), ``experts_bmm`` (our CPU grouped expert GEMM through
+``kernels.moe.grouped_mm_padded``, one padded ``bmm``, instead of ``torch._grouped_mm``).
+
+Each side runs in its own process, so that its peak resident memory (``ru_maxrss``: weights, gradients, optimizer
+state, activations and the runtime itself) is its own. The processes are alive together but never compute at the
+same time: the driver asks them for one step in turn (ABBA order), so a change of the machine's background load
+during the run falls on every side alike instead of on whichever ran last. Per step it records wall time and the
+process's CPU time (all threads). On a shared machine neither is clean: with 2 OpenMP threads on 2 busy cores every
+parallel region waits at its barrier for a descheduled thread, spinning, so wall and CPU time both grow several
+fold (7x seen at load 3-4). Compare sides within one run, and trust runs at low load. Prints one line per side
+and one JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,25 +40,33 @@ import time
 
 import torch
 
+VARIANTS = ("unfused_ce", "experts_bmm")
+
 
 def _batch(vocab: int, batch: int, seq_len: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
 
 
-def _ours(ckpt: str, args: argparse.Namespace):
+def _ours(ckpt: str, args: argparse.Namespace, variant: str | None):
     from dsalign.alignment.trainer import LocalRunner, TrainerConfig, lm_loss_fn, prepare_model, train_step
     from dsalign.model import load_checkpoint
 
+    if variant == "experts_bmm":
+        from dsalign.kernels import moe
+
+        moe._GROUPED_MM_OK[("cpu", torch.float32)] = False  # the probe's cache: "does _grouped_mm run here"
     model = load_checkpoint(ckpt, missing_mtp="init")
     cfg = TrainerConfig(lr=1e-5, warmup_steps=0, total_steps=1000)
     runner = LocalRunner(prepare_model(model, cfg), cfg)
-    loss_fn = lm_loss_fn(mtp_lambda=0.0)
+    loss_fn = lm_loss_fn(mtp_lambda=0.0, fused_ce=variant != "unfused_ce")
     ids = _batch(model.cfg.vocab_size, args.batch, args.seq_len)
 
     def step() -> float:
         return train_step(runner, [{"input_ids": ids, "labels": ids}], loss_fn, cfg)["loss"]
 
-    return step, "dsalign, experts=" + ("padded bmm" if args.child == "ours_bmm" else "kernels default (_grouped_mm)")
+    impl = {None: "fused CE, experts _grouped_mm", "unfused_ce": "logits + F.cross_entropy",
+            "experts_bmm": "fused CE, experts padded bmm"}[variant]  # fmt: skip
+    return step, "dsalign: " + impl
 
 
 def _baseline(ckpt: str, args: argparse.Namespace):
@@ -63,40 +82,68 @@ def _baseline(ckpt: str, args: argparse.Namespace):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     impl = f"attn={model.config._attn_implementation}, experts={model.config._experts_implementation_internal}"
     return step, impl
 
 
 def child(side: str, ckpt: str, args: argparse.Namespace) -> None:
-    """Runs in a fresh process: warm up, time ``steps`` steps, print one JSON result line."""
+    """Runs in its own process: build the side, then run one step per ``step`` line read from stdin, answering
+    with a JSON line; ``done`` answers with the peak resident memory and exits."""
     torch.set_num_threads(args.threads)
-    if side == "ours_bmm":
-        from dsalign.kernels import moe
+    if side == "baseline":
+        step, impl = _baseline(ckpt, args)
+    else:
+        step, impl = _ours(ckpt, args, None if side == "ours" else side.removeprefix("ours_"))
+    print("READY " + json.dumps({"impl": impl}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "done":
+            peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            print("RESULT " + json.dumps({"peak_mib": peak_mib}), flush=True)
+            return
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": cpu, "loss": loss}), flush=True)
 
-        moe._GROUPED_MM_OK[("cpu", torch.float32)] = False  # the probe's cache: "does _grouped_mm run here"
-    step, impl = (_baseline if side == "baseline" else _ours)(ckpt, args)
-    losses = [step() for _ in range(args.warmup)]
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        losses.append(step())
-    elapsed = time.perf_counter() - t0
-    tokens = args.batch * args.seq_len * args.steps
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print("RESULT " + json.dumps({"tokens_per_s": tokens / elapsed, "peak_mib": peak_mib, "losses": losses,
-                                  "impl": impl, "s_per_step": elapsed / args.steps}))  # fmt: skip
+
+class Side:
+    """The driver's handle on one side's process."""
+
+    def __init__(self, name: str, ckpt: str, args: argparse.Namespace):
+        self.name = name
+        cmd = [sys.executable, __file__, "--child", name, "--ckpt", ckpt, "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len), "--threads", str(args.threads)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.impl = self._read("READY ")["impl"]
+        self.steps: list[dict] = []
+
+    def _read(self, prefix: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return json.loads(line[len(prefix) :])
+        raise RuntimeError(f"{self.name} benchmark process exited with {self.proc.wait()} (its stderr is above)")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read("RESULT ")
+
+    def finish(self) -> float:
+        peak = self.ask("done")["peak_mib"]
+        self.proc.wait()
+        return peak
 
 
-def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-           "--threads", str(args.threads)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{side} benchmark process failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+def summarize(side: Side, warmup: int, tokens_per_step: int) -> dict:
+    timed = side.steps[warmup:]
+    wall = statistics.mean(s["wall_s"] for s in timed)
+    cpu = statistics.mean(s["cpu_s"] for s in timed)
+    return {"tokens_per_s": tokens_per_step / wall, "tokens_per_cpu_s": tokens_per_step / cpu, "s_per_step": wall,
+            "cpu_s_per_step": cpu, "walls": [round(s["wall_s"], 2) for s in timed],
+            "losses": [s["loss"] for s in side.steps]}  # fmt: skip
 
 
 def main() -> None:
@@ -106,8 +153,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ours-experts-bmm", action="store_true", help="experiment: padded-bmm CPU expert GEMM (ours)")
-    p.add_argument("--child", choices=["ours", "ours_bmm", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", action="append", choices=VARIANTS, default=[], help="experiment of ours (repeatable)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -119,29 +166,33 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        save_checkpoint(Transformer(ModelConfig.preset("bench")), os.path.join(tmp, "bench"))
         ckpt = os.path.join(tmp, "bench")
-        base = run_side("baseline", ckpt, args)
-        ours = run_side("ours", ckpt, args)
-        ours_bmm = run_side("ours_bmm", ckpt, args) if args.ours_experts_bmm else None
+        save_checkpoint(Transformer(ModelConfig.preset("bench")), ckpt)
+        sides = [Side(name, ckpt, args) for name in ["ours", "baseline", *(f"ours_{v}" for v in args.variant)]]
+        for i in range(args.warmup + args.steps):
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                side.steps.append(side.ask("step"))
+        peaks = {side.name: side.finish() for side in sides}
     print(f"load average after: {os.getloadavg()}", flush=True)
-    sides = [("ours", ours), ("baseline", base)] + ([("ours_bmm", ours_bmm)] if ours_bmm else [])
-    for name, r in sides:
-        print(f"{name:8s} {r['tokens_per_s']:8.1f} tok/s  {r['s_per_step']:6.2f} s/step  peak {r['peak_mib']:7.0f} MiB"
-              f"  losses {[round(x, 4) for x in r['losses']]}  ({r['impl']})")  # fmt: skip
+    tokens = args.batch * args.seq_len
+    results = {side.name: {**summarize(side, args.warmup, tokens), "peak_mib": peaks[side.name]} for side in sides}
+    for side in sides:
+        r = results[side.name]
+        print(f"{side.name:16s} {r['tokens_per_s']:7.1f} tok/s {r['s_per_step']:6.2f} s/step (steps {r['walls']})"
+              f"  {r['tokens_per_cpu_s']:6.1f} tok/cpu-s  peak {r['peak_mib']:6.0f} MiB"
+              f"  losses {[round(x, 4) for x in r['losses']]}  ({side.impl})")  # fmt: skip
     shape = f"bench_{args.batch}x{args.seq_len}_fp32_{args.threads}threads"
-    rows = [
-        ("train_tokens_per_s_" + shape, ours["tokens_per_s"], base["tokens_per_s"], "tokens/s"),
-        ("train_peak_rss_" + shape, ours["peak_mib"], base["peak_mib"], "MiB"),
-    ]
-    if ours_bmm:
-        rows += [
-            ("train_tokens_per_s_experts_bmm_" + shape, ours_bmm["tokens_per_s"], base["tokens_per_s"], "tokens/s"),
-            ("train_peak_rss_experts_bmm_" + shape, ours_bmm["peak_mib"], base["peak_mib"], "MiB"),
-        ]
-    for metric, o, b, unit in rows:
-        print(json.dumps({"metric": metric, "ours": round(o, 2), "baseline": round(b, 2), "ratio": round(o / b, 3),
-                          "unit": unit}))  # fmt: skip
+    base = results["baseline"]
+    for name, r in results.items():
+        if name == "baseline":
+            continue
+        tag = "" if name == "ours" else name.removeprefix("ours_") + "_"
+        for metric, key, unit in [("train_tokens_per_s_", "tokens_per_s", "tokens/s"),
+                                  ("train_tokens_per_cpu_s_", "tokens_per_cpu_s", "tokens/CPU-s"),
+                                  ("train_peak_rss_", "peak_mib", "MiB")]:  # fmt: skip
+            o, b = r[key], base[key]
+            print(json.dumps({"metric": metric + tag + shape, "ours": round(o, 2), "baseline": round(b, 2),
+                              "ratio": round(o / b, 3), "unit": unit}))  # fmt: skip
 
 
 if __name__ == "__main__":
