@@ -49,7 +49,7 @@ def _chunk_grad_logits(logits_CV: torch.Tensor, target_C: torch.Tensor, valid_C:
     sum_C1 = logits_CV.sum(dim=1, keepdim=True)
     logits_CV.div_(sum_C1)  # softmax
     logits_CV[rows, safe_target_C] -= 1.0
-    logits_CV.mul_(valid_C[:, None])
+    logits_CV.index_fill_(0, (~valid_C).nonzero().squeeze(1), 0.0)  # touches the ignored rows only
     return (sum_C1.squeeze(1).log() - z_target_C) * valid_C
 
 
@@ -67,7 +67,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             valid_N = target_N != ignore_index
             n_valid = valid_N.sum()
             grad_h_ND = torch.empty_like(h_ND) if need_h else None
-            grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+            grad_w_VD = None  # the first chunk's product, then accumulated (no zero fill of [V, D])
             loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
             # One [C, V] buffer for every chunk (fresh large allocations cost page faults on CPU).
             buf = torch.empty(min(chunk_rows, h_ND.shape[0]), w_VD.shape[0], dtype=compute_dtype, device=h_ND.device)
@@ -82,11 +82,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 g_CV = z_CV.to(compute_dtype)
                 if need_h:
                     torch.mm(g_CV, w_VD, out=grad_h_ND[start : start + chunk_rows])
-                if need_w:
-                    if compute_dtype == torch.float32:
-                        grad_w_VD.addmm_(g_CV.t(), h_CD)
-                    else:
-                        grad_w_VD += (g_CV.t() @ h_CD).float()
+                if need_w and grad_w_VD is None:
+                    grad_w_VD = (g_CV.t() @ h_CD).float()
+                elif need_w and compute_dtype == torch.float32:
+                    grad_w_VD.addmm_(g_CV.t(), h_CD)
+                elif need_w:
+                    grad_w_VD += (g_CV.t() @ h_CD).float()
             scale = logit_scale / n_valid.clamp(min=1).float() if reduction == "mean" else logit_scale
             loss = loss_sum / n_valid.clamp(min=1) if reduction == "mean" else loss_sum
         ctx.grads = (grad_h_ND, grad_w_VD, scale)
