@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from dsalign.model import causal_lm_loss
+from dsalign.kernels.fused_ce import fused_linear_logprobs
+from dsalign.model import mtp_loss
 from torch import Tensor
 
 from .metrics import entropy_from_logits, logprobs_from_logits
@@ -49,16 +50,28 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     compute_mtp: bool = False,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """``logp[b, t] = log softmax(logits[b, t-1] / temperature)[input_ids[b, t]]`` (0 at t = 0), float32 [B, T].
 
     Also returns the per-token entropy (same alignment) when asked, and the model output (for aux losses).
+    ``fused`` (default): the model returns its head inputs and ``kernels.fused_ce.fused_linear_logprobs`` computes
+    both in row chunks, never holding the [B, T, V] logits (same values up to fp32 rounding; the backward recomputes
+    each chunk's logits). Then the output has ``hidden`` / ``mtp_hidden`` instead of ``logits`` / ``mtp_logits``.
     """
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], compute_mtp=compute_mtp)
-    logits = out.logits[:, :-1].float() / temperature
-    logp = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
+    ids = batch["input_ids"]
+    out = model(ids, attention_mask=batch["attention_mask"], compute_mtp=compute_mtp, return_logits=not fused)
+    if fused:
+        B, T = ids.shape
+        hidden_ND = out.hidden[:, :-1].reshape(-1, out.hidden.shape[-1])
+        logp, ent = fused_linear_logprobs(hidden_ND, model.lm_head.weight, ids[:, 1:].reshape(-1), 1.0 / temperature)
+        logp, ent = logp.view(B, T - 1), ent.view(B, T - 1)
+    else:
+        logits = out.logits[:, :-1].float() / temperature
+        logp = logprobs_from_logits(logits, ids[:, 1:])
+        ent = entropy_from_logits(logits) if with_entropy else None
     logp = torch.nn.functional.pad(logp, (1, 0))
-    ent = torch.nn.functional.pad(entropy_from_logits(logits), (1, 0)) if with_entropy else None
+    ent = torch.nn.functional.pad(ent, (1, 0)) if with_entropy else None
     return logp, ent, out
 
 
@@ -78,12 +91,11 @@ def grpo_loss_fn(
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg, batch.get("ref_logp"))
         if aux_loss_coef and out.aux_loss is not None:
             loss = loss + aux_loss_coef * out.aux_loss
-        if mtp_lambda > 0 and out.mtp_logits:
+        if mtp_lambda > 0:
             labels = batch["input_ids"].masked_fill(mask == 0, -100)
-            mtp_only = type(out)(logits=out.logits.detach(), mtp_logits=out.mtp_logits)
-            total, mtp_metrics = causal_lm_loss(mtp_only, labels, mtp_lambda)
-            loss = loss + (total - total.new_tensor(mtp_metrics["ce"]))
-            metrics.update({k: v for k, v in mtp_metrics.items() if k.startswith("mtp_")})
+            mtp, mtp_metrics = mtp_loss(out, labels, mtp_lambda, head_weight=model.lm_head.weight)
+            loss = loss + mtp
+            metrics.update(mtp_metrics)
         n = mask.sum().clamp(min=1)
         plain = {k: float(v) for k, v in metrics.items()}
         plain["entropy"] = float((ent.detach() * mask).sum() / n)

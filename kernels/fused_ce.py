@@ -15,6 +15,9 @@ Math (mean over the valid rows ``M = {i : y_i != ignore_index}``, logits ``z = s
     dL/dz_i = (softmax(z_i) - onehot(y_i)) / |M|   for i in M, 0 otherwise
     dL/dh   = s * dL/dz W,   dL/dW = s * (dL/dz)^T h
 With no valid row the loss is 0 with zero gradients (``F.cross_entropy`` would give NaN).
+
+``fused_linear_logprobs`` is the GRPO sibling: per-token log-probs of given tokens and the softmax entropy, chunked
+the same way; its backward recomputes each chunk's logits, since per-token upstream gradients are only known then.
 """
 
 from __future__ import annotations
@@ -120,6 +123,24 @@ def default_chunk_rows(num_rows: int, vocab_size: int, budget_elements: int = 1 
     return max(1, -(-num_rows // max(1, num_chunks)))
 
 
+def _check_and_plan(who: str, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor,
+                    chunk_rows: int | None) -> tuple[int, torch.dtype]:  # fmt: skip
+    """Shape checks with messages naming the function; returns (rows per chunk, GEMM dtype: the autocast dtype
+    under autocast, else the inputs' promoted dtype)."""
+    if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or hidden_ND.shape[1] != weight_VD.shape[1]:
+        raise ValueError(f"{who}: expected hidden [N, D] and weight [V, D], got {tuple(hidden_ND.shape)} and "
+                         f"{tuple(weight_VD.shape)}")  # fmt: skip
+    if target_N.shape != hidden_ND.shape[:1]:
+        raise ValueError(f"{who}: target {tuple(target_N.shape)} does not match hidden rows {hidden_ND.shape[0]}")
+    chunk_rows = default_chunk_rows(*target_N.shape, weight_VD.shape[0]) if chunk_rows is None else chunk_rows
+    if chunk_rows < 1:
+        raise ValueError(f"{who}: chunk_rows must be >= 1, got {chunk_rows}")
+    device_type = hidden_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        return chunk_rows, torch.get_autocast_dtype(device_type)
+    return chunk_rows, torch.promote_types(hidden_ND.dtype, weight_VD.dtype)
+
+
 def fused_linear_cross_entropy(
     hidden_ND: torch.Tensor,
     weight_VD: torch.Tensor,
@@ -142,23 +163,97 @@ def fused_linear_cross_entropy(
         The scalar loss (fp32). Under autocast the GEMMs run in the autocast dtype and the softmax in fp32, as
         ``F.cross_entropy(lm_head(h).float())`` does. The backward may run once (no ``retain_graph``).
     """
-    if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or hidden_ND.shape[1] != weight_VD.shape[1]:
-        raise ValueError(f"fused_linear_cross_entropy: expected hidden [N, D] and weight [V, D], got "
-                         f"{tuple(hidden_ND.shape)} and {tuple(weight_VD.shape)}")  # fmt: skip
-    if target_N.shape != hidden_ND.shape[:1]:
-        raise ValueError(f"fused_linear_cross_entropy: target {tuple(target_N.shape)} does not match hidden rows "
-                         f"{hidden_ND.shape[0]}")  # fmt: skip
     if reduction not in ("mean", "sum"):
         raise ValueError(f"fused_linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    chunk_rows = default_chunk_rows(*target_N.shape, weight_VD.shape[0]) if chunk_rows is None else chunk_rows
-    if chunk_rows < 1:
-        raise ValueError(f"fused_linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    device_type = hidden_ND.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        compute_dtype = torch.promote_types(hidden_ND.dtype, weight_VD.dtype)
+    chunk_rows, compute_dtype = _check_and_plan("fused_linear_cross_entropy", hidden_ND, weight_VD, target_N,
+                                                chunk_rows)  # fmt: skip
     if hidden_ND.shape[0] == 0:
         return (hidden_ND.sum() + weight_VD.sum()).float() * 0.0
     return _FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, target_N, ignore_index, float(logit_scale), reduction,
                                           chunk_rows, compute_dtype, torch.is_grad_enabled())  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-token log-probs and entropy (GRPO): chunked forward, chunks recomputed in backward
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear_logprobs_ref(
+    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, target_N: torch.Tensor, logit_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain torch reference: full logits; ``(log softmax(z)[target], entropy(softmax(z)))``, fp32 [N] each."""
+    logp_NV = torch.log_softmax((hidden_ND @ weight_VD.t()).float() * logit_scale, dim=-1)
+    return logp_NV.gather(1, target_N[:, None]).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Unlike the loss, the incoming gradients are per row (the policy loss weights every token), so the weight
+    gradient cannot be formed in the forward: the backward recomputes each chunk's logits (a fourth GEMM per row)
+    from the saved log-sum-exp and entropy. Memory stays at one [C, V] chunk instead of [N, V]."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, target_N, logit_scale, chunk_rows, compute_dtype):
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            h_ND, w_VD = hidden_ND.to(compute_dtype), weight_VD.to(compute_dtype)
+            logp_N = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+            lse_N, ent_N = torch.empty_like(logp_N), torch.empty_like(logp_N)
+            for start in range(0, h_ND.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                z_CV = (h_ND[rows] @ w_VD.t()).float().mul_(logit_scale)
+                lse_C = torch.logsumexp(z_CV, dim=1)
+                lse_N[rows] = lse_C
+                logp_N[rows] = z_CV.gather(1, target_N[rows, None]).squeeze(1) - lse_C
+                z_CV.sub_(lse_C[:, None])  # log p
+                ent_N[rows] = -(z_CV.exp() * z_CV).sum(dim=1)
+        ctx.set_materialize_grads(False)  # an unused output (usually the entropy) gets None, not a zero tensor
+        ctx.save_for_backward(hidden_ND, weight_VD, target_N, lse_N, ent_N)
+        ctx.config = (logit_scale, chunk_rows, compute_dtype)
+        return logp_N, ent_N
+
+    @staticmethod
+    def backward(ctx, grad_logp_N, grad_ent_N):
+        hidden_ND, weight_VD, target_N, lse_N, ent_N = ctx.saved_tensors
+        logit_scale, chunk_rows, compute_dtype = ctx.config
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_logp_N is None and grad_ent_N is None:
+            return None, None, None, None, None, None
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            h_ND, w_VD = hidden_ND.to(compute_dtype), weight_VD.to(compute_dtype)
+            grad_h_ND = torch.empty_like(h_ND) if need_h else None
+            grad_w_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+            for start in range(0, h_ND.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h_CD = h_ND[rows]
+                logp_CV = (h_CD @ w_VD.t()).float().mul_(logit_scale).sub_(lse_N[rows, None])
+                p_CV = logp_CV.exp()
+                # d logp_t / dz = onehot_t - p;  d H / dz = -p * (log p + H)
+                g_CV = None
+                if grad_ent_N is not None:
+                    g_CV = logp_CV.add_(ent_N[rows, None]).mul_(p_CV).mul_(-grad_ent_N[rows, None])
+                if grad_logp_N is not None:
+                    term_CV = p_CV.mul_(-grad_logp_N[rows, None])
+                    g_CV = term_CV if g_CV is None else g_CV.add_(term_CV)
+                    g_CV.scatter_add_(1, target_N[rows, None], grad_logp_N[rows, None])
+                g_CV = g_CV.mul_(logit_scale).to(compute_dtype)
+                if need_h:
+                    grad_h_ND[rows] = g_CV @ w_VD
+                if need_w:
+                    grad_w_VD += (g_CV.t() @ h_CD).float()
+        grad_h_ND = None if grad_h_ND is None else grad_h_ND.to(hidden_ND.dtype)
+        grad_w_VD = None if grad_w_VD is None else grad_w_VD.to(weight_VD.dtype)
+        return grad_h_ND, grad_w_VD, None, None, None, None
+
+
+def fused_linear_logprobs(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    target_N: torch.Tensor,
+    logit_scale: float = 1.0,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log softmax(z)[target], entropy(softmax(z)))`` for ``z = logit_scale * hidden @ weight.T``, fp32 [N] each,
+    without materializing the [N, V] logits. Both outputs are differentiable (the entropy for entropy bonuses);
+    under autocast the GEMMs run in the autocast dtype and the softmax in fp32."""
+    chunk_rows, compute_dtype = _check_and_plan("fused_linear_logprobs", hidden_ND, weight_VD, target_N, chunk_rows)
+    return _FusedLinearLogprobs.apply(hidden_ND, weight_VD, target_N.long(), float(logit_scale), chunk_rows,
+                                      compute_dtype)  # fmt: skip

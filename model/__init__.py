@@ -4,7 +4,7 @@ from .cache import FP8LatentCache, LatentCache
 from .checkpoint import build_model, load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss
-from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss
+from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss, mtp_loss
 
 __all__ = [
     "PRESETS",
@@ -20,6 +20,7 @@ __all__ = [
     "causal_lm_loss",
     "load_checkpoint",
     "load_imbalance",
+    "mtp_loss",
     "save_checkpoint",
     "sequence_balance_loss",
 ]

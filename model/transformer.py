@@ -237,6 +237,49 @@ class Transformer(nn.Module):
         return layer(h, rope, mask, valid_BT, cache, position_ids, absorbed)
 
 
+def _shifted_ce(out_BTX: torch.Tensor, labels: torch.Tensor, shift: int, segment_ids: torch.Tensor | None,
+                head_weight: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """CE of position i predicting ``labels[i + shift]``; ``out_BTX`` is logits [B, T, V], or head inputs [B, T, D]
+    when ``head_weight`` is given (fused chunked head + CE)."""
+    T = labels.shape[1]
+    if shift >= T:
+        return out_BTX.sum() * 0.0 + (0.0 if head_weight is None else head_weight.sum() * 0.0)
+    target = labels[:, shift:].clone()
+    if segment_ids is not None:
+        target[segment_ids[:, shift:] != segment_ids[:, : T - shift]] = -100
+    x = out_BTX[:, : T - shift].reshape(-1, out_BTX.shape[-1])
+    if head_weight is not None:
+        return fused_linear_cross_entropy(x, head_weight, target.reshape(-1))
+    if (target != -100).sum() == 0:
+        return x.sum() * 0.0
+    return F.cross_entropy(x.float(), target.reshape(-1), ignore_index=-100)
+
+
+def _check_fused(out: ModelOutput, head_weight: torch.Tensor | None, who: str) -> None:
+    if out.logits is None and head_weight is None:
+        raise ValueError(f"{who}: the model output has no logits (return_logits=False); pass head_weight="
+                         "model.lm_head.weight to compute the fused loss")  # fmt: skip
+
+
+def mtp_loss(
+    out: ModelOutput,
+    labels: torch.Tensor,
+    mtp_lambda: float,
+    segment_ids: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MTP part of ``causal_lm_loss`` alone: ``lambda / D * sum_k CE_k`` (0 without MTP outputs) and metrics
+    ``mtp_ce_<k>``. Same arguments as ``causal_lm_loss``."""
+    _check_fused(out, head_weight, "mtp_loss")
+    outs = out.mtp_logits if out.logits is not None else out.mtp_hidden
+    weight = None if out.logits is not None else head_weight
+    if mtp_lambda <= 0 or not outs:
+        return labels.new_zeros((), dtype=torch.float32), {}
+    terms = [_shifted_ce(x, labels, k + 1, segment_ids, weight) for k, x in enumerate(outs, start=1)]
+    metrics = {f"mtp_ce_{k}": term.item() for k, term in enumerate(terms, start=1)}
+    return mtp_lambda / len(outs) * torch.stack(terms).sum(), metrics
+
+
 def causal_lm_loss(
     out: ModelOutput,
     labels: torch.Tensor,
@@ -254,44 +297,10 @@ def causal_lm_loss(
     .weight``) and every term is ``kernels.fused_ce.fused_linear_cross_entropy`` on the head inputs (``out.hidden``,
     ``out.mtp_hidden``), which never materializes the [B, T, V] logits; same loss and gradients up to fp32 rounding.
     """
-    fused = out.logits is None
-    if fused and head_weight is None:
-        raise ValueError("causal_lm_loss: the model output has no logits (return_logits=False); pass head_weight="
-                         "model.lm_head.weight to compute the fused loss")  # fmt: skip
-    T = labels.shape[1]
-
-    def shifted_target(shift: int) -> torch.Tensor:
-        target = labels[:, shift:].clone()
-        if segment_ids is not None:
-            target[segment_ids[:, shift:] != segment_ids[:, : T - shift]] = -100
-        return target
-
-    def shifted_ce(logits_BTV: torch.Tensor, shift: int) -> torch.Tensor:
-        if shift >= T:
-            return logits_BTV.sum() * 0.0
-        target = shifted_target(shift)
-        logits = logits_BTV[:, : T - shift]
-        if (target != -100).sum() == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
-
-    def shifted_fused_ce(hidden_BTD: torch.Tensor, shift: int) -> torch.Tensor:
-        if shift >= T:
-            return hidden_BTD.sum() * 0.0 + head_weight.sum() * 0.0
-        hidden_ND = hidden_BTD[:, : T - shift].reshape(-1, hidden_BTD.shape[-1])
-        return fused_linear_cross_entropy(hidden_ND, head_weight, shifted_target(shift).reshape(-1))
-
-    if fused:
-        term, main_out, mtp_outs = shifted_fused_ce, out.hidden, out.mtp_hidden
+    _check_fused(out, head_weight, "causal_lm_loss")
+    if out.logits is not None:
+        main = _shifted_ce(out.logits, labels, 1, segment_ids, None)
     else:
-        term, main_out, mtp_outs = shifted_ce, out.logits, out.mtp_logits
-    main = term(main_out, 1)
-    metrics = {"ce": main.item()}
-    loss = main
-    if mtp_lambda > 0 and mtp_outs:
-        depth = len(mtp_outs)
-        mtp_terms = [term(x, k + 1) for k, x in enumerate(mtp_outs, start=1)]
-        for k, mtp_term in enumerate(mtp_terms, start=1):
-            metrics[f"mtp_ce_{k}"] = mtp_term.item()
-        loss = loss + mtp_lambda / depth * torch.stack(mtp_terms).sum()
-    return loss, metrics
+        main = _shifted_ce(out.hidden, labels, 1, segment_ids, head_weight)
+    mtp, metrics = mtp_loss(out, labels, mtp_lambda, segment_ids, head_weight)
+    return (main + mtp if metrics else main), {"ce": main.item(), **metrics}

@@ -43,3 +43,25 @@ def test_on_policy_loss_has_unit_ratio_and_mtp_term_trains_mtp_only_when_asked()
     loss, metrics = grpo_loss_fn(cfg, aux_loss_coef=0.0, mtp_lambda=0.3)(model, batch)
     loss.backward()
     assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0 and "mtp_ce_1" in metrics
+
+
+def test_fused_token_logprobs_match_the_logits_path():
+    """``token_logprobs(fused=True)`` (chunked head, no [B, T, V] logits) gives the log-probs, entropies and
+    parameter gradients of the logits path."""
+    model, batch = _setup()
+    model.train()
+    weights = torch.randn(2, 7)
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, ent, _ = token_logprobs(model, batch, temperature=0.7, with_entropy=True, fused=fused)
+        ((logp * weights).sum() + 0.1 * ent.sum()).backward()
+        results.append(
+            (logp.detach(), ent.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (logp0, ent0, g0), (logp1, ent1, g1) = results
+    torch.testing.assert_close(logp1, logp0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent1, ent0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys()
+    for name, g in g1.items():
+        assert (g - g0[name]).norm() <= 1e-5 * g0[name].norm(), name  # fp32 rounding, relative to the tensor

@@ -3,7 +3,13 @@ gradients with respect to the hidden states and the head weight, on odd shapes, 
 
 import pytest
 import torch
-from dsalign.kernels.fused_ce import default_chunk_rows, fused_linear_cross_entropy, linear_cross_entropy_ref
+from dsalign.kernels.fused_ce import (
+    default_chunk_rows,
+    fused_linear_cross_entropy,
+    fused_linear_logprobs,
+    linear_cross_entropy_ref,
+    linear_logprobs_ref,
+)
 
 # (N rows, D hidden, V vocab, chunk_rows): chunks that divide N, that do not, a single row per chunk, one chunk
 # larger than N, and the default chunking.
@@ -99,3 +105,26 @@ def test_second_backward_is_refused_and_bad_shapes_are_explained():
         fused_linear_cross_entropy(h, w, y[:3])
     with pytest.raises(ValueError, match="hidden \\[N, D\\] and weight \\[V, D\\]"):
         fused_linear_cross_entropy(h, w.t(), y)
+
+
+@pytest.mark.parametrize("n, d, v, chunk", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("grads_of", ["logp", "entropy", "both"])
+def test_logprobs_and_entropy_match_reference(n, d, v, chunk, temperature, grads_of):
+    """Per-row upstream gradients (as a policy loss gives them) on the log-probs, the entropy, or both."""
+    torch.manual_seed(0)
+    h, w, y = torch.randn(n, d), torch.randn(v, d) * d**-0.5 * 3, _targets(n, v, None)
+    g_logp, g_ent = torch.randn(n), torch.randn(n)
+
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        logp, ent = fn(hh, ww)
+        objective = {"logp": (logp * g_logp).sum(), "entropy": (ent * g_ent).sum()}
+        total = sum(objective.values()) if grads_of == "both" else objective[grads_of]
+        return (logp, ent, *torch.autograd.grad(total, (hh, ww)))
+
+    kw = dict(logit_scale=1 / temperature)
+    got = run(lambda hh, ww: fused_linear_logprobs(hh, ww, y, chunk_rows=chunk, **kw))
+    ref = run(lambda hh, ww: linear_logprobs_ref(hh, ww, y, **kw))
+    for g, r, what in zip(got, ref, ("logp", "entropy", "grad hidden", "grad weight")):
+        assert _rel(g, r) < 1e-5, what
