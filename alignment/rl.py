@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .metrics import entropy_from_logits, logprobs_from_logits
 from .policy_loss import PolicyLossConfig, grpo_loss
+from .trainer.step import fused_head_weight
 
 
 def build_rl_batch(
@@ -58,13 +59,15 @@ def token_logprobs(
     ``fused`` (default): the model returns its head inputs and ``kernels.fused_ce.fused_linear_logprobs`` computes
     both in row chunks, never holding the [B, T, V] logits (same values up to fp32 rounding; the backward recomputes
     each chunk's logits). Then the output has ``hidden`` / ``mtp_hidden`` instead of ``logits`` / ``mtp_logits``.
+    Under ZeRO-3 the logits path runs (``trainer.step.fused_head_weight``).
     """
     ids = batch["input_ids"]
-    out = model(ids, attention_mask=batch["attention_mask"], compute_mtp=compute_mtp, return_logits=not fused)
-    if fused:
+    head_weight = fused_head_weight(model) if fused else None
+    out = model(ids, attention_mask=batch["attention_mask"], compute_mtp=compute_mtp, return_logits=head_weight is None)
+    if head_weight is not None:
         B, T = ids.shape
         hidden_ND = out.hidden[:, :-1].reshape(-1, out.hidden.shape[-1])
-        logp, ent = fused_linear_logprobs(hidden_ND, model.lm_head.weight, ids[:, 1:].reshape(-1), 1.0 / temperature)
+        logp, ent = fused_linear_logprobs(hidden_ND, head_weight, ids[:, 1:].reshape(-1), 1.0 / temperature)
         logp, ent = logp.view(B, T - 1), ent.view(B, T - 1)
     else:
         logits = out.logits[:, :-1].float() / temperature
@@ -93,7 +96,7 @@ def grpo_loss_fn(
             loss = loss + aux_loss_coef * out.aux_loss
         if mtp_lambda > 0:
             labels = batch["input_ids"].masked_fill(mask == 0, -100)
-            mtp, mtp_metrics = mtp_loss(out, labels, mtp_lambda, head_weight=model.lm_head.weight)
+            mtp, mtp_metrics = mtp_loss(out, labels, mtp_lambda, head_weight=fused_head_weight(model))
             loss = loss + mtp
             metrics.update(mtp_metrics)
         n = mask.sum().clamp(min=1)

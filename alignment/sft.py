@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .chat import ConversationError, tokenize_conversation
 from .packing import PackedBatch
+from .trainer.step import fused_head_weight
 
 
 @dataclass
@@ -67,17 +68,17 @@ def sft_loss(
 
     ``loss = CE(assistant tokens) + mtp_lambda / D * sum_k CE_k + aux_loss_coef * aux_loss``. ``fused_ce`` (default)
     computes the CE terms with the fused chunked head + cross-entropy (``kernels.fused_ce``, no [B, T, V] logits;
-    same values up to fp32 rounding).
+    same values up to fp32 rounding; the logits path under ZeRO-3, see ``trainer.step.fused_head_weight``).
     """
+    head_weight = fused_head_weight(model) if fused_ce else None
     out = model(
         batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         segment_ids=batch.segment_ids,
         compute_mtp=mtp_lambda > 0,
-        return_logits=not fused_ce,
+        return_logits=head_weight is None,
     )
-    head_weight = model.lm_head.weight if fused_ce else None
     loss, metrics = causal_lm_loss(out, batch.labels, mtp_lambda, batch.segment_ids, head_weight)
     if aux_loss_coef and out.aux_loss is not None:
         loss = loss + aux_loss_coef * out.aux_loss

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from dsalign.model import save_checkpoint as save_hf_checkpoint
 
+from .distributed import full_model_for_export, gathered_parameters
 from .step import Runner
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -129,8 +130,10 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         tmp.mkdir()
     _barrier()
     try:
+        with gathered_parameters(runner.model):  # ZeRO-3: full weights (every rank holds the same copy)
+            model_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
         payload = {
-            "model": runner.model.state_dict(),
+            "model": model_state,
             "runner": runner.state_dict(),
             "rng": rng_state(),
             "data_state": data_state,
@@ -172,7 +175,8 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}; "
                          "resume with the same world size (and EP size)")  # fmt: skip
     payload = torch.load(path / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
-    runner.model.load_state_dict(payload["model"])
+    with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: loaded into full weights, re-partitioned
+        runner.model.load_state_dict(payload["model"])
     runner.load_state_dict(payload["runner"])
     set_rng_state(payload["rng"])
     return int(meta["step"]), payload["data_state"]
@@ -184,8 +188,6 @@ def export_hf(runner: Runner, path: str | Path, **kwargs: Any) -> Path | None:
     Expert-parallel models are gathered first (``distributed.gather_experts``); LoRA models must be merged
     (``lora.merge_lora``) before export.
     """
-    from .distributed import full_model_for_export
-
     model = full_model_for_export(runner.model)
     rank, _ = _rank_world()
     out = save_hf_checkpoint(model, path, **kwargs) if rank == 0 else None

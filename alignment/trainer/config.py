@@ -39,7 +39,9 @@ class TrainerConfig:
     compute_dtype: str = field(default="fp32", metadata={"help": "forward/backward autocast dtype: fp32 or bf16"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     # distribution
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage (0, 1 or 2) when distributed"})
+    zero_stage: int = field(
+        default=2, metadata={"help": "DeepSpeed ZeRO stage when distributed: 0-2, or 3 without expert parallelism"}
+    )
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size (divides world and experts)"})
     # checkpoints
     keep_last: int = field(default=3, metadata={"help": "training checkpoints kept on disk (oldest deleted)"})
@@ -58,8 +60,12 @@ class TrainerConfig:
             bad(f"compute_dtype must be 'fp32' or 'bf16', got {self.compute_dtype!r}")
         if self.micro_batches < 1:
             bad(f"micro_batches must be >= 1, got {self.micro_batches}")
-        if self.zero_stage not in (0, 1, 2):
-            bad(f"zero_stage {self.zero_stage} is not supported with expert parallelism; use 0, 1 or 2")
+        if self.zero_stage not in (0, 1, 2, 3):
+            bad(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3 and self.ep_size > 1:
+            bad(f"zero_stage 3 does not work with expert parallelism (ep_size {self.ep_size}): DeepSpeed's ZeRO-3 "
+                "accepts expert parameters only from its own AutoEP layers (docs/TRAINING.md); use zero_stage 0-2 "
+                "with ep_size > 1, or ep_size 1 with zero_stage 3")  # fmt: skip
         if self.ep_size < 1:
             bad(f"ep_size must be >= 1, got {self.ep_size}")
         if self.keep_last < 1:

@@ -1,4 +1,4 @@
-"""Data parallel through DeepSpeed ZeRO (stages 0-2) with expert parallelism for the routed experts.
+"""Data parallel through DeepSpeed ZeRO (stages 0-2, and 3 without EP) with expert parallelism for the routed experts.
 
 Process groups (``create_parallel_groups``), for a world of W ranks and EP size P (P divides W and E):
   * data parallel (DP): the whole world; the global batch is split over all W ranks.
@@ -17,11 +17,14 @@ these paths on when the model contains its own ``deepspeed.moe.layer.MoE`` modul
 equivalence with a single process (same global batch) is tested in ``tests/trainer/test_distributed.py``.
 
 Launch under torchrun or Ray-created process groups (env ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``):
-gloo on CPU, NCCL on CUDA. ZeRO-3 is not supported with expert parallelism here.
+gloo on CPU, NCCL on CUDA. ZeRO-3 runs data parallel only: DeepSpeed refuses it with expert parameters that do not
+come from its AutoEP layers (docs/TRAINING.md). Under ZeRO-3 the loss functions take the logits path
+(``step.fused_head_weight``) and exports gather the partitions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -104,8 +107,26 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
+def gathered_parameters(model: nn.Module, modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
+    """Context in which ZeRO-3 partitioned parameters hold their full values (collective: every rank enters it);
+    with ``modifier_rank``, that rank's in-place changes are kept and re-partitioned. A no-op without ZeRO-3."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]  # ds_id: set on ZeRO-3 parameters
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 def full_model_for_export(model: Transformer) -> Transformer:
-    """The model itself, or (collective over the EP group) a copy with every layer's experts gathered."""
+    """The model itself, or (collective) a full copy: experts gathered over the EP group, or every parameter
+    gathered from its ZeRO-3 partitions."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 (never with EP: TrainerConfig refuses it)
+        with gathered_parameters(model):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        full = build_model(model.cfg, device=next(iter(state.values())).device, dtype=state["norm.weight"].dtype)
+        full.load_state_dict(state)
+        return full
     sharded = [m for m in _moe_layers(model) if getattr(m.experts, "ep_group", None) is not None]
     if not sharded:
         return model

@@ -213,24 +213,36 @@ def _tracker_of(runner: Runner) -> ExpertLoadTracker:
     return runner._expert_tracker
 
 
+def fused_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The output head's weight for the fused chunked head + CE, or None where the logits path must run instead.
+
+    None under ZeRO-3: the weight is partitioned except inside ``lm_head``'s own forward (DeepSpeed gathers a
+    parameter used elsewhere only during ``engine.forward``, which loss functions, given the bare model, never run
+    through), so the fused loss, which reads it after the model's forward, would see an empty shard.
+    """
+    weight = model.lm_head.weight
+    return None if hasattr(weight, "ds_id") else weight  # ds_id: set on every ZeRO-3 partitioned parameter
+
+
 def lm_loss_fn(mtp_lambda: float = 0.1, aux_loss_coef: float = 1.0, fused_ce: bool = True) -> LossFn:
     """Next-token loss for dict batches {input_ids, labels, [attention_mask, position_ids, segment_ids]}:
     ``CE + mtp_lambda / D * sum_k CE_k + aux_loss_coef * balance loss``. MTP is skipped when lambda is 0.
 
     ``fused_ce`` (default) computes every CE term with the fused chunked head + cross-entropy
     (``kernels.fused_ce``): the model returns its head inputs instead of [B, T, V] logits; same loss and gradients
-    up to fp32 rounding, less time and memory. Its backward runs once per forward (no ``retain_graph``)."""
+    up to fp32 rounding, less time and memory. Its backward runs once per forward (no ``retain_graph``). Under
+    ZeRO-3 the logits path runs (``fused_head_weight``)."""
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        head_weight = fused_head_weight(model) if fused_ce else None
         out = model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             segment_ids=batch.get("segment_ids"),
             compute_mtp=mtp_lambda > 0,
-            return_logits=not fused_ce,
+            return_logits=head_weight is None,
         )
-        head_weight = model.lm_head.weight if fused_ce else None
         loss, metrics = causal_lm_loss(out, batch["labels"], mtp_lambda, batch.get("segment_ids"), head_weight)
         if aux_loss_coef and out.aux_loss is not None:
             loss = loss + aux_loss_coef * out.aux_loss

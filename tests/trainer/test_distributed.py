@@ -1,5 +1,5 @@
-"""Acceptance 2: DP=2 with ZeRO-2, and EP=2 (experts sharded, reduced over their expert-data-parallel group),
-match a single process on the same global batch within 1e-5 after 3 steps (fp32, gloo)."""
+"""Acceptance 2: DP=2 with ZeRO-2 or ZeRO-3, and EP=2 (experts sharded, reduced over their expert-data-parallel
+group), match a single process on the same global batch within 1e-5 after 3 steps (fp32, gloo)."""
 
 import json
 import os
@@ -40,8 +40,8 @@ def _launch(launch_workers, tmp_path, ep_size: int, mode: str = "straight", zero
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     "ep_size, zero_stage",
-    [(1, 2), (2, 2), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(2, 0, marks=pytest.mark.slow)],
-    ids=["dp2_zero2", "ep2_zero2", "ep2_zero1", "ep2_zero0"],
+    [(1, 2), (2, 2), (1, 3), pytest.param(2, 1, marks=pytest.mark.slow), pytest.param(2, 0, marks=pytest.mark.slow)],
+    ids=["dp2_zero2", "ep2_zero2", "dp2_zero3", "ep2_zero1", "ep2_zero0"],
 )
 def test_two_ranks_match_single_process(tmp_path, reference, ep_size, zero_stage, launch_workers):
     _launch(launch_workers, tmp_path, ep_size, zero_stage=zero_stage)
@@ -61,12 +61,13 @@ def test_two_ranks_match_single_process(tmp_path, reference, ep_size, zero_stage
 
 
 @pytest.mark.distributed
-def test_ep2_zero2_resume_is_exact(tmp_path, launch_workers):
-    """Checkpoint of per-rank expert shards + ZeRO-2 optimizer partitions, resumed by fresh processes."""
-    _launch(launch_workers, tmp_path, 2, "straight")
-    _launch(launch_workers, tmp_path, 2, "save")
-    assert not (tmp_path / "params_save.pt").exists()
-    _launch(launch_workers, tmp_path, 2, "resume")
+@pytest.mark.parametrize("ep_size, zero_stage", [(2, 2), (1, 3)], ids=["ep2_zero2", "dp2_zero3"])
+def test_resume_is_exact(tmp_path, launch_workers, ep_size, zero_stage):
+    """Checkpoint of per-rank expert shards + ZeRO-2 optimizer partitions (or ZeRO-3 parameter and optimizer
+    partitions), resumed by fresh processes."""
+    for mode in ("straight", "save", "resume"):
+        _launch(launch_workers, tmp_path, ep_size, mode, zero_stage=zero_stage)
+        assert (tmp_path / f"params_{mode}.pt").exists() == (mode != "save")
     straight, resumed = torch.load(tmp_path / "params_straight.pt"), torch.load(tmp_path / "params_resume.pt")
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k

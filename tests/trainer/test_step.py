@@ -127,3 +127,11 @@ def test_fused_ce_loss_equals_the_logits_loss(mtp_lambda):
     assert fused_grads.keys() == plain_grads.keys()
     for name, g in fused_grads.items():
         torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_zero3_with_expert_parallelism_is_refused_with_the_reason():
+    assert TrainerConfig(zero_stage=3).zero_stage == 3  # data parallel only: allowed
+    with pytest.raises(ValueError, match="AutoEP"):
+        TrainerConfig(zero_stage=3, ep_size=2)
+    with pytest.raises(ValueError, match="0, 1, 2 or 3"):
+        TrainerConfig(zero_stage=4)
