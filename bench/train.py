@@ -1,7 +1,7 @@
 """Training throughput of the ``bench`` preset: dsalign's trainer step vs transformers' DeepseekV3ForCausalLM.
 
-    python bench/train.py [--steps 3] [--warmup 1] [--batch 4] [--seq-len 512] [--threads 2]
-                          [--variant unfused_ce] [--variant experts_bmm]
+    python bench/train.py [--steps 3] [--warmup 2] [--batch 4] [--seq-len 512] [--threads 2]
+                          [--rounds 1] [--variant unfused_ce] [--variant experts_bmm]
 
 Both sides start from the same weights (our model written in the HF format, loaded by each side), train in fp32
 on the same random batch with ``torch.set_num_threads(threads)``, and make the same kind of step:
@@ -16,14 +16,17 @@ forward, next-token cross-entropy, backward, global-norm clip 1.0, AdamW.
 full logits and ``F.cross_entropy``), ``experts_bmm`` (our CPU grouped expert GEMM through
 ``kernels.moe.grouped_mm_padded``, one padded ``bmm``, instead of ``torch._grouped_mm``).
 
-Each side runs in its own process, so that its peak resident memory (``ru_maxrss``: weights, gradients, optimizer
-state, activations and the runtime itself) is its own. The processes are alive together but never compute at the
-same time: the driver asks them for one step in turn (ABBA order), so a change of the machine's background load
-during the run falls on every side alike instead of on whichever ran last. Per step it records wall time and the
-process's CPU time (all threads). On a shared machine neither is clean: with 2 OpenMP threads on 2 busy cores every
-parallel region waits at its barrier for a descheduled thread, spinning, so wall and CPU time both grow several
-fold (7x seen at load 3-4). Compare sides within one run, and trust runs at low load. Prints one line per side
-and one JSON line per measurement.
+Each side runs in its own process, alone (the other sides' processes are not alive meanwhile), so that its peak
+resident memory (``ru_maxrss``: weights, gradients, optimizer state, activations and the runtime itself) is its own
+and no other process's memory disturbs it. (An earlier version kept all sides alive and stepped them in turn: with
+our idle 4 GB process next to it, transformers' step, which faults in several fresh 262 MB logits tensors per step,
+spent far more time in the kernel and ran 6-10 s instead of 5-5.5 s, inflating our ratio to 1.3-1.6x.) ``--rounds
+R`` repeats the sides R times, in reverse order every other round, and averages over all timed steps, so a drift of
+the machine's background load falls on every side alike. Per step it records wall time and the process's CPU time
+(all threads). On a shared machine neither is clean: with 2 OpenMP threads on 2 busy cores every parallel region
+waits at its barrier for a descheduled thread, spinning, so wall and CPU time both grow several fold (7x seen at
+load 3-4). Compare sides within one run, and trust runs at low load. Prints one line per side and one JSON line per
+measurement.
 """
 
 from __future__ import annotations
@@ -118,7 +121,6 @@ class Side:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.impl = self._read("READY ")["impl"]
-        self.steps: list[dict] = []
 
     def _read(self, prefix: str) -> dict:
         for line in self.proc.stdout:
@@ -137,22 +139,22 @@ class Side:
         return peak
 
 
-def summarize(side: Side, warmup: int, tokens_per_step: int) -> dict:
-    timed = side.steps[warmup:]
+def summarize(timed: list[dict], tokens_per_step: int) -> dict:
     wall = statistics.mean(s["wall_s"] for s in timed)
     cpu = statistics.mean(s["cpu_s"] for s in timed)
     return {"tokens_per_s": tokens_per_step / wall, "tokens_per_cpu_s": tokens_per_step / cpu, "s_per_step": wall,
             "cpu_s_per_step": cpu, "walls": [round(s["wall_s"], 2) for s in timed],
-            "losses": [s["loss"] for s in side.steps]}  # fmt: skip
+            "losses": [s["loss"] for s in timed]}  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (the first ones are slow)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="repeat all sides, reversing the order every other round")
     p.add_argument("--variant", action="append", choices=VARIANTS, default=[], help="experiment of ours (repeatable)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -168,19 +170,25 @@ def main() -> None:
         torch.manual_seed(0)
         ckpt = os.path.join(tmp, "bench")
         save_checkpoint(Transformer(ModelConfig.preset("bench")), ckpt)
-        sides = [Side(name, ckpt, args) for name in ["ours", "baseline", *(f"ours_{v}" for v in args.variant)]]
-        for i in range(args.warmup + args.steps):
-            for side in sides if i % 2 == 0 else sides[::-1]:
-                side.steps.append(side.ask("step"))
-        peaks = {side.name: side.finish() for side in sides}
+        names = ["ours", "baseline", *(f"ours_{v}" for v in args.variant)]
+        timed: dict[str, list[dict]] = {name: [] for name in names}
+        peaks: dict[str, float] = dict.fromkeys(names, 0.0)
+        impls: dict[str, str] = {}
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                side = Side(name, ckpt, args)
+                steps = [side.ask("step") for _ in range(args.warmup + args.steps)]
+                peaks[name] = max(peaks[name], side.finish())
+                timed[name] += steps[args.warmup :]
+                impls[name] = side.impl
     print(f"load average after: {os.getloadavg()}", flush=True)
     tokens = args.batch * args.seq_len
-    results = {side.name: {**summarize(side, args.warmup, tokens), "peak_mib": peaks[side.name]} for side in sides}
-    for side in sides:
-        r = results[side.name]
-        print(f"{side.name:16s} {r['tokens_per_s']:7.1f} tok/s {r['s_per_step']:6.2f} s/step (steps {r['walls']})"
+    results = {name: {**summarize(timed[name], tokens), "peak_mib": peaks[name]} for name in names}
+    for name in names:
+        r = results[name]
+        print(f"{name:16s} {r['tokens_per_s']:7.1f} tok/s {r['s_per_step']:6.2f} s/step (steps {r['walls']})"
               f"  {r['tokens_per_cpu_s']:6.1f} tok/cpu-s  peak {r['peak_mib']:6.0f} MiB"
-              f"  losses {[round(x, 4) for x in r['losses']]}  ({side.impl})")  # fmt: skip
+              f"  losses {[round(x, 4) for x in r['losses']]}  ({impls[name]})")  # fmt: skip
     shape = f"bench_{args.batch}x{args.seq_len}_fp32_{args.threads}threads"
     base = results["baseline"]
     for name, r in results.items():
