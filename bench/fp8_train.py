@@ -1,6 +1,10 @@
 """FP8 vs high-precision training of the ``tiny`` model on a fixed synthetic corpus (issue 3, acceptance 4).
 
-    python bench/fp8_train.py --steps 200
+    python bench/fp8_train.py --steps 200 --seeds 4
+
+Defaults: batch 32 x 64 tokens, AdamW lr 1e-3. The earlier protocol (batch 8, lr 3e-3) is chaotic on this model:
+two runs whose GEMMs differ by FP8 rounding land anywhere from -15% to +20% apart per seed, so a 2% comparison
+there measures the seed, not FP8 (docs/PERFORMANCE.md keeps both sweeps).
 
 Both runs start from the same weights and see the same batches; the FP8 run sets ``ModelConfig.fp8`` so the
 quantizable projections are ``kernels.FP8Linear`` (forward, dgrad and wgrad GEMMs in e4m3 with 1x128 / 128x128
@@ -37,13 +41,28 @@ def synthetic_corpus(vocab: int, n_seqs: int, seq_len: int, seed: int = 0) -> to
     return torch.where(noise, torch.randint(0, vocab, data.shape, generator=g), data)
 
 
-def train(fp8: bool, steps: int, batch: int, seq_len: int, device: str, log_every: int, seed: int = 0) -> float:
+def set_fp8_scope(model: Transformer, scope: str) -> None:
+    """Attribution experiments: keep FP8 only in the dense projections (``linears``) or only in the routed experts
+    (``experts``). The model's switch covers both (``all``); this flips the experts' flag after construction."""
+    from dsalign.kernels.grouped_gemm import ExpertWeightCache
+    from dsalign.model.moe import GroupedExperts
+
+    for mod in model.modules():
+        if isinstance(mod, GroupedExperts):
+            mod.fp8 = scope in ("all", "experts")
+            mod.fp8_caches = (ExpertWeightCache(), ExpertWeightCache()) if mod.fp8 else None
+
+
+def train(fp8: bool, steps: int, batch: int, seq_len: int, device: str, log_every: int, seed: int = 0,
+          scope: str = "all", lr: float = 1e-3) -> float:  # fmt: skip
     """Train from a fixed init; return the loss on a fixed held-out batch of 64 sequences (single-batch training
     losses swing by +-30% here, so they are printed but not compared)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset("tiny").replace(fp8=fp8)
+    cfg = ModelConfig.preset("tiny").replace(fp8=fp8 and scope in ("all", "linears"))
     model = Transformer(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    if fp8:
+        set_fp8_scope(model, scope)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     corpus = synthetic_corpus(cfg.vocab_size, 576, seq_len).to(device)
     corpus, held_out = corpus[:512], corpus[512:]  # same rules, unseen sequences
     g = torch.Generator().manual_seed(1 + seed)
@@ -69,24 +88,30 @@ def train(fp8: bool, steps: int, batch: int, seq_len: int, device: str, log_ever
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seeds", type=int, default=1, help="repeat over init/data seeds and report the mean losses")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--scope", default="all", choices=["all", "linears", "experts"], help="which GEMMs run in FP8")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pairs = []
     for seed in range(args.seeds):
-        base = train(False, args.steps, args.batch, args.seq_len, device, 50, seed)
-        fp8 = train(True, args.steps, args.batch, args.seq_len, device, 50, seed)
+        base = train(False, args.steps, args.batch, args.seq_len, device, 50, seed, lr=args.lr)
+        fp8 = train(True, args.steps, args.batch, args.seq_len, device, 50, seed, args.scope, args.lr)
         print(f"seed {seed}: base {base:.4f} fp8 {fp8:.4f} rel {(fp8 - base) / base:+.4f}", flush=True)
         pairs.append((base, fp8))
     base_final = sum(b for b, _ in pairs) / len(pairs)
     fp8_final = sum(f for _, f in pairs) / len(pairs)
     rel = abs(fp8_final - base_final) / base_final
-    metric = f"tiny_fp8_vs_base_final_loss_{args.steps}steps_{args.seeds}seeds"
+    rels = [(f - b) / b for b, f in pairs]
+    mean_rel = sum(rels) / len(rels)
+    se = (sum((r - mean_rel) ** 2 for r in rels) / max(len(rels) - 1, 1) / len(rels)) ** 0.5
+    print(f"per-seed relative difference: mean {mean_rel:+.4f}, standard error {se:.4f} over {len(rels)} seeds")
+    metric = f"tiny_fp8_{args.scope}_vs_base_final_loss_{args.steps}steps_{args.seeds}seeds"
     print(json.dumps({"metric": metric, "ours": round(fp8_final, 4),
                       "baseline": round(base_final, 4), "ratio": round(fp8_final / base_final, 4), "unit": "loss",
-                      "rel_diff": round(rel, 4)}))  # fmt: skip
+                      "rel_diff": round(rel, 4), "rel_diff_se": round(se, 4)}))  # fmt: skip
 
 
 if __name__ == "__main__":
