@@ -61,9 +61,15 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
         if res.zero_stage == 3:
             problems.append(
                 f"{where}: mode 'split' broadcasts rank 0's full weights, which ZeRO stage 3 partitions; "
-                "use zero_stage 0-2 or mode: colocated"
+                "use zero_stage 0-2"
             )
-    elif res.rollout_workers:
+    elif stage.kind == "grpo" and res.zero_stage == 3:
+        problems.append(
+            f"{where}.zero_stage: 3 partitions every weight outside the forward pass, but a colocated GRPO stage "
+            "decodes with the trainer's model between steps (the rollout engine reads the weights directly); use "
+            "zero_stage 0-2"
+        )
+    if res.mode != "split" and res.rollout_workers:
         problems.append(
             f"{where}.rollout_workers: {res.rollout_workers} set, but mode is {res.mode!r}; set mode: split"
         )
@@ -102,6 +108,14 @@ def preflight(cfg: RunConfig) -> None:
         _check_resources(stage, where, local_cpus, problems)
         if stage.kind == "distill":
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
+        if stage.data.synthetic is not None and stage.data.num_rows:
+            distinct = cfg.task.num_distinct()
+            if stage.data.num_rows + cfg.eval.num_prompts > distinct:
+                problems.append(
+                    f"{where}.data.num_rows: {stage.data.num_rows} synthetic rows plus {cfg.eval.num_prompts} "
+                    f"held-out prompts exceed the {distinct} distinct problems the task can make (task: "
+                    f"min_terms {cfg.task.min_terms}, max_terms {cfg.task.max_terms}, max_value {cfg.task.max_value})"
+                )
         if stage.data.path is not None and not Path(stage.data.path).exists():
             problems.append(f"{where}.data.path: {stage.data.path} does not exist")
         if stage.kind in ("grpo", "distill") and not stage.rewards:
