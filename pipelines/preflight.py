@@ -69,6 +69,11 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
             "decodes with the trainer's model between steps (the rollout engine reads the weights directly); use "
             "zero_stage 0-2"
         )
+    if res.zero_stage == 3 and res.ep_size > 1:
+        problems.append(
+            f"{where}: zero_stage 3 with ep_size {res.ep_size}: DeepSpeed does not support MoE under stage 3; use "
+            "zero_stage 0-2 with expert parallelism, or ep_size 1 with zero_stage 3"
+        )
     if res.mode != "split" and res.rollout_workers:
         problems.append(
             f"{where}.rollout_workers: {res.rollout_workers} set, but mode is {res.mode!r}; set mode: split"

@@ -147,6 +147,7 @@ def test_placement_bundles_one_per_actor_in_role_order():
 def test_preflight_refuses_zero3_for_grpo_and_more_rows_than_the_task_has(tmp_path):
     data = _tiny(tmp_path, zero_stage=3)  # a colocated GRPO stage decodes with the trainer's (partitioned) weights
     data["stages"][0]["resources"] = {"zero_stage": 3}  # SFT under ZeRO-3 is fine
+    data["stages"][2]["resources"] = {"zero_stage": 3, "ep_size": 2, "num_workers": 2}  # not with EP
     data["task"] = {"min_terms": 2, "max_terms": 2, "max_value": 9}  # 81 distinct problems
     data["eval"] = {**data.get("eval", {}), "num_prompts": 20}
     data["stages"][0]["data"] = {"synthetic": "addition", "num_rows": 70, "seed": 1}
@@ -155,4 +156,5 @@ def test_preflight_refuses_zero3_for_grpo_and_more_rows_than_the_task_has(tmp_pa
     text = str(err.value)
     assert "stages[1] (grpo).resources.zero_stage: 3 partitions every weight" in text
     assert "stages[0] (sft).data.num_rows: 70 synthetic rows plus 20 held-out prompts exceed the 81 distinct" in text
+    assert "stages[2] (distill).resources: zero_stage 3 with ep_size 2: DeepSpeed does not support MoE" in text
     assert all("stages[0] (sft).resources" not in p for p in err.value.problems)
