@@ -1,6 +1,7 @@
 """One GRPO iteration of the ``small`` preset: dsalign's pipeline path vs TRL's ``GRPOTrainer``, same weights.
 
     python bench/grpo.py [--prompts 8] [--group 8] [--max-new-tokens 64] [--iters 5] [--warmup 2] [--threads 2]
+                         [--omp-wait-policy passive|active|default]
 
 An iteration is what one step of the pipeline's GRPO stage does: sample G completions for each of P prompts,
 score them, and make one optimizer step on the P*G completions.
@@ -52,7 +53,11 @@ import tempfile
 import time
 
 # The 2 cores are shared: idle OpenMP workers sleep instead of spinning (see bench/generate.py); both sides alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Must be set before torch loads its OpenMP runtime; a side's process learns ``--omp-wait-policy`` from the parent
+# through _POLICY_ENV (``default`` leaves OMP_WAIT_POLICY unset).
+_POLICY_ENV = "DSALIGN_BENCH_OMP_WAIT_POLICY"
+if os.environ.get(_POLICY_ENV, "passive") != "default":
+    os.environ.setdefault("OMP_WAIT_POLICY", os.environ.get(_POLICY_ENV, "passive").upper())
 
 import torch  # noqa: E402
 
@@ -265,6 +270,7 @@ def child(side: str, ckpt: str, args: argparse.Namespace) -> None:
     """Runs in a fresh process, so that the peak resident memory is this side's own; one JSON result line."""
     torch.set_num_threads(args.threads)
     result = measure(side, ckpt, args)
+    result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print("RESULT " + json.dumps(result))
 
@@ -284,7 +290,11 @@ def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
              args.iters, "--warmup", args.warmup, "--threads", args.threads, "--micro-batch", args.micro_batch,
              "--seed", args.seed] + (["--stop-at-eos"] if args.stop_at_eos else [])  # fmt: skip
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, *map(str, flags)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), _POLICY_ENV: args.omp_wait_policy}
+    if args.omp_wait_policy == "default":  # the OpenMP runtime's own (spin a while, then sleep), as the pipeline runs
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} benchmark process failed:\n{proc.stderr[-4000:]}")
@@ -329,6 +339,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0 = all P*G)")
     p.add_argument("--stop-at-eos", action="store_true", help="each side stops at EOS (unequal token counts)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
+                   help="both sides' OMP_WAIT_POLICY (passive: idle threads sleep, kind to shared cores but every "
+                        "small op pays a wake-up; default: unset, as the pipeline's workers run)")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="quick check: both sides in this process, no peak RSS")
     p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -351,9 +364,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise RuntimeError("the two sides saw different prompts (TRL's sampler order changed?); the comparison is off")
     for name, r in (("ours", ours), ("baseline", base)):
         per_it = [(round(i["s"], 2), round(i["generate_s"], 2), i["tokens"]) for i in r["iterations"]]
-        peak = f"peak {r['peak_mib']:.0f} MiB " if "peak_mib" in r else ""
+        peak = f"peak {r['peak_mib']:.0f} MiB, OMP_WAIT_POLICY {r['omp_wait_policy']} " if "peak_mib" in r else ""
         print(f"# {name:8s} (s, generate s, tokens) per iteration, warm-up first: {per_it}; {peak}({r['impl']})")
     shape = f"{args.preset}_P{args.prompts}xG{args.group}_new{args.max_new_tokens}_fp32_{args.threads}threads"
+    if args.omp_wait_policy != "passive" and not args.in_process:
+        shape += f"_omp_{args.omp_wait_policy}"
     results = rows_of(ours, base, shape)
     for r in results:
         print(json.dumps(r))
