@@ -52,12 +52,14 @@ import sys
 import tempfile
 import time
 
-# The 2 cores are shared: idle OpenMP workers sleep instead of spinning (see bench/generate.py); both sides alike.
-# Must be set before torch loads its OpenMP runtime; a side's process learns ``--omp-wait-policy`` from the parent
-# through _POLICY_ENV (``default`` leaves OMP_WAIT_POLICY unset).
+# OpenMP waiting, both sides alike: by default the runtime's own (spin a while, then sleep), as the pipeline's workers
+# run; ``passive`` (idle workers sleep) is kinder to cores shared with other jobs, but then every small op of a decode
+# step pays a thread wake-up (our generation ran 2x slower with 2 passive threads than with 1). Must be set before
+# torch loads its OpenMP runtime; a side's process learns ``--omp-wait-policy`` from the parent through _POLICY_ENV
+# (``default`` leaves OMP_WAIT_POLICY unset).
 _POLICY_ENV = "DSALIGN_BENCH_OMP_WAIT_POLICY"
-if os.environ.get(_POLICY_ENV, "passive") != "default":
-    os.environ.setdefault("OMP_WAIT_POLICY", os.environ.get(_POLICY_ENV, "passive").upper())
+if os.environ.get(_POLICY_ENV, "default") != "default":
+    os.environ.setdefault("OMP_WAIT_POLICY", os.environ[_POLICY_ENV].upper())
 
 import torch  # noqa: E402
 
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0 = all P*G)")
     p.add_argument("--stop-at-eos", action="store_true", help="each side stops at EOS (unequal token counts)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="default",
                    help="both sides' OMP_WAIT_POLICY (passive: idle threads sleep, kind to shared cores but every "
                         "small op pays a wake-up; default: unset, as the pipeline's workers run)")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="quick check: both sides in this process, no peak RSS")
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         peak = f"peak {r['peak_mib']:.0f} MiB, OMP_WAIT_POLICY {r['omp_wait_policy']} " if "peak_mib" in r else ""
         print(f"# {name:8s} (s, generate s, tokens) per iteration, warm-up first: {per_it}; {peak}({r['impl']})")
     shape = f"{args.preset}_P{args.prompts}xG{args.group}_new{args.max_new_tokens}_fp32_{args.threads}threads"
-    if args.omp_wait_policy != "passive" and not args.in_process:
+    if args.omp_wait_policy != "default" and not args.in_process:
         shape += f"_omp_{args.omp_wait_policy}"
     results = rows_of(ours, base, shape)
     for r in results:
