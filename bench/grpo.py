@@ -52,16 +52,7 @@ import sys
 import tempfile
 import time
 
-# OpenMP waiting, both sides alike: by default the runtime's own (spin a while, then sleep), as the pipeline's workers
-# run; ``passive`` (idle workers sleep) is kinder to cores shared with other jobs, but then every small op of a decode
-# step pays a thread wake-up (our generation ran 2x slower with 2 passive threads than with 1). Must be set before
-# torch loads its OpenMP runtime; a side's process learns ``--omp-wait-policy`` from the parent through _POLICY_ENV
-# (``default`` leaves OMP_WAIT_POLICY unset).
-_POLICY_ENV = "DSALIGN_BENCH_OMP_WAIT_POLICY"
-if os.environ.get(_POLICY_ENV, "default") != "default":
-    os.environ.setdefault("OMP_WAIT_POLICY", os.environ[_POLICY_ENV].upper())
-
-import torch  # noqa: E402
+import torch
 
 REWARDS = (("math_accuracy", 1.0), ("think_format", 0.2))
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, (0.9, 0.95), 0.0, 1.0, 0.2, 0.28
@@ -292,8 +283,12 @@ def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
              args.iters, "--warmup", args.warmup, "--threads", args.threads, "--micro-batch", args.micro_batch,
              "--seed", args.seed] + (["--stop-at-eos"] if args.stop_at_eos else [])  # fmt: skip
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, *map(str, flags)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), _POLICY_ENV: args.omp_wait_policy}
-    if args.omp_wait_policy == "default":  # the OpenMP runtime's own (spin a while, then sleep), as the pipeline runs
+    # OpenMP reads OMP_WAIT_POLICY when torch loads it, so the side's process gets it through its environment.
+    # ``default`` is the runtime's own (spin a while, then sleep), as the pipeline's workers run; ``passive`` (idle
+    # workers sleep) is kinder to cores shared with other jobs, but every small op of a decode step then pays a thread
+    # wake-up (our generation ran 2x slower with 2 passive threads than with 1).
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.omp_wait_policy == "default":
         env.pop("OMP_WAIT_POLICY", None)
     else:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
@@ -343,7 +338,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="default",
                    help="both sides' OMP_WAIT_POLICY (passive: idle threads sleep, kind to shared cores but every "
-                        "small op pays a wake-up; default: unset, as the pipeline's workers run)")  # fmt: skip
+                        "small op pays a wake-up; default: unset, as the pipeline's workers run); not with "
+                        "--in-process")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="quick check: both sides in this process, no peak RSS")
     p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
