@@ -12,6 +12,7 @@ from .checkpoint import (
     save_training_checkpoint,
 )
 from .config import TrainerConfig
+from .hostmem import retain_host_memory
 from .optim import AdamW, build_optimizer, build_scheduler, lr_factor, param_groups
 from .step import (
     ExpertLoadTracker,
@@ -47,6 +48,7 @@ __all__ = [
     "param_groups",
     "prepare_model",
     "reduce_expert_counts",
+    "retain_host_memory",
     "save_training_checkpoint",
     "train_step",
     "update_router_bias",

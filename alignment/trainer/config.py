@@ -38,6 +38,10 @@ class TrainerConfig:
     # precision and memory
     compute_dtype: str = field(default="fp32", metadata={"help": "forward/backward autocast dtype: fp32 or bf16"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    retain_host_memory: bool = field(
+        default=True,
+        metadata={"help": "CPU: glibc keeps freed memory for reuse (no per-step page faults; trainer/hostmem.py)"},
+    )
     # distribution
     zero_stage: int = field(
         default=2, metadata={"help": "DeepSpeed ZeRO stage when distributed: 0-2, or 3 without expert parallelism"}

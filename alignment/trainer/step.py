@@ -19,6 +19,7 @@ from dsalign.model import Transformer, apply_bias_update, causal_lm_loss, load_i
 from torch import nn
 
 from .config import TrainerConfig
+from .hostmem import retain_host_memory
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
@@ -77,7 +78,10 @@ class LocalRunner:
 
 
 def prepare_model(model: Transformer, cfg: TrainerConfig) -> Transformer:
-    """Apply the trainer's model-side switches: train mode, activation checkpointing, balance-loss alpha."""
+    """Apply the trainer's model-side switches: train mode, activation checkpointing, balance-loss alpha; and, for a
+    model on CPU, the process's host-memory policy (``cfg.retain_host_memory``, ``hostmem.retain_host_memory``)."""
+    if cfg.retain_host_memory and next(model.parameters()).device.type == "cpu":
+        retain_host_memory()
     model.train()
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.aux_loss_alpha is not None:
