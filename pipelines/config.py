@@ -170,7 +170,14 @@ class DistillParams:
     require_well_formed: bool = field(default=True, metadata={"help": "need one closed <think> block + an answer"})
     max_new_tokens: int = 96
     temperature: float = 0.7
+    max_batch_size: int = field(
+        default=512, metadata={"help": "decode slots of the teacher's rollout engine; lower it for large models"}
+    )
     sft: SFTParams = field(default_factory=SFTParams)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"distill.max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
 
 
 @dataclass
@@ -209,6 +216,13 @@ class EvalConfig:
     temperature: float = 1.0
     max_new_tokens: int = 96
     seed: int = 12345
+    max_batch_size: int = field(
+        default=512, metadata={"help": "decode slots of the evaluation's rollout engine; lower it for large models"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"eval.max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
 
 
 @dataclass

@@ -289,7 +289,7 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
     from dsalign.rewards import math_accuracy, think_format
 
     ev = run.eval
-    engine = RolloutEngine(model, tokenizer, max_batch_size=min(128, len(rows) * ev.samples_per_prompt),
+    engine = RolloutEngine(model, tokenizer, max_batch_size=min(ev.max_batch_size, len(rows) * ev.samples_per_prompt),
                            max_len=ROLLOUT_MAX_LEN)  # fmt: skip
     _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
@@ -460,7 +460,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
     rows = training_prompts(env.run, env.stage.data)[rank::world]
-    engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=128, max_len=ROLLOUT_MAX_LEN)
+    engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=d.max_batch_size, max_len=ROLLOUT_MAX_LEN)
     _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
                        seed=env.run.seed + 31 + rank)  # fmt: skip
     texts = completion_texts(env.tokenizer, comps)

@@ -49,6 +49,19 @@ def test_wrong_type_names_path(tmp_path):
         load_config(_write(tmp_path, data))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.max_batch_size=0", r"eval\.max_batch_size: expected a positive number of slots, got 0"),
+        ("stages.distill.distill.max_batch_size=-4", r"distill\.max_batch_size: expected a positive number of slots"),
+    ],
+)
+def test_sampling_slots_must_be_positive(override, message):
+    assert load_config(DEMO, ["eval.max_batch_size=64"]).eval.max_batch_size == 64
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
 def test_from_stage_must_be_earlier(tmp_path):
     data = _base(tmp_path)
     data["stages"][0]["model"] = {"from_stage": "grpo"}
