@@ -177,7 +177,7 @@ class DistillParams:
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
-            raise ConfigError(f"distill.max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
+            raise ValueError(f"max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
 
 
 @dataclass
@@ -222,7 +222,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
-            raise ConfigError(f"eval.max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
+            raise ValueError(f"max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
 
 
 @dataclass

@@ -52,8 +52,8 @@ def test_wrong_type_names_path(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("eval.max_batch_size=0", r"eval\.max_batch_size: expected a positive number of slots, got 0"),
-        ("stages.distill.distill.max_batch_size=-4", r"distill\.max_batch_size: expected a positive number of slots"),
+        ("eval.max_batch_size=0", r"eval: max_batch_size: expected a positive number of slots, got 0"),
+        ("stages.distill.distill.max_batch_size=-4", r"stages\[2\]\.distill: max_batch_size: expected a positive"),
     ],
 )
 def test_sampling_slots_must_be_positive(override, message):
