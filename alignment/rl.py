@@ -52,6 +52,7 @@ def token_logprobs(
     with_entropy: bool = False,
     compute_mtp: bool = False,
     fused: bool = True,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Any]:
     """``logp[b, t] = log softmax(logits[b, t-1] / temperature)[input_ids[b, t]]`` (0 at t = 0), float32 [B, T].
 
@@ -60,19 +61,35 @@ def token_logprobs(
     both in row chunks, never holding the [B, T, V] logits (same values up to fp32 rounding; the backward recomputes
     each chunk's logits). Then the output has ``hidden`` / ``mtp_hidden`` instead of ``logits`` / ``mtp_logits``.
     Under ZeRO-3 the logits path runs (``trainer.step.fused_head_weight``).
+    ``positions`` [B, T] (e.g. the completion mask): only those tokens' log-probs and entropies are computed, the
+    rest are 0. With the fused head the head GEMMs then run over those rows only (TRL's ``logits_to_keep``: prompt
+    and padding tokens cost no vocabulary projection, forward or backward).
     """
     ids = batch["input_ids"]
     head_weight = fused_head_weight(model) if fused else None
     out = model(ids, attention_mask=batch["attention_mask"], compute_mtp=compute_mtp, return_logits=head_weight is None)
+    keep_N = None if positions is None else positions[:, 1:].reshape(-1).bool()
     if head_weight is not None:
         B, T = ids.shape
         hidden_ND = out.hidden[:, :-1].reshape(-1, out.hidden.shape[-1])
-        logp, ent = fused_linear_logprobs(hidden_ND, head_weight, ids[:, 1:].reshape(-1), 1.0 / temperature)
+        target_N = ids[:, 1:].reshape(-1)
+        if keep_N is None:
+            logp, ent = fused_linear_logprobs(hidden_ND, head_weight, target_N, 1.0 / temperature)
+        else:
+            rows = keep_N.nonzero().squeeze(1)
+            logp_K, ent_K = fused_linear_logprobs(hidden_ND.index_select(0, rows), head_weight, target_N[rows],
+                                                  1.0 / temperature)  # fmt: skip
+            zeros_N = hidden_ND.new_zeros(hidden_ND.shape[0], dtype=torch.float32)
+            logp, ent = zeros_N.index_copy(0, rows, logp_K), zeros_N.index_copy(0, rows, ent_K)
         logp, ent = logp.view(B, T - 1), ent.view(B, T - 1)
     else:
         logits = out.logits[:, :-1].float() / temperature
         logp = logprobs_from_logits(logits, ids[:, 1:])
         ent = entropy_from_logits(logits) if with_entropy else None
+        if keep_N is not None:
+            keep_BT = keep_N.view(logp.shape)
+            logp = logp.masked_fill(~keep_BT, 0.0)
+            ent = ent.masked_fill(~keep_BT, 0.0) if with_entropy else None
     logp = torch.nn.functional.pad(logp, (1, 0))
     ent = torch.nn.functional.pad(ent, (1, 0)) if with_entropy else None
     return logp, ent, out
@@ -89,8 +106,9 @@ def grpo_loss_fn(
     """
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        logp, ent, out = token_logprobs(model, batch, temperature, with_entropy=True, compute_mtp=mtp_lambda > 0)
         mask = batch["completion_mask"]
+        logp, ent, out = token_logprobs(model, batch, temperature, with_entropy=True, compute_mtp=mtp_lambda > 0,
+                                        positions=mask)  # fmt: skip
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["advantages"], mask, cfg, batch.get("ref_logp"))
         if aux_loss_coef and out.aux_loss is not None:
             loss = loss + aux_loss_coef * out.aux_loss

@@ -441,7 +441,8 @@ def run_grpo(env: StageEnv) -> Path:
         rewards = [0.0 if v is None else v for v in scored.rewards]
         batch = make_rl_batch(env.tokenizer, prompt_ids, comps, rewards, p.group_size, p)
         if reference is not None:
-            batch["ref_logp"] = token_logprobs(reference, batch, p.temperature)[0].detach()
+            batch["ref_logp"] = token_logprobs(reference, batch, p.temperature,
+                                               positions=batch["completion_mask"])[0].detach()  # fmt: skip
         model.train()
         micro = split_micro(batch, p.micro_batch_size)
         cfg.micro_batches = len(micro)

@@ -65,3 +65,29 @@ def test_fused_token_logprobs_match_the_logits_path():
     assert g1.keys() == g0.keys()
     for name, g in g1.items():
         assert (g - g0[name]).norm() <= 1e-5 * g0[name].norm(), name  # fp32 rounding, relative to the tensor
+
+
+def test_token_logprobs_on_completion_positions_only():
+    """``positions=completion_mask``: the same log-probs, entropies and parameter gradients at those positions as
+    the full computation, 0 elsewhere; with the fused head only those rows go through the vocabulary projection."""
+    model, batch = _setup()
+    model.train()
+    mask = batch["completion_mask"]
+    weights = torch.randn(2, 7) * mask
+    for fused in (False, True):
+        results = []
+        for positions in (None, mask):
+            model.zero_grad(set_to_none=True)
+            logp, ent, _ = token_logprobs(model, batch, temperature=0.7, with_entropy=True, fused=fused,
+                                          positions=positions)  # fmt: skip
+            ((logp * weights).sum() + 0.1 * (ent * mask).sum()).backward()
+            results.append((logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                          if p.grad is not None}))  # fmt: skip
+        (logp0, ent0, g0), (logp1, ent1, g1) = results
+        torch.testing.assert_close(logp1, logp0 * mask, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ent1, ent0 * mask, rtol=1e-5, atol=1e-6)
+        assert (logp1[mask == 0] == 0).all() and (ent1[mask == 0] == 0).all()
+        assert (logp0[mask == 0] != 0).any()  # the full path does score prompt tokens
+        assert g1.keys() == g0.keys()
+        for name, g in g1.items():
+            assert (g - g0[name]).norm() <= 1e-5 * g0[name].norm() + 1e-12, (fused, name)
