@@ -161,6 +161,12 @@ class GRPOParams:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=2))
 
 
+def _check_slots(max_batch_size: int) -> None:
+    """Decode slots of a rollout engine (``eval`` and ``distill``); the schema prefixes the key's path."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size: expected a positive number of slots, got {max_batch_size}")
+
+
 @dataclass
 class DistillParams:
     teacher: ModelSource = field(default_factory=lambda: ModelSource(from_stage="grpo"))
@@ -176,8 +182,7 @@ class DistillParams:
     sft: SFTParams = field(default_factory=SFTParams)
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
+        _check_slots(self.max_batch_size)
 
 
 @dataclass
@@ -221,8 +226,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size: expected a positive number of slots, got {self.max_batch_size}")
+        _check_slots(self.max_batch_size)
 
 
 @dataclass

@@ -5,7 +5,7 @@ A training step allocates and frees the same large tensors every time: activatio
 mmap threshold (128 KiB, rising with use to at most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap``
 on free, and it trims the heap's free top beyond the trim threshold. So every step the kernel hands the process the
 same amount of memory again, one zero-filled 4 KiB page at a time, on first touch inside whichever op writes it: on
-the ``bench`` preset (4 x 512 tokens, fp32) ~143,000 minor page faults per step, ~20% of the step's time, spread
+the ``bench`` preset (4 x 512 tokens, fp32) ~143,000 minor page faults per step, ~10% of the step's time, spread
 over GEMM outputs, ``torch.zeros`` fills and elementwise ops (docs/PERFORMANCE.md has the measurement).
 
 ``retain_host_memory`` asks glibc to serve every block from its heap (``M_MMAP_MAX = 0``) and not to trim the heap
