@@ -51,6 +51,25 @@ def _demo(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+def _config(args: argparse.Namespace) -> int:
+    if args.config_command == "reference":
+        from dsalign.pipelines.config_doc import config_reference
+
+        print(config_reference(), end="")
+        return 0
+    import yaml
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.preflight import preflight
+    from dsalign.pipelines.schema import to_dict
+
+    cfg = load_config(args.config, args.set)
+    preflight(cfg)  # the checks `dsalign run` makes before starting Ray
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(f"# {args.config}: valid; {len(cfg.stages)} stage(s): {', '.join(s.name for s in cfg.stages)}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from dsalign.pipelines import jobs
     from dsalign.pipelines.config import load_config
@@ -119,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, temperature=0.7)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=_chat)
+
+    config = sub.add_parser("config", help="check and print run configs; the key reference")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="validate a run config (as `run` does, no Ray) and print it resolved")
+    show.add_argument("config", help="run config YAML")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    show.set_defaults(func=_config)
+    ref = config_sub.add_parser("reference", help="every run-config key with type, default and meaning (Markdown)")
+    ref.set_defaults(func=_config)
 
     run = sub.add_parser("run", help="run a pipeline config (local Ray unless an address is given)")
     run.add_argument("config", help="run config YAML (see pipelines/demo.yaml)")

@@ -6,6 +6,7 @@ directory, or an earlier stage's output), its data, rewards, hyperparameters, re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from .demo_task import AdditionTask
 from .schema import ConfigError, apply_overrides, from_dict
 
 STAGE_KINDS = ("sft", "grpo", "distill")
+
+
+def _expect(obj: Any, key: str, ok: Callable[[Any], bool], expected: str) -> None:
+    """Range check of one field; the schema prefixes the block's path (``stages[1].grpo: group_size: ...``)."""
+    value = getattr(obj, key)
+    if not ok(value):
+        raise ValueError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _at_least(obj: Any, low: float, *keys: str) -> None:
+    for key in keys:
+        _expect(obj, key, lambda v: v >= low, f">= {low:g}")
 
 
 @dataclass
@@ -49,14 +62,21 @@ class DataSource:
             raise ConfigError("data: give exactly one of path or synthetic")
         if self.synthetic is not None and self.synthetic != "addition":
             raise ConfigError(f"data.synthetic: unknown task {self.synthetic!r} (available: 'addition')")
+        _at_least(self, 0, "num_rows")
+        _expect(self, "length_target", lambda v: v is None or v >= 1, "a positive number of tokens or null")
 
 
 @dataclass
 class RewardEntry:
     fn: str = field(metadata={"help": "built-in name, 'pkg.module:fn' or 'path/file.py:fn'"})
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata={"help": "multiplies this reward in the weighted sum"})
     params: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments bound to the reward"})
-    timeout_s: float = 60.0
+    timeout_s: float = field(
+        default=60.0, metadata={"help": "time limit per scoring call; past it the batch counts as failed"}
+    )
+
+    def __post_init__(self) -> None:
+        _expect(self, "timeout_s", lambda v: v > 0, "a positive number of seconds")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -70,7 +90,7 @@ class Resources:
 
     num_workers: int = field(default=1, metadata={"help": "trainer processes (one torch.distributed group)"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per trainer worker (fractions allowed)"})
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per trainer worker"})
     ep_size: int = field(default=1, metadata={"help": "expert-parallel group size"})
     zero_stage: int = field(default=0, metadata={"help": "DeepSpeed ZeRO stage (0 = plain data parallel)"})
     mode: str = field(
@@ -118,47 +138,76 @@ class Resources:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of lr (cosine)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW beta1, beta2"})
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "lr", "weight_decay", "warmup_steps", "grad_clip")
+        _expect(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "a fraction of lr in [0, 1]")
+        _expect(self, "betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two AdamW betas in [0, 1)")
 
 
 @dataclass
 class SFTParams:
-    steps: int = 200
-    batch_size: int = 32
-    max_length: int = 256
-    mtp_lambda: float = 0.1
-    bias_update_gamma: float = 0.001
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "conversations per step (all workers together)"})
+    max_length: int = field(default=256, metadata={"help": "tokens per conversation; longer ones are truncated"})
+    mtp_lambda: float = field(default=0.1, metadata={"help": "weight of the MTP loss (0 = MTP not trained)"})
+    bias_update_gamma: float = field(
+        default=0.001, metadata={"help": "speed of the aux-loss-free expert-bias update (0 = off)"}
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "AdamW, warmup then cosine decay"})
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "steps", "batch_size")
+        _at_least(self, 2, "max_length")
+        _at_least(self, 0, "mtp_lambda", "bias_update_gamma")
 
 
 @dataclass
 class GRPOParams:
-    iterations: int = 40
-    prompts_per_iter: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 1.0
+    iterations: int = field(default=40, metadata={"help": "generate-score-update rounds"})
+    prompts_per_iter: int = field(default=16, metadata={"help": "prompts per round (all workers together)"})
+    group_size: int = field(default=8, metadata={"help": "samples per prompt; advantages are relative within it"})
+    max_new_tokens: int = field(default=96, metadata={"help": "completion length cap"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also scales the log-probs)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     advantage: str = field(default="grpo", metadata={"help": "grpo | drgrpo | rloo"})
     policy_loss: str = field(default="ppo_clip", metadata={"help": "ppo_clip | gspo"})
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip_c: float | None = None
-    loss_agg: str = field(default="token-mean", metadata={"help": "token-mean | seq-mean-token-mean | ..."})
-    kl_beta: float = field(default=0.0, metadata={"help": "0 = no reference model"})
-    kl_estimator: str = "k3"
+    eps_low: float = field(default=0.2, metadata={"help": "lower clip: ratio >= 1 - eps_low"})
+    eps_high: float = field(default=0.28, metadata={"help": "upper clip: ratio <= 1 + eps_high (DAPO clip-higher)"})
+    dual_clip_c: float | None = field(default=None, metadata={"help": "dual-clip bound for negative advantages"})
+    loss_agg: str = field(
+        default="token-mean", metadata={"help": "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm"}
+    )
+    kl_beta: float = field(default=0.0, metadata={"help": "weight of the KL to a frozen reference (0 = no reference)"})
+    kl_estimator: str = field(default="k3", metadata={"help": "k1 | k2 | k3"})
     updates_per_batch: int = field(default=1, metadata={"help": "optimizer steps per generated batch"})
-    micro_batch_size: int = 32
-    mtp_lambda: float = 0.0
-    bias_update_gamma: float = 0.001
+    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (per worker)"})
+    mtp_lambda: float = field(default=0.0, metadata={"help": "keep training MTP on the sampled completions (0 = off)"})
+    bias_update_gamma: float = field(default=0.001, metadata={"help": "expert-bias update speed (0 = off)"})
     dynamic_sampling: bool = field(default=False, metadata={"help": "drop zero-variance groups"})
-    mask_truncated: bool = True
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=2))
+    mask_truncated: bool = field(default=True, metadata={"help": "completions cut at max_new_tokens get no loss"})
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=2),
+        metadata={"help": "AdamW, warmup then cosine decay"},
+    )
+
+    def __post_init__(self) -> None:
+        # names (advantage, policy_loss, loss_agg, kl_estimator) are checked against their registries in preflight
+        _at_least(self, 1, "iterations", "prompts_per_iter", "max_new_tokens", "updates_per_batch", "micro_batch_size")
+        _expect(self, "group_size", lambda v: v >= 2, ">= 2 (advantages are relative to the other samples of a group)")
+        _expect(self, "temperature", lambda v: v > 0, "> 0 (greedy samples of a group would all be equal)")
+        _expect(self, "top_p", lambda v: 0 < v <= 1, "a probability mass in (0, 1]")
+        _expect(self, "eps_low", lambda v: 0 <= v < 1, "a clip range in [0, 1)")
+        _expect(self, "dual_clip_c", lambda v: v is None or v > 1, "null or a bound > 1")
+        _at_least(self, 0, "eps_high", "kl_beta", "mtp_lambda", "bias_update_gamma")
 
 
 def _check_slots(max_batch_size: int) -> None:
@@ -169,33 +218,38 @@ def _check_slots(max_batch_size: int) -> None:
 
 @dataclass
 class DistillParams:
-    teacher: ModelSource = field(default_factory=lambda: ModelSource(from_stage="grpo"))
-    samples_per_prompt: int = 4
+    teacher: ModelSource = field(
+        default_factory=lambda: ModelSource(from_stage="grpo"), metadata={"help": "the model that writes the traces"}
+    )
+    samples_per_prompt: int = field(default=4, metadata={"help": "teacher traces sampled per prompt"})
     keep: str = field(default="best", metadata={"help": "best (best-of-k) | all (every passing trace)"})
     min_reward: float = field(default=1.0, metadata={"help": "a trace passes when its combined reward >= this"})
     require_well_formed: bool = field(default=True, metadata={"help": "need one closed <think> block + an answer"})
-    max_new_tokens: int = 96
-    temperature: float = 0.7
+    max_new_tokens: int = field(default=96, metadata={"help": "teacher trace length cap"})
+    temperature: float = field(default=0.7, metadata={"help": "teacher sampling temperature (0 = greedy)"})
     max_batch_size: int = field(
         default=512, metadata={"help": "decode slots of the teacher's rollout engine; lower it for large models"}
     )
-    sft: SFTParams = field(default_factory=SFTParams)
+    sft: SFTParams = field(default_factory=SFTParams, metadata={"help": "the student's SFT on the kept traces"})
 
     def __post_init__(self) -> None:
         _check_slots(self.max_batch_size)
+        _at_least(self, 1, "samples_per_prompt", "max_new_tokens")
+        _at_least(self, 0, "temperature")
+        _expect(self, "keep", lambda v: v in ("best", "all"), "'best' or 'all'")
 
 
 @dataclass
 class StageConfig:
-    name: str
+    name: str = field(metadata={"help": "unique; names the output dir and from_stage references"})
     kind: str = field(metadata={"help": "sft | grpo | distill"})
-    model: ModelSource
-    data: DataSource
-    rewards: list[RewardEntry] = field(default_factory=list)
-    sft: SFTParams | None = None
-    grpo: GRPOParams | None = None
-    distill: DistillParams | None = None
-    resources: Resources = field(default_factory=Resources)
+    model: ModelSource = field(metadata={"help": "what the stage starts from"})
+    data: DataSource = field(metadata={"help": "its prompts or conversations"})
+    rewards: list[RewardEntry] = field(default_factory=list, metadata={"help": "GRPO and distill: combined rewards"})
+    sft: SFTParams | None = field(default=None, metadata={"help": "hyperparameters of an sft stage"})
+    grpo: GRPOParams | None = field(default=None, metadata={"help": "hyperparameters of a grpo stage"})
+    distill: DistillParams | None = field(default=None, metadata={"help": "hyperparameters of a distill stage"})
+    resources: Resources = field(default_factory=Resources, metadata={"help": "the stage's actors (README table)"})
     retries: int = field(default=1, metadata={"help": "times a failed stage restarts from its checkpoint"})
     checkpoint_every: int = field(default=20, metadata={"help": "steps between resumable checkpoints"})
     output_dir: str | None = field(default=None, metadata={"help": "default: <run output_dir>/<stage name>"})
@@ -208,6 +262,8 @@ class StageConfig:
         for other in STAGE_KINDS:
             if other != self.kind and getattr(self, other) is not None:
                 raise ConfigError(f"stage {self.name!r} is a {self.kind} stage but sets '{other}' parameters")
+        _at_least(self, 0, "retries")
+        _at_least(self, 1, "checkpoint_every")
 
     @property
     def params(self) -> SFTParams | GRPOParams | DistillParams:
@@ -216,35 +272,39 @@ class StageConfig:
 
 @dataclass
 class EvalConfig:
-    num_prompts: int = 200
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 96
-    seed: int = 12345
+    """The held-out evaluation after every stage (prompts of the synthetic task never used in training)."""
+
+    num_prompts: int = field(default=200, metadata={"help": "held-out prompts"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "samples per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    max_new_tokens: int = field(default=96, metadata={"help": "completion length cap"})
+    seed: int = field(default=12345, metadata={"help": "sampling seed"})
     max_batch_size: int = field(
         default=512, metadata={"help": "decode slots of the evaluation's rollout engine; lower it for large models"}
     )
 
     def __post_init__(self) -> None:
         _check_slots(self.max_batch_size)
+        _at_least(self, 1, "num_prompts", "samples_per_prompt", "max_new_tokens")
+        _at_least(self, 0, "temperature")
 
 
 @dataclass
 class RayConfig:
     address: str | None = field(default=None, metadata={"help": "cluster address; unset = start a local Ray"})
-    num_cpus: int | None = None
+    num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray (unset = all)"})
 
 
 @dataclass
 class RunConfig:
-    name: str
-    output_dir: str
-    stages: list[StageConfig]
-    seed: int = 0
+    name: str = field(metadata={"help": "the run's name (report title)"})
+    output_dir: str = field(metadata={"help": "run directory: stage outputs, report, run_state.json"})
+    stages: list[StageConfig] = field(metadata={"help": "run in order"})
+    seed: int = field(default=0, metadata={"help": "model init, data order and sampling seeds derive from it"})
     tokenizer: str = field(default="demo", metadata={"help": "'demo' (trained locally) or an HF tokenizer dir"})
-    task: AdditionTask = field(default_factory=AdditionTask)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    task: AdditionTask = field(default_factory=AdditionTask, metadata={"help": "the synthetic task's knobs"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation after every stage"})
+    ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "where the run's actors run"})
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]

@@ -48,14 +48,13 @@ class RolloutWorker:
 
     def __init__(self, source: dict[str, Any], tokenizer_dir: str, seed: int, max_batch_size: int, num_threads: int):
         import torch
-        from dsalign.alignment.rollout import RolloutEngine
 
-        from .stages import ROLLOUT_MAX_LEN, load_source, load_tokenizer
+        from .stages import load_source, load_tokenizer, rollout_engine
 
         torch.set_num_threads(max(1, num_threads))
         self.tokenizer = load_tokenizer(tokenizer_dir)
         model = load_source(source, self.tokenizer, seed)
-        self.engine = RolloutEngine(model, self.tokenizer, max_batch_size=max_batch_size, max_len=ROLLOUT_MAX_LEN)
+        self.engine = rollout_engine(model, self.tokenizer, max_batch_size)
 
     def update_weights(self, state: dict, verify: bool) -> str | None:
         """Copy the trainer's weights in; with ``verify`` return the digest of the whole model afterwards."""

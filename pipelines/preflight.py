@@ -1,8 +1,9 @@
 """Checks that run before any Ray actor starts: every problem a config can have that is visible up front.
 
 Data files exist, reward specs import (with their parameters), checkpoints have a config and weights, the tokenizer
-is there, resources make sense for the stage (split mode has rollout workers, a local Ray fits every stage's placement
-group), and the output directory is writable. All problems are reported together, each naming its stage and key.
+is there, GRPO's algorithm names are registered, resources make sense for the stage (split mode has rollout workers,
+a local Ray fits every stage's placement group), and the output directory is writable. All problems are reported
+together, each naming its stage and key. (Value ranges are checked earlier, when the config is loaded.)
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
                 ModelConfig.from_hf(path)
             except (ValueError, FileNotFoundError) as e:
                 problems.append(f"{where}.checkpoint: {e}")
+
+
+def _check_algorithm_names(stage: StageConfig, where: str, problems: list[str]) -> None:
+    """GRPO picks its advantage estimator, policy loss, loss aggregation and KL estimator by name from registries."""
+    from dsalign.alignment.advantages import ADVANTAGE_ESTIMATORS
+    from dsalign.alignment.kl import KL_ESTIMATORS
+    from dsalign.alignment.policy_loss import LOSS_AGGREGATIONS, POLICY_LOSSES
+
+    choices = (("advantage", ADVANTAGE_ESTIMATORS), ("policy_loss", POLICY_LOSSES), ("loss_agg", LOSS_AGGREGATIONS),
+               ("kl_estimator", KL_ESTIMATORS))  # fmt: skip
+    for key, registry in choices:
+        value = getattr(stage.grpo, key)
+        if value not in registry:
+            known = ", ".join(registry.names())
+            problems.append(f"{where}.grpo.{key}: unknown {registry.kind} {value!r}; known: {known}")
 
 
 def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, problems: list[str]) -> None:
@@ -113,6 +129,8 @@ def preflight(cfg: RunConfig) -> None:
         _check_resources(stage, where, local_cpus, problems)
         if stage.kind == "distill":
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
+        if stage.kind == "grpo":
+            _check_algorithm_names(stage, where, problems)
         if stage.data.synthetic is not None and stage.data.num_rows:
             distinct = cfg.task.num_distinct()
             if stage.data.num_rows + cfg.eval.num_prompts > distinct:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,14 @@ PLOTTED = {
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to ``metrics.jsonl`` (flushed each line) and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per step to ``metrics.jsonl`` (flushed each line) and mirrors scalars to TensorBoard.
 
-    def __init__(self, out_dir: str | Path, stage: str, tensorboard: bool = True):
+    ``resumed_at``: the step a resumed stage continues after. ``metrics.jsonl`` keeps every row ever logged (the steps
+    between that checkpoint and the crash appear twice; ``latest_per_step`` picks the rows of the run that went on),
+    and TensorBoard is told to purge its events after that step, so its curves do not double back either.
+    """
+
+    def __init__(self, out_dir: str | Path, stage: str, tensorboard: bool = True, resumed_at: int | None = None):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
@@ -30,7 +36,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"stage": self.stage, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -55,10 +62,25 @@ def _plain(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every row of a ``metrics.jsonl``, in the order logged; a malformed line is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON object ({e.msg})") from e
+    return rows
+
+
+def latest_per_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step, the last logged, in step order: after a resume, the steps that ran twice (checkpoint to
+    crash, then again) show the run that continued."""
+    return sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
 
 
 def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: list[dict[str, Any]], title: str) -> Path:
@@ -70,7 +92,7 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_stage = {name: read_metrics(d / "metrics.jsonl") for name, d in stage_dirs.items()}
+    per_stage = {name: latest_per_step(read_metrics(d / "metrics.jsonl")) for name, d in stage_dirs.items()}
     lines = [f"# {title}", "", "## Held-out evaluation", ""]
     if eval_rows:
         cols = list(eval_rows[0])
@@ -94,7 +116,9 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
         plt.close(fig)
         lines.append(f"![{label}]({png.name})")
     report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, report)  # never a half-written report
     return report
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,33 @@ def paired_delta(per: list[float], base: list[float] | None, label: str) -> str:
     return f"{d:+.3f} (SE {clustered_se(diffs):.3f}) vs {label}"
 
 
+STAGE_STATE = ("checkpoints", "metrics.jsonl", "tensorboard", "distill_sft.jsonl")
+
+
+def clear_stage_state(stage_dir: Path) -> list[str]:
+    """A fresh (not ``--resume``) stage starts from nothing: remove what an earlier run left in its directory.
+
+    Its resumable checkpoints would otherwise be picked up by a retry (``latest_checkpoint`` takes the highest
+    step, whichever run wrote it) and would outrank this run's own checkpoints in keep-last-K pruning; its metrics
+    would be appended to and plotted as this run's, and a distillation whose teacher traces all fail the filter would
+    train on the earlier run's ``distill_sft.jsonl``. The last exported ``final/`` stays until this run replaces it
+    (atomically). Returns the names removed (also printed)."""
+    removed = []
+    for name in STAGE_STATE:
+        path = Path(stage_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"[run] {stage_dir}: fresh start, removed {', '.join(removed)} of an earlier run "
+              "(use --resume to continue it instead)", flush=True)  # fmt: skip
+    return removed
+
+
 def run_stage_with_retries(
     cfg: RunConfig, stage: StageConfig, state: RunState, tokenizer_dir: str, resume: bool, progress: bool
 ) -> str:
@@ -177,6 +205,8 @@ def run_stage_with_retries(
     from . import actors
 
     attempts = stage.retries + 1
+    if not resume:
+        clear_stage_state(cfg.stage_dir(stage))
     for attempt in range(1, attempts + 1):
         sources = resolve_sources(cfg, stage, state)
         try:

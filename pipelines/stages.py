@@ -147,11 +147,13 @@ class StageLoop:
         self.env, self.runner, self.total = env, runner, total_steps
         self.ckpt_root = env.out_dir / "checkpoints"
         self.rank = rank_world()[0]
-        self.logger = MetricsLogger(env.out_dir, env.stage.name) if self.rank == 0 else None
         self.start = 0
         if env.resume and latest_checkpoint(self.ckpt_root) is not None:
             self.start, _ = load_training_checkpoint(self.ckpt_root, runner)
             print(f"[{env.stage.name}] resumed at step {self.start}", flush=True)
+        self.logger = None
+        if self.rank == 0:  # a fresh stage's directory was cleared by the driver (runner.clear_stage_state)
+            self.logger = MetricsLogger(env.out_dir, env.stage.name, resumed_at=self.start if env.resume else None)
         self.t0 = time.time()
 
     def end_step(self, step: int, metrics: dict[str, Any]) -> None:
@@ -219,7 +221,13 @@ def completion_texts(tokenizer, completions) -> list[str]:
     return [tokenizer.decode([t for t in c.token_ids if t != eos], skip_special_tokens=False) for c in completions]
 
 
-ROLLOUT_MAX_LEN = 256  # context per decode slot (prompt + completion) of the engines the stages build
+def rollout_engine(model: Transformer, tokenizer, slots: int):
+    """The rollout engine every stage (and rollout worker) decodes with: ``slots`` sequences at a time, each up to
+    the model's whole context (``max_position_embeddings``). Its latent cache is sized per call to the longest
+    prompt + ``max_new_tokens`` that call can reach, so the full context costs nothing unless used."""
+    from dsalign.alignment.rollout import RolloutEngine
+
+    return RolloutEngine(model, tokenizer, max_batch_size=slots)
 
 
 def rollout(engine, tokenizer, rows: list[dict], n: int, temperature: float, max_new_tokens: int, seed: int,
@@ -285,12 +293,10 @@ def build_combiner(entries):
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) -> dict[str, float]:
     """Held-out accuracy (math_accuracy, sampled at ``eval.temperature``), mean response length (tokens), format."""
-    from dsalign.alignment.rollout import RolloutEngine
     from dsalign.rewards import math_accuracy, think_format
 
     ev = run.eval
-    engine = RolloutEngine(model, tokenizer, max_batch_size=min(ev.max_batch_size, len(rows) * ev.samples_per_prompt),
-                           max_len=ROLLOUT_MAX_LEN)  # fmt: skip
+    engine = rollout_engine(model, tokenizer, min(ev.max_batch_size, len(rows) * ev.samples_per_prompt))
     _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
     prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
@@ -398,7 +404,6 @@ def run_grpo(env: StageEnv) -> Path:
     Split (``env.rollout_pool``): rollout workers decode with their own copies, refreshed before every iteration."""
     from dsalign.alignment.policy_loss import PolicyLossConfig
     from dsalign.alignment.rl import grpo_loss_fn, token_logprobs
-    from dsalign.alignment.rollout import RolloutEngine
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
 
@@ -418,8 +423,7 @@ def run_grpo(env: StageEnv) -> Path:
     runner = build_runner(model, cfg)
     if env.rollout_pool is None:
         slots = p.prompts_per_iter * p.group_size
-        generator = LocalRollout(RolloutEngine(model, env.tokenizer, max_batch_size=slots, max_len=ROLLOUT_MAX_LEN),
-                                 env.tokenizer)  # fmt: skip
+        generator = LocalRollout(rollout_engine(model, env.tokenizer, slots), env.tokenizer)
     else:
         generator = env.rollout_pool
     loop = StageLoop(env, runner, p.iterations)
@@ -456,12 +460,11 @@ def run_grpo(env: StageEnv) -> Path:
 # ---------------------------------------------------------------------------------------------------- distillation
 def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]:
     """This rank's share of the teacher's scored traces (``samples_per_prompt`` per prompt, with provenance)."""
-    from dsalign.alignment.rollout import RolloutEngine
 
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
     rows = training_prompts(env.run, env.stage.data)[rank::world]
-    engine = RolloutEngine(teacher, env.tokenizer, max_batch_size=d.max_batch_size, max_len=ROLLOUT_MAX_LEN)
+    engine = rollout_engine(teacher, env.tokenizer, d.max_batch_size)
     _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
                        seed=env.run.seed + 31 + rank)  # fmt: skip
     texts = completion_texts(env.tokenizer, comps)

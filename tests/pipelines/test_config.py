@@ -54,12 +54,39 @@ def test_wrong_type_names_path(tmp_path):
     [
         ("eval.max_batch_size=0", r"eval: max_batch_size: expected a positive number of slots, got 0"),
         ("stages.distill.distill.max_batch_size=-4", r"stages\[2\]\.distill: max_batch_size: expected a positive"),
+        ("stages.grpo.grpo.group_size=1", r"stages\[1\]\.grpo: group_size: expected >= 2 \(advantages are relative"),
+        ("stages.grpo.grpo.temperature=0", r"stages\[1\]\.grpo: temperature: expected > 0 \(greedy samples"),
+        ("stages.grpo.grpo.top_p=1.5", r"stages\[1\]\.grpo: top_p: expected a probability mass in \(0, 1\], got 1\.5"),
+        ("stages.grpo.grpo.dual_clip_c=0.5", r"stages\[1\]\.grpo: dual_clip_c: expected null or a bound > 1"),
+        ("stages.sft.sft.steps=0", r"stages\[0\]\.sft: steps: expected >= 1, got 0"),
+        ("stages.grpo.grpo.optim.lr=-1", r"stages\[1\]\.grpo\.optim: lr: expected >= 0, got -1\.0"),
+        ("stages.sft.sft.optim.betas=[0.9]", r"stages\[0\]\.sft\.optim: betas: expected two AdamW betas in \[0, 1\)"),
+        ("stages.distill.distill.keep=most", r"stages\[2\]\.distill: keep: expected 'best' or 'all', got 'most'"),
+        ("stages.sft.checkpoint_every=0", r"stages\[0\]: checkpoint_every: expected >= 1, got 0"),
+        ("stages.length.data.length_target=0", r"stages\[3\]\.data: length_target: expected a positive number"),
+        ("eval.samples_per_prompt=0", r"eval: samples_per_prompt: expected >= 1, got 0"),
     ],
 )
-def test_sampling_slots_must_be_positive(override, message):
+def test_out_of_range_values_fail_on_load_naming_the_key(override, message):
+    """Values no stage could run with fail when the config loads (before Ray starts), not inside a stage's worker
+    after the earlier stages ran (where a retry would only fail again)."""
     assert load_config(DEMO, ["eval.max_batch_size=64"]).eval.max_batch_size == 64
     with pytest.raises(ConfigError, match=message):
         load_config(DEMO, [override])
+
+
+def test_preflight_names_unknown_grpo_algorithms(tmp_path):
+    overrides = [f"output_dir={tmp_path / 'out'}", "stages.grpo.grpo.advantage=gae", "stages.grpo.grpo.loss_agg=mean",
+                 "stages.length.grpo.kl_estimator=k4", "stages.length.grpo.policy_loss=ppo"]  # fmt: skip
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(DEMO, overrides))
+    assert err.value.problems == [
+        "stages[1] (grpo).grpo.advantage: unknown advantage estimator 'gae'; known: drgrpo, grpo, rloo",
+        "stages[1] (grpo).grpo.loss_agg: unknown loss aggregation 'mean'; known: seq-mean-token-mean, "
+        "seq-mean-token-sum-norm, token-mean",
+        "stages[3] (length).grpo.policy_loss: unknown policy loss 'ppo'; known: gspo, ppo_clip",
+        "stages[3] (length).grpo.kl_estimator: unknown KL estimator 'k4'; known: k1, k2, k3",
+    ]
 
 
 def test_from_stage_must_be_earlier(tmp_path):
@@ -171,3 +198,31 @@ def test_preflight_refuses_zero3_for_grpo_and_more_rows_than_the_task_has(tmp_pa
     assert "stages[0] (sft).data.num_rows: 70 synthetic rows plus 20 held-out prompts exceed the 81 distinct" in text
     assert "stages[2] (distill).resources: zero_stage 3 with ep_size 2: DeepSpeed does not support MoE" in text
     assert all("stages[0] (sft).resources" not in p for p in err.value.problems)
+
+
+def test_config_reference_doc_is_generated_from_the_schema():
+    import dataclasses
+
+    from dsalign.pipelines import config as config_module
+    from dsalign.pipelines.config_doc import config_reference
+
+    doc = config_reference()
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text()
+    assert committed == doc, "docs/CONFIG.md is stale: run `dsalign config reference > docs/CONFIG.md`"
+    classes = [c for c in vars(config_module).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
+    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if f"{f.name}` |" not in doc]
+    assert not missing, missing
+    assert "| `optim.lr` | float | `0.0002` |" in doc and "| `optim.lr` | float | `0.001` |" in doc  # per-block defaults
+
+
+def test_config_show_prints_a_resolved_config_that_loads_back(tmp_path, capsys):
+    from dsalign.pipelines.cli import main
+    from dsalign.pipelines.schema import to_dict
+
+    overrides = [f"output_dir={tmp_path / 'out'}", "stages.grpo.grpo.iterations=3"]
+    assert main(["config", "show", str(TINY), *[a for o in overrides for a in ("--set", o)]]) == 0
+    shown = tmp_path / "resolved.yaml"
+    shown.write_text(capsys.readouterr().out)
+    assert to_dict(load_config(shown)) == to_dict(load_config(TINY, overrides))
+    assert main(["config", "show", str(TINY), "--set", "stages.grpo.grpo.kl_estimator=k7"]) == 2
+    assert "grpo.kl_estimator: unknown KL estimator 'k7'" in capsys.readouterr().err

@@ -14,11 +14,12 @@ from dsalign.pipelines.runner import StageFailed, run
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
-def _sft_only(tmp_path: Path, name: str, retries: int = 1):
+def _sft_only(tmp_path: Path, name: str, retries: int = 1, seed: int = 0):
     data = yaml.safe_load(TINY.read_text())
     data["stages"] = data["stages"][:1]
     data["stages"][0].update(retries=retries, checkpoint_every=2)
     data["stages"][0]["sft"]["steps"] = 6
+    data["seed"] = seed
     data["output_dir"] = str(tmp_path / name)
     data["eval"]["num_prompts"] = 2
     path = tmp_path / f"{name}.yaml"
@@ -56,6 +57,9 @@ def test_killed_worker_resumes_to_the_clean_result(tmp_path, local_ray, monkeypa
     from dsalign.model import load_checkpoint
 
     clean = run(_sft_only(tmp_path, "clean"))
+    # An earlier, different run (another seed) finished in the same directory: its checkpoints (steps 2, 4, 6) and
+    # metrics must not leak into the fresh run below, whose retry would otherwise resume from its step 6.
+    run(_sft_only(tmp_path, "faulted", seed=1))
     monkeypatch.setenv("DSALIGN_FAULT", "sft:3")  # the worker process exits after step 3 (checkpoint at step 2)
     resumed = run(_sft_only(tmp_path, "faulted"))
     log = [json.loads(line) for line in (tmp_path / "faulted" / "sft" / "metrics.jsonl").read_text().splitlines()]
