@@ -16,6 +16,7 @@ from dsalign.model import ModelConfig
 from .config import ModelSource, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
 from .schema import ConfigError
+from .stages import RUNTIME_OVERRIDES, prompt_file_rows
 
 
 class PreflightError(ConfigError):
@@ -36,6 +37,10 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
             problems.append(f"{where}: {e}")
     elif src.checkpoint is not None:
         path = Path(src.checkpoint)
+        fixed = sorted(set(src.overrides) - set(RUNTIME_OVERRIDES))
+        if fixed:
+            problems.append(f"{where}.overrides: {fixed} cannot change a checkpoint's architecture; only the runtime "
+                            f"switches {list(RUNTIME_OVERRIDES)} apply to a checkpoint")  # fmt: skip
         if not (path / "config.json").is_file():
             problems.append(f"{where}.checkpoint: {path} has no config.json")
         elif not any(path.glob("*.safetensors")):
@@ -112,6 +117,22 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
         )
 
 
+def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
+    """The held-out file exists, parses, and every row the evaluation takes has an ``answer``."""
+    if not Path(cfg.eval.path).exists():
+        problems.append(f"eval.path: {cfg.eval.path} does not exist")
+        return
+    try:
+        rows = prompt_file_rows(cfg.eval.path, cfg.eval.num_prompts)
+    except ValueError as e:  # DataError names the file, row and field
+        problems.append(f"eval.path: {e}")
+        return
+    missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
+    if missing:
+        problems.append(f"eval.path: {len(missing)} of {len(rows)} rows have no 'answer' to check completions against "
+                        f"(first: {', '.join(missing[:3])})")  # fmt: skip
+
+
 def preflight(cfg: RunConfig) -> None:
     """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
     from dsalign.rewards import load_reward
@@ -131,7 +152,7 @@ def preflight(cfg: RunConfig) -> None:
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
         if stage.kind == "grpo":
             _check_algorithm_names(stage, where, problems)
-        if stage.data.synthetic is not None and stage.data.num_rows:
+        if stage.data.synthetic is not None and stage.data.num_rows and cfg.eval.path is None:
             distinct = cfg.task.num_distinct()
             if stage.data.num_rows + cfg.eval.num_prompts > distinct:
                 problems.append(
@@ -148,6 +169,8 @@ def preflight(cfg: RunConfig) -> None:
                 load_reward(entry.fn, **entry.params)
             except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
                 problems.append(f"{where}.rewards[{j}].fn {entry.fn!r}: {type(e).__name__}: {e}")
+    if cfg.eval.enabled and cfg.eval.path is not None:
+        _check_eval_file(cfg, problems)
     out = Path(cfg.output_dir)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):

@@ -106,6 +106,8 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     tokenizer_dir = ray.get(actors.prepare_tokenizer.remote(to_dict(cfg)))
 
     def evaluate(source: dict[str, Any], label: str, length_target: int | None = None, vs: str | None = None) -> None:
+        if not cfg.eval.enabled:
+            return
         task = actors.evaluate_source.options(num_cpus=cpus)
         result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
         state.per_prompt[label] = per = result.pop("per_prompt")
@@ -117,6 +119,10 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         state.save(state_path)
         print(f"[eval] {label}: {row}", flush=True)
 
+    if cfg.eval.enabled and cfg.eval.path is None and all(s.data.synthetic is None for s in cfg.stages):
+        print("[run] note: the held-out evaluation uses the synthetic addition task (no eval.path given) while no "
+              "stage trains on it; set eval.path to your held-out prompts or eval.enabled: false",
+              flush=True)  # fmt: skip
     if not state.evals:
         evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], "untrained")
     for stage in cfg.stages:
@@ -134,8 +140,10 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
                      vs=vs)  # fmt: skip
     stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
     report = write_report(out, stage_dirs, state.evals, f"dsalign run {cfg.name}")
-    print(f"\nHeld-out evaluation ({cfg.eval.num_prompts} prompts x {cfg.eval.samples_per_prompt} samples, "
-          f"temperature {cfg.eval.temperature}):")  # fmt: skip
+    ev = cfg.eval
+    source = ev.path or "the synthetic task's held-out set"
+    head = f"{ev.num_prompts} prompts of {source} x {ev.samples_per_prompt} samples, temperature {ev.temperature}"
+    print(f"\nHeld-out evaluation ({head}):" if ev.enabled else "\nHeld-out evaluation: off (eval.enabled: false)")
     print(format_table(state.evals))
     print(
         "acc_se: standard error of accuracy, samples of a prompt clustered; vs: accuracy change on the same prompts "

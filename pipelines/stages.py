@@ -18,7 +18,7 @@ import torch
 from dsalign.model import ModelConfig, Transformer, load_checkpoint
 
 from .config import DataSource, OptimConfig, RunConfig, SFTParams, StageConfig
-from .demo_task import make_prompts, make_sft_conversations, operand_sets
+from .demo_task import LENGTH_INSTRUCTION, make_prompts, make_sft_conversations, operand_sets
 from .report import MetricsLogger
 
 HELD_OUT_SEED = 987_654
@@ -57,6 +57,9 @@ def padded_vocab(tokenizer) -> int:
     return int(math.ceil(len(tokenizer) / 64) * 64)
 
 
+RUNTIME_OVERRIDES = ("fp8", "fp8_pow2_scales")  # ModelConfig switches that apply to a loaded checkpoint
+
+
 def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
     """A model from a preset (vocab sized to the tokenizer, initialized from ``seed``) or an HF checkpoint dir."""
     overrides = dict(src.get("overrides") or {})
@@ -68,8 +71,8 @@ def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
             torch.manual_seed(seed)
             return Transformer(cfg)
     model = load_checkpoint(src["checkpoint"], missing_mtp="init")
-    if overrides:
-        runtime = {k: v for k, v in overrides.items() if k in ("fp8", "fp8_pow2_scales")}
+    if overrides:  # preflight refused any other key for a checkpoint
+        runtime = {k: v for k, v in overrides.items() if k in RUNTIME_OVERRIDES}
         if runtime:
             fresh = Transformer(model.cfg.replace(**runtime))
             fresh.load_state_dict(model.state_dict())
@@ -83,14 +86,33 @@ def training_prompts(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
     if data.synthetic is not None:
         held = make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED)
         return make_prompts(run.task, data.num_rows, data.seed, exclude=operand_sets(held), budget=data.length_target)
+    return prompt_file_rows(data.path, data.num_rows, data.length_target, data.skip_invalid)
+
+
+def prompt_file_rows(path: str, num_rows: int, budget: int | None = None, skip_invalid: bool = False) -> list[dict]:
+    """The first ``num_rows`` (0 = all) rows of a prompt file; with ``budget``, each prompt carries the length
+    instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do."""
     from dsalign.alignment.data import load_prompts
 
-    ds, _ = load_prompts(data.path, skip_invalid=data.skip_invalid)
+    ds, _ = load_prompts(path, skip_invalid=skip_invalid)
     rows = list(ds)
-    return rows[: data.num_rows] if data.num_rows else rows
+    rows = rows[:num_rows] if num_rows else rows
+    return [with_budget(r, budget, "prompt") for r in rows] if budget is not None else rows
+
+
+def with_budget(row: dict[str, Any], budget: int, field: str) -> dict[str, Any]:
+    """``row`` with the length instruction appended to the system turn of its ``field`` messages."""
+    from dsalign.alignment.length_control import with_system_instruction
+
+    messages = with_system_instruction(row[field], LENGTH_INSTRUCTION.format(budget=budget))
+    return {**row, field: messages, "length_target": budget}
 
 
 def held_out_prompts(run: RunConfig, budget: int | None = None) -> list[dict[str, Any]]:
+    """The evaluation's prompts: ``eval.path`` (its first ``num_prompts`` rows) or the synthetic task's held-out set
+    (never used in training)."""
+    if run.eval.path is not None:
+        return prompt_file_rows(run.eval.path, run.eval.num_prompts, budget)
     return make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED, budget=budget)
 
 
@@ -101,7 +123,8 @@ def sft_conversations(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
 
     ds, _ = load_conversations(data.path, skip_invalid=data.skip_invalid)
     rows = list(ds)
-    return rows[: data.num_rows] if data.num_rows else rows
+    rows = rows[: data.num_rows] if data.num_rows else rows
+    return [with_budget(r, data.length_target, "messages") for r in rows] if data.length_target is not None else rows
 
 
 # ---------------------------------------------------------------------------------------------------- trainer glue
@@ -296,6 +319,10 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
     from dsalign.rewards import math_accuracy, think_format
 
     ev = run.eval
+    missing = [str(r.get("prompt_id", i)) for i, r in enumerate(rows) if r.get("answer") is None]
+    if missing:
+        raise ValueError(f"eval: {len(missing)} of {len(rows)} held-out rows have no 'answer' to check against "
+                         f"(prompt ids {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")  # fmt: skip
     engine = rollout_engine(model, tokenizer, min(ev.max_batch_size, len(rows) * ev.samples_per_prompt))
     _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)

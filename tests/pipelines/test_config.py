@@ -212,7 +212,8 @@ def test_config_reference_doc_is_generated_from_the_schema():
     classes = [c for c in vars(config_module).values() if dataclasses.is_dataclass(c) and isinstance(c, type)]
     missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c) if f"{f.name}` |" not in doc]
     assert not missing, missing
-    assert "| `optim.lr` | float | `0.0002` |" in doc and "| `optim.lr` | float | `0.001` |" in doc  # per-block defaults
+    # per-block defaults: GRPO's optim block starts at 2e-4, SFT's at 1e-3
+    assert "| `optim.lr` | float | `0.0002` |" in doc and "| `optim.lr` | float | `0.001` |" in doc
 
 
 def test_config_show_prints_a_resolved_config_that_loads_back(tmp_path, capsys):
@@ -226,3 +227,24 @@ def test_config_show_prints_a_resolved_config_that_loads_back(tmp_path, capsys):
     assert to_dict(load_config(shown)) == to_dict(load_config(TINY, overrides))
     assert main(["config", "show", str(TINY), "--set", "stages.grpo.grpo.kl_estimator=k7"]) == 2
     assert "grpo.kl_estimator: unknown KL estimator 'k7'" in capsys.readouterr().err
+
+
+def test_preflight_checks_the_eval_file_and_checkpoint_overrides(tmp_path):
+    from dsalign.model import ModelConfig, Transformer, save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(Transformer(ModelConfig.preset("tiny")), ckpt)
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?"}\n')
+    base = [f"output_dir={tmp_path / 'out'}", f"stages.sft.model.checkpoint={ckpt}", "stages.sft.model.preset=null"]
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(TINY, [*base, f"eval.path={held}", "stages.sft.model.overrides={hidden_size: 8}"]))
+    assert err.value.problems == [
+        "stages[0] (sft).model.overrides: ['hidden_size'] cannot change a checkpoint's architecture; only the runtime "
+        "switches ['fp8', 'fp8_pow2_scales'] apply to a checkpoint",
+        "eval.path: 1 of 2 rows have no 'answer' to check completions against (first: held.jsonl:2)",
+    ]
+    preflight(load_config(TINY, [*base, f"eval.path={held}", "eval.num_prompts=1"]))  # only the first row is used
+    preflight(load_config(TINY, [*base, f"eval.path={tmp_path / 'gone.jsonl'}", "eval.enabled=false"]))
+    with pytest.raises(PreflightError, match="eval.path: .*gone.jsonl does not exist"):
+        preflight(load_config(TINY, [*base, f"eval.path={tmp_path / 'gone.jsonl'}"]))

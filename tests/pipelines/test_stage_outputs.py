@@ -64,3 +64,61 @@ def test_stage_rollouts_reach_the_model_context():
     near = model.cfg.max_position_embeddings - len(prompt)
     (capped,) = engine.generate([prompt], [SamplingParams(max_new_tokens=near + 50, ignore_eos=True, seed=0)])
     assert len(capped.token_ids) == near  # the context, not a fixed cap, is the limit
+
+
+def _prompt_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_prompt_files_carry_the_length_budget_like_synthetic_prompts(tmp_path):
+    from dsalign.pipelines.config import DataSource
+    from dsalign.pipelines.demo_task import LENGTH_INSTRUCTION
+    from dsalign.pipelines.stages import prompt_file_rows, sft_conversations
+
+    rows = [{"prompt": "What is 2+3?", "answer": "5"},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+             "answer": "2"}]  # fmt: skip
+    path = _prompt_file(tmp_path / "p.jsonl", rows)
+    plain = prompt_file_rows(path, 0)
+    assert [r["prompt"][0]["role"] for r in plain] == ["user", "system"] and "length_target" not in plain[0]
+    budget = prompt_file_rows(path, 1, budget=40)
+    assert len(budget) == 1 and budget[0]["length_target"] == 40 and budget[0]["answer"] == "5"
+    assert budget[0]["prompt"][0] == {"role": "system", "content": LENGTH_INSTRUCTION.format(budget=40),
+                                      "reasoning_content": None}  # fmt: skip
+    both = prompt_file_rows(path, 0, budget=40)[1]["prompt"][0]["content"]
+    assert both == "Be brief.\n\n" + LENGTH_INSTRUCTION.format(budget=40)  # appended to the existing system turn
+    convo = [{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}]
+    data = DataSource(path=_prompt_file(tmp_path / "c.jsonl", convo), length_target=25)
+    (row,) = sft_conversations(None, data)
+    assert row["messages"][0]["content"] == LENGTH_INSTRUCTION.format(budget=25) and row["length_target"] == 25
+
+
+def test_grpo_on_user_files_with_held_out_file_and_budget(tmp_path, local_ray):
+    """A run on the user's own prompt files: GRPO trains on data.path with a length budget, and every evaluation
+    reads eval.path (budget prompts included) instead of the synthetic task."""
+    from pathlib import Path
+
+    import yaml
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.demo_task import AdditionTask, make_prompts
+    from dsalign.pipelines.runner import run
+
+    task = AdditionTask()
+    user = lambda rows: [{"prompt": r["prompt"][-1]["content"], "answer": r["answer"]} for r in rows]  # noqa: E731
+    train = _prompt_file(tmp_path / "train.jsonl", user(make_prompts(task, 32, seed=5)))
+    held = _prompt_file(tmp_path / "held.jsonl", user(make_prompts(task, 6, seed=6)))
+    tiny = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
+    grpo = tiny["stages"][1]
+    grpo.update(model={"preset": "tiny"}, data={"path": train, "length_target": 12}, checkpoint_every=100)
+    grpo["grpo"].update(iterations=2)
+    grpo["rewards"].append({"fn": "target_length", "weight": 0.1})
+    data = {**tiny, "stages": [grpo], "output_dir": str(tmp_path / "out"),
+            "eval": {**tiny["eval"], "path": held, "num_prompts": 4, "samples_per_prompt": 2}}  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    state = run(load_config(tmp_path / "run.yaml"))
+    assert [e["stage"] for e in state.evals] == ["untrained", "grpo", "grpo (budget prompts)"]
+    assert all(len(per) == 4 for per in state.per_prompt.values())  # the file's first 4 rows, not 200 synthetic
+    assert state.evals[-1]["length_target"] == 12.0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("reward" in r for r in rows)
