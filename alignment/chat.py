@@ -64,10 +64,20 @@ class ConversationError(ValueError):
 
 @dataclass
 class TokenizedConversation:
-    """``input_ids`` of the whole rendered conversation and a 0/1 ``assistant_mask`` of the same length."""
+    """``input_ids`` of the whole rendered conversation and a 0/1 ``assistant_mask`` of the same length.
+    ``full_length``: the token count before ``max_length`` truncation (equal to ``len(input_ids)`` when none)."""
 
     input_ids: list[int]
     assistant_mask: list[int]
+    full_length: int = -1
+
+    def __post_init__(self) -> None:
+        if self.full_length < 0:
+            self.full_length = len(self.input_ids)
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
 
     def labels(self, ignore_index: int = -100) -> list[int]:
         """Token ids where the assistant speaks, ``ignore_index`` elsewhere (aligned with ``input_ids``)."""
@@ -170,8 +180,9 @@ def tokenize_conversation(
                 "merges across the turn boundary); use a tokenizer with the role tags as special tokens"
             )
         mask[len(start) : len(end)] = [1] * (len(end) - len(start))
+    full_length = len(full)
     if max_length is not None:
         full, mask = full[:max_length], mask[:max_length]
         if not any(mask):
             raise ConversationError(f"{where}: no assistant token left after truncation to {max_length} tokens")
-    return TokenizedConversation(full, mask)
+    return TokenizedConversation(full, mask, full_length)

@@ -8,6 +8,7 @@ model's logits), so with on-policy data the importance ratio starts at 1 up to f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,6 +121,8 @@ def grpo_loss_fn(
         n = mask.sum().clamp(min=1)
         plain = {k: float(v) for k, v in metrics.items()}
         plain["entropy"] = float((ent.detach() * mask).sum() / n)
+        if not bool(mask.any()):  # nothing in the loss here (e.g. every completion masked as truncated): no token
+            plain = {k: math.nan for k in plain}  # statistics to report; the trainer averages over the others
         return loss, plain
 
     return loss_fn

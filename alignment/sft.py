@@ -8,6 +8,7 @@ by its config's alpha) is added with ``aux_loss_coef``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from .chat import ConversationError, tokenize_conversation
 from .packing import PackedBatch
 from .trainer.step import fused_head_weight
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class SFTConfig:
@@ -39,9 +41,10 @@ def build_sft_examples(
     """Tokenize conversations into ``{"input_ids", "labels"}`` (assistant tokens only in the labels).
 
     Returns ``(examples, num_skipped)``; a conversation that cannot be masked raises ``ConversationError``
-    naming its row, unless ``cfg.skip_invalid``.
+    naming its row, unless ``cfg.skip_invalid``. Conversations cut at ``cfg.max_length`` are counted and logged
+    (a warning naming the count, the longest and the first row).
     """
-    examples, skipped = [], 0
+    examples, skipped, truncated = [], 0, []
     for i, row in enumerate(rows):
         where = f"row {i + 1}" + (f" (prompt_id {row['prompt_id']})" if row.get("prompt_id") else "")
         try:
@@ -54,6 +57,12 @@ def build_sft_examples(
             skipped += 1
             continue
         examples.append({"input_ids": conv.input_ids, "labels": conv.labels()})
+        if conv.truncated:
+            truncated.append((conv.full_length, where))
+    if truncated:
+        log.warning("%d of %d conversations were cut to max_length=%d tokens (longest %d tokens; first: %s); raise "
+                    "max_length to train on their ends", len(truncated), len(examples), cfg.max_length,
+                    max(n for n, _ in truncated), truncated[0][1])  # fmt: skip
     return examples, skipped
 
 

@@ -137,8 +137,7 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
         texts = completion_texts(tok, comps)
         scored = combiner([r["prompt"] for r in it_rows for _ in range(G)], texts, [c.token_ids for c in comps],
                           **expand_columns(it_rows, G))  # fmt: skip
-        rewards = [0.0 if v is None else v for v in scored.rewards]
-        batch = make_rl_batch(tok, prompt_ids, comps, rewards, G, p)
+        batch = make_rl_batch(tok, prompt_ids, comps, scored.rewards, G, p)
         model.train()
         micro = split_micro(batch, p.micro_batch_size)
         cfg.micro_batches = len(micro)

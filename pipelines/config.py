@@ -192,7 +192,12 @@ class GRPOParams:
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (per worker)"})
     mtp_lambda: float = field(default=0.0, metadata={"help": "keep training MTP on the sampled completions (0 = off)"})
     bias_update_gamma: float = field(default=0.001, metadata={"help": "expert-bias update speed (0 = off)"})
-    dynamic_sampling: bool = field(default=False, metadata={"help": "drop zero-variance groups"})
+    dynamic_sampling: bool = field(
+        default=False, metadata={"help": "DAPO: drop groups whose rewards are all equal, refill with more prompts"}
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=4, metadata={"help": "sampling rounds an iteration may take to refill (then dropped groups fill in)"}
+    )
     mask_truncated: bool = field(default=True, metadata={"help": "completions cut at max_new_tokens get no loss"})
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=2),
@@ -201,7 +206,8 @@ class GRPOParams:
 
     def __post_init__(self) -> None:
         # names (advantage, policy_loss, loss_agg, kl_estimator) are checked against their registries in preflight
-        _at_least(self, 1, "iterations", "prompts_per_iter", "max_new_tokens", "updates_per_batch", "micro_batch_size")
+        _at_least(self, 1, "iterations", "prompts_per_iter", "max_new_tokens", "updates_per_batch", "micro_batch_size",
+                  "dynamic_sampling_max_rounds")  # fmt: skip
         _expect(self, "group_size", lambda v: v >= 2, ">= 2 (advantages are relative to the other samples of a group)")
         _expect(self, "temperature", lambda v: v > 0, "> 0 (greedy samples of a group would all be equal)")
         _expect(self, "top_p", lambda v: 0 < v <= 1, "a probability mass in (0, 1]")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from dsalign.model import ModelConfig, Transformer, load_checkpoint
 
-from .config import DataSource, OptimConfig, RunConfig, SFTParams, StageConfig
+from .config import DataSource, GRPOParams, OptimConfig, RunConfig, SFTParams, StageConfig
 from .demo_task import LENGTH_INSTRUCTION, make_prompts, make_sft_conversations, operand_sets
 from .report import MetricsLogger
 
@@ -345,12 +345,94 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
 
 
 # ---------------------------------------------------------------------------------------------------- GRPO
-def grpo_iteration_rows(rows: list[dict], per_iter: int, seed: int, it: int) -> list[dict]:
+def grpo_iteration_order(num_rows: int, per_iter: int, seed: int, it: int) -> list[int]:
+    """Row indices of iteration ``it``, a deterministic function of (seed, it): ``per_iter`` sampled rows first (the
+    iteration's batch), then every other row in random order (the refill stream of dynamic sampling)."""
     rng = random.Random(seed * 7_919 + it)
-    return [rows[i] for i in rng.sample(range(len(rows)), min(per_iter, len(rows)))]
+    first = rng.sample(range(num_rows), min(per_iter, num_rows))
+    taken = set(first)
+    rest = [i for i in range(num_rows) if i not in taken]
+    rng.shuffle(rest)
+    return first + rest
 
 
-def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float], n: int, params) -> dict[str, torch.Tensor]:
+def grpo_iteration_rows(rows: list[dict], per_iter: int, seed: int, it: int) -> list[dict]:
+    return [rows[i] for i in grpo_iteration_order(len(rows), per_iter, seed, it)[:per_iter]]
+
+
+def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOParams, seed: int, it: int):
+    """This rank's share of iteration ``it``: ``(prompt_ids, completions, scored, generate_s, stats)``.
+
+    Each rank takes every ``world``-th prompt of the iteration's order (whole groups); a prompt samples with the seed
+    of its place in that order, so the result does not depend on how the prompts were shared out. With
+    ``p.dynamic_sampling`` (DAPO sec. 3.2) groups whose scored rewards are all equal (no signal under any
+    estimator) are dropped and the rank keeps sampling further prompts of the order, a round of its share at a
+    time, until it has its share of informative groups. The first round is the plain iteration. When
+    ``dynamic_sampling_max_rounds`` rounds (or the prompts) run out first, the shortfall is filled with dropped groups
+    (zero advantage: they add no gradient), so every rank still trains on its full share and the stage goes on; the
+    shortfall is logged (``dynamic_sampling/shortfall``). Early in training, when every group scores 0, that is the
+    plain iteration at ``max_rounds`` times the generation cost.
+    """
+    from dsalign.alignment.sampling import SampledGroup, dynamic_sample
+    from dsalign.rewards import CombinedRewards
+
+    rank, world = rank_world()
+    order = grpo_iteration_order(len(rows), p.prompts_per_iter, seed, it)
+    share = list(range(rank, min(p.prompts_per_iter, len(order)), world))
+    G, gen_s = p.group_size, 0.0
+
+    def generate_and_score(positions: list[int]):
+        nonlocal gen_s
+        chunk = [rows[order[i]] for i in positions]
+        t0 = time.time()
+        prompt_ids, comps = generator.generate(chunk, positions, G, p.temperature, p.max_new_tokens,
+                                               seed=seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
+        gen_s += time.time() - t0
+        scored = scorer([r["prompt"] for r in chunk for _ in range(G)], completion_texts(tokenizer, comps),
+                        [c.token_ids for c in comps], **expand_columns(chunk, G))  # fmt: skip
+        return prompt_ids, comps, scored
+
+    if not p.dynamic_sampling:
+        prompt_ids, comps, scored = generate_and_score(share)
+        return prompt_ids, comps, scored, gen_s, {}
+
+    errors, sampled = 0.0, []
+
+    def sample_groups(positions: list[int]) -> list[SampledGroup]:
+        nonlocal errors
+        prompt_ids, comps, scored = generate_and_score(positions)
+        errors += scored.metrics.get("errors/total", 0.0)
+        groups = []
+        for j, pos in enumerate(positions):
+            sl = slice(j * G, (j + 1) * G)
+            one = CombinedRewards(scored.rewards[sl], {k: v[sl] for k, v in scored.components.items()}, [], {})
+            groups.append(SampledGroup(pos, [v for v in one.rewards if v is not None], (prompt_ids[j], comps[sl], one)))
+        sampled.extend(groups)
+        return groups
+
+    stream = iter(range(rank, len(order), world))
+    kept, stats = dynamic_sample(sample_groups, stream, target_groups=len(share), prompts_per_round=len(share),
+                                 max_rounds=p.dynamic_sampling_max_rounds, allow_partial=True)  # fmt: skip
+    if stats.shortfall:  # fill up with dropped groups, in the order they were sampled
+        informative = {id(g) for g in kept}
+        kept += [g for g in sampled if id(g) not in informative and len(set(g.rewards)) <= 1][: stats.shortfall]
+    parts = [g.payload[2] for g in kept]
+    names = sorted({k for part in parts for k in part.components})
+    scored = CombinedRewards([v for part in parts for v in part.rewards],
+                             {k: [v for part in parts for v in part.components.get(k, [None] * G)] for k in names},
+                             [], {"errors/total": errors})  # fmt: skip
+    keys = ("rounds", "groups_dropped", "prompts_used", "shortfall")
+    extra = {f"dynamic_sampling/{k}": getattr(stats, k) for k in keys}
+    return [g.payload[0] for g in kept], [c for g in kept for c in g.payload[1]], scored, gen_s, extra
+
+
+def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: int,
+                  params) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The update's batch: right-padded rows, rollout log-probs as ``old_logp``, group-relative advantages.
+
+    A completion whose reward is None (every reward function returned None or failed on it) is unscorable: as in
+    TRL's ``GRPOTrainer`` it is left out of its group's statistics and gets advantage 0 (counting it as 0 would bias
+    the group's baseline and hand it a spurious advantage)."""
     from dsalign.alignment.advantages import compute_advantages, group_ids_from_size
     from dsalign.alignment.rl import build_rl_batch
     from dsalign.alignment.sampling import mask_truncated
@@ -361,8 +443,15 @@ def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float], n: int, pa
     for b, (p, c) in enumerate(zip(full_prompts, comps)):
         old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
     batch["old_logp"] = old
-    r = torch.tensor(rewards, dtype=torch.float32)
-    batch["advantages"] = compute_advantages(params.advantage, r, group_ids_from_size(len(comps), n))
+    scorable = torch.tensor([v is not None for v in rewards])
+    r = torch.tensor([0.0 if v is None else v for v in rewards], dtype=torch.float32)
+    groups = group_ids_from_size(len(comps), n)
+    if bool(scorable.all()):
+        batch["advantages"] = compute_advantages(params.advantage, r, groups)
+    else:  # estimators take any group ids and sizes: run them on the scorable rows only
+        batch["advantages"] = torch.zeros_like(r).masked_scatter(
+            scorable, compute_advantages(params.advantage, r[scorable], groups[scorable])
+        )
     if params.mask_truncated:
         truncated = torch.tensor([c.finish_reason == "length" for c in comps])
         batch["completion_mask"] = mask_truncated(batch["completion_mask"], truncated)
@@ -409,14 +498,22 @@ def sync_rollout_weights(pool, runner, verify: bool) -> dict[str, Any]:
     return out
 
 
-def grpo_metrics(metrics: dict[str, Any], rewards: list[float], comps, scored, gen_s: float) -> dict[str, Any]:
-    """The step's logged scalars: the trainer's, plus reward, length, generation speed and expert load."""
+def _mean_present(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else math.nan
+
+
+def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float) -> dict[str, Any]:
+    """The step's logged scalars: the trainer's, plus reward (means over the samples a reward scored), reward
+    failures and unscorable share, length, generation speed and expert load."""
     metrics.update(
-        reward=sum(rewards) / len(rewards),
+        reward=_mean_present(scored.rewards),
+        unscorable_frac=sum(v is None for v in scored.rewards) / len(scored.rewards),
+        reward_errors=scored.metrics.get("errors/total", 0.0),
         response_length=sum(len(c.token_ids) for c in comps) / len(comps),
         generate_s=gen_s,
         tokens_per_s=sum(len(c.token_ids) for c in comps) / max(gen_s, 1e-9),
-        **{f"reward/{k}": sum(x or 0.0 for x in v) / len(v) for k, v in scored.components.items()},
+        **{f"reward/{k}": _mean_present(v) for k, v in scored.components.items()},
     )
     if "math_accuracy" in scored.components:
         metrics["accuracy"] = metrics["reward/math_accuracy"]
@@ -458,19 +555,9 @@ def run_grpo(env: StageEnv) -> Path:
         sync = {}
         if env.rollout_pool is not None:
             sync = sync_rollout_weights(env.rollout_pool, runner, env.stage.resources.verify_weight_sync)
-        t0 = time.time()
-        rank, world = rank_world()  # each rank generates and trains on its share of the prompts (whole groups)
-        all_rows = grpo_iteration_rows(rows, p.prompts_per_iter, env.run.seed, it)
-        row_ids = list(range(rank, len(all_rows), world))
-        it_rows = [all_rows[i] for i in row_ids]
-        prompt_ids, comps = generator.generate(it_rows, row_ids, p.group_size, p.temperature, p.max_new_tokens,
-                                               seed=env.run.seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
-        gen_s = time.time() - t0
-        texts = completion_texts(env.tokenizer, comps)
-        scored = scorer([r["prompt"] for r in it_rows for _ in range(p.group_size)], texts,
-                        [c.token_ids for c in comps], **expand_columns(it_rows, p.group_size))  # fmt: skip
-        rewards = [0.0 if v is None else v for v in scored.rewards]
-        batch = make_rl_batch(env.tokenizer, prompt_ids, comps, rewards, p.group_size, p)
+        prompt_ids, comps, scored, gen_s, sampling = sample_iteration(generator, scorer, env.tokenizer, rows, p,
+                                                                      env.run.seed, it)  # fmt: skip
+        batch = make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards, p.group_size, p)
         if reference is not None:
             batch["ref_logp"] = token_logprobs(reference, batch, p.temperature,
                                                positions=batch["completion_mask"])[0].detach()  # fmt: skip
@@ -479,7 +566,7 @@ def run_grpo(env: StageEnv) -> Path:
         cfg.micro_batches = len(micro)
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
-        loop.end_step(it + 1, {**grpo_metrics(metrics, rewards, comps, scored, gen_s), **sync})
+        loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s), **sampling, **sync})
     loop.close()
     return save_hf(runner, env.out_dir / "final", env.tokenizer)
 

@@ -10,6 +10,7 @@ The optimizer side is a ``Runner``: ``LocalRunner`` (one process, plain torch) h
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -178,13 +179,16 @@ def expert_load_metrics(counts_LE: torch.Tensor | None) -> dict[str, float]:
 
 
 def average_metrics(per_micro: Sequence[dict[str, float]], group: Any) -> dict[str, float]:
-    """Mean of each metric over micro-batches and data-parallel ranks (keys must match across ranks)."""
+    """Mean of each metric over the micro-batches of every data-parallel rank that report it (keys must match
+    across ranks). A metric a micro-batch leaves out or reports as NaN (a loss with nothing to measure there, e.g. a
+    GRPO micro-batch whose completions are all masked) does not count; with no value anywhere it is NaN."""
     keys = sorted(set().union(*per_micro)) if per_micro else []
-    local = torch.tensor([sum(m.get(k, 0.0) for m in per_micro) / len(per_micro) for k in keys], dtype=torch.float64)
+    values = [[m[k] for m in per_micro if k in m and not math.isnan(m[k])] for k in keys]
+    local = torch.tensor([[sum(v), len(v)] for v in values], dtype=torch.float64).reshape(len(keys), 2)
     if group is not None and dist.is_initialized() and keys:
         dist.all_reduce(local, group=group)
-        local /= dist.get_world_size(group)
-    return dict(zip(keys, local.tolist()))
+    means = torch.where(local[:, 1] > 0, local[:, 0] / local[:, 1].clamp(min=1), torch.full_like(local[:, 0], math.nan))
+    return dict(zip(keys, means.tolist()))
 
 
 def train_step(runner: Runner, micro_batches: Sequence[Any], loss_fn: LossFn, cfg: TrainerConfig,

@@ -139,3 +139,22 @@ def test_conversation_errors_and_truncation(tokenizer):
         tokenize_conversation(tokenizer, CONV, max_length=5)
     short = tokenize_conversation(tokenizer, CONV, max_length=30)
     assert len(short.input_ids) == 30 and any(short.assistant_mask)
+    full = tokenize_conversation(tokenizer, CONV)
+    assert short.truncated and short.full_length == len(full.input_ids) > 30 and not full.truncated
+
+
+def test_sft_examples_count_truncated_conversations(tokenizer, caplog):
+    from dsalign.alignment.sft import SFTConfig, build_sft_examples
+
+    rows = [{"messages": CONV}, {"messages": CONV[:3]}, {"messages": CONV, "prompt_id": "long-2"}]
+    full = len(tokenize_conversation(tokenizer, CONV).input_ids)
+    short = len(tokenize_conversation(tokenizer, CONV[:3]).input_ids)
+    with caplog.at_level("WARNING", logger="dsalign.alignment.sft"):
+        examples, skipped = build_sft_examples(rows, tokenizer, SFTConfig(max_length=short))
+    assert skipped == 0 and [len(e["input_ids"]) for e in examples] == [short] * 3
+    assert f"2 of 3 conversations were cut to max_length={short} tokens (longest {full} tokens; first: row 1)" in (
+        caplog.text
+    )
+    caplog.clear()
+    build_sft_examples(rows, tokenizer, SFTConfig(max_length=full))
+    assert "were cut" not in caplog.text

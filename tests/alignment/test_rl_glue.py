@@ -91,3 +91,27 @@ def test_token_logprobs_on_completion_positions_only():
         assert g1.keys() == g0.keys()
         for name, g in g1.items():
             assert (g - g0[name]).norm() <= 1e-5 * g0[name].norm() + 1e-12, (fused, name)
+
+
+def test_step_metrics_skip_micro_batches_with_nothing_in_the_loss():
+    """A micro-batch whose completions are all masked (e.g. all truncated) reports no token statistics, so the
+    step's ratio_mean stays 1 on-policy (averaging in its zeros used to log 0.5)."""
+    import math
+
+    from dsalign.alignment.trainer import TrainerConfig, prepare_model, train_step
+    from dsalign.alignment.trainer.distributed import build_runner
+    from dsalign.alignment.trainer.step import average_metrics
+
+    model, batch = _setup()
+    with torch.no_grad():
+        old, _, _ = token_logprobs(model.train(), batch)
+    batch = {**batch, "old_logp": old, "advantages": torch.tensor([1.0, -1.0])}
+    masked = {**batch, "completion_mask": torch.zeros_like(batch["completion_mask"])}
+    empty_loss, empty = grpo_loss_fn(PolicyLossConfig(), aux_loss_coef=0.0)(model, masked)
+    assert float(empty_loss.detach()) == 0 and all(math.isnan(v) for v in empty.values())
+    cfg = TrainerConfig(lr=1e-3, total_steps=1, warmup_steps=0, micro_batches=2)
+    runner = build_runner(prepare_model(model, cfg), cfg)
+    metrics = train_step(runner, [batch, masked], grpo_loss_fn(PolicyLossConfig(), aux_loss_coef=0.0), cfg)
+    assert abs(metrics["ratio_mean"] - 1.0) < 1e-5 and abs(metrics["ratio_max"] - 1.0) < 1e-5
+    avg = average_metrics([{"a": 1.0, "b": math.nan}, {"a": 3.0}, {"a": math.nan, "c": 2.0}], None)
+    assert avg["a"] == 2.0 and math.isnan(avg["b"]) and avg["c"] == 2.0

@@ -1,0 +1,96 @@
+"""The GRPO stage's batch: unscorable completions (reward None) as TRL's GRPOTrainer treats them."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from dsalign.alignment.advantages import compute_advantages
+from dsalign.pipelines.config import GRPOParams
+from dsalign.pipelines.stages import grpo_metrics, make_rl_batch
+
+
+def _comps(n: int):
+    return [SimpleNamespace(token_ids=[5, 6, 7][: 1 + i % 3], logprobs=[-0.5] * (1 + i % 3), finish_reason="stop")
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "drgrpo", "rloo"])
+def test_unscorable_completions_get_zero_advantage_and_stay_out_of_the_baseline(advantage):
+    tok = SimpleNamespace(pad_token_id=0)
+    params = GRPOParams(group_size=4, advantage=advantage)
+    rewards = [1.0, None, 0.0, 1.0, 0.5, 0.25, None, None]  # two groups of 4
+    batch = make_rl_batch(tok, [[1, 2], [3]], _comps(8), rewards, 4, params)
+    adv = batch["advantages"]
+    assert adv[1] == 0 and adv[6] == 0 and adv[7] == 0
+    first = compute_advantages(advantage, torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(adv[[0, 2, 3]], first, rtol=0, atol=0)  # the group of the 3 scored samples
+    second = compute_advantages(advantage, torch.tensor([0.5, 0.25]), torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(adv[[4, 5]], second, rtol=0, atol=0)
+    as_zero = compute_advantages(advantage, torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long))
+    assert as_zero[1] < 0  # what counting None as 0 did: a spurious negative advantage
+    full = [1.0, 0.0, 0.0, 1.0, 0.5, 0.25, 0.0, 1.0]
+    torch.testing.assert_close(make_rl_batch(tok, [[1, 2], [3]], _comps(8), full, 4, params)["advantages"],
+                               compute_advantages(advantage, torch.tensor(full), torch.arange(2).repeat_interleave(4)),
+                               rtol=0, atol=0)  # fmt: skip
+
+
+def test_grpo_metrics_average_what_was_scored_and_count_failures():
+    scored = SimpleNamespace(rewards=[1.0, None, 0.0, None], components={"math_accuracy": [1.0, None, 0.0, None]},
+                             metrics={"errors/total": 2.0})  # fmt: skip
+    m = grpo_metrics({}, _comps(4), scored, gen_s=2.0)
+    assert m["reward"] == 0.5 and m["accuracy"] == 0.5 and m["unscorable_frac"] == 0.5 and m["reward_errors"] == 2.0
+    none = SimpleNamespace(rewards=[None], components={"x": [None]}, metrics={})
+    assert math.isnan(grpo_metrics({}, _comps(1), none, gen_s=1.0)["reward"])
+
+
+class _FakeGenerator:
+    """Completions whose token is the prompt's row value; records which positions were generated."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, rows, positions, n, temperature, max_new_tokens, seed, top_p):
+        self.calls.append(list(positions))
+        comps = [SimpleNamespace(token_ids=[r["v"], j], logprobs=[-1.0, -1.0], finish_reason="stop")
+                 for r in rows for j in range(n)]  # fmt: skip
+        return [[r["v"]] for r in rows], comps
+
+
+def _scorer(prompts, completions, completion_ids, easy, **columns):
+    from dsalign.rewards import CombinedRewards
+
+    rewards = [1.0 if e else float(ids[1] % 2) for ids, e in zip(completion_ids, easy)]  # easy: constant groups
+    return CombinedRewards(rewards, {"r": rewards}, [], {"errors/total": 0.0})
+
+
+def test_dynamic_sampling_drops_constant_groups_and_refills():
+    from dsalign.pipelines.stages import grpo_iteration_order, grpo_iteration_rows, sample_iteration
+
+    rows = [{"v": i, "prompt": f"p{i}", "easy": i % 3 == 0} for i in range(30)]
+    tok = SimpleNamespace(decode=lambda ids, **kw: "", eos_token_id=None)
+    plain_p = GRPOParams(prompts_per_iter=6, group_size=4)
+    order = grpo_iteration_order(30, 6, seed=1, it=2)
+    assert sorted(order) == list(range(30)) and [rows[i] for i in order[:6]] == grpo_iteration_rows(rows, 6, 1, 2)
+    gen = _FakeGenerator()
+    ids, comps, scored, _, extra = sample_iteration(gen, _scorer, tok, rows, plain_p, seed=1, it=2)
+    assert gen.calls == [list(range(6))] and extra == {} and len(comps) == 24
+    easy_first = sum(rows[order[i]]["easy"] for i in range(6))
+
+    dyn = GRPOParams(prompts_per_iter=6, group_size=4, dynamic_sampling=True, dynamic_sampling_max_rounds=8)
+    gen = _FakeGenerator()
+    ids, comps, scored, _, extra = sample_iteration(gen, _scorer, tok, rows, dyn, seed=1, it=2)
+    assert gen.calls[0] == list(range(6)) and len(ids) == 6 and len(comps) == 24 == len(scored.rewards)
+    assert not any(rows[i[0]]["easy"] for i in ids)  # every kept group has varying rewards
+    assert extra["dynamic_sampling/groups_dropped"] >= easy_first and extra["dynamic_sampling/rounds"] == len(gen.calls)
+    assert [c.token_ids[0] for c in comps[::4]] == [i[0] for i in ids] and scored.components["r"] == scored.rewards
+
+    # nothing informative: after max_rounds the dropped groups fill the batch (zero advantage), the stage goes on
+    hard = [{**r, "easy": r["v"] != order[7]} for r in rows]  # one informative prompt, in the second round
+    two = GRPOParams(prompts_per_iter=6, group_size=4, dynamic_sampling=True, dynamic_sampling_max_rounds=2)
+    gen = _FakeGenerator()
+    ids, comps, scored, _, extra = sample_iteration(gen, _scorer, tok, hard, two, seed=1, it=2)
+    assert gen.calls == [list(range(6)), list(range(6, 12))] and extra["dynamic_sampling/shortfall"] == 5
+    assert [i[0] for i in ids] == [order[7]] + [order[i] for i in range(5)] and len(comps) == 24
