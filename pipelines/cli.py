@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete the prompts of a JSONL file with the rollout engine")
     _add_sampling_args(gen, temperature=1.0)
-    gen.add_argument("--prompts", required=True, help="JSONL: {'prompt': text | messages} or {'prompt_ids': [...]}")
+    gen.add_argument("--prompts", required=True,
+                     help="JSONL rows: {'prompt': question | messages} (chat), {'text': raw} or {'prompt_ids': [...]}")
     gen.add_argument("--output", help="JSONL file for the completions (default: stdout)")
     gen.add_argument("--n", type=int, default=1, help="samples per prompt (share the prompt's prefill)")
     gen.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")

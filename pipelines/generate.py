@@ -80,8 +80,15 @@ def _sampling_params(args: Any, **extra: Any):
     )
 
 
+PROMPT_KEYS = ("prompt", "text", "prompt_ids")
+
+
 def read_prompts(path: str | Path, engine) -> list[list[int]]:
-    """Token ids of every prompt in a JSONL file; errors name the file and line."""
+    """Token ids of every prompt in a JSONL file; errors name the file and line.
+
+    A row holds exactly one of: ``prompt`` (chat: a string is one user turn, or a list of messages; rendered with
+    the chat template and the assistant generation prompt, exactly as GRPO/distillation prompt files are), ``text``
+    (raw text continued as is, no template) or ``prompt_ids`` (token ids)."""
     from dsalign.alignment.chat import tokenize_prompt
 
     path = Path(path)
@@ -96,14 +103,19 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(row, dict) or ("prompt" not in row) == ("prompt_ids" not in row):
-            raise ValueError(f"{where}: expected an object with exactly one of 'prompt' or 'prompt_ids'")
-        prompt = row.get("prompt", row.get("prompt_ids"))
-        if "prompt" in row and isinstance(prompt, list):
-            if engine.tokenizer is None:
-                raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
-            messages = [{"reasoning_content": None, **m} for m in prompt]
-            prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
+        given = [k for k in PROMPT_KEYS if isinstance(row, dict) and k in row]
+        if len(given) != 1:
+            raise ValueError(f"{where}: expected an object with exactly one of {', '.join(PROMPT_KEYS)}, got "
+                             f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")  # fmt: skip
+        prompt = row[given[0]]
+        if given[0] == "prompt":  # a chat prompt, as in the pipelines' prompt files: a string is one user turn
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}] if prompt else prompt
+            if isinstance(prompt, list):
+                if engine.tokenizer is None:
+                    raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
+                messages = [{"reasoning_content": None, **m} for m in prompt]
+                prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
         prompts.append(engine.encode(prompt, where))
     if not prompts:
         raise ValueError(f"{path}: no prompts")

@@ -83,7 +83,8 @@ def test_checkpoint_directory_missing_files(tmp_path, checkpoint):
 
 def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
     prompts = tmp_path / "p.jsonl"
-    rows = [{"prompt": "hello world"}, {"prompt_ids": [5, 6, 7]}, {"prompt": [{"role": "user", "content": "hi"}]}]
+    rows = [{"text": "hello world"}, {"prompt_ids": [5, 6, 7]}, {"prompt": [{"role": "user", "content": "hi"}]},
+            {"prompt": "hi"}]  # fmt: skip
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     args = ["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(out)]
@@ -97,6 +98,9 @@ def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
             engine.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
             ),
+            engine.tokenizer.apply_chat_template(  # a string prompt is a user turn, as in the pipelines' files
+                [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+            ),
         ],
         SamplingParams(max_new_tokens=6, temperature=0),
     )
@@ -106,6 +110,11 @@ def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
     prompts.write_text('{"prompt": ""}\n')
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts)]) == 2
     assert "p.jsonl line 1: empty prompt" in capsys.readouterr().err
+    prompts.write_text('{"prompt": "a", "text": "b"}\n')
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts)]) == 2
+    assert "line 1: expected an object with exactly one of prompt, text, prompt_ids, got ['prompt', 'text']" in (
+        capsys.readouterr().err
+    )
 
 
 def test_chat_is_multi_turn_and_streams(checkpoint):
