@@ -154,6 +154,21 @@ class OptimConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """Precision and memory of a stage's training engine (``alignment/trainer``); the same for every stage kind."""
+
+    compute_dtype: str = field(default="fp32", metadata={"help": "forward/backward autocast: fp32 | bf16"})
+    moment_dtype: str = field(default="fp32", metadata={"help": "AdamW moments: fp32 | bf16 (DeepSeek-V3's saving)"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
+    keep_last: int = field(default=3, metadata={"help": "resumable checkpoints kept on disk (oldest deleted)"})
+
+    def __post_init__(self) -> None:
+        for key in ("compute_dtype", "moment_dtype"):
+            _expect(self, key, lambda v: v in ("fp32", "bf16"), "'fp32' or 'bf16'")
+        _at_least(self, 1, "keep_last")
+
+
+@dataclass
 class SFTParams:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step (all workers together)"})
@@ -256,6 +271,7 @@ class StageConfig:
     grpo: GRPOParams | None = field(default=None, metadata={"help": "hyperparameters of a grpo stage"})
     distill: DistillParams | None = field(default=None, metadata={"help": "hyperparameters of a distill stage"})
     resources: Resources = field(default_factory=Resources, metadata={"help": "the stage's actors (README table)"})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "precision and memory"})
     retries: int = field(default=1, metadata={"help": "times a failed stage restarts from its checkpoint"})
     checkpoint_every: int = field(default=20, metadata={"help": "steps between resumable checkpoints"})
     output_dir: str | None = field(default=None, metadata={"help": "default: <run output_dir>/<stage name>"})

@@ -117,6 +117,52 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
         )
 
 
+def _run_tokenizer(cfg: RunConfig):
+    """The tokenizer the run will use (``prepare_tokenizer``'s: the demo one is deterministic in the task)."""
+    if cfg.tokenizer == "demo":
+        from .demo_task import corpus_for_tokenizer
+        from .demo_tokenizer import train_tokenizer
+
+        return train_tokenizer(corpus_for_tokenizer(cfg.task))
+    from .stages import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer)
+
+
+def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
+    """A checkpoint a stage starts from must read token ids as the run's tokenizer writes them: its embedding must
+    cover the tokenizer, and a tokenizer shipped beside it must be the same vocabulary."""
+    sources = []
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages[{i}] ({stage.name})"
+        sources.append((f"{where}.model", stage.model))
+        if stage.kind == "distill":
+            sources.append((f"{where}.distill.teacher", stage.distill.teacher))
+    external = [(w, Path(s.checkpoint)) for w, s in sources if s.checkpoint]
+    external = [(w, path) for w, path in external if (path / "config.json").is_file()]  # (others already reported)
+    if not external:
+        return
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = _run_tokenizer(cfg)
+    run_vocab = tok.get_vocab()
+    for where, path in external:
+        rows = json.loads((path / "config.json").read_text()).get("vocab_size", 0)
+        if rows < len(tok):
+            problems.append(f"{where}.checkpoint: {path} embeds {rows} tokens but the run's tokenizer "
+                            f"({cfg.tokenizer}) has {len(tok)}; set tokenizer: to the checkpoint's own")  # fmt: skip
+        elif any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            theirs = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+            if theirs != run_vocab:
+                differ = sum(theirs.get(t) != i for t, i in run_vocab.items())
+                sizes = f"{len(theirs)} vs {len(run_vocab)} tokens, {differ} of the run's with other ids"
+                problems.append(f"{where}.checkpoint: the tokenizer saved with {path} differs from the run's "
+                                f"(tokenizer: {cfg.tokenizer}; {sizes}): token ids would mean other tokens; set "
+                                f"tokenizer: {path}")  # fmt: skip
+
+
 def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
     """The held-out file exists, parses, and every row the evaluation takes has an ``answer``."""
     if not Path(cfg.eval.path).exists():
@@ -175,5 +221,7 @@ def preflight(cfg: RunConfig) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         problems.append(f"output_dir: {out} is not writable")
+    if not any(p.startswith("tokenizer:") for p in problems):
+        _check_vocabulary(cfg, problems)
     if problems:
         raise PreflightError(problems)

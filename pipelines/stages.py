@@ -48,9 +48,13 @@ def rank_world() -> tuple[int, int]:
 
 
 def load_tokenizer(path: str | Path):
+    """An HF tokenizer directory; one without a pad token pads with its EOS token (as TRL does)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def padded_vocab(tokenizer) -> int:
@@ -142,6 +146,10 @@ def trainer_config(optim: OptimConfig, total_steps: int, run: RunConfig, stage: 
         grad_clip=optim.grad_clip,
         zero_stage=stage.resources.zero_stage,
         ep_size=stage.resources.ep_size,
+        compute_dtype=stage.training.compute_dtype,
+        moment_dtype=stage.training.moment_dtype,
+        activation_checkpointing=stage.training.activation_checkpointing,
+        keep_last=stage.training.keep_last,
         seed=run.seed,
         **extra,
     )
@@ -189,7 +197,8 @@ class StageLoop:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "/" not in k)
             print(f"[{self.env.stage.name}] step {step}/{self.total} {shown}", flush=True)
         if step % self.env.stage.checkpoint_every == 0 or step == self.total:
-            save_training_checkpoint(self.ckpt_root, step, self.runner, data_state={"step": step})
+            save_training_checkpoint(self.ckpt_root, step, self.runner, data_state={"step": step},
+                                     keep_last=self.env.stage.training.keep_last)  # fmt: skip
         if self.env.fault_at_step is not None and step == self.env.fault_at_step:
             import os
 

@@ -229,11 +229,22 @@ def test_config_show_prints_a_resolved_config_that_loads_back(tmp_path, capsys):
     assert "grpo.kl_estimator: unknown KL estimator 'k7'" in capsys.readouterr().err
 
 
-def test_preflight_checks_the_eval_file_and_checkpoint_overrides(tmp_path):
-    from dsalign.model import ModelConfig, Transformer, save_checkpoint
+def _demo_sized_checkpoint(path, with_tokenizer: bool = False):
+    """A tiny model sized to the tiny run's demo tokenizer (trained from its task), as that run's stage exports are
+    (optionally with the tokenizer beside it)."""
+    from dsalign.model import save_checkpoint
+    from dsalign.pipelines.demo_task import corpus_for_tokenizer
+    from dsalign.pipelines.demo_tokenizer import train_tokenizer
+    from dsalign.pipelines.stages import load_source
 
-    ckpt = tmp_path / "ckpt"
-    save_checkpoint(Transformer(ModelConfig.preset("tiny")), ckpt)
+    tok = train_tokenizer(corpus_for_tokenizer(load_config(TINY).task))
+    save_checkpoint(load_source({"preset": "tiny"}, tok), path,
+                    write_extra=(lambda tmp: tok.save_pretrained(str(tmp))) if with_tokenizer else None)  # fmt: skip
+    return path
+
+
+def test_preflight_checks_the_eval_file_and_checkpoint_overrides(tmp_path):
+    ckpt = _demo_sized_checkpoint(tmp_path / "ckpt")
     held = tmp_path / "held.jsonl"
     held.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?"}\n')
     base = [f"output_dir={tmp_path / 'out'}", f"stages.sft.model.checkpoint={ckpt}", "stages.sft.model.preset=null"]
@@ -248,3 +259,43 @@ def test_preflight_checks_the_eval_file_and_checkpoint_overrides(tmp_path):
     preflight(load_config(TINY, [*base, f"eval.path={tmp_path / 'gone.jsonl'}", "eval.enabled=false"]))
     with pytest.raises(PreflightError, match="eval.path: .*gone.jsonl does not exist"):
         preflight(load_config(TINY, [*base, f"eval.path={tmp_path / 'gone.jsonl'}"]))
+
+
+def test_preflight_refuses_a_checkpoint_whose_vocabulary_is_not_the_runs(tmp_path):
+    from dsalign.model import ModelConfig, Transformer, save_checkpoint
+    from transformers import AutoTokenizer
+
+    small = tmp_path / "small_vocab"
+    save_checkpoint(Transformer(ModelConfig.preset("tiny").replace(vocab_size=64)), small)
+    same = _demo_sized_checkpoint(tmp_path / "same", with_tokenizer=True)
+    other = _demo_sized_checkpoint(tmp_path / "other", with_tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_tokens(["<extra_token>"])  # one more id: the vocabularies differ
+    tok.save_pretrained(str(other))
+    base = [f"output_dir={tmp_path / 'out'}", "stages.sft.model.preset=null"]
+    preflight(load_config(TINY, [*base, f"stages.sft.model.checkpoint={same}"]))  # a stage export of this run: fine
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(TINY, [*base, f"stages.sft.model.checkpoint={small}",
+                                     "stages.distill.distill.teacher.from_stage=null",
+                                     f"stages.distill.distill.teacher.checkpoint={other}"]))  # fmt: skip
+    assert err.value.problems == [
+        f"stages[0] (sft).model.checkpoint: {small} embeds 64 tokens but the run's tokenizer (demo) has 295; set "
+        "tokenizer: to the checkpoint's own",
+        f"stages[2] (distill).distill.teacher.checkpoint: the tokenizer saved with {other} differs from the run's "
+        f"(tokenizer: demo; 296 vs 295 tokens, 0 of the run's with other ids): token ids would mean other tokens; set "
+        f"tokenizer: {other}",
+    ]
+
+
+def test_training_block_reaches_the_trainer():
+    from dsalign.pipelines.stages import trainer_config
+
+    keys = {"compute_dtype": "bf16", "moment_dtype": "bf16", "activation_checkpointing": "true", "keep_last": 1}
+    cfg = load_config(TINY, [f"stages.grpo.training.{k}={v}" for k, v in keys.items()])
+    grpo = cfg.stages[1]
+    tc = trainer_config(grpo.grpo.optim, 2, cfg, grpo)
+    assert (tc.compute_dtype, tc.moment_dtype, tc.activation_checkpointing, tc.keep_last) == ("bf16", "bf16", True, 1)
+    plain = trainer_config(cfg.stages[0].sft.optim, 2, cfg, cfg.stages[0])
+    assert (plain.compute_dtype, plain.moment_dtype, plain.activation_checkpointing) == ("fp32", "fp32", False)
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.training: compute_dtype: expected 'fp32' or 'bf16'"):
+        load_config(TINY, ["stages.grpo.training.compute_dtype=fp16"])

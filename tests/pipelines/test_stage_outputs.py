@@ -122,3 +122,15 @@ def test_grpo_on_user_files_with_held_out_file_and_budget(tmp_path, local_ray):
     assert state.evals[-1]["length_target"] == 12.0
     rows = [json.loads(line) for line in (tmp_path / "out" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("reward" in r for r in rows)
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    from dsalign.pipelines.demo_task import AdditionTask, corpus_for_tokenizer
+    from dsalign.pipelines.demo_tokenizer import train_tokenizer
+    from dsalign.pipelines.stages import load_tokenizer
+
+    tok = train_tokenizer(corpus_for_tokenizer(AdditionTask()))
+    tok.pad_token = None
+    tok.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
