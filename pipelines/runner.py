@@ -99,7 +99,15 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
             state.per_prompt = {k: v for k, v in state.per_prompt.items() if not k.startswith(name)}
     if not resume and state_path.exists():
         state_path.unlink()
-    (out / "config.resolved.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    resolved = out / "config.resolved.json"
+    if resume and resolved.is_file():
+        changed = config_changes(json.loads(resolved.read_text()), json.loads(json.dumps(to_dict(cfg))))
+        if changed:
+            print(f"[run] --resume with a changed config ({len(changed)} keys): " + "; ".join(changed[:10])
+                  + ("; ..." if len(changed) > 10 else ""), flush=True)  # fmt: skip
+    tmp = resolved.with_name(resolved.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2))
+    os.replace(tmp, resolved)
     ray = init_ray(cfg)
     t0 = time.time()
     cpus = max(s.resources.cpus_per_worker for s in cfg.stages)
@@ -151,6 +159,16 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     )
     print(f"\nreport: {report}   total time: {time.time() - t0:.0f}s")
     return state
+
+
+def config_changes(before: Any, after: Any, path: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two resolved configs (plain data)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = list(before) + [k for k in after if k not in before]
+        return [c for k in keys for c in config_changes(before.get(k), after.get(k), f"{path}.{k}" if path else k)]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [c for i, (b, a) in enumerate(zip(before, after)) for c in config_changes(b, a, f"{path}[{i}]")]
+    return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
 def comparison_label(stage: StageConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from dsalign.pipelines.report import MetricsLogger, latest_per_step, read_metrics, write_report
@@ -97,7 +98,6 @@ def test_prompt_files_carry_the_length_budget_like_synthetic_prompts(tmp_path):
 def test_grpo_on_user_files_with_held_out_file_and_budget(tmp_path, local_ray):
     """A run on the user's own prompt files: GRPO trains on data.path with a length budget, and every evaluation
     reads eval.path (budget prompts included) instead of the synthetic task."""
-    from pathlib import Path
 
     import yaml
     from dsalign.pipelines.config import load_config
@@ -134,3 +134,15 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     tok.save_pretrained(str(tmp_path))
     loaded = load_tokenizer(tmp_path)
     assert loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_resume_reports_what_changed_in_the_config():
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.runner import config_changes
+    from dsalign.pipelines.schema import to_dict
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    before = to_dict(load_config(tiny))
+    after = to_dict(load_config(tiny, ["stages.grpo.grpo.iterations=5", "eval.path=held.jsonl"]))
+    assert config_changes(before, after) == ["stages[1].grpo.iterations: 2 -> 5", "eval.path: None -> 'held.jsonl'"]
+    assert config_changes(before, before) == []
