@@ -154,6 +154,20 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``alignment/trainer/lora.py``): only they train; the export is merged."""
+
+    r: int = field(default=16, metadata={"help": "adapter rank"})
+    alpha: float = field(default=32.0, metadata={"help": "scaling numerator: delta W = alpha / r * B A"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+        metadata={"help": "MLA projections that get adapters"},
+    )
+    experts: bool = field(default=False, metadata={"help": "also adapt the stacked routed experts"})
+
+
+@dataclass
 class TrainingConfig:
     """Precision and memory of a stage's training engine (``alignment/trainer``); the same for every stage kind."""
 
@@ -161,6 +175,9 @@ class TrainingConfig:
     moment_dtype: str = field(default="fp32", metadata={"help": "AdamW moments: fp32 | bf16 (DeepSeek-V3's saving)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     keep_last: int = field(default=3, metadata={"help": "resumable checkpoints kept on disk (oldest deleted)"})
+    lora: LoraConfig | None = field(
+        default=None, metadata={"help": "sft and distill stages, one worker: train LoRA adapters only (null = full)"}
+    )
 
     def __post_init__(self) -> None:
         for key in ("compute_dtype", "moment_dtype"):

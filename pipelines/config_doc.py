@@ -86,6 +86,9 @@ def _rows(cls: type, prefix: str, instance: Any, own_section: tuple[str, ...] = 
         elif block is not None and _default(f, instance) != "null":
             rows.append(_row(key, "mapping", "", help_text))
             rows += _rows(block, key + ".", getattr(instance, f.name) if instance is not None else None)
+        elif block is not None:  # an optional block, off (null) unless given; its keys default as listed
+            rows.append(_row(key, "mapping | null", "null", help_text))
+            rows += _rows(block, key + ".", None)
         elif nested is not None:
             rows.append(_row(key, "list of mappings", _default(f, instance), help_text))
             rows += _rows(nested, key + "[].", None)

@@ -67,6 +67,27 @@ def _check_algorithm_names(stage: StageConfig, where: str, problems: list[str]) 
             problems.append(f"{where}.grpo.{key}: unknown {registry.kind} {value!r}; known: {known}")
 
 
+def _check_lora(stage: StageConfig, where: str, problems: list[str]) -> None:
+    lora = stage.training.lora
+    if lora is None:
+        return
+    where = f"{where}.training.lora"
+    if stage.kind == "grpo":
+        problems.append(f"{where}: not for grpo stages (the rollout's absorbed MLA decode reads kv_b_proj's base "
+                        "weight, so generation would ignore the adapters); use it in sft or distill "
+                        "stages")  # fmt: skip
+    if stage.resources.num_workers != 1:
+        problems.append(f"{where}: needs resources.num_workers: 1 (got {stage.resources.num_workers}); LoRA is "
+                        "wired for the single-process trainer")  # fmt: skip
+    from dsalign.alignment.trainer.lora import LoraSettings
+
+    try:
+        LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
+                     experts=lora.experts)  # fmt: skip
+    except ValueError as e:
+        problems.append(f"{where}: {e}")
+
+
 def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, problems: list[str]) -> None:
     """Mode/worker combinations that cannot work, and (on a local Ray we start) a placement group that cannot fit."""
     res = stage.resources
@@ -194,6 +215,7 @@ def preflight(cfg: RunConfig) -> None:
         where = f"stages[{i}] ({stage.name})"
         _check_model(stage.model, f"{where}.model", problems)
         _check_resources(stage, where, local_cpus, problems)
+        _check_lora(stage, where, problems)
         if stage.kind == "distill":
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
         if stage.kind == "grpo":

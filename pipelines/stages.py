@@ -232,6 +232,7 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
                          bias_update_gamma=params.bias_update_gamma)  # fmt: skip
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
+    lora = apply_stage_lora(model, env.stage)
     runner = build_runner(model, cfg)
     loop = StageLoop(env, runner, params.steps)
 
@@ -243,7 +244,22 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
         metrics = train_step(runner, batches, loss_fn, cfg)
         loop.end_step(step + 1, metrics)
     loop.close()
+    if lora is not None:
+        from dsalign.alignment.trainer.lora import merge_lora
+
+        merge_lora(lora)  # the adapters fold into the base weights in place: the export is a plain checkpoint
     return save_hf(runner, env.out_dir / "final", env.tokenizer)
+
+
+def apply_stage_lora(model: Transformer, stage: StageConfig):
+    """``stage.training.lora``: inject adapters and freeze the rest (peft's model, for the merge), else None."""
+    lora = stage.training.lora
+    if lora is None:
+        return None
+    from dsalign.alignment.trainer.lora import LoraSettings, apply_lora
+
+    return apply_lora(model, LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                          target_modules=tuple(lora.target_modules), experts=lora.experts))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- generation

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from dsalign.pipelines.config import load_config
+from dsalign.pipelines.config import LoraConfig, load_config
+from dsalign.pipelines.preflight import PreflightError, preflight
 from dsalign.pipelines.runner import StageFailed, run
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -75,3 +76,22 @@ def test_exhausted_retries_fail_clearly(tmp_path, local_ray, monkeypatch):
     expected = r"stage 'sft' attempt 1/1 failed: its worker process died \(last checkpoint: step 2\).*no retries left"
     with pytest.raises(StageFailed, match=expected):
         run(_sft_only(tmp_path, "noretry", retries=0))
+
+
+def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, local_ray):
+    """``training.lora``: only the adapted MLA projections differ from the initial model in the exported (merged)
+    checkpoint; embeddings, experts, norms and the head are bit-identical."""
+    from dsalign.model import load_checkpoint
+    from dsalign.pipelines.stages import load_source, load_tokenizer
+
+    cfg = _sft_only(tmp_path, "lora")
+    cfg.stages[0].training.lora = LoraConfig(r=4, alpha=8.0, target_modules=["q_a_proj", "kv_b_proj"])
+    state = run(cfg)
+    final = Path(state.finished["sft"])
+    initial = load_source({"preset": "tiny"}, load_tokenizer(final), cfg.seed).state_dict()
+    merged = load_checkpoint(final).state_dict()
+    assert not any("lora" in k for k in merged)
+    changed = {k for k in initial if not torch.equal(initial[k], merged[k]) and "e_score_correction_bias" not in k}
+    assert changed and all(k.endswith(("q_a_proj.weight", "kv_b_proj.weight")) for k in changed), sorted(changed)
+    with pytest.raises(PreflightError, match=r"training\.lora: not for grpo stages"):
+        preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", "stages.grpo.training.lora={r: 4}"]))
