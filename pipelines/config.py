@@ -17,6 +17,7 @@ from .demo_task import AdditionTask
 from .schema import ConfigError, apply_overrides, from_dict
 
 STAGE_KINDS = ("sft", "grpo", "distill")
+SYNTHETIC_ROWS = 512  # rows a synthetic data source generates unless num_rows says otherwise
 
 
 def _expect(obj: Any, key: str, ok: Callable[[Any], bool], expected: str) -> None:
@@ -52,7 +53,10 @@ class DataSource:
 
     path: str | None = field(default=None, metadata={"help": ".jsonl / .parquet / dataset dir"})
     synthetic: str | None = field(default=None, metadata={"help": "'addition': the demo task, generated locally"})
-    num_rows: int = field(default=512, metadata={"help": "rows to generate (synthetic) or use (0 = all)"})
+    num_rows: int | None = field(
+        default=None,
+        metadata={"help": "synthetic: rows to generate (default 512); path: the first N rows (default: all)"},
+    )
     seed: int = field(default=0, metadata={"help": "synthetic generation seed"})
     length_target: int | None = field(default=None, metadata={"help": "budget written into each prompt's system turn"})
     skip_invalid: bool = field(default=False, metadata={"help": "drop and count malformed rows instead of failing"})
@@ -62,7 +66,11 @@ class DataSource:
             raise ConfigError("data: give exactly one of path or synthetic")
         if self.synthetic is not None and self.synthetic != "addition":
             raise ConfigError(f"data.synthetic: unknown task {self.synthetic!r} (available: 'addition')")
-        _at_least(self, 0, "num_rows")
+        if self.synthetic is not None:
+            self.num_rows = SYNTHETIC_ROWS if self.num_rows is None else self.num_rows
+            _at_least(self, 1, "num_rows")
+        else:  # 0 is also read as "all rows" (older configs)
+            _expect(self, "num_rows", lambda v: v is None or v >= 0, "null (all rows) or a number of rows")
         _expect(self, "length_target", lambda v: v is None or v >= 1, "a positive number of tokens or null")
 
 

@@ -93,15 +93,23 @@ def training_prompts(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
     return prompt_file_rows(data.path, data.num_rows, data.length_target, data.skip_invalid)
 
 
-def prompt_file_rows(path: str, num_rows: int, budget: int | None = None, skip_invalid: bool = False) -> list[dict]:
-    """The first ``num_rows`` (0 = all) rows of a prompt file; with ``budget``, each prompt carries the length
-    instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do."""
+def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None,
+                     skip_invalid: bool = False) -> list[dict]:  # fmt: skip
+    """The first ``num_rows`` (None or 0 = all) rows of a prompt file; with ``budget``, each prompt carries the
+    length instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do."""
     from dsalign.alignment.data import load_prompts
 
     ds, _ = load_prompts(path, skip_invalid=skip_invalid)
-    rows = list(ds)
-    rows = rows[:num_rows] if num_rows else rows
+    rows = first_rows(list(ds), num_rows, path)
     return [with_budget(r, budget, "prompt") for r in rows] if budget is not None else rows
+
+
+def first_rows(rows: list[dict], num_rows: int | None, path: str) -> list[dict]:
+    """``rows[:num_rows]`` (None or 0: all), saying so when rows are left out."""
+    if not num_rows or num_rows >= len(rows):
+        return rows
+    print(f"[data] {path}: using the first {num_rows} of {len(rows)} rows (num_rows)", flush=True)
+    return rows[:num_rows]
 
 
 def with_budget(row: dict[str, Any], budget: int, field: str) -> dict[str, Any]:
@@ -126,8 +134,7 @@ def sft_conversations(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
     from dsalign.alignment.data import load_conversations
 
     ds, _ = load_conversations(data.path, skip_invalid=data.skip_invalid)
-    rows = list(ds)
-    rows = rows[: data.num_rows] if data.num_rows else rows
+    rows = first_rows(list(ds), data.num_rows, data.path)
     return [with_budget(r, data.length_target, "messages") for r in rows] if data.length_target is not None else rows
 
 

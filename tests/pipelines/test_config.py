@@ -299,3 +299,13 @@ def test_training_block_reaches_the_trainer():
     assert (plain.compute_dtype, plain.moment_dtype, plain.activation_checkpointing) == ("fp32", "fp32", False)
     with pytest.raises(ConfigError, match=r"stages\[1\]\.training: compute_dtype: expected 'fp32' or 'bf16'"):
         load_config(TINY, ["stages.grpo.training.compute_dtype=fp16"])
+
+
+def test_num_rows_defaults_use_a_whole_file_and_512_synthetic_rows():
+    from dsalign.pipelines.config import DataSource
+
+    assert DataSource(synthetic="addition").num_rows == 512
+    assert DataSource(path="prompts.jsonl").num_rows is None  # every row of the file (it was 512 as well)
+    assert DataSource(path="prompts.jsonl", num_rows=0).num_rows == 0  # also "all", as older configs wrote it
+    with pytest.raises(ValueError, match="num_rows: expected >= 1, got 0"):
+        DataSource(synthetic="addition", num_rows=0)

@@ -72,7 +72,7 @@ def _prompt_file(path, rows):
     return str(path)
 
 
-def test_prompt_files_carry_the_length_budget_like_synthetic_prompts(tmp_path):
+def test_prompt_files_carry_the_length_budget_like_synthetic_prompts(tmp_path, capsys):
     from dsalign.pipelines.config import DataSource
     from dsalign.pipelines.demo_task import LENGTH_INSTRUCTION
     from dsalign.pipelines.stages import prompt_file_rows, sft_conversations
@@ -84,6 +84,7 @@ def test_prompt_files_carry_the_length_budget_like_synthetic_prompts(tmp_path):
     plain = prompt_file_rows(path, 0)
     assert [r["prompt"][0]["role"] for r in plain] == ["user", "system"] and "length_target" not in plain[0]
     budget = prompt_file_rows(path, 1, budget=40)
+    assert "p.jsonl: using the first 1 of 2 rows (num_rows)" in capsys.readouterr().out
     assert len(budget) == 1 and budget[0]["length_target"] == 40 and budget[0]["answer"] == "5"
     assert budget[0]["prompt"][0] == {"role": "system", "content": LENGTH_INSTRUCTION.format(budget=40),
                                       "reasoning_content": None}  # fmt: skip
