@@ -198,6 +198,10 @@ class SFTParams:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step (all workers together)"})
     max_length: int = field(default=256, metadata={"help": "tokens per conversation; longer ones are truncated"})
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "conversations per forward/backward per worker (gradient accumulation); null = all at once"},
+    )
     mtp_lambda: float = field(default=0.1, metadata={"help": "weight of the MTP loss (0 = MTP not trained)"})
     bias_update_gamma: float = field(
         default=0.001, metadata={"help": "speed of the aux-loss-free expert-bias update (0 = off)"}
@@ -206,6 +210,7 @@ class SFTParams:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "steps", "batch_size")
+        _expect(self, "micro_batch_size", lambda v: v is None or v >= 1, "null or >= 1")
         _at_least(self, 2, "max_length")
         _at_least(self, 0, "mtp_lambda", "bias_update_gamma")
 

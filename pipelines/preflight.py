@@ -67,6 +67,22 @@ def _check_algorithm_names(stage: StageConfig, where: str, problems: list[str]) 
             problems.append(f"{where}.grpo.{key}: unknown {registry.kind} {value!r}; known: {known}")
 
 
+def _check_shares(stage: StageConfig, where: str, problems: list[str]) -> None:
+    """Every worker takes an equal share of a step's batch, so all of them run the same number of micro-batches."""
+    world = stage.resources.num_workers
+    if world == 1:
+        return
+    if stage.kind == "grpo" and stage.grpo.prompts_per_iter % world:
+        problems.append(f"{where}.grpo.prompts_per_iter: {stage.grpo.prompts_per_iter} prompts do not split evenly "
+                        f"over num_workers {world}; use a multiple of {world}")  # fmt: skip
+    if stage.kind == "grpo":
+        return
+    sft, block = (stage.sft, "sft") if stage.kind == "sft" else (stage.distill.sft, "distill.sft")
+    if sft.batch_size < world or (sft.micro_batch_size and sft.batch_size % world):
+        problems.append(f"{where}.{block}.batch_size: {sft.batch_size} conversations do not give each of the "
+                        f"{world} workers an equal share; use a multiple of {world}")  # fmt: skip
+
+
 def _check_lora(stage: StageConfig, where: str, problems: list[str]) -> None:
     lora = stage.training.lora
     if lora is None:
@@ -216,6 +232,7 @@ def preflight(cfg: RunConfig) -> None:
         _check_model(stage.model, f"{where}.model", problems)
         _check_resources(stage, where, local_cpus, problems)
         _check_lora(stage, where, problems)
+        _check_shares(stage, where, problems)
         if stage.kind == "distill":
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
         if stage.kind == "grpo":

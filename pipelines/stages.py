@@ -218,14 +218,25 @@ class StageLoop:
 
 
 # ---------------------------------------------------------------------------------------------------- SFT
+def sft_micro_batches(num_examples: int, params: SFTParams) -> int:
+    """Micro-batches per step on every rank: its share of ``min(batch_size, examples)`` over ``micro_batch_size``."""
+    _, world = rank_world()
+    share = -(-min(params.batch_size, num_examples) // world)
+    return -(-share // params.micro_batch_size) if params.micro_batch_size else 1
+
+
 def sft_batches(examples: list[dict], params: SFTParams, seed: int, step: int, pad_id: int):
-    """The packed batch of ``step``: a deterministic function of (seed, step), which makes resume exact."""
+    """The packed micro-batches of ``step``: a deterministic function of (seed, step), which makes resume exact.
+    Each rank takes every ``world``-th chosen conversation and packs them ``micro_batch_size`` at a time."""
     from dsalign.alignment.packing import pack_examples
 
     rng = random.Random(seed * 1_000_003 + step)
     chosen = [examples[i] for i in rng.sample(range(len(examples)), min(params.batch_size, len(examples)))]
     rank, world = rank_world()  # data parallel: each rank takes its share of the global batch
-    return [pack_examples(chosen[rank::world], max_length=params.max_length * 4, pad_token_id=pad_id)]
+    share = chosen[rank::world]
+    size = params.micro_batch_size or max(1, len(share))
+    return [pack_examples(share[i : i + size], max_length=params.max_length * 4, pad_token_id=pad_id)
+            for i in range(0, len(share), size)]  # fmt: skip
 
 
 def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], params: SFTParams) -> Path:
@@ -237,6 +248,7 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
     examples, _ = build_sft_examples(conversations, env.tokenizer, SFTConfig(max_length=params.max_length))
     cfg = trainer_config(params.optim, params.steps, env.run, env.stage, mtp_lambda=params.mtp_lambda,
                          bias_update_gamma=params.bias_update_gamma)  # fmt: skip
+    cfg.micro_batches = sft_micro_batches(len(examples), params)
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
     lora = apply_stage_lora(model, env.stage)

@@ -309,3 +309,28 @@ def test_num_rows_defaults_use_a_whole_file_and_512_synthetic_rows():
     assert DataSource(path="prompts.jsonl", num_rows=0).num_rows == 0  # also "all", as older configs wrote it
     with pytest.raises(ValueError, match="num_rows: expected >= 1, got 0"):
         DataSource(synthetic="addition", num_rows=0)
+
+
+def test_sft_micro_batches_and_equal_worker_shares(tmp_path):
+    from dsalign.pipelines.config import SFTParams
+    from dsalign.pipelines.stages import sft_batches, sft_micro_batches
+
+    examples = [{"input_ids": [1, 2, 3 + i], "labels": [-100, 2, 3 + i]} for i in range(10)]
+    whole = sft_batches(examples, SFTParams(batch_size=8), seed=0, step=3, pad_id=0)
+    micro = sft_batches(examples, SFTParams(batch_size=8, micro_batch_size=3), seed=0, step=3, pad_id=0)
+    assert len(whole) == 1 and len(micro) == 3 == sft_micro_batches(10, SFTParams(batch_size=8, micro_batch_size=3))
+    ids = lambda batches: sorted(int(t) for b in batches for t in b.input_ids[b.labels != -100] if t > 2)  # noqa: E731
+    assert ids(micro) == ids(whole) and len(ids(whole)) == 8  # the same 8 conversations, in 3 micro-batches
+    base = [f"output_dir={tmp_path / 'out'}", "ray.num_cpus=8"]
+    workers = [f"stages.{s}.resources.num_workers=2" for s in ("sft", "grpo", "distill")]
+    uneven = ["stages.grpo.grpo.prompts_per_iter=3", "stages.sft.sft.batch_size=7",
+              "stages.sft.sft.micro_batch_size=2", "stages.distill.distill.sft.batch_size=1"]  # fmt: skip
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(TINY, [*base, *workers, *uneven]))
+    assert err.value.problems == [
+        "stages[0] (sft).sft.batch_size: 7 conversations do not give each of the 2 workers an equal share; use a "
+        "multiple of 2",
+        "stages[1] (grpo).grpo.prompts_per_iter: 3 prompts do not split evenly over num_workers 2; use a multiple of 2",
+        "stages[2] (distill).distill.sft.batch_size: 1 conversations do not give each of the 2 workers an equal "
+        "share; use a multiple of 2",
+    ]
