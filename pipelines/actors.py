@@ -177,9 +177,11 @@ def evaluate_source(
 
     from .stages import evaluate, held_out_prompts, load_source, load_tokenizer
 
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
     run = from_dict(RunConfig, run_cfg)
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(run.seed)
-    model = load_source(source, tok, run.seed).eval()
+    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    model = load_source(source, tok, run.seed).to(device).eval()
     return evaluate(model, tok, run, held_out_prompts(run, budget=length_target))

@@ -111,12 +111,13 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     ray = init_ray(cfg)
     t0 = time.time()
     cpus = max(s.resources.cpus_per_worker for s in cfg.stages)
+    gpus = max(s.resources.gpus_per_worker for s in cfg.stages)  # evaluations run where the stages train
     tokenizer_dir = ray.get(actors.prepare_tokenizer.remote(to_dict(cfg)))
 
     def evaluate(source: dict[str, Any], label: str, length_target: int | None = None, vs: str | None = None) -> None:
         if not cfg.eval.enabled:
             return
-        task = actors.evaluate_source.options(num_cpus=cpus)
+        task = actors.evaluate_source.options(num_cpus=cpus, num_gpus=gpus)
         result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
         state.per_prompt[label] = per = result.pop("per_prompt")
         row = {"stage": label, "accuracy": result["accuracy"], "acc_se": clustered_se(per)}

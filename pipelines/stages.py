@@ -64,6 +64,18 @@ def padded_vocab(tokenizer) -> int:
 RUNTIME_OVERRIDES = ("fp8", "fp8_pow2_scales")  # ModelConfig switches that apply to a loaded checkpoint
 
 
+def stage_device(stage: StageConfig) -> torch.device:
+    """Where a stage's trainer worker computes: its GPU when the stage reserves GPUs (Ray restricts the worker's
+    ``CUDA_VISIBLE_DEVICES`` to its own), else the CPU. Models, reference, teacher and batches go there."""
+    if stage.resources.gpus_per_worker <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"stage {stage.name!r} reserves gpus_per_worker={stage.resources.gpus_per_worker} but "
+                           "torch sees no CUDA device in its worker (CPU-only torch build, or no GPU "
+                           "assigned)")  # fmt: skip
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
     """A model from a preset (vocab sized to the tokenizer, initialized from ``seed``) or an HF checkpoint dir."""
     overrides = dict(src.get("overrides") or {})
@@ -576,7 +588,8 @@ def run_grpo(env: StageEnv) -> Path:
     from dsalign.alignment.trainer.distributed import build_runner
 
     p = env.stage.grpo
-    model = load_source(env.sources["model"], env.tokenizer, env.run.seed)
+    device = stage_device(env.stage)
+    model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device)
     rows = training_prompts(env.run, env.stage.data)
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
@@ -585,7 +598,9 @@ def run_grpo(env: StageEnv) -> Path:
                                 dual_clip_c=p.dual_clip_c, agg=p.loss_agg, kl_beta=p.kl_beta,
                                 kl_estimator=p.kl_estimator)  # fmt: skip
     loss_fn = grpo_loss_fn(loss_cfg, temperature=p.temperature, mtp_lambda=p.mtp_lambda)
-    reference = load_source(env.sources["model"], env.tokenizer, env.run.seed).eval() if p.kl_beta > 0 else None
+    reference = None
+    if p.kl_beta > 0:
+        reference = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device).eval()
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
     runner = build_runner(model, cfg)
@@ -601,7 +616,8 @@ def run_grpo(env: StageEnv) -> Path:
             sync = sync_rollout_weights(env.rollout_pool, runner, env.stage.resources.verify_weight_sync)
         prompt_ids, comps, scored, gen_s, sampling = sample_iteration(generator, scorer, env.tokenizer, rows, p,
                                                                       env.run.seed, it)  # fmt: skip
-        batch = make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards, p.group_size, p)
+        batch = {k: v.to(device) for k, v in make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards,
+                                                           p.group_size, p).items()}  # fmt: skip
         if reference is not None:
             batch["ref_logp"] = token_logprobs(reference, batch, p.temperature,
                                                positions=batch["completion_mask"])[0].detach()  # fmt: skip
@@ -620,7 +636,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
     """This rank's share of the teacher's scored traces (``samples_per_prompt`` per prompt, with provenance)."""
 
     d = env.stage.distill
-    teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).eval()
+    teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(stage_device(env.stage)).eval()
     rows = training_prompts(env.run, env.stage.data)[rank::world]
     engine = rollout_engine(teacher, env.tokenizer, d.max_batch_size)
     _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
@@ -678,12 +694,12 @@ def run_distill(env: StageEnv) -> Path:
         if not data_file.is_file():
             raise RuntimeError(f"distill: no teacher trace passed the filter (min_reward={d.min_reward})")
     conversations = [json.loads(line) for line in data_file.read_text().splitlines()]
-    student = load_source(env.sources["model"], env.tokenizer, env.run.seed)
+    student = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(stage_device(env.stage))
     return run_sft_loop(env, student, conversations, d.sft)
 
 
 def run_sft(env: StageEnv) -> Path:
-    model = load_source(env.sources["model"], env.tokenizer, env.run.seed)
+    model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(stage_device(env.stage))
     return run_sft_loop(env, model, sft_conversations(env.run, env.stage.data), env.stage.sft)
 
 

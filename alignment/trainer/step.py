@@ -124,10 +124,19 @@ def autocast_context(cfg: TrainerConfig, device: torch.device) -> contextlib.Abs
     return contextlib.nullcontext()
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A micro-batch (a mapping of tensors, or an object with ``.to`` such as ``PackedBatch``) on ``device``; the
+    same object when it is already there."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch
+
+
 def forward_backward(runner: Runner, micro_batch: Any, loss_fn: LossFn, cfg: TrainerConfig, micro_index: int,
                      num_micro: int) -> tuple[float, dict[str, float]]:  # fmt: skip
     """Forward one micro-batch through ``loss_fn`` and backpropagate its share of the step's loss."""
     device = next(runner.model.parameters()).device
+    micro_batch = to_device(micro_batch, device)
     with autocast_context(cfg, device):
         loss, metrics = loss_fn(runner.model, micro_batch)
     if not torch.isfinite(loss):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from dsalign.pipelines.report import MetricsLogger, latest_per_step, read_metrics, write_report
 from dsalign.pipelines.runner import clear_stage_state
 
@@ -147,3 +148,43 @@ def test_resume_reports_what_changed_in_the_config():
     after = to_dict(load_config(tiny, ["stages.grpo.grpo.iterations=5", "eval.path=held.jsonl"]))
     assert config_changes(before, after) == ["stages[1].grpo.iterations: 2 -> 5", "eval.path: None -> 'held.jsonl'"]
     assert config_changes(before, before) == []
+
+
+def test_stage_device_and_batches_follow_the_model():
+    from dsalign.alignment.packing import pack_examples
+    from dsalign.alignment.trainer.step import to_device
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.stages import stage_device
+
+    tiny = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    assert stage_device(tiny.stages[0]) == torch.device("cpu")
+    tiny.stages[0].resources.gpus_per_worker = 1.0
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="reserves gpus_per_worker=1.0 but torch sees no CUDA device"):
+            stage_device(tiny.stages[0])
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "note": "kept"}
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["input_ids"].device.type == "meta" and moved["note"] == "kept"
+    assert batch["input_ids"].device.type == "cpu"  # the caller's batch is not changed
+    packed = pack_examples([{"input_ids": [1, 2], "labels": [1, 2]}], max_length=4)
+    assert to_device(packed, torch.device("meta")).input_ids.device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sft_stage_trains_on_the_workers_gpu(tmp_path, local_ray):
+    """gpus_per_worker > 0: the stage's model, batches and evaluation live on the worker's GPU."""
+    import yaml
+    from dsalign.model import load_checkpoint
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.runner import run
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
+    data["stages"] = data["stages"][:1]
+    data["stages"][0]["resources"] = {"gpus_per_worker": 1.0}
+    data["output_dir"] = str(tmp_path / "gpu")
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(data))
+    state = run(load_config(tmp_path / "gpu.yaml"))
+    rows = [json.loads(line) for line in (tmp_path / "gpu" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert load_checkpoint(state.finished["sft"]) is not None
