@@ -113,6 +113,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:

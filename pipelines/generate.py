@@ -48,8 +48,10 @@ def load_engine(
     speculative: bool = False,
     cache_dtype: str = "auto",
     dtype: str = "float32",
+    device: str | None = None,
 ):
-    """Load model (+ tokenizer when present) from an HF-format directory and wrap them in a ``RolloutEngine``."""
+    """Load model (+ tokenizer when present) from an HF-format directory and wrap them in a ``RolloutEngine``.
+    ``device``: where it runs (default: the GPU when torch sees one, else the CPU)."""
     from dsalign.alignment.rollout import RolloutEngine
     from dsalign.model import load_checkpoint
 
@@ -59,7 +61,9 @@ def load_engine(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = load_checkpoint(path, dtype=getattr(torch, dtype), missing_mtp="error" if speculative else "drop")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_checkpoint(path, device=device, dtype=getattr(torch, dtype),
+                            missing_mtp="error" if speculative else "drop")  # fmt: skip
     cache = {"auto": None, "fp8": "fp8", "bf16": torch.bfloat16, "fp32": torch.float32}[cache_dtype]
     return RolloutEngine(
         model, tokenizer, max_batch_size=max_batch_size, max_len=max_len, cache_dtype=cache, speculative=speculative
@@ -130,6 +134,7 @@ def run_generate(args: Any, out: IO[str] = sys.stdout) -> int:
         max_len=args.max_len,
         speculative=args.speculative,
         cache_dtype=args.cache_dtype,
+        device=getattr(args, "device", None),
     )
     prompts = read_prompts(args.prompts, engine)
     completions = engine.generate(prompts, _sampling_params(args, n=args.n))
@@ -207,7 +212,8 @@ class ChatSession:
 
 def run_chat(args: Any, stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> int:
     engine = load_engine(
-        args.checkpoint, need_tokenizer=True, max_len=args.max_len, speculative=args.speculative, max_batch_size=1
+        args.checkpoint, need_tokenizer=True, max_len=args.max_len, speculative=args.speculative, max_batch_size=1,
+        device=getattr(args, "device", None),
     )
     session = ChatSession(engine, _sampling_params(args), system=args.system)
     out.write("dsalign chat: /reset clears the conversation, /exit (or end of input) quits\n")

@@ -88,6 +88,7 @@ def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     args = ["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(out)]
+    args += ["--device", "cpu"]
     assert main([*args, "--temperature", "0", "--max-new-tokens", "6", "--speculative"]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     engine = load_engine(checkpoint, need_tokenizer=True, max_batch_size=2)
