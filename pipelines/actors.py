@@ -103,7 +103,7 @@ def start_actors(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_di
     if layout.rollout:
         p = stage.grpo
         slots = -(-p.prompts_per_iter // len(layout.rollout)) * p.group_size  # one engine slot per sample of a chunk
-        opts = {"num_cpus": res.rollout_cpus_per_worker, "max_restarts": 0}
+        opts = {"num_cpus": res.rollout_cpus_per_worker, "num_gpus": res.rollout_gpus_per_worker, "max_restarts": 0}
         pools["rollout"] = RolloutPool([
             RolloutWorker.options(**opts, **in_bundle(pg, b)).remote(
                 sources["model"], tokenizer_dir, cfg.seed, slots, _threads(res.rollout_cpus_per_worker))

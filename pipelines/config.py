@@ -107,6 +107,9 @@ class Resources:
     )
     rollout_workers: int = field(default=0, metadata={"help": "split mode: rollout actors, each with a model copy"})
     rollout_cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per rollout worker"})
+    rollout_gpus_per_worker: float = field(
+        default=0.0, metadata={"help": "GPUs per rollout worker (its model copy decodes there)"}
+    )
     verify_weight_sync: bool = field(
         default=True,
         metadata={
@@ -136,8 +139,9 @@ class Resources:
         for key in ("cpus_per_worker", "rollout_cpus_per_worker", "reward_cpus_per_worker"):
             if getattr(self, key) <= 0:  # a Ray bundle must reserve something; fractions such as 0.5 are fine
                 raise ConfigError(f"resources.{key}: expected a positive number of CPUs, got {getattr(self, key)}")
-        if self.gpus_per_worker < 0:
-            raise ConfigError(f"resources.gpus_per_worker: expected 0 or more, got {self.gpus_per_worker}")
+        for key in ("gpus_per_worker", "rollout_gpus_per_worker"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"resources.{key}: expected 0 or more, got {getattr(self, key)}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ConfigError(
                 f"resources.placement_strategy: expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"

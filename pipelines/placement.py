@@ -27,12 +27,12 @@ class StageLayout:
 def stage_layout(res: Resources, kind: str) -> StageLayout:
     """The bundles a stage reserves. Rollout workers exist only for split-mode GRPO, reward workers only for stages
     that score (GRPO, distillation); preflight refuses the other combinations."""
-    trainer = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    trainer = _bundle(res.cpus_per_worker, res.gpus_per_worker)
     n_rollout = res.rollout_workers if (kind == "grpo" and res.mode == "split") else 0
     n_reward = res.reward_workers if kind in ("grpo", "distill") else 0
     bundles = (
         [dict(trainer) for _ in range(res.num_workers)]
-        + [{"CPU": res.rollout_cpus_per_worker} for _ in range(n_rollout)]
+        + [_bundle(res.rollout_cpus_per_worker, res.rollout_gpus_per_worker) for _ in range(n_rollout)]
         + [{"CPU": res.reward_cpus_per_worker} for _ in range(n_reward)]
     )
     t, r = res.num_workers, res.num_workers + n_rollout
@@ -69,6 +69,10 @@ def release(pg: Any) -> None:
     from ray.util.placement_group import remove_placement_group
 
     remove_placement_group(pg)
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
 
 
 def in_bundle(pg: Any, index: int) -> dict[str, Any]:

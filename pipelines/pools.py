@@ -53,7 +53,9 @@ class RolloutWorker:
 
         torch.set_num_threads(max(1, num_threads))
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        model = load_source(source, self.tokenizer, seed)
+        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"  # rollout_gpus_per_worker
+        model = load_source(source, self.tokenizer, seed).to(device)
         self.engine = rollout_engine(model, self.tokenizer, max_batch_size)
 
     def update_weights(self, state: dict, verify: bool) -> str | None:

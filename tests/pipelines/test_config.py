@@ -180,6 +180,8 @@ def test_placement_bundles_one_per_actor_in_role_order():
     assert layout.bundles == [{"CPU": 2, "GPU": 1}] * 2 + [{"CPU": 0.5}] * 2 + [{"CPU": 1.0}]
     assert (layout.trainers, layout.rollout, layout.reward) == (range(0, 2), range(2, 4), range(4, 5))
     assert stage_layout(res, "distill").bundles == [{"CPU": 2, "GPU": 1}] * 2 + [{"CPU": 1.0}]  # no rollout workers
+    res.rollout_gpus_per_worker = 0.5  # split-mode rollout workers on (shares of) GPUs
+    assert stage_layout(res, "grpo").bundles[2:4] == [{"CPU": 0.5, "GPU": 0.5}] * 2
     demo = load_config(DEMO)  # every demo stage's placement group fits the demo's local Ray
     assert all(total_cpus(stage_layout(s.resources, s.kind)) <= demo.ray.num_cpus for s in demo.stages)
 
