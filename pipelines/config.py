@@ -328,8 +328,8 @@ class StageConfig:
 
 @dataclass
 class EvalConfig:
-    """The held-out evaluation before the first stage and after every stage: ``math_accuracy`` of sampled completions
-    against each prompt's ``answer``, plus format and mean length."""
+    """The held-out evaluation before the first stage and after every stage: the mean ``reward`` of sampled
+    completions (default ``math_accuracy`` against each prompt's ``answer``), plus format and mean length."""
 
     enabled: bool = field(default=True, metadata={"help": "false: no evaluations (the run's table stays empty)"})
     path: str | None = field(
@@ -337,6 +337,10 @@ class EvalConfig:
         metadata={"help": "held-out prompt file (prompt + answer columns); null = the synthetic task's held-out set"},
     )
     num_prompts: int = field(default=200, metadata={"help": "held-out prompts (the first ones of path)"})
+    reward: RewardEntry = field(
+        default_factory=lambda: RewardEntry(fn="math_accuracy"),
+        metadata={"help": "what 'accuracy' averages per sample (None counts as 0); its weight is ignored"},
+    )
     samples_per_prompt: int = field(default=4, metadata={"help": "samples per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
     max_new_tokens: int = field(default=96, metadata={"help": "completion length cap"})

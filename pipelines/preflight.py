@@ -201,7 +201,8 @@ def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
 
 
 def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
-    """The held-out file exists, parses, and every row the evaluation takes has an ``answer``."""
+    """The held-out file exists, parses, and (for the default ``math_accuracy``) every row the evaluation takes has
+    an ``answer``."""
     if not Path(cfg.eval.path).exists():
         problems.append(f"eval.path: {cfg.eval.path} does not exist")
         return
@@ -209,6 +210,8 @@ def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
         rows = prompt_file_rows(cfg.eval.path, cfg.eval.num_prompts)
     except ValueError as e:  # DataError names the file, row and field
         problems.append(f"eval.path: {e}")
+        return
+    if cfg.eval.reward.fn != "math_accuracy":
         return
     missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
     if missing:
@@ -256,6 +259,11 @@ def preflight(cfg: RunConfig) -> None:
                 problems.append(f"{where}.rewards[{j}].fn {entry.fn!r}: {type(e).__name__}: {e}")
     if cfg.eval.enabled and cfg.eval.path is not None:
         _check_eval_file(cfg, problems)
+    if cfg.eval.enabled:
+        try:
+            load_reward(cfg.eval.reward.fn, **cfg.eval.reward.params)
+        except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
+            problems.append(f"eval.reward.fn {cfg.eval.reward.fn!r}: {type(e).__name__}: {e}")
     out = Path(cfg.output_dir)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):

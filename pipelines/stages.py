@@ -371,22 +371,22 @@ def build_combiner(entries):
 
 @torch.no_grad()
 def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) -> dict[str, float]:
-    """Held-out accuracy (math_accuracy, sampled at ``eval.temperature``), mean response length (tokens), format."""
-    from dsalign.rewards import math_accuracy, think_format
+    """Held-out accuracy (the mean of ``eval.reward``, default ``math_accuracy``; sampled at ``eval.temperature``),
+    mean response length (tokens), format."""
+    import dataclasses
+
+    from dsalign.rewards import think_format
 
     ev = run.eval
-    missing = [str(r.get("prompt_id", i)) for i, r in enumerate(rows) if r.get("answer") is None]
-    if missing:
-        raise ValueError(f"eval: {len(missing)} of {len(rows)} held-out rows have no 'answer' to check against "
-                         f"(prompt ids {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")  # fmt: skip
+    score = build_combiner([dataclasses.replace(ev.reward, weight=1.0)])  # TRL column passing, failures contained
     engine = rollout_engine(model, tokenizer, min(ev.max_batch_size, len(rows) * ev.samples_per_prompt))
-    _, comps = rollout(engine, tokenizer, rows, ev.samples_per_prompt, ev.temperature, ev.max_new_tokens, ev.seed)
+    k = ev.samples_per_prompt
+    _, comps = rollout(engine, tokenizer, rows, k, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
     prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
-    acc = math_accuracy(prompts, texts, answer=expand_columns(rows, ev.samples_per_prompt)["answer"])
+    acc = score(prompts, texts, [c.token_ids for c in comps], **expand_columns(rows, k)).rewards
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
-    k = ev.samples_per_prompt
     out = {
         "accuracy": sum(a or 0.0 for a in acc) / len(acc),
         # per held-out prompt (mean over its samples): the unit of the paired noise estimate between stages

@@ -188,3 +188,26 @@ def test_sft_stage_trains_on_the_workers_gpu(tmp_path, local_ray):
     rows = [json.loads(line) for line in (tmp_path / "gpu" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert load_checkpoint(state.finished["sft"]) is not None
+
+
+def test_evaluation_scores_with_the_configured_reward(tmp_path):
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.demo_task import corpus_for_tokenizer
+    from dsalign.pipelines.demo_tokenizer import train_tokenizer
+    from dsalign.pipelines.preflight import preflight
+    from dsalign.pipelines.stages import evaluate, held_out_prompts, load_source
+
+    held = _prompt_file(tmp_path / "held.jsonl", [{"prompt": f"What is {i}+1?", "id": f"q{i}"} for i in range(3)])
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    custom = tmp_path / "my_reward.py"
+    custom.write_text("def one_per_token(completions, completion_ids, **kw):\n"
+                      "    return [float(len(ids)) for ids in completion_ids]\n")  # fmt: skip
+    base = [f"output_dir={tmp_path / 'out'}", f"eval.path={held}", "eval.samples_per_prompt=2"]
+    run = load_config(tiny, [*base, f"eval.reward.fn={custom}:one_per_token"])
+    preflight(run)  # no 'answer' needed: the reward does not read one
+    tok = train_tokenizer(corpus_for_tokenizer(run.task))
+    torch.manual_seed(0)
+    out = evaluate(load_source({"preset": "tiny"}, tok).eval(), tok, run, held_out_prompts(run))
+    assert out["accuracy"] == out["mean_length"] > 0 and len(out["per_prompt"]) == 3
+    with pytest.raises(Exception, match="eval.reward.fn 'nope_pkg:fn': RewardLoadError: .*No module named 'nope_pkg'"):
+        preflight(load_config(tiny, [*base, "eval.reward.fn=nope_pkg:fn"]))
