@@ -106,7 +106,8 @@ def start_actors(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_di
         opts = {"num_cpus": res.rollout_cpus_per_worker, "num_gpus": res.rollout_gpus_per_worker, "max_restarts": 0}
         pools["rollout"] = RolloutPool([
             RolloutWorker.options(**opts, **in_bundle(pg, b)).remote(
-                sources["model"], tokenizer_dir, cfg.seed, slots, _threads(res.rollout_cpus_per_worker))
+                sources["model"], tokenizer_dir, cfg.seed, slots, _threads(res.rollout_cpus_per_worker),
+                stage.training.compute_dtype)
             for b in layout.rollout
         ])  # fmt: skip
     if layout.reward:

@@ -46,10 +46,11 @@ def contiguous_chunks(count: int, parts: int) -> list[range]:
 class RolloutWorker:
     """A model copy and a ``RolloutEngine``; takes weights from the trainer, returns completions with log-probs."""
 
-    def __init__(self, source: dict[str, Any], tokenizer_dir: str, seed: int, max_batch_size: int, num_threads: int):
+    def __init__(self, source: dict[str, Any], tokenizer_dir: str, seed: int, max_batch_size: int, num_threads: int,
+                 compute_dtype: str = "fp32"):  # fmt: skip
         import torch
 
-        from .stages import load_source, load_tokenizer, rollout_engine
+        from .stages import LocalRollout, load_source, load_tokenizer, rollout_engine
 
         torch.set_num_threads(max(1, num_threads))
         self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -57,6 +58,12 @@ class RolloutWorker:
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"  # rollout_gpus_per_worker
         model = load_source(source, self.tokenizer, seed).to(device)
         self.engine = rollout_engine(model, self.tokenizer, max_batch_size)
+        bf16 = compute_dtype == "bf16"  # decode in the trainer's precision (training.compute_dtype)
+
+        def autocast():
+            return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+        self.local = LocalRollout(self.engine, self.tokenizer, autocast=autocast)
 
     def update_weights(self, state: dict, verify: bool) -> str | None:
         """Copy the trainer's weights in; with ``verify`` return the digest of the whole model afterwards."""
@@ -67,9 +74,7 @@ class RolloutWorker:
 
     def generate(self, rows: list[dict], row_ids: list[int], n: int, temperature: float, max_new_tokens: int,
                  seed: int, top_p: float) -> tuple[list[list[int]], list]:  # fmt: skip
-        from .stages import rollout
-
-        return rollout(self.engine, self.tokenizer, rows, n, temperature, max_new_tokens, seed, top_p, row_ids)
+        return self.local.generate(rows, row_ids, n, temperature, max_new_tokens, seed, top_p)
 
 
 class RolloutPool:

@@ -6,6 +6,7 @@ only needs the trainer state (model, optimizer, scheduler, RNG) and the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -334,12 +335,14 @@ class LocalRollout:
     """Colocated generation: the engine decodes with the trainer's own model object, so the optimizer's updates are
     visible to it at once (nothing is copied). Same ``generate`` as ``pools.RolloutPool``."""
 
-    def __init__(self, engine, tokenizer):
+    def __init__(self, engine, tokenizer, autocast=None):
         self.engine, self.tokenizer = engine, tokenizer
+        self.autocast = autocast or contextlib.nullcontext  # the trainer's, so rollout and update share precision
 
     def generate(self, rows: list[dict], row_ids: list[int], n: int, temperature: float, max_new_tokens: int,
                  seed: int, top_p: float = 1.0):  # fmt: skip
-        return rollout(self.engine, self.tokenizer, rows, n, temperature, max_new_tokens, seed, top_p, row_ids)
+        with self.autocast():
+            return rollout(self.engine, self.tokenizer, rows, n, temperature, max_new_tokens, seed, top_p, row_ids)
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -606,7 +609,10 @@ def run_grpo(env: StageEnv) -> Path:
     runner = build_runner(model, cfg)
     if env.rollout_pool is None:
         slots = p.prompts_per_iter * p.group_size
-        generator = LocalRollout(rollout_engine(model, env.tokenizer, slots), env.tokenizer)
+        from dsalign.alignment.trainer.step import autocast_context
+
+        generator = LocalRollout(rollout_engine(model, env.tokenizer, slots), env.tokenizer,
+                                 autocast=lambda: autocast_context(cfg, device))  # fmt: skip
     else:
         generator = env.rollout_pool
     loop = StageLoop(env, runner, p.iterations)

@@ -94,3 +94,20 @@ def test_dynamic_sampling_drops_constant_groups_and_refills():
     ids, comps, scored, _, extra = sample_iteration(gen, _scorer, tok, hard, two, seed=1, it=2)
     assert gen.calls == [list(range(6)), list(range(6, 12))] and extra["dynamic_sampling/shortfall"] == 5
     assert [i[0] for i in ids] == [order[7]] + [order[i] for i in range(5)] and len(comps) == 24
+
+
+def test_colocated_rollout_decodes_under_the_trainers_autocast(monkeypatch):
+    """training.compute_dtype bf16: the rollout runs under the update's autocast, so the behaviour log-probs come
+    from the precision the update recomputes them in (fp32 stays plain)."""
+    import dsalign.pipelines.stages as stages
+    from dsalign.alignment.trainer import TrainerConfig
+    from dsalign.alignment.trainer.step import autocast_context
+
+    seen = []
+    monkeypatch.setattr(stages, "rollout", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or ([], []))
+    for dtype in ("bf16", "fp32"):
+        cfg = TrainerConfig(compute_dtype=dtype)
+        local = stages.LocalRollout(None, None, autocast=lambda c=cfg: autocast_context(c, torch.device("cpu")))
+        local.generate([], [], 1, 1.0, 4, seed=0)
+    stages.LocalRollout(None, None).generate([], [], 1, 1.0, 4, seed=0)
+    assert seen == [True, False, False]
