@@ -68,11 +68,11 @@ def prompt_rows(args: argparse.Namespace) -> list[dict]:
 def write_checkpoint(path: str, preset: str) -> None:
     """The demo tokenizer and a ``preset`` model sized to it (as ``load_source`` does), in one HF directory."""
     from dsalign.model import ModelConfig, Transformer, save_checkpoint
-    from dsalign.pipelines.demo_task import AdditionTask, corpus_for_tokenizer
-    from dsalign.pipelines.demo_tokenizer import train_tokenizer
+    from dsalign.pipelines.demo_task import AdditionTask
+    from dsalign.pipelines.demo_tokenizer import task_tokenizer
     from dsalign.pipelines.stages import padded_vocab
 
-    tok = train_tokenizer(corpus_for_tokenizer(AdditionTask()))
+    tok = task_tokenizer(AdditionTask())
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     cfg = ModelConfig.preset(preset).replace(vocab_size=padded_vocab(tok), **ids)
     torch.manual_seed(0)

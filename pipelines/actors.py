@@ -21,7 +21,7 @@ import ray
 
 from .config import RunConfig, StageConfig
 from .placement import StageLayout, in_bundle, release, reserve
-from .pools import RewardPool, RewardWorker, RolloutPool, RolloutWorker
+from .pools import RewardPool, RewardWorker, RolloutPool, RolloutWorker, assigned_device
 from .schema import from_dict, to_dict
 
 
@@ -155,8 +155,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
 @ray.remote(num_cpus=1)
 def prepare_tokenizer(run_cfg: dict) -> str:
     """The run's tokenizer directory: ``tokenizer: demo`` trains one locally (once, then reused)."""
-    from .demo_task import corpus_for_tokenizer
-    from .demo_tokenizer import save_tokenizer, train_tokenizer
+    from .demo_tokenizer import save_tokenizer, task_tokenizer
 
     run = from_dict(RunConfig, run_cfg)
     if run.tokenizer != "demo":
@@ -164,7 +163,7 @@ def prepare_tokenizer(run_cfg: dict) -> str:
     out = Path(run.output_dir) / "tokenizer"
     if not (out / "tokenizer.json").is_file():
         tmp = out.with_name("tokenizer.tmp")
-        save_tokenizer(train_tokenizer(corpus_for_tokenizer(run.task)), tmp)
+        save_tokenizer(task_tokenizer(run.task), tmp)
         tmp.replace(out)
     return str(out.resolve())
 
@@ -178,11 +177,9 @@ def evaluate_source(
 
     from .stages import evaluate, held_out_prompts, load_source, load_tokenizer
 
-    assigned = ray.get_runtime_context().get_assigned_resources()
-    torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     run = from_dict(RunConfig, run_cfg)
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(run.seed)
-    device = "cuda" if assigned.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
-    model = load_source(source, tok, run.seed).to(device).eval()
+    model = load_source(source, tok, run.seed).to(assigned_device()).eval()
     return evaluate(model, tok, run, held_out_prompts(run, budget=length_target))

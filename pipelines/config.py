@@ -265,12 +265,6 @@ class GRPOParams:
         _at_least(self, 0, "eps_high", "kl_beta", "mtp_lambda", "bias_update_gamma")
 
 
-def _check_slots(max_batch_size: int) -> None:
-    """Decode slots of a rollout engine (``eval`` and ``distill``); the schema prefixes the key's path."""
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size: expected a positive number of slots, got {max_batch_size}")
-
-
 @dataclass
 class DistillParams:
     teacher: ModelSource = field(
@@ -288,7 +282,7 @@ class DistillParams:
     sft: SFTParams = field(default_factory=SFTParams, metadata={"help": "the student's SFT on the kept traces"})
 
     def __post_init__(self) -> None:
-        _check_slots(self.max_batch_size)
+        _expect(self, "max_batch_size", lambda v: v >= 1, "a positive number of slots")  # decode slots
         _at_least(self, 1, "samples_per_prompt", "max_new_tokens")
         _at_least(self, 0, "temperature")
         _expect(self, "keep", lambda v: v in ("best", "all"), "'best' or 'all'")
@@ -350,7 +344,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_slots(self.max_batch_size)
+        _expect(self, "max_batch_size", lambda v: v >= 1, "a positive number of slots")  # decode slots
         _at_least(self, 1, "num_prompts", "samples_per_prompt", "max_new_tokens")
         _at_least(self, 0, "temperature")
 

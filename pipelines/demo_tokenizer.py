@@ -17,6 +17,13 @@ BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", 
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER_TAG, ASSISTANT_TAG, THINK_OPEN, THINK_CLOSE]
 
 
+def task_tokenizer(task) -> PreTrainedTokenizerFast:
+    """The run's ``tokenizer: demo``: trained on the synthetic task's texts (deterministic in the task's knobs)."""
+    from .demo_task import corpus_for_tokenizer
+
+    return train_tokenizer(corpus_for_tokenizer(task))
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(

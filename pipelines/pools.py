@@ -42,6 +42,14 @@ def contiguous_chunks(count: int, parts: int) -> list[range]:
     return out
 
 
+def assigned_device() -> str:
+    """Where a Ray actor or task computes: ``cuda`` when Ray assigned it a GPU (and torch sees one), else ``cpu``."""
+    import torch
+
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 @ray.remote
 class RolloutWorker:
     """A model copy and a ``RolloutEngine``; takes weights from the trainer, returns completions with log-probs."""
@@ -54,8 +62,7 @@ class RolloutWorker:
 
         torch.set_num_threads(max(1, num_threads))
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
-        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"  # rollout_gpus_per_worker
+        device = assigned_device()  # rollout_gpus_per_worker
         model = load_source(source, self.tokenizer, seed).to(device)
         self.engine = rollout_engine(model, self.tokenizer, max_batch_size)
         bf16 = compute_dtype == "bf16"  # decode in the trainer's precision (training.compute_dtype)

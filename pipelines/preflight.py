@@ -13,10 +13,10 @@ from pathlib import Path
 
 from dsalign.model import ModelConfig
 
-from .config import ModelSource, RunConfig, StageConfig
+from .config import ModelSource, RewardEntry, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
 from .schema import ConfigError
-from .stages import RUNTIME_OVERRIDES, prompt_file_rows
+from .stages import RUNTIME_OVERRIDES, lora_settings, prompt_file_rows
 
 
 class PreflightError(ConfigError):
@@ -95,11 +95,8 @@ def _check_lora(stage: StageConfig, where: str, problems: list[str]) -> None:
     if stage.resources.num_workers != 1:
         problems.append(f"{where}: needs resources.num_workers: 1 (got {stage.resources.num_workers}); LoRA is "
                         "wired for the single-process trainer")  # fmt: skip
-    from dsalign.alignment.trainer.lora import LoraSettings
-
     try:
-        LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
-                     experts=lora.experts)  # fmt: skip
+        lora_settings(lora)
     except ValueError as e:
         problems.append(f"{where}: {e}")
 
@@ -157,10 +154,9 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
 def _run_tokenizer(cfg: RunConfig):
     """The tokenizer the run will use (``prepare_tokenizer``'s: the demo one is deterministic in the task)."""
     if cfg.tokenizer == "demo":
-        from .demo_task import corpus_for_tokenizer
-        from .demo_tokenizer import train_tokenizer
+        from .demo_tokenizer import task_tokenizer
 
-        return train_tokenizer(corpus_for_tokenizer(cfg.task))
+        return task_tokenizer(cfg.task)
     from .stages import load_tokenizer
 
     return load_tokenizer(cfg.tokenizer)
@@ -219,10 +215,18 @@ def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
                         f"(first: {', '.join(missing[:3])})")  # fmt: skip
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
+def _check_reward(entry: RewardEntry, where: str, problems: list[str]) -> None:
+    """The reward spec imports and takes its ``params``."""
     from dsalign.rewards import load_reward
 
+    try:
+        load_reward(entry.fn, **entry.params)
+    except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
+        problems.append(f"{where}.fn {entry.fn!r}: {type(e).__name__}: {e}")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
     problems: list[str] = []
     if cfg.tokenizer != "demo":
         tok = Path(cfg.tokenizer)
@@ -253,17 +257,11 @@ def preflight(cfg: RunConfig) -> None:
         if stage.kind in ("grpo", "distill") and not stage.rewards:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
         for j, entry in enumerate(stage.rewards):
-            try:
-                load_reward(entry.fn, **entry.params)
-            except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
-                problems.append(f"{where}.rewards[{j}].fn {entry.fn!r}: {type(e).__name__}: {e}")
+            _check_reward(entry, f"{where}.rewards[{j}]", problems)
     if cfg.eval.enabled and cfg.eval.path is not None:
         _check_eval_file(cfg, problems)
     if cfg.eval.enabled:
-        try:
-            load_reward(cfg.eval.reward.fn, **cfg.eval.reward.params)
-        except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
-            problems.append(f"eval.reward.fn {cfg.eval.reward.fn!r}: {type(e).__name__}: {e}")
+        _check_reward(cfg.eval.reward, "eval.reward", problems)
     out = Path(cfg.output_dir)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):

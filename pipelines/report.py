@@ -116,10 +116,15 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
         plt.close(fig)
         lines.append(f"![{label}]({png.name})")
     report = out_dir / "report.md"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, report)  # never a half-written report
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import RunConfig, StageConfig
 from .preflight import preflight
-from .report import format_table, write_report
+from .report import format_table, write_report, write_text_atomic
 from .schema import to_dict
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ class RunState:
                    per_prompt=data.get("per_prompt", {}))  # fmt: skip
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
         data = {"finished": self.finished, "evals": self.evals, "per_prompt": self.per_prompt}
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def init_ray(cfg: RunConfig):
@@ -99,15 +97,13 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
             state.per_prompt = {k: v for k, v in state.per_prompt.items() if not k.startswith(name)}
     if not resume and state_path.exists():
         state_path.unlink()
-    resolved = out / "config.resolved.json"
+    resolved, resolved_text = out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2)
     if resume and resolved.is_file():
-        changed = config_changes(json.loads(resolved.read_text()), json.loads(json.dumps(to_dict(cfg))))
+        changed = config_changes(json.loads(resolved.read_text()), json.loads(resolved_text))
         if changed:
             print(f"[run] --resume with a changed config ({len(changed)} keys): " + "; ".join(changed[:10])
                   + ("; ..." if len(changed) > 10 else ""), flush=True)  # fmt: skip
-    tmp = resolved.with_name(resolved.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2))
-    os.replace(tmp, resolved)
+    write_text_atomic(resolved, resolved_text)
     ray = init_ray(cfg)
     t0 = time.time()
     cpus = max(s.resources.cpus_per_worker for s in cfg.stages)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from dsalign.model import ModelConfig, Transformer, load_checkpoint
 
-from .config import DataSource, GRPOParams, OptimConfig, RunConfig, SFTParams, StageConfig
+from .config import DataSource, GRPOParams, LoraConfig, OptimConfig, RunConfig, SFTParams, StageConfig
 from .demo_task import LENGTH_INSTRUCTION, make_prompts, make_sft_conversations, operand_sets
 from .report import MetricsLogger
 
@@ -283,15 +283,21 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
     return save_hf(runner, env.out_dir / "final", env.tokenizer)
 
 
+def lora_settings(lora: LoraConfig):
+    """The trainer's ``LoraSettings`` for a stage's ``training.lora`` block (validates it)."""
+    from dsalign.alignment.trainer.lora import LoraSettings
+
+    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
+                        experts=lora.experts)  # fmt: skip
+
+
 def apply_stage_lora(model: Transformer, stage: StageConfig):
     """``stage.training.lora``: inject adapters and freeze the rest (peft's model, for the merge), else None."""
-    lora = stage.training.lora
-    if lora is None:
+    if stage.training.lora is None:
         return None
-    from dsalign.alignment.trainer.lora import LoraSettings, apply_lora
+    from dsalign.alignment.trainer.lora import apply_lora
 
-    return apply_lora(model, LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                          target_modules=tuple(lora.target_modules), experts=lora.experts))  # fmt: skip
+    return apply_lora(model, lora_settings(stage.training.lora))
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -415,10 +421,6 @@ def grpo_iteration_order(num_rows: int, per_iter: int, seed: int, it: int) -> li
     return first + rest
 
 
-def grpo_iteration_rows(rows: list[dict], per_iter: int, seed: int, it: int) -> list[dict]:
-    return [rows[i] for i in grpo_iteration_order(len(rows), per_iter, seed, it)[:per_iter]]
-
-
 def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOParams, seed: int, it: int):
     """This rank's share of iteration ``it``: ``(prompt_ids, completions, scored, generate_s, stats)``.
 
@@ -505,12 +507,10 @@ def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: 
     scorable = torch.tensor([v is not None for v in rewards])
     r = torch.tensor([0.0 if v is None else v for v in rewards], dtype=torch.float32)
     groups = group_ids_from_size(len(comps), n)
-    if bool(scorable.all()):
-        batch["advantages"] = compute_advantages(params.advantage, r, groups)
-    else:  # estimators take any group ids and sizes: run them on the scorable rows only
-        batch["advantages"] = torch.zeros_like(r).masked_scatter(
-            scorable, compute_advantages(params.advantage, r[scorable], groups[scorable])
-        )
+    # estimators take any group ids and sizes: run them on the scorable rows only
+    batch["advantages"] = torch.zeros_like(r).masked_scatter(
+        scorable, compute_advantages(params.advantage, r[scorable], groups[scorable])
+    )
     if params.mask_truncated:
         truncated = torch.tensor([c.finish_reason == "length" for c in comps])
         batch["completion_mask"] = mask_truncated(batch["completion_mask"], truncated)
