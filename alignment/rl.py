@@ -126,3 +126,63 @@ def grpo_loss_fn(
         return loss, plain
 
     return loss_fn
+
+
+def rollout_is_weights(
+    train_logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor, cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance sampling (TIS) for a rollout engine whose log-probs differ from the trainer's.
+
+    The same weights give slightly different log-probs in the rollout's decode and the trainer's forward when they
+    round differently (bf16: the absorbed latent attention vs the expanded one). Samples come from
+    ``pi_rollout``; the objective is about ``pi_old`` (the trainer's). Each token's policy-gradient term is weighted by
+    ``w = min(pi_old / pi_rollout, cap)`` (detached; Yao et al. 2025, TRL's ``vllm_importance_sampling_cap``), and
+    the PPO ratio is taken against ``pi_old``. ``[B, T] x3 -> (w [B, T], 0 off the mask; metrics)``.
+    """
+    if cap < 1.0:
+        raise ValueError(f"rollout_is_weights: cap must be >= 1 (a weight bound), got {cap}")
+    on = mask_BT.bool()
+    log_w = (train_logp_BT - rollout_logp_BT).float()
+    w = torch.exp(log_w.clamp(max=math.log(cap))) * on
+    n = int(on.sum())
+    diff = log_w.abs()[on]
+    metrics = {
+        "rollout_is_weight_mean": float(w.sum()) / max(n, 1),
+        "rollout_is_capped_frac": float((log_w > math.log(cap))[on].float().sum()) / max(n, 1),
+        "rollout_logp_diff_mean": float(diff.mean()) if n else math.nan,
+        "rollout_logp_diff_max": float(diff.max()) if n else math.nan,
+    }
+    return w, metrics
+
+
+def correct_for_rollout(
+    model: torch.nn.Module, micro_batches: list[dict[str, Tensor]], temperature: float, cap: float
+) -> dict[str, float]:
+    """Apply TIS (``rollout_is_weights``) to GRPO micro-batches in place, before the update.
+
+    Each micro-batch's ``old_logp`` (the rollout's) is replaced by the trainer's log-probs of the same tokens under
+    the current weights (no gradient; eval mode, so adapter dropout is off) and its ``advantages`` become per-token
+    ``A * w``. Folding ``w > 0`` into the advantage scales every term of the clipped surrogate (and the dual clip's
+    cap) by ``w``, so any policy loss and aggregation apply it unchanged. Call it under the update's autocast.
+    Returns the metrics averaged over completion tokens."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    tokens = 0
+    try:
+        for mb in micro_batches:
+            mask = mb["completion_mask"]
+            with torch.no_grad():
+                train_logp = token_logprobs(model, mb, temperature, positions=mask)[0]
+            w, metrics = rollout_is_weights(train_logp, mb["old_logp"], mask, cap)
+            adv = mb["advantages"]
+            mb["advantages"] = (adv[:, None] if adv.dim() == 1 else adv).float() * w
+            mb["old_logp"] = train_logp
+            n = int(mask.sum())
+            if n:
+                for k, v in metrics.items():
+                    totals[k] = max(totals.get(k, v), v) if k.endswith("_max") else totals.get(k, 0.0) + v * n
+                tokens += n
+    finally:
+        model.train(was_training)
+    return {k: (v if k.endswith("_max") else v / tokens) for k, v in totals.items()} if tokens else {}

@@ -40,6 +40,20 @@ def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: boo
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+def applied_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear layer applies, for code that reads it instead of calling the layer (the absorbed MLA
+    decode folds ``kv_b_proj`` into its attention): ``linear.weight``, plus the deltas of active, unmerged LoRA
+    adapters when peft has wrapped the layer (``alignment/trainer/lora.py``), so decoding sees what training does.
+    The delta ``scale * B @ A`` is recomputed per call: one pass over a weight-sized tensor, kept simple over a
+    cache that would have to notice every optimizer step."""
+    weight = linear.weight
+    if hasattr(linear, "get_delta_weight") and not linear.merged and not linear.disable_adapters:
+        for name in linear.active_adapters:
+            if name in linear.lora_A:
+                weight = weight + linear.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate x) * up x)`` (dense layers and shared experts)."""
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .cache import LatentCache
 from .config import ModelConfig
-from .layers import RMSNorm, make_linear
+from .layers import RMSNorm, applied_weight, make_linear
 from .rope import apply_rope
 
 # Longest sequence for the blocked CPU attention: it keeps ~0.6 T^2 probabilities per head for the backward.
@@ -119,7 +119,7 @@ class MLA(nn.Module):
         return o_BHTV[..., : self.v_dim]
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
-        w_HKC = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_HKC = applied_weight(self.kv_b_proj).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HKC[:, : self.nope_dim], w_HKC[:, self.nope_dim :]
         w_uk_HNC, w_uv_HVC = w_uk_HNC.to(q_nope.dtype), w_uv_HVC.to(q_nope.dtype)
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HNC)

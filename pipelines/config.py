@@ -188,7 +188,7 @@ class TrainingConfig:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     keep_last: int = field(default=3, metadata={"help": "resumable checkpoints kept on disk (oldest deleted)"})
     lora: LoraConfig | None = field(
-        default=None, metadata={"help": "sft and distill stages, one worker: train LoRA adapters only (null = full)"}
+        default=None, metadata={"help": "one worker (grpo: colocated): train LoRA adapters only, merged export"}
     )
 
     def __post_init__(self) -> None:
@@ -248,6 +248,11 @@ class GRPOParams:
         default=4, metadata={"help": "sampling rounds an iteration may take to refill (then dropped groups fill in)"}
     )
     mask_truncated: bool = field(default=True, metadata={"help": "completions cut at max_new_tokens get no loss"})
+    rollout_is_cap: float | None = field(
+        default=None,
+        metadata={"help": "truncated importance sampling: ratio against the trainer's recomputed log-probs, tokens "
+                          "weighted by min(pi_old / pi_rollout, cap), e.g. 2.0 (null = off)"},  # fmt: skip
+    )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=2),
         metadata={"help": "AdamW, warmup then cosine decay"},
@@ -262,6 +267,7 @@ class GRPOParams:
         _expect(self, "top_p", lambda v: 0 < v <= 1, "a probability mass in (0, 1]")
         _expect(self, "eps_low", lambda v: 0 <= v < 1, "a clip range in [0, 1)")
         _expect(self, "dual_clip_c", lambda v: v is None or v > 1, "null or a bound > 1")
+        _expect(self, "rollout_is_cap", lambda v: v is None or v >= 1, "null or a weight bound >= 1")
         _at_least(self, 0, "eps_high", "kl_beta", "mtp_lambda", "bias_update_gamma")
 
 

@@ -88,10 +88,9 @@ def _check_lora(stage: StageConfig, where: str, problems: list[str]) -> None:
     if lora is None:
         return
     where = f"{where}.training.lora"
-    if stage.kind == "grpo":
-        problems.append(f"{where}: not for grpo stages (the rollout's absorbed MLA decode reads kv_b_proj's base "
-                        "weight, so generation would ignore the adapters); use it in sft or distill "
-                        "stages")  # fmt: skip
+    if stage.resources.mode == "split":
+        problems.append(f"{where}: needs resources.mode: colocated (split mode ships whole weights to its rollout "
+                        "workers, not adapters)")  # fmt: skip
     if stage.resources.num_workers != 1:
         problems.append(f"{where}: needs resources.num_workers: 1 (got {stage.resources.num_workers}); LoRA is "
                         "wired for the single-process trainer")  # fmt: skip

@@ -586,9 +586,10 @@ def run_grpo(env: StageEnv) -> Path:
     """GRPO with group-relative advantages. Colocated: the engine decodes with the trainer's own model object.
     Split (``env.rollout_pool``): rollout workers decode with their own copies, refreshed before every iteration."""
     from dsalign.alignment.policy_loss import PolicyLossConfig
-    from dsalign.alignment.rl import grpo_loss_fn, token_logprobs
+    from dsalign.alignment.rl import correct_for_rollout, grpo_loss_fn
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
+    from dsalign.alignment.trainer.step import autocast_context
 
     p = env.stage.grpo
     device = stage_device(env.stage)
@@ -601,16 +602,15 @@ def run_grpo(env: StageEnv) -> Path:
                                 dual_clip_c=p.dual_clip_c, agg=p.loss_agg, kl_beta=p.kl_beta,
                                 kl_estimator=p.kl_estimator)  # fmt: skip
     loss_fn = grpo_loss_fn(loss_cfg, temperature=p.temperature, mtp_lambda=p.mtp_lambda)
-    reference = None
-    if p.kl_beta > 0:
-        reference = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device).eval()
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
+    lora = apply_stage_lora(model, env.stage)
+    reference = None
+    if p.kl_beta > 0 and lora is None:
+        reference = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device).eval()
     runner = build_runner(model, cfg)
     if env.rollout_pool is None:
         slots = p.prompts_per_iter * p.group_size
-        from dsalign.alignment.trainer.step import autocast_context
-
         generator = LocalRollout(rollout_engine(model, env.tokenizer, slots), env.tokenizer,
                                  autocast=lambda: autocast_context(cfg, device))  # fmt: skip
     else:
@@ -624,17 +624,44 @@ def run_grpo(env: StageEnv) -> Path:
                                                                       env.run.seed, it)  # fmt: skip
         batch = {k: v.to(device) for k, v in make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards,
                                                            p.group_size, p).items()}  # fmt: skip
-        if reference is not None:
-            batch["ref_logp"] = token_logprobs(reference, batch, p.temperature,
-                                               positions=batch["completion_mask"])[0].detach()  # fmt: skip
+        if p.kl_beta > 0:
+            ref = model if reference is None else reference  # LoRA: the policy with its adapters off
+            batch["ref_logp"] = reference_logprobs(ref, lora, batch, p.temperature)
         model.train()
         micro = split_micro(batch, p.micro_batch_size)
         cfg.micro_batches = len(micro)
+        correction = {}
+        if p.rollout_is_cap is not None:
+            with autocast_context(cfg, device):
+                correction = correct_for_rollout(runner.model, micro, p.temperature, p.rollout_is_cap)
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
-        loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s), **sampling, **sync})
+        loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s), **sampling, **sync, **correction})
     loop.close()
+    if lora is not None:
+        from dsalign.alignment.trainer.lora import merge_lora
+
+        merge_lora(lora)
     return save_hf(runner, env.out_dir / "final", env.tokenizer)
+
+
+def reference_logprobs(reference: Transformer, lora, batch: dict[str, torch.Tensor], temperature: float):
+    """The KL reference's log-probs of the batch's completion tokens: the frozen source model, or under LoRA the
+    policy itself with its adapters switched off (its base weights never train, so no second copy is loaded; the
+    router biases are the current ones, which ``bias_update_gamma`` moves)."""
+    from dsalign.alignment.rl import token_logprobs
+
+    was_training = reference.training
+    reference.eval()
+    if lora is not None:
+        lora.disable_adapter_layers()
+    try:
+        with torch.no_grad():
+            return token_logprobs(reference, batch, temperature, positions=batch["completion_mask"])[0]
+    finally:
+        if lora is not None:
+            lora.enable_adapter_layers()
+        reference.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------- distillation

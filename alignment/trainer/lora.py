@@ -7,8 +7,8 @@ peft injects adapters in place into our ``Transformer`` (no wrapper class around
 ``target_parameters``. Every base parameter is frozen, so
 ``build_optimizer`` only sees the adapters.
 
-Generation: the absorbed MLA decode path reads ``kv_b_proj.weight`` directly, which under peft is the *base*
-weight without the adapter. Merge (``merge_lora``) before generating or exporting; ``export_merged`` does both.
+Generation needs no merge: the absorbed MLA decode reads ``kv_b_proj``'s weight through
+``model.layers.applied_weight``, which adds the active adapters. ``export_merged`` merges and writes the checkpoint.
 """
 
 from __future__ import annotations

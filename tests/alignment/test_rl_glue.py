@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from dsalign.alignment.policy_loss import PolicyLossConfig
-from dsalign.alignment.rl import build_rl_batch, grpo_loss_fn, token_logprobs
+from dsalign.alignment.rl import build_rl_batch, correct_for_rollout, grpo_loss_fn, rollout_is_weights, token_logprobs
 from dsalign.model import ModelConfig, Transformer
 
 
@@ -115,3 +118,47 @@ def test_step_metrics_skip_micro_batches_with_nothing_in_the_loss():
     assert abs(metrics["ratio_mean"] - 1.0) < 1e-5 and abs(metrics["ratio_max"] - 1.0) < 1e-5
     avg = average_metrics([{"a": 1.0, "b": math.nan}, {"a": 3.0}, {"a": math.nan, "c": 2.0}], None)
     assert avg["a"] == 2.0 and math.isnan(avg["b"]) and avg["c"] == 2.0
+
+
+def test_rollout_is_weights_by_hand():
+    train = torch.tensor([[0.0, -1.0, -1.0, -1.0]])
+    rollout = torch.tensor([[0.0, -1.5, -0.5, -1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    w, m = rollout_is_weights(train, rollout, mask, cap=1.2)
+    torch.testing.assert_close(w, torch.tensor([[0.0, 1.2, math.exp(-0.5), 1.0]]))
+    assert m["rollout_is_capped_frac"] == pytest.approx(1 / 3) and m["rollout_logp_diff_max"] == pytest.approx(0.5)
+    assert m["rollout_logp_diff_mean"] == pytest.approx(1 / 3)
+    assert m["rollout_is_weight_mean"] == pytest.approx((1.2 + math.exp(-0.5) + 1.0) / 3)
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        rollout_is_weights(train, rollout, mask, cap=0.5)
+
+
+def test_rollout_correction_gives_the_weighted_policy_gradient():
+    """After ``correct_for_rollout`` the ratio is taken against the trainer's own log-probs (1 on-policy) and the
+    loss's gradient is the TIS-weighted policy gradient ``-sum_t w_t A ∇logp_t / n`` (token mean)."""
+    model, batch = _setup()
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        exact = token_logprobs(model.eval(), batch, positions=mask)[0]
+    shift = torch.tensor([[0, 0, 0, 0.9, -0.3, 0.05, 0.0], [0, 0, -1.2, 0.2, 0, 0, 0]])
+    adv = torch.tensor([1.0, -0.5])
+    mb = {**batch, "old_logp": exact - shift, "advantages": adv}  # the rollout engine's log-probs, off by ``shift``
+    model.train()
+    metrics = correct_for_rollout(model, [mb], temperature=1.0, cap=2.0)
+    assert model.training  # mode restored
+    torch.testing.assert_close(mb["old_logp"], exact, rtol=0, atol=0)
+    w = torch.exp(shift).clamp(max=2.0) * mask
+    torch.testing.assert_close(mb["advantages"], adv[:, None] * w)
+    assert metrics["rollout_logp_diff_max"] == pytest.approx(1.2) and metrics["rollout_is_capped_frac"] == 1 / 6
+
+    loss, out = grpo_loss_fn(PolicyLossConfig(), aux_loss_coef=0.0)(model, mb)
+    assert out["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    logp = token_logprobs(model, batch, positions=mask)[0]
+    manual = -(adv[:, None] * w * logp * mask).sum() / mask.sum()
+    want = torch.autograd.grad(manual, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    for g, h in zip(grads, want):
+        if g is None or h is None:
+            assert g is None and h is None
+        else:
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)

@@ -93,5 +93,8 @@ def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, loc
     assert not any("lora" in k for k in merged)
     changed = {k for k in initial if not torch.equal(initial[k], merged[k]) and "e_score_correction_bias" not in k}
     assert changed and all(k.endswith(("q_a_proj.weight", "kv_b_proj.weight")) for k in changed), sorted(changed)
-    with pytest.raises(PreflightError, match=r"training\.lora: not for grpo stages"):
-        preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", "stages.grpo.training.lora={r: 4}"]))
+    preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", "stages.grpo.training.lora={r: 4}"]))  # colocated
+    split = ["stages.grpo.training.lora={r: 4}", "stages.grpo.resources.mode=split",
+             "stages.grpo.resources.rollout_workers=1"]  # fmt: skip
+    with pytest.raises(PreflightError, match=r"\(grpo\)\.training\.lora: needs resources\.mode: colocated"):
+        preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", *split]))

@@ -43,3 +43,30 @@ def test_lora_trains_adapters_only_and_merged_export_matches(tmp_path, experts):
     with torch.no_grad():
         got = hf(x).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["attention", "attention+experts"])
+def test_absorbed_decode_sees_the_adapters(experts):
+    """Generation (prefill + one token at a time through the latent cache, whose absorbed attention reads
+    ``kv_b_proj``'s weight instead of calling it) computes the same logits as the training forward of the adapted,
+    unmerged model (fp32, 1e-4): rollouts of a LoRA policy sample from the policy the update trains."""
+    from dsalign.model import LatentCache
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    lora = apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=("kv_b_proj", "o_proj"), experts=experts))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)  # peft starts B at zero; make the adapters change the network
+    B, T = 2, 12
+    x = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = LatentCache(model.cfg, batch_size=B, max_len=T)
+        steps = [model(x[:, :5], cache=cache, absorbed=True).logits]
+        steps += [model(x[:, t : t + 1], cache=cache).logits for t in range(5, T)]
+        lora.disable_adapter_layers()
+        base = model(x).logits
+    assert (base - full).abs().max() > 1e-2  # the adapters matter, so the comparison below can fail
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
