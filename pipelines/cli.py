@@ -33,6 +33,12 @@ def _chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from dsalign.pipelines.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def _run(args: argparse.Namespace) -> int:
     from dsalign.pipelines.config import load_config
     from dsalign.pipelines.runner import run
@@ -140,6 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, temperature=0.7)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=_chat)
+
+    ev = sub.add_parser("eval", help="held-out accuracy of checkpoints on the same prompts and samples (paired)")
+    ev.add_argument("checkpoints", nargs="+", help="HF-format checkpoint directories with their tokenizers")
+    ev.add_argument("--config", default=None,
+                    help="a run config whose eval block and synthetic task to use ('demo': the demo's)")  # fmt: skip
+    ev.add_argument("--prompts", default=None, help="held-out JSONL (prompt + answer columns); default: the "
+                    "synthetic task's held-out set")  # fmt: skip
+    ev.add_argument("--num-prompts", type=int, default=None, help="the first N prompts (eval.num_prompts)")
+    ev.add_argument("--samples", type=int, default=None, help="samples per prompt (eval.samples_per_prompt)")
+    ev.add_argument("--temperature", type=float, default=None, help="sampling temperature, 0 = greedy")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="completion length cap")
+    ev.add_argument("--seed", type=int, default=None, help="sampling seed (the same for every checkpoint)")
+    ev.add_argument("--reward", default=None, help="what accuracy averages: a built-in name, pkg.module:fn or "
+                    "file.py:fn (default math_accuracy)")  # fmt: skip
+    ev.add_argument("--length-target", type=int, default=None, help="evaluate on budget prompts of N tokens")
+    ev.add_argument("--batch-size", type=int, default=None, help="decode slots (eval.max_batch_size)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any run-config key, e.g. --set eval.reward.params.max_length=100")  # fmt: skip
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    ev.add_argument("--output", default=None, help="JSONL file for every sample with its reward")
+    ev.add_argument("--json", action="store_true", help="one JSON line per checkpoint instead of the table")
+    ev.set_defaults(func=_eval)
 
     config = sub.add_parser("config", help="check and print run configs; the key reference")
     config_sub = config.add_subparsers(dest="config_command", required=True)

@@ -379,9 +379,10 @@ def build_combiner(entries):
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) -> dict[str, float]:
+def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
+             samples: list[dict[str, Any]] | None = None) -> dict[str, float]:  # fmt: skip
     """Held-out accuracy (the mean of ``eval.reward``, default ``math_accuracy``; sampled at ``eval.temperature``),
-    mean response length (tokens), format."""
+    mean response length (tokens), format. ``samples``: a list to receive one record per sampled completion."""
     import dataclasses
 
     from dsalign.rewards import think_format
@@ -403,6 +404,12 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict]) ->
         "format": sum(f or 0.0 for f in fmt) / len(fmt),
         "mean_length": sum(lengths) / len(lengths),
     }
+    if samples is not None:
+        for i, (c, text) in enumerate(zip(comps, texts)):
+            row = rows[i // k]
+            samples.append({"prompt_id": row.get("prompt_id", i // k), "sample": i % k, "prompt": row["prompt"],
+                            "answer": row.get("answer"), "completion": text, "reward": acc[i], "format": fmt[i],
+                            "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason})  # fmt: skip
     targets = [r.get("length_target") for r in rows]
     if targets[0] is not None:
         out["length_target"] = float(sum(targets) / len(targets))

@@ -1,0 +1,125 @@
+"""``dsalign eval``: the pipeline's held-out evaluation for any checkpoints, outside a run (no Ray).
+
+Each checkpoint answers the same prompts with the same per-prompt sampling seeds, so two checkpoints are compared on
+paired samples: the table's ``vs`` column is the accuracy change against the first checkpoint with its paired
+standard error (the run report's statistic). The evaluation is the run config's ``eval`` block (``--config``, or its
+defaults), with the flags below overriding its keys; ``--output`` keeps every sample with its reward.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+# flag -> eval key (the run config's ``eval`` block)
+EVAL_FLAGS = {
+    "prompts": "path",
+    "num_prompts": "num_prompts",
+    "samples": "samples_per_prompt",
+    "temperature": "temperature",
+    "max_new_tokens": "max_new_tokens",
+    "seed": "seed",
+    "batch_size": "max_batch_size",
+}
+
+
+def eval_config(args: Any):
+    """The ``RunConfig`` whose ``eval`` block (and synthetic ``task``) the command evaluates with."""
+    import yaml
+
+    from .config import ConfigError, RunConfig
+    from .schema import apply_overrides, from_dict
+
+    data: dict[str, Any] = {"name": "eval", "output_dir": ".", "stages": []}
+    if args.config:
+        path = Path(__file__).resolve().parent / "demo.yaml" if args.config == "demo" else Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    ev = data.setdefault("eval", {})
+    for flag, key in EVAL_FLAGS.items():
+        if getattr(args, flag, None) is not None:
+            ev[key] = getattr(args, flag)
+    if args.reward is not None:
+        ev["reward"] = {"fn": args.reward}
+    data = apply_overrides(data, args.set)
+    return from_dict(RunConfig, data)
+
+
+def check_eval_inputs(run, checkpoints: list[str]) -> None:
+    """Every problem with the prompts, the reward and the checkpoints, in one error, before any model loads."""
+    from .generate import check_checkpoint_dir
+    from .preflight import PreflightError, _check_eval_file, _check_reward
+
+    problems: list[str] = []
+    if run.eval.path is not None:
+        _check_eval_file(run, problems)
+    _check_reward(run.eval.reward, "eval.reward", problems)
+    for ckpt in checkpoints:
+        try:
+            check_checkpoint_dir(ckpt, need_tokenizer=True)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if problems:
+        raise PreflightError(problems)
+
+
+def write_samples(path: Path, records: list[dict[str, Any]]) -> None:
+    """All samples at once, through a temporary file: an interrupted run leaves no half-written output."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def run_eval(args: Any, out: IO[str] = sys.stdout) -> int:
+    import torch
+    from dsalign.model import load_checkpoint
+
+    from .report import format_table
+    from .runner import clustered_se, paired_delta
+    from .stages import evaluate, held_out_prompts, load_tokenizer
+
+    run = eval_config(args)
+    check_eval_inputs(run, args.checkpoints)
+    ev = run.eval
+    rows = held_out_prompts(run, args.length_target)
+    source = ev.path or ("the synthetic task's held-out set" + ("" if args.config else " (default task knobs; "
+                                                                   "--config RUN.yaml for a run's)"))  # fmt: skip
+    print(f"dsalign eval: {len(rows)} prompts of {source} x {ev.samples_per_prompt} samples, temperature "
+          f"{ev.temperature}, reward {ev.reward.fn}", file=sys.stderr)  # fmt: skip
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    table, records, first = [], [], None
+    for ckpt in args.checkpoints:
+        model = load_checkpoint(ckpt, device=device).eval()
+        samples: list[dict[str, Any]] = []
+        result = evaluate(model, load_tokenizer(ckpt), run, rows, samples=samples)
+        del model
+        per = result.pop("per_prompt")
+        row = {"#": len(table) + 1, "checkpoint": ckpt, "accuracy": result["accuracy"], "acc_se": clustered_se(per),
+               "format": result["format"], "mean_length": result["mean_length"]}  # fmt: skip
+        if "length_target" in result:
+            row["length_target"] = result["length_target"]
+        if first is None:
+            first = per
+            row["vs"] = "-"
+        else:
+            diffs = [a - b for a, b in zip(per, first)]
+            row["vs"] = paired_delta(per, first, "#1")
+            row.update(delta_vs_first=sum(diffs) / len(diffs), delta_se=clustered_se(diffs))
+        table.append(row)
+        records += [{"checkpoint": ckpt, **s} for s in samples]
+    if args.output:
+        write_samples(Path(args.output), records)
+    if args.json:
+        for row in table:
+            out.write(json.dumps({k: v for k, v in row.items() if k not in ("#", "vs")}) + "\n")
+    else:
+        out.write(format_table([{k: v for k, v in r.items() if not k.startswith("delta")} for r in table]) + "\n")
+        if len(table) > 1:
+            out.write("vs: accuracy change against the first checkpoint on the same prompts and sampling seeds, with "
+                      "its paired standard error\n")  # fmt: skip
+    return 0
