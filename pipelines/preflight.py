@@ -91,9 +91,13 @@ def _check_lora(stage: StageConfig, where: str, problems: list[str]) -> None:
     if stage.resources.mode == "split":
         problems.append(f"{where}: needs resources.mode: colocated (split mode ships whole weights to its rollout "
                         "workers, not adapters)")  # fmt: skip
-    if stage.resources.num_workers != 1:
-        problems.append(f"{where}: needs resources.num_workers: 1 (got {stage.resources.num_workers}); LoRA is "
-                        "wired for the single-process trainer")  # fmt: skip
+    res = stage.resources
+    if res.zero_stage == 3:
+        problems.append(f"{where}: not with resources.zero_stage: 3 (the merged export folds adapters into weights "
+                        "ZeRO-3 keeps partitioned); use zero_stage 0-2")  # fmt: skip
+    if lora.experts and res.ep_size > 1:
+        problems.append(f"{where}.experts: not with resources.ep_size > 1 (got {res.ep_size}): expert adapters are "
+                        "not sharded with their experts; adapt attention only or use ep_size 1")  # fmt: skip
     try:
         lora_settings(lora)
     except ValueError as e:

@@ -118,26 +118,35 @@ def gathered_parameters(model: nn.Module, modifier_rank: int | None = None) -> c
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def full_model_for_export(model: Transformer) -> Transformer:
-    """The model itself, or (collective) a full copy: experts gathered over the EP group, or every parameter
-    gathered from its ZeRO-3 partitions."""
+def is_distributed_state(model: nn.Module) -> bool:
+    """Whether some parameter is only partly on this rank (ZeRO-3 partitions or EP expert shards)."""
+    return any(hasattr(p, "ds_id") or is_expert_param(p) for p in model.parameters())
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """(Collective when ``is_distributed_state``) ``model.state_dict()`` with full tensors: experts gathered over
+    their EP group, or every parameter from its ZeRO-3 partitions. Keys as the model names them (LoRA adapters
+    included)."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 (never with EP: TrainerConfig refuses it)
         with gathered_parameters(model):
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        full = build_model(model.cfg, device=next(iter(state.values())).device, dtype=state["norm.weight"].dtype)
-        full.load_state_dict(state)
-        return full
-    sharded = [m for m in _moe_layers(model) if getattr(m.experts, "ep_group", None) is not None]
-    if not sharded:
-        return model
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = model.state_dict()
+    sharded = [m for m in _moe_layers(model) if getattr(m.experts, "ep_group", None) is not None]
     for name, p in model.named_parameters():
         if is_expert_param(p):
             group = next(m.experts.ep_group for m in sharded if p is m.experts.gate_up_proj or p is m.experts.down_proj)
             parts = [torch.empty_like(p) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, p.detach().contiguous(), group=group)
             state[name] = torch.cat(parts)
-    full = build_model(model.cfg, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    return state
+
+
+def full_model_for_export(model: Transformer) -> Transformer:
+    """The model itself, or (collective) a full copy built from ``gathered_state_dict``."""
+    if not is_distributed_state(model):
+        return model
+    state = gathered_state_dict(model)
+    full = build_model(model.cfg, device=next(iter(state.values())).device, dtype=state["norm.weight"].dtype)
     full.load_state_dict(state)
     return full
 
@@ -150,8 +159,8 @@ def _engine_class():
 
         def _configure_distributed_model(self, model):
             super()._configure_distributed_model(model)
-            if any(is_expert_param(p) for p in self.module.parameters()):
-                self.has_moe_layers = True
+            if any(is_expert_param(p) and p.requires_grad for p in self.module.parameters()):
+                self.has_moe_layers = True  # not when the experts are frozen (LoRA on attention): nothing to reduce
 
     return _ExpertAwareEngine
 
@@ -181,7 +190,7 @@ class DeepSpeedRunner:
         self.model, self.cfg, self.groups = model, cfg, pg
         self.dp_group = dist.group.WORLD
         groups = param_groups(model, cfg.weight_decay)
-        if any(is_expert_param(p) for p in model.parameters()):
+        if any(is_expert_param(p) and p.requires_grad for p in model.parameters()):
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
         optimizer = build_optimizer(model, cfg, groups=groups)
         scheduler = build_scheduler(optimizer, cfg)

@@ -86,6 +86,8 @@ def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, loc
 
     cfg = _sft_only(tmp_path, "lora")
     cfg.stages[0].training.lora = LoraConfig(r=4, alpha=8.0, target_modules=["q_a_proj", "kv_b_proj"])
+    res = cfg.stages[0].resources
+    res.num_workers, res.cpus_per_worker, res.zero_stage = 2, 1.0, 2  # data parallel under ZeRO-2
     state = run(cfg)
     final = Path(state.finished["sft"])
     initial = load_source({"preset": "tiny"}, load_tokenizer(final), cfg.seed).state_dict()
@@ -98,3 +100,7 @@ def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, loc
              "stages.grpo.resources.rollout_workers=1"]  # fmt: skip
     with pytest.raises(PreflightError, match=r"\(grpo\)\.training\.lora: needs resources\.mode: colocated"):
         preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", *split]))
+    sharded = ["stages.sft.training.lora={r: 4, experts: true}", "stages.sft.resources.num_workers=2",
+               "stages.sft.resources.ep_size=2", "stages.sft.resources.zero_stage=3"]  # fmt: skip
+    with pytest.raises(PreflightError, match=r"zero_stage: 3 .*\n.*lora\.experts: not with resources\.ep_size > 1"):
+        preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", *sharded]))

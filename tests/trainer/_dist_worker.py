@@ -1,8 +1,8 @@
 """One rank of the distributed trainer test (launched by test_distributed.py): DeepSpeed ZeRO over gloo.
 
-Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE [MODE]
+Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE [MODE] [lora]
 MODE: "straight" (default, STEPS steps), "save" (2 steps, then a training checkpoint in OUT_DIR/ckpt, then exit),
-"resume" (load OUT_DIR/ckpt, run the remaining steps).
+"resume" (load OUT_DIR/ckpt, run the remaining steps). ``lora``: train LoRA adapters (``LORA``) instead.
 """
 
 import json
@@ -29,6 +29,14 @@ def make_model():
     return Transformer(ModelConfig.preset("tiny"))
 
 
+def apply_test_lora(model):
+    """Adapters on every MLA projection (seeded: the same initial adapters on every rank and in the reference)."""
+    from dsalign.alignment.trainer.lora import LoraSettings, apply_lora
+
+    torch.manual_seed(1)
+    return apply_lora(model, LoraSettings(r=4, alpha=8.0))
+
+
 def global_batch(step: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (GLOBAL_B, T), generator=torch.Generator().manual_seed(100 + step))
 
@@ -41,17 +49,20 @@ def main() -> None:
         save_training_checkpoint,
         train_step,
     )
-    from dsalign.alignment.trainer.distributed import build_runner, full_model_for_export, init_distributed
+    from dsalign.alignment.trainer.distributed import build_runner, gathered_state_dict, init_distributed
 
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     ep_size, zero_stage = int(sys.argv[5]), int(sys.argv[6])
     mode = sys.argv[7] if len(sys.argv) > 7 else "straight"
+    lora = len(sys.argv) > 8 and sys.argv[8] == "lora"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     init_distributed("gloo")
     cfg = trainer_config(ep_size, zero_stage)
     model = prepare_model(make_model(), cfg)
+    if lora:
+        apply_test_lora(model)
     runner = build_runner(model, cfg)
     loss_fn = lm_loss_fn(mtp_lambda=0.3)
     per = GLOBAL_B // world
@@ -71,11 +82,17 @@ def main() -> None:
         save_training_checkpoint(ckpt, last, runner, {"next_step": last, "rank": rank})
         dist.destroy_process_group()
         return
-    full = full_model_for_export(model)
+    state = gathered_state_dict(model)
     if rank == 0:
-        torch.save(full.state_dict(), os.path.join(out_dir, f"params_{mode}.pt"))
+        torch.save(state, os.path.join(out_dir, f"params_{mode}.pt"))
         with open(os.path.join(out_dir, f"metrics_{mode}.json"), "w") as f:
             json.dump(history, f)
+        if lora:
+            frozen = make_model().state_dict()
+            base = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+            changed = [k for k, v in base.items() if not torch.equal(v, frozen[k])]
+            with open(os.path.join(out_dir, "lora_changed_base.json"), "w") as f:
+                json.dump(changed, f)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -14,11 +14,13 @@ import _dist_worker as case  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
 
 
-def _single_process_reference():
+def _single_process_reference(lora: bool = False):
     from dsalign.alignment.trainer import LocalRunner, lm_loss_fn, prepare_model, train_step
 
     cfg = case.trainer_config()
     model = prepare_model(case.make_model(), cfg)
+    if lora:
+        case.apply_test_lora(model)
     runner = LocalRunner(model, cfg)
     history = []
     for step in range(case.STEPS):
@@ -33,8 +35,8 @@ def reference():
     return _single_process_reference()
 
 
-def _launch(launch_workers, tmp_path, ep_size: int, mode: str = "straight", zero_stage: int = 2) -> None:
-    launch_workers(WORKER, 2, [str(tmp_path), str(ep_size), str(zero_stage), mode], timeout=300)
+def _launch(launch_workers, tmp_path, ep_size: int, mode: str = "straight", zero_stage: int = 2, *extra: str) -> None:
+    launch_workers(WORKER, 2, [str(tmp_path), str(ep_size), str(zero_stage), mode, *extra], timeout=300)
 
 
 @pytest.mark.distributed
@@ -74,3 +76,23 @@ def test_resume_is_exact(tmp_path, launch_workers, ep_size, zero_stage):
     last_straight = json.loads((tmp_path / "metrics_straight.json").read_text())[-1]
     (last_resumed,) = json.loads((tmp_path / "metrics_resume.json").read_text())
     assert last_resumed == last_straight
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep_size", [1, 2], ids=["dp2_zero2", "ep2_zero2"])
+def test_lora_two_ranks_match_single_process(tmp_path, launch_workers, ep_size):
+    """LoRA under DeepSpeed ZeRO-2 (adapters are the only trainable, hence only reduced, parameters; with EP=2 the
+    frozen experts stay sharded): adapters and losses match a single process on the same global batch, and no
+    base weight moved apart from the router biases."""
+    want_params, want_hist = _single_process_reference(lora=True)
+    _launch(launch_workers, tmp_path, ep_size, "straight", 2, "lora")
+    got_params = torch.load(tmp_path / "params_straight.pt")
+    got_hist = json.loads((tmp_path / "metrics_straight.json").read_text())
+    for step, (g, w) in enumerate(zip(got_hist, want_hist)):
+        for key in ("loss", "grad_norm", "load_max_mean/worst"):
+            assert abs(g[key] - w[key]) <= 1e-5 * max(1.0, abs(w[key])), (step, key, g[key], w[key])
+    assert got_params.keys() == want_params.keys() and any("lora_B" in k for k in want_params)
+    for k, w in want_params.items():
+        torch.testing.assert_close(got_params[k], w, atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    changed = json.loads((tmp_path / "lora_changed_base.json").read_text())
+    assert all(k.endswith("e_score_correction_bias") for k in changed), changed
