@@ -188,7 +188,7 @@ class TrainingConfig:
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute decoder layers in backward"})
     keep_last: int = field(default=3, metadata={"help": "resumable checkpoints kept on disk (oldest deleted)"})
     lora: LoraConfig | None = field(
-        default=None, metadata={"help": "train LoRA adapters only (zero_stage <= 2; grpo: colocated); merged export"}
+        default=None, metadata={"help": "train LoRA adapters only (zero_stage <= 2); merged export"}
     )
 
     def __post_init__(self) -> None:

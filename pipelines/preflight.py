@@ -88,9 +88,6 @@ def _check_lora(stage: StageConfig, where: str, problems: list[str]) -> None:
     if lora is None:
         return
     where = f"{where}.training.lora"
-    if stage.resources.mode == "split":
-        problems.append(f"{where}: needs resources.mode: colocated (split mode ships whole weights to its rollout "
-                        "workers, not adapters)")  # fmt: skip
     res = stage.resources
     if res.zero_stage == 3:
         problems.append(f"{where}: not with resources.zero_stage: 3 (the merged export folds adapters into weights "

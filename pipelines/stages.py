@@ -537,18 +537,21 @@ def split_micro(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, tor
 def sync_rollout_weights(pool, runner, verify: bool) -> dict[str, Any]:
     """Split mode: send the trainer's current weights to every rollout worker, before the iteration generates.
 
-    Every rank takes part in gathering expert-parallel shards (``full_model_for_export``, a collective over the EP
+    Every rank takes part in gathering expert-parallel shards (``gathered_state_dict``, a collective over the EP
     group); rank 0 puts the full state dict (CPU tensors) in the Ray object store once and every worker copies it
-    into its engine's model. With ``verify`` the workers' digests must equal the trainer's, bit for bit."""
+    into its engine's model. A LoRA policy ships merged (``merged_state_dict``): the workers' models are plain. With
+    ``verify`` the workers' digests must equal the trainer's, bit for bit."""
     import torch.distributed as dist
-    from dsalign.alignment.trainer.distributed import full_model_for_export
+    from dsalign.alignment.trainer.distributed import gathered_state_dict
+    from dsalign.alignment.trainer.lora import has_adapters, merged_state_dict
 
     t0 = time.time()
     rank, world = rank_world()
-    full = full_model_for_export(runner.model)
+    local = merged_state_dict(runner.model) if has_adapters(runner.model) else None
+    full = gathered_state_dict(runner.model, local)
     out: dict[str, Any] = {}
     if rank == 0:
-        state = {k: v.detach().cpu() for k, v in full.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in full.items()}
         digests = pool.push_weights(state, verify)
         if verify:
             mine = weights_digest(state)

@@ -123,14 +123,17 @@ def is_distributed_state(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") or is_expert_param(p) for p in model.parameters())
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def gathered_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """(Collective when ``is_distributed_state``) ``model.state_dict()`` with full tensors: experts gathered over
     their EP group, or every parameter from its ZeRO-3 partitions. Keys as the model names them (LoRA adapters
-    included)."""
+    included). ``state``: a state dict of this rank to complete instead (e.g. ``lora.merged_state_dict``; not under
+    ZeRO-3, which LoRA refuses)."""
     if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 (never with EP: TrainerConfig refuses it)
+        if state is not None:
+            raise ValueError("gathered_state_dict: a given state cannot be completed under ZeRO-3")
         with gathered_parameters(model):
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state = model.state_dict()
+    state = model.state_dict() if state is None else dict(state)
     sharded = [m for m in _moe_layers(model) if getattr(m.experts, "ep_group", None) is not None]
     for name, p in model.named_parameters():
         if is_expert_param(p):

@@ -75,6 +75,30 @@ def lora_state_dict(model: Transformer) -> dict[str, Any]:
     return {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def has_adapters(model: Transformer) -> bool:
+    """Whether peft has injected (unmerged or merged) adapter layers into ``model``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def merged_state_dict(model: Transformer) -> dict[str, Any]:
+    """The merged network's state dict (adapters folded in, peft's ``base_layer``/``lora_`` keys gone), ``model``
+    left as it is: a copy is merged, so one more model's memory while it runs. The plain ``state_dict()`` when the
+    model has no adapters. For engines that load plain weights (split-mode rollout workers)."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not has_adapters(model):
+        return model.state_dict()
+    merged = copy.deepcopy(model)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    return {k.replace(".base_layer", ""): v for k, v in merged.state_dict().items() if "lora_" not in k}
+
+
 def merge_lora(lora_model: Any) -> Transformer:
     """Fold ``B A * alpha / r`` into the base weights and remove the adapter modules; returns the plain model."""
     model = lora_model.merge_and_unload()

@@ -95,11 +95,7 @@ def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, loc
     assert not any("lora" in k for k in merged)
     changed = {k for k in initial if not torch.equal(initial[k], merged[k]) and "e_score_correction_bias" not in k}
     assert changed and all(k.endswith(("q_a_proj.weight", "kv_b_proj.weight")) for k in changed), sorted(changed)
-    preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", "stages.grpo.training.lora={r: 4}"]))  # colocated
-    split = ["stages.grpo.training.lora={r: 4}", "stages.grpo.resources.mode=split",
-             "stages.grpo.resources.rollout_workers=1"]  # fmt: skip
-    with pytest.raises(PreflightError, match=r"\(grpo\)\.training\.lora: needs resources\.mode: colocated"):
-        preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", *split]))
+    preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", "stages.grpo.training.lora={r: 4}"]))
     sharded = ["stages.sft.training.lora={r: 4, experts: true}", "stages.sft.resources.num_workers=2",
                "stages.sft.resources.ep_size=2", "stages.sft.resources.zero_stage=3"]  # fmt: skip
     with pytest.raises(PreflightError, match=r"zero_stage: 3 .*\n.*lora\.experts: not with resources\.ep_size > 1"):

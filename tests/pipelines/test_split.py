@@ -140,3 +140,32 @@ def test_reward_pool_scores_like_in_process(runs, local_ray):
     assert got.metrics.keys() == want.metrics.keys()
     assert all(math.isclose(got.metrics[k], want.metrics[k], rel_tol=1e-12) or math.isnan(want.metrics[k])
                for k in want.metrics)  # fmt: skip
+
+
+def test_split_mode_with_lora_ships_the_merged_policy(runs):
+    """A LoRA policy in split mode: the trainer ships the merged network (rollout workers hold plain models), so the
+    rollout worker samples what the colocated LoRA policy samples (same rewards and lengths; log-probs, losses and
+    weights equal up to the merge's rounding)."""
+    from dsalign.pipelines.config import LoraConfig
+    from dsalign.pipelines.stages import load_source, load_tokenizer, weights_digest
+
+    def config(name: str, **resources):
+        cfg = _grpo_config(runs["tmp"], name, runs["tokenizer"], **resources)
+        cfg.stages[0].training.lora = LoraConfig(r=4, alpha=8.0, target_modules=["kv_b_proj", "o_proj"])
+        cfg.stages[0].grpo.optim.lr = 0.02  # adapters start at zero: move them enough for iteration 2 to differ
+        return cfg
+
+    colocated = run(config("lora_colocated"))
+    split = run(config("lora_split", mode="split", rollout_workers=1, rollout_cpus_per_worker=0.5))
+    rows, clean = _metrics(runs["tmp"] / "lora_split"), _metrics(runs["tmp"] / "lora_colocated")
+    for row in rows:
+        assert row["rollout_weights_sha256"] == [row["weights_sha256"]]
+    initial = load_source({"preset": "tiny"}, load_tokenizer(runs["tokenizer"]), seed=0)
+    assert rows[0]["weights_sha256"] == weights_digest(initial.state_dict())  # B = 0: the merge is the base exactly
+    assert rows[1]["weights_sha256"] != rows[0]["weights_sha256"]  # the trained adapters, merged
+    keys = ["reward", "reward/even_tokens", "reward/think_format", "response_length"]
+    assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in clean]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in clean], rel=1e-4, abs=1e-6)
+    a, b = _weights(split), _weights(colocated)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
