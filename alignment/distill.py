@@ -221,3 +221,66 @@ def topk_distill_loss(
         raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
     loss = aggregate_loss(kl, mask_BT, agg)
     return loss, {"distill_kl": loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------- on-policy
+# The student samples, the teacher scores the student's tokens, the student moves toward the teacher where it
+# actually goes (Agarwal et al. 2024, "On-policy distillation of language models" / GKD; Gu et al. 2024, MiniLLM).
+# Batches are GRPO's (``rl.build_rl_batch``: prompt + completion rows, ``completion_mask``); per-position tensors
+# are aligned with the tokens: index t scores token t, from the logits at t - 1.
+
+
+def _head_inputs(model: torch.nn.Module, batch: dict[str, Tensor], keep_BT: Tensor):
+    """(the model output, logits [N, V] of the N positions where ``keep_BT[:, 1:]``: the ones predicting them)."""
+    from .trainer.step import fused_head_weight
+
+    head = fused_head_weight(model)
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=head is None)
+    rows = keep_BT[:, 1:].bool()
+    if head is None:
+        return out, out.logits[:, :-1][rows].float()
+    return out, out.hidden[:, :-1][rows] @ head.t()
+
+
+@torch.no_grad()
+def teacher_scores(teacher: torch.nn.Module, batch: dict[str, Tensor], top_k: int) -> dict[str, Tensor]:
+    """The teacher's view of the student's completions: ``teacher_logp`` [B, T] (log-prob of each sampled token)
+    and, with ``top_k > 0``, ``teacher_topk_ids`` / ``teacher_topk_logp`` [B, T, K] (its K most likely tokens per
+    completion position and their log-probs). 0 off the completion mask. Logits only at completion positions."""
+    mask = batch["completion_mask"]
+    B, T = mask.shape
+    _, logits_NV = _head_inputs(teacher, batch, mask)
+    logp_NV = torch.log_softmax(logits_NV.float(), dim=-1)
+    where = mask.bool().clone()
+    where[:, 0] = False  # the first token has no prediction (never a completion token in a prompt-led row)
+    out = {"teacher_logp": torch.zeros(B, T, device=mask.device)}
+    out["teacher_logp"][where] = logp_NV.gather(-1, batch["input_ids"][where][:, None]).squeeze(-1)
+    if top_k > 0:
+        values, ids = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
+        K = values.shape[-1]
+        out["teacher_topk_logp"] = torch.zeros(B, T, K, device=mask.device)
+        out["teacher_topk_ids"] = torch.zeros(B, T, K, dtype=torch.long, device=mask.device)
+        out["teacher_topk_logp"][where], out["teacher_topk_ids"][where] = values, ids
+    return out
+
+
+def topk_distill_loss_fn(direction: str = "reverse", aux_loss_coef: float = 1.0):
+    """A trainer loss over batches holding ``teacher_topk_ids`` / ``teacher_topk_logp`` (``teacher_scores``):
+    ``topk_distill_loss`` over the completion positions (token mean), plus the MoE balance loss."""
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        mask = batch["completion_mask"]
+        out, logits_NV = _head_inputs(model, batch, mask)
+        rows = mask[:, 1:].bool()
+        N = logits_NV.shape[0]
+        ids, logp = batch["teacher_topk_ids"][:, 1:][rows], batch["teacher_topk_logp"][:, 1:][rows]
+        loss, metrics = topk_distill_loss(logits_NV[None], ids[None], logp[None], torch.ones(1, N, device=mask.device),
+                                          direction)  # fmt: skip
+        if N == 0:  # nothing to distill here (every completion masked): no statistics, a zero that keeps the graph
+            loss = logits_NV.sum() * 0.0
+        if aux_loss_coef and out.aux_loss is not None:
+            loss = loss + aux_loss_coef * out.aux_loss
+        plain = {k: float(v) if N else math.nan for k, v in metrics.items()}
+        return loss, plain
+
+    return loss_fn

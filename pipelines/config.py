@@ -271,8 +271,42 @@ class GRPOParams:
         _at_least(self, 0, "eps_high", "kl_beta", "mtp_lambda", "bias_update_gamma")
 
 
+DISTILL_LOSSES = ("sampled_reverse_kl", "topk_reverse_kl", "topk_forward_kl")
+
+
+@dataclass
+class OnPolicyParams:
+    """``distill.mode: on_policy``: the student samples, the teacher scores the student's tokens."""
+
+    steps: int = field(default=50, metadata={"help": "sample-score-update rounds"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts per round (all workers together)"})
+    samples_per_prompt: int = field(default=2, metadata={"help": "student completions per prompt"})
+    max_new_tokens: int = field(default=96, metadata={"help": "student completion length cap"})
+    temperature: float = field(default=1.0, metadata={"help": "student sampling temperature"})
+    loss: str = field(
+        default="sampled_reverse_kl",
+        metadata={"help": "sampled_reverse_kl (per-token log p_S - log p_T as a policy-gradient cost) | "
+                  "topk_reverse_kl | topk_forward_kl (over the teacher's top_k tokens per position)"},  # fmt: skip
+    )
+    top_k: int = field(default=32, metadata={"help": "teacher tokens per position for the topk losses"})
+    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (per worker)"})
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=2), metadata={"help": "AdamW, warmup then cosine"}
+    )
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "top_k",
+                  "micro_batch_size")  # fmt: skip
+        _expect(self, "temperature", lambda v: v > 0, "> 0 (the student's samples are the data)")
+        _expect(self, "loss", lambda v: v in DISTILL_LOSSES, " | ".join(DISTILL_LOSSES))
+
+
 @dataclass
 class DistillParams:
+    mode: str = field(
+        default="traces",
+        metadata={"help": "traces (R1: teacher traces, filtered, SFT) | on_policy (student samples, teacher scores)"},
+    )
     teacher: ModelSource = field(
         default_factory=lambda: ModelSource(from_stage="grpo"), metadata={"help": "the model that writes the traces"}
     )
@@ -286,8 +320,12 @@ class DistillParams:
         default=512, metadata={"help": "decode slots of the teacher's rollout engine; lower it for large models"}
     )
     sft: SFTParams = field(default_factory=SFTParams, metadata={"help": "the student's SFT on the kept traces"})
+    on_policy: OnPolicyParams = field(
+        default_factory=OnPolicyParams, metadata={"help": "mode on_policy: sampling, teacher scoring and updates"}
+    )
 
     def __post_init__(self) -> None:
+        _expect(self, "mode", lambda v: v in ("traces", "on_policy"), "'traces' or 'on_policy'")
         _expect(self, "max_batch_size", lambda v: v >= 1, "a positive number of slots")  # decode slots
         _at_least(self, 1, "samples_per_prompt", "max_new_tokens")
         _at_least(self, 0, "temperature")

@@ -75,6 +75,12 @@ def _check_shares(stage: StageConfig, where: str, problems: list[str]) -> None:
     if stage.kind == "grpo" and stage.grpo.prompts_per_iter % world:
         problems.append(f"{where}.grpo.prompts_per_iter: {stage.grpo.prompts_per_iter} prompts do not split evenly "
                         f"over num_workers {world}; use a multiple of {world}")  # fmt: skip
+    if stage.kind == "distill" and stage.distill.mode == "on_policy":
+        per = stage.distill.on_policy.prompts_per_step
+        if per % world:
+            problems.append(f"{where}.distill.on_policy.prompts_per_step: {per} prompts do not split evenly over "
+                            f"num_workers {world}; use a multiple of {world}")  # fmt: skip
+        return
     if stage.kind == "grpo":
         return
     sft, block = (stage.sft, "sft") if stage.kind == "sft" else (stage.distill.sft, "distill.sft")
@@ -254,7 +260,8 @@ def preflight(cfg: RunConfig) -> None:
                 )
         if stage.data.path is not None and not Path(stage.data.path).exists():
             problems.append(f"{where}.data.path: {stage.data.path} does not exist")
-        if stage.kind in ("grpo", "distill") and not stage.rewards:
+        on_policy = stage.kind == "distill" and stage.distill.mode == "on_policy"  # rewards only logged there
+        if stage.kind in ("grpo", "distill") and not stage.rewards and not on_policy:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
         for j, entry in enumerate(stage.rewards):
             _check_reward(entry, f"{where}.rewards[{j}]", problems)

@@ -275,11 +275,17 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
         batches = sft_batches(examples, params, env.run.seed, step, env.tokenizer.pad_token_id)
         metrics = train_step(runner, batches, loss_fn, cfg)
         loop.end_step(step + 1, metrics)
+    return finish_stage(env, loop, runner, lora)
+
+
+def finish_stage(env: StageEnv, loop: StageLoop, runner, lora) -> Path:
+    """Close the stage's logs and export its model (LoRA: adapters merged in place first, so the export is a plain
+    checkpoint) with the tokenizer to ``out_dir/final``."""
     loop.close()
     if lora is not None:
         from dsalign.alignment.trainer.lora import merge_lora
 
-        merge_lora(lora)  # the adapters fold into the base weights in place: the export is a plain checkpoint
+        merge_lora(lora)
     return save_hf(runner, env.out_dir / "final", env.tokenizer)
 
 
@@ -428,6 +434,13 @@ def grpo_iteration_order(num_rows: int, per_iter: int, seed: int, it: int) -> li
     return first + rest
 
 
+def iteration_share(num_rows: int, per_iter: int, seed: int, it: int) -> tuple[list[int], list[int]]:
+    """(the iteration's row order, this rank's positions in it): every ``world``-th of its first ``per_iter``."""
+    rank, world = rank_world()
+    order = grpo_iteration_order(num_rows, per_iter, seed, it)
+    return order, list(range(rank, min(per_iter, len(order)), world))
+
+
 def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOParams, seed: int, it: int):
     """This rank's share of iteration ``it``: ``(prompt_ids, completions, scored, generate_s, stats)``.
 
@@ -445,8 +458,7 @@ def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOPara
     from dsalign.rewards import CombinedRewards
 
     rank, world = rank_world()
-    order = grpo_iteration_order(len(rows), p.prompts_per_iter, seed, it)
-    share = list(range(rank, min(p.prompts_per_iter, len(order)), world))
+    order, share = iteration_share(len(rows), p.prompts_per_iter, seed, it)
     G, gen_s = p.group_size, 0.0
 
     def generate_and_score(positions: list[int]):
@@ -494,6 +506,20 @@ def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOPara
     return [g.payload[0] for g in kept], [c for g in kept for c in g.payload[1]], scored, gen_s, extra
 
 
+def rollout_batch(tokenizer, prompt_ids, comps, n: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows (``n`` completions per prompt, in order) with the rollout's log-probs
+    of the completion tokens as ``old_logp``."""
+    from dsalign.alignment.rl import build_rl_batch
+
+    full_prompts = [prompt_ids[i // n] for i in range(len(comps))]
+    batch = build_rl_batch(full_prompts, [c.token_ids for c in comps], tokenizer.pad_token_id)
+    old = torch.zeros_like(batch["completion_mask"])
+    for b, (p, c) in enumerate(zip(full_prompts, comps)):
+        old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
+    batch["old_logp"] = old
+    return batch
+
+
 def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: int,
                   params) -> dict[str, torch.Tensor]:  # fmt: skip
     """The update's batch: right-padded rows, rollout log-probs as ``old_logp``, group-relative advantages.
@@ -502,15 +528,9 @@ def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: 
     TRL's ``GRPOTrainer`` it is left out of its group's statistics and gets advantage 0 (counting it as 0 would bias
     the group's baseline and hand it a spurious advantage)."""
     from dsalign.alignment.advantages import compute_advantages, group_ids_from_size
-    from dsalign.alignment.rl import build_rl_batch
     from dsalign.alignment.sampling import mask_truncated
 
-    full_prompts = [prompt_ids[i // n] for i in range(len(comps))]
-    batch = build_rl_batch(full_prompts, [c.token_ids for c in comps], tokenizer.pad_token_id)
-    old = torch.zeros_like(batch["completion_mask"])
-    for b, (p, c) in enumerate(zip(full_prompts, comps)):
-        old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
-    batch["old_logp"] = old
+    batch = rollout_batch(tokenizer, prompt_ids, comps, n)
     scorable = torch.tensor([v is not None for v in rewards])
     r = torch.tensor([0.0 if v is None else v for v in rewards], dtype=torch.float32)
     groups = group_ids_from_size(len(comps), n)
@@ -530,7 +550,7 @@ def split_micro(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, tor
     for s in range(0, B, size):
         mb = {k: v[s : s + size] for k, v in batch.items()}
         keep = int(mb["attention_mask"].sum(1).max())  # trim padding columns this micro-batch does not need
-        out.append({k: v[:, :keep] if v.dim() == 2 else v for k, v in mb.items()})
+        out.append({k: v[:, :keep] if v.dim() >= 2 else v for k, v in mb.items()})  # [B, T, ...]: T is dim 1
     return out
 
 
@@ -647,12 +667,7 @@ def run_grpo(env: StageEnv) -> Path:
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
         loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s), **sampling, **sync, **correction})
-    loop.close()
-    if lora is not None:
-        from dsalign.alignment.trainer.lora import merge_lora
-
-        merge_lora(lora)
-    return save_hf(runner, env.out_dir / "final", env.tokenizer)
+    return finish_stage(env, loop, runner, lora)
 
 
 def reference_logprobs(reference: Transformer, lora, batch: dict[str, torch.Tensor], temperature: float):
@@ -706,12 +721,82 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
     ]
 
 
+def run_on_policy_distill(env: StageEnv) -> Path:
+    """``distill.mode: on_policy``: each step the student samples completions, the teacher scores the student's
+    tokens (``alignment.distill.teacher_scores``: one forward, no gradient), and the student is updated toward the
+    teacher on its own samples. ``sampled_reverse_kl``: per-token cost ``log p_S - log p_T`` of the sampled token as
+    a negative advantage in the GRPO loss (one update per batch, so the ratio is 1 and the gradient is the reverse
+    KL's, ``E_S[(log p_S - log p_T) grad log p_S]``); ``topk_*``: the KL over the teacher's top-k tokens per
+    position. Logs ``reverse_kl`` (its sampled estimate, every loss) and the stage's rewards when it names some."""
+    from dsalign.alignment.distill import teacher_scores, topk_distill_loss_fn
+    from dsalign.alignment.policy_loss import PolicyLossConfig
+    from dsalign.alignment.rl import grpo_loss_fn
+    from dsalign.alignment.trainer import prepare_model, train_step
+    from dsalign.alignment.trainer.distributed import build_runner
+    from dsalign.alignment.trainer.step import autocast_context
+
+    op = env.stage.distill.on_policy
+    device = stage_device(env.stage)
+    student = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device)
+    teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    rows = training_prompts(env.run, env.stage.data)
+    scorer = (env.reward_pool or build_combiner(env.stage.rewards)) if env.stage.rewards else None
+    cfg = trainer_config(op.optim, op.steps, env.run, env.stage, mtp_lambda=0.0)
+    torch.manual_seed(env.run.seed)
+    student = prepare_model(student, cfg)
+    lora = apply_stage_lora(student, env.stage)
+    runner = build_runner(student, cfg)
+    k, top_k = op.samples_per_prompt, op.top_k if op.loss.startswith("topk") else 0
+    if op.loss == "sampled_reverse_kl":
+        loss_fn = grpo_loss_fn(PolicyLossConfig(), temperature=1.0)
+    else:
+        loss_fn = topk_distill_loss_fn(op.loss.split("_")[1])
+    generator = LocalRollout(rollout_engine(student, env.tokenizer, -(-op.prompts_per_step // rank_world()[1]) * k),
+                             env.tokenizer, autocast=lambda: autocast_context(cfg, device))  # fmt: skip
+    loop = StageLoop(env, runner, op.steps)
+    for step in range(loop.start, op.steps):
+        order, share = iteration_share(len(rows), op.prompts_per_step, env.run.seed, step)
+        chunk = [rows[order[i]] for i in share]
+        t0 = time.time()
+        prompt_ids, comps = generator.generate(chunk, share, k, op.temperature, op.max_new_tokens,
+                                               seed=env.run.seed * 100_003 + step)  # fmt: skip
+        gen_s = time.time() - t0
+        batch = {key: v.to(device) for key, v in rollout_batch(env.tokenizer, prompt_ids, comps, k).items()}
+        student.train()
+        micro = split_micro(batch, op.micro_batch_size)
+        cost, tokens = 0.0, 0
+        with autocast_context(cfg, device):
+            for mb in micro:
+                mb.update(teacher_scores(teacher, mb, top_k))
+                mask = mb["completion_mask"]
+                gap = (mb["old_logp"] - mb["teacher_logp"]) * mask  # log p_S - log p_T of each sampled token
+                cost, tokens = cost + float(gap.sum()), tokens + int(mask.sum())
+                mb["advantages"] = -gap
+        cfg.micro_batches = len(micro)
+        metrics = train_step(runner, micro, loss_fn, cfg)
+        metrics.update(reverse_kl=cost / max(tokens, 1), generate_s=gen_s,
+                       response_length=sum(len(c.token_ids) for c in comps) / len(comps))  # fmt: skip
+        if scorer is not None:
+            scored = scorer([r["prompt"] for r in chunk for _ in range(k)], completion_texts(env.tokenizer, comps),
+                            [c.token_ids for c in comps], **expand_columns(chunk, k))  # fmt: skip
+            metrics["reward"] = _mean_present(scored.rewards)
+            metrics.update({f"reward/{name}": _mean_present(v) for name, v in scored.components.items()})
+            if "math_accuracy" in scored.components:
+                metrics["accuracy"] = metrics["reward/math_accuracy"]
+        loop.end_step(step + 1, metrics)
+    return finish_stage(env, loop, runner, lora)
+
+
 def run_distill(env: StageEnv) -> Path:
     """R1-style: the teacher samples k traces per prompt, rewards verify them, the filtered traces (with
-    provenance) become the student's SFT set."""
+    provenance) become the student's SFT set. ``distill.mode: on_policy`` runs ``run_on_policy_distill``."""
     import torch.distributed as dist
     from dsalign.alignment.distill import TraceFilterConfig, filter_traces, write_sft_dataset
 
+    if env.stage.distill.mode == "on_policy":
+        return run_on_policy_distill(env)
     d = env.stage.distill
     data_file = env.out_dir / "distill_sft.jsonl"
     rank, world = rank_world()

@@ -156,3 +156,79 @@ def test_length_targets_in_system_turn_and_columns():
     assert none["length_budget"] == [None, None] and none["prompt"] == ds["prompt"]
     many = [sample_target(LengthControlConfig(budgets=[1, 2, 3, 4]), i)[0] for i in range(40)]
     assert set(many) == {1, 2, 3, 4}
+
+
+def _student_teacher_batch():
+    from dsalign.alignment.rl import build_rl_batch
+    from dsalign.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    student, teacher = Transformer(cfg), Transformer(cfg)
+    teacher.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20.0)  # the same network, much sharper
+    g = torch.Generator().manual_seed(1)
+    completions = [torch.randint(3, cfg.vocab_size, (10,), generator=g).tolist() for _ in range(4)]
+    return student, teacher.eval(), build_rl_batch([[1, 5, 7], [1, 9], [1, 5, 7], [1, 2, 3, 4]], completions, 0)
+
+
+def test_teacher_scores_are_the_teachers_log_probs_at_completion_positions():
+    from dsalign.alignment.distill import teacher_scores
+    from dsalign.alignment.rl import token_logprobs
+
+    _, teacher, batch = _student_teacher_batch()
+    mask = batch["completion_mask"]
+    scores = teacher_scores(teacher, batch, top_k=5)
+    with torch.no_grad():
+        want = token_logprobs(teacher, batch, positions=mask)[0]
+        logp_all = torch.log_softmax(teacher(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    torch.testing.assert_close(scores["teacher_logp"], want * mask, atol=1e-5, rtol=0)
+    top = logp_all[:, :-1].topk(5, dim=-1)  # position t is scored by the logits at t - 1
+    on = mask[:, 1:].bool()
+    torch.testing.assert_close(scores["teacher_topk_logp"][:, 1:][on], top.values[on], atol=1e-5, rtol=0)
+    assert torch.equal(scores["teacher_topk_ids"][:, 1:][on], top.indices[on])
+    assert scores["teacher_topk_logp"][~mask.bool()].abs().sum() == 0  # nothing off the completions
+
+
+def test_topk_reverse_kl_pulls_the_student_to_the_teacher():
+    from dsalign.alignment.distill import teacher_scores, topk_distill_loss_fn
+
+    student, teacher, batch = _student_teacher_batch()
+    batch.update(teacher_scores(teacher, batch, top_k=8))
+    loss_fn = topk_distill_loss_fn("reverse", aux_loss_coef=0.0)
+    opt = torch.optim.AdamW(student.parameters(), lr=0.01)
+    kls = []
+    for _ in range(25):
+        loss, metrics = loss_fn(student.train(), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        kls.append(metrics["distill_kl"])
+    assert kls[0] > 0.2 and kls[-1] < 0.1 * kls[0], kls
+
+
+def test_sampled_reverse_kl_gradient():
+    """On-policy distillation's sampled loss (GRPO's loss with per-token advantage ``-(log p_S - log p_T)``, the
+    ratio 1) has the gradient ``mean_t (log p_S - log p_T) grad log p_S``, the reverse KL's on the student's
+    samples."""
+    from dsalign.alignment.distill import teacher_scores
+    from dsalign.alignment.policy_loss import PolicyLossConfig
+    from dsalign.alignment.rl import grpo_loss_fn, token_logprobs
+
+    student, teacher, batch = _student_teacher_batch()
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        old = token_logprobs(student, batch, positions=mask)[0]
+    t_logp = teacher_scores(teacher, batch, top_k=0)["teacher_logp"]
+    gap = (old - t_logp) * mask
+    loss, _ = grpo_loss_fn(PolicyLossConfig(), aux_loss_coef=0.0)(student, {**batch, "old_logp": old,
+                                                                            "advantages": -gap})  # fmt: skip
+    params = [p for p in student.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    logp = token_logprobs(student, batch, positions=mask)[0]
+    want = torch.autograd.grad((gap * logp).sum() / mask.sum(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)

@@ -65,6 +65,9 @@ def test_wrong_type_names_path(tmp_path):
         ("stages.sft.checkpoint_every=0", r"stages\[0\]: checkpoint_every: expected >= 1, got 0"),
         ("stages.length.data.length_target=0", r"stages\[3\]\.data: length_target: expected a positive number"),
         ("eval.samples_per_prompt=0", r"eval: samples_per_prompt: expected >= 1, got 0"),
+        ("stages.distill.distill.mode=online", r"stages\[2\]\.distill: mode: expected 'traces' or 'on_policy'"),
+        ("stages.distill.distill.on_policy.loss=kl", r"distill\.on_policy: loss: expected sampled_reverse_kl \| topk_"),
+        ("stages.grpo.grpo.rollout_is_cap=0.5", r"stages\[1\]\.grpo: rollout_is_cap: expected null or a weight bound"),
     ],
 )
 def test_out_of_range_values_fail_on_load_naming_the_key(override, message):
@@ -336,3 +339,14 @@ def test_sft_micro_batches_and_equal_worker_shares(tmp_path):
         "stages[2] (distill).distill.sft.batch_size: 1 conversations do not give each of the 2 workers an equal "
         "share; use a multiple of 2",
     ]
+
+
+def test_on_policy_distillation_needs_no_reward_and_splits_its_prompts_evenly(tmp_path):
+    base = [f"output_dir={tmp_path / 'out'}", "stages.distill.rewards=[]"]
+    with pytest.raises(PreflightError, match=r"stages\[2\] \(distill\)\.rewards: a distill stage needs at least one"):
+        preflight(load_config(DEMO, base))  # trace distillation filters by reward
+    on_policy = [*base, "stages.distill.distill.mode=on_policy"]
+    preflight(load_config(DEMO, on_policy))
+    uneven = [*on_policy, "stages.distill.resources.num_workers=3", "stages.distill.resources.cpus_per_worker=0.5"]
+    with pytest.raises(PreflightError, match=r"distill\.on_policy\.prompts_per_step: 16 prompts do not split evenly"):
+        preflight(load_config(DEMO, uneven))
