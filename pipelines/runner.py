@@ -129,7 +129,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
               "stage trains on it; set eval.path to your held-out prompts or eval.enabled: false",
               flush=True)  # fmt: skip
     if not state.evals:
-        evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], "untrained")
+        evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], initial_label(cfg))
     for stage in cfg.stages:
         if stage.name in state.finished:
             log.info("stage %s already finished: %s", stage.name, state.finished[stage.name])
@@ -138,7 +138,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress)
         state.finished[stage.name] = ckpt
         state.save(state_path)
-        vs = comparison_label(stage)
+        vs = comparison_label(stage, cfg)
         evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name, vs=vs)
         if stage.data.length_target is not None:
             evaluate({"checkpoint": ckpt, "overrides": {}}, f"{stage.name} (budget prompts)", stage.data.length_target,
@@ -168,10 +168,21 @@ def config_changes(before: Any, after: Any, path: str = "") -> list[str]:
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
-def comparison_label(stage: StageConfig) -> str:
-    """The eval a stage's accuracy is compared with: the model it started from (a distilled student: its teacher)."""
+def initial_label(cfg: RunConfig) -> str:
+    """The name of the first evaluation (the first stage's starting model): ``untrained`` for a preset."""
+    src = cfg.stages[0].model
+    if src.preset:
+        return "untrained"
+    return f"initial ({'/'.join(Path(src.checkpoint).parts[-2:])})" if src.checkpoint else "initial"
+
+
+def comparison_label(stage: StageConfig, cfg: RunConfig) -> str | None:
+    """The eval a stage's accuracy is compared with: the model it started from (a distilled student: its teacher),
+    when the run evaluated it (an earlier stage's output, or the first stage's starting model); else None."""
     src = stage.distill.teacher if stage.kind == "distill" else stage.model
-    return src.from_stage or "untrained"
+    if src.from_stage:
+        return src.from_stage
+    return initial_label(cfg) if src == cfg.stages[0].model else None
 
 
 def clustered_se(per_prompt: list[float]) -> float:

@@ -3,7 +3,7 @@
 import math
 import random
 
-from dsalign.pipelines.config import RunConfig
+from dsalign.pipelines.config import ModelSource, RunConfig
 from dsalign.pipelines.runner import clustered_se, comparison_label, paired_delta
 from dsalign.pipelines.schema import from_dict
 
@@ -50,4 +50,8 @@ def test_comparison_label_follows_the_stage_source():
             ],
         },
     )
-    assert [comparison_label(s) for s in cfg.stages] == ["untrained", "sft", "rl"]
+    assert [comparison_label(s, cfg) for s in cfg.stages] == ["untrained", "sft", "rl"]
+    # a checkpoint start is named so; a stage starting from another model than the run's first has no comparison
+    cfg.stages[0].model = ModelSource(checkpoint="/ckpts/base-sft")
+    cfg.stages[2].distill.teacher = ModelSource(checkpoint="/ckpts/teacher")
+    assert [comparison_label(s, cfg) for s in cfg.stages] == ["initial (ckpts/base-sft)", "sft", None]
