@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, StageConfig
+from .config import ModelSource, RunConfig, StageConfig
 from .preflight import preflight
 from .report import format_table, write_report, write_text_atomic
 from .schema import to_dict
@@ -134,11 +134,13 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         if stage.name in state.finished:
             log.info("stage %s already finished: %s", stage.name, state.finished[stage.name])
             continue
+        vs = comparison_label(stage, cfg)
+        if vs not in state.per_prompt and not comparison_source(stage).from_stage:
+            evaluate(resolve_sources(cfg, stage, state)["teacher" if stage.kind == "distill" else "model"], vs)
         print(f"[run] stage {stage.name} ({stage.kind}) starting", flush=True)
         ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress)
         state.finished[stage.name] = ckpt
         state.save(state_path)
-        vs = comparison_label(stage, cfg)
         evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name, vs=vs)
         if stage.data.length_target is not None:
             evaluate({"checkpoint": ckpt, "overrides": {}}, f"{stage.name} (budget prompts)", stage.data.length_target,
@@ -168,21 +170,31 @@ def config_changes(before: Any, after: Any, path: str = "") -> list[str]:
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
+def _checkpoint_name(path: str) -> str:
+    return "/".join(Path(path).parts[-2:])
+
+
 def initial_label(cfg: RunConfig) -> str:
     """The name of the first evaluation (the first stage's starting model): ``untrained`` for a preset."""
     src = cfg.stages[0].model
-    if src.preset:
-        return "untrained"
-    return f"initial ({'/'.join(Path(src.checkpoint).parts[-2:])})" if src.checkpoint else "initial"
+    return "untrained" if src.preset else f"initial ({_checkpoint_name(src.checkpoint)})"
 
 
-def comparison_label(stage: StageConfig, cfg: RunConfig) -> str | None:
-    """The eval a stage's accuracy is compared with: the model it started from (a distilled student: its teacher),
-    when the run evaluated it (an earlier stage's output, or the first stage's starting model); else None."""
-    src = stage.distill.teacher if stage.kind == "distill" else stage.model
+def comparison_source(stage: StageConfig) -> ModelSource:
+    """What a stage's accuracy is compared with: the model it started from (a distilled student: its teacher)."""
+    return stage.distill.teacher if stage.kind == "distill" else stage.model
+
+
+def comparison_label(stage: StageConfig, cfg: RunConfig) -> str:
+    """The evaluation row of ``comparison_source``: an earlier stage's, the run's first (the same source as the
+    first stage's model), or its own (a checkpoint or preset the run evaluates before the stage)."""
+    src = comparison_source(stage)
     if src.from_stage:
         return src.from_stage
-    return initial_label(cfg) if src == cfg.stages[0].model else None
+    if src == cfg.stages[0].model:
+        return initial_label(cfg)
+    role = "teacher" if stage.kind == "distill" else "start"
+    return f"{role} ({_checkpoint_name(src.checkpoint) if src.checkpoint else src.preset})"
 
 
 def clustered_se(per_prompt: list[float]) -> float:

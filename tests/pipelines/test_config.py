@@ -350,3 +350,11 @@ def test_on_policy_distillation_needs_no_reward_and_splits_its_prompts_evenly(tm
     uneven = [*on_policy, "stages.distill.resources.num_workers=3", "stages.distill.resources.cpus_per_worker=0.5"]
     with pytest.raises(PreflightError, match=r"distill\.on_policy\.prompts_per_step: 16 prompts do not split evenly"):
         preflight(load_config(DEMO, uneven))
+
+
+@pytest.mark.parametrize("path", sorted((TINY.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    """Every config in configs/ passes the schema (preflight needs their inputs: demo_on_policy.yaml reads the
+    demo's outputs)."""
+    cfg = load_config(path)
+    assert cfg.stages and cfg.name

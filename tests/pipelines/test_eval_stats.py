@@ -51,7 +51,7 @@ def test_comparison_label_follows_the_stage_source():
         },
     )
     assert [comparison_label(s, cfg) for s in cfg.stages] == ["untrained", "sft", "rl"]
-    # a checkpoint start is named so; a stage starting from another model than the run's first has no comparison
+    # a checkpoint start is named so; a model the run has no row for gets its own (evaluated before the stage)
     cfg.stages[0].model = ModelSource(checkpoint="/ckpts/base-sft")
-    cfg.stages[2].distill.teacher = ModelSource(checkpoint="/ckpts/teacher")
-    assert [comparison_label(s, cfg) for s in cfg.stages] == ["initial (ckpts/base-sft)", "sft", None]
+    cfg.stages[2].distill.teacher = ModelSource(checkpoint="/runs/x/grpo/final")
+    assert [comparison_label(s, cfg) for s in cfg.stages] == ["initial (ckpts/base-sft)", "sft", "teacher (grpo/final)"]
