@@ -6,7 +6,9 @@ A reward is any callable with TRL's signature::
 
 ``columns`` carries every other dataset column (``answer``, ``tests``, ...), one value per sample. ``None`` means
 "not applicable to this sample" and is excluded from the weighted sum (see ``combine.py``). ``async def`` rewards are
-allowed. Keeping TRL's signature means every reward written for ``trl.GRPOTrainer`` works here unchanged.
+allowed. Keeping TRL's signature means every reward written for ``trl.GRPOTrainer`` works here unchanged. verl's
+``compute_score(data_source, solution_str, ground_truth, extra_info)`` works too: ``load_reward`` recognizes the
+signature and adapts it (``from_verl``).
 
 Completions (and prompts) arrive either as plain strings or, for chat datasets, as TRL's conversational form: a list
 of ``{"role", "content"}`` messages. Built-ins read them through :func:`completion_text` so they accept both.
@@ -118,12 +120,64 @@ def load_reward(spec: str | RewardFn, **params: Any) -> RewardFn:
     fn = spec if callable(spec) else _resolve(spec)
     if not callable(fn):
         raise RewardLoadError(f"reward {spec!r} resolved to {fn!r}, which is not callable")
-    if not params:
-        return fn
-    _check_params(fn, params, spec)
-    bound = functools.partial(fn, **params)
-    functools.update_wrapper(bound, fn)  # keeps __name__ for logging
-    return bound
+    bound = fn
+    if params:
+        _check_params(fn, params, spec)
+        bound = functools.partial(fn, **params)
+        functools.update_wrapper(bound, fn)  # keeps __name__ for logging
+    return from_verl(bound) if is_verl_score(fn) else bound
+
+
+VERL_PARAMS = ("solution_str", "ground_truth")
+
+
+def is_verl_score(fn: RewardFn) -> bool:
+    """Whether ``fn`` has verl's signature, ``compute_score(data_source, solution_str, ground_truth, extra_info)``,
+    rather than TRL's (it names ``solution_str`` and ``ground_truth`` and no ``completions``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(p in params for p in VERL_PARAMS) and "completions" not in params
+
+
+def from_verl(fn: RewardFn) -> RewardFn:
+    """A verl ``compute_score`` as a TRL-style reward: called once per sample with ``data_source`` (the sample's
+    column, else ``""``), ``solution_str`` (the completion's text), ``ground_truth`` (the ``ground_truth`` column,
+    else verl's ``reward_model["ground_truth"]``, else ``answer``) and ``extra_info`` (the column, else None). A
+    float is the reward; a dict gives its ``"score"`` (verl's convention; other keys are verl's extra metrics and
+    are dropped)."""
+    name = reward_name(fn)
+
+    def reward(prompts, completions, completion_ids=None, **columns):
+        n = len(completions)
+
+        def column(key: str) -> list[Any] | None:
+            values = columns.get(key)
+            return list(values) if values is not None else None
+
+        truth = column("ground_truth")
+        if truth is None and column("reward_model") is not None:
+            truth = [r.get("ground_truth") if isinstance(r, dict) else None for r in column("reward_model")]
+        truth = truth if truth is not None else column("answer")
+        if truth is None:
+            have = sorted(columns) or "no columns"
+            raise ValueError(f"{name} (verl compute_score) needs a ground truth per sample: a 'ground_truth', "
+                             f"'reward_model' or 'answer' column; the data has {have}")  # fmt: skip
+        sources, extra = column("data_source") or [""] * n, column("extra_info") or [None] * n
+        scores = []
+        for i, completion in enumerate(completions):
+            out = fn(data_source=sources[i], solution_str=completion_text(completion), ground_truth=truth[i],
+                     extra_info=extra[i])  # fmt: skip
+            if isinstance(out, dict):
+                if "score" not in out:
+                    raise ValueError(f"{name} returned a dict without 'score' (keys {sorted(out)}) for sample {i}")
+                out = out["score"]
+            scores.append(None if out is None else float(out))
+        return scores
+
+    reward.__name__ = name
+    return reward
 
 
 def _resolve(spec: str) -> Any:

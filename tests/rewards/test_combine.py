@@ -141,3 +141,30 @@ def test_strict_makes_failures_fatal_with_the_same_message():
     assert str(excinfo.value) == str(lenient.failures[0])
     with pytest.raises(RewardError, match=r"'sleepy' failed \(timeout\)"):
         RewardCombiner([RewardSpec(sleepy, timeout_s=0.2)], strict=True)(["p"], ["x"])
+
+
+VERL_SCORE = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, partial=0.0):
+    if data_source == "skip":
+        return None
+    hit = float(ground_truth in solution_str)
+    return {"score": hit + partial * (1 - hit), "acc": hit} if extra_info else hit
+'''
+
+
+def test_verl_compute_score_is_adapted(tmp_path):
+    """verl's ``compute_score(data_source, solution_str, ground_truth, extra_info)`` (float or dict with "score") is
+    called per sample, its ground truth read from ``ground_truth``, ``reward_model["ground_truth"]`` or ``answer``."""
+    path = tmp_path / "verl_reward.py"
+    path.write_text(VERL_SCORE)
+    fn = load_reward(f"{path}:compute_score", partial=0.25)
+    completions = ["it is 4", "5", [{"role": "assistant", "content": "4!"}]]
+    assert fn(["p"] * 3, completions, answer=["4", "4", "4"]) == [1.0, 0.0, 1.0]
+    model_col = [{"ground_truth": "5"}] * 3
+    assert fn(["p"] * 3, completions, reward_model=model_col, extra_info=[{"i": 1}] * 3) == [0.25, 1.0, 0.25]
+    assert fn(["p"] * 3, completions, ground_truth=["4"] * 3, data_source=["a", "skip", "a"]) == [1.0, None, 1.0]
+    combined = RewardCombiner([RewardSpec(f"{path}:compute_score", weight=2.0), RewardSpec("think_format")])
+    out = combined(["p"] * 3, completions, answer=["4", "4", "4"])
+    assert out.components["compute_score"] == [1.0, 0.0, 1.0] and out.rewards == [2.0, 0.0, 2.0]
+    missing = combined(["p"], ["4"])  # no ground truth column: a contained failure naming what is needed
+    assert missing.failures and "needs a ground truth per sample" in missing.failures[0].message
