@@ -203,24 +203,29 @@ def topk_distill_loss(
     with ``q`` the student's full softmax; ``reverse``: ``sum_k q~_k (log q~_k - log p_k)`` with ``q~`` the student
     renormalised over the same k ids.
     """
-    V = student_logits_BTV.shape[-1]
-    if int(teacher_topk_ids_BTK.max()) >= V:
-        raise ValueError(
-            f"teacher token id {int(teacher_topk_ids_BTK.max())} >= student vocab {V}: vocabularies differ"
-        )
-    logp_t = torch.log_softmax(teacher_topk_logp_BTK.float(), dim=-1)
-    logits = student_logits_BTV.float()
-    picked = torch.gather(logits, -1, teacher_topk_ids_BTK.long())
-    if direction == "forward":
-        logq = picked - torch.logsumexp(logits, dim=-1, keepdim=True)
-        kl = (logp_t.exp() * (logp_t - logq)).sum(-1)
-    elif direction == "reverse":
-        logq = torch.log_softmax(picked, dim=-1)
-        kl = (logq.exp() * (logq - logp_t)).sum(-1)
-    else:
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    kl = topk_kl(student_logits_BTV, teacher_topk_ids_BTK, teacher_topk_logp_BTK, direction)
     loss = aggregate_loss(kl, mask_BT, agg)
     return loss, {"distill_kl": loss.detach()}
+
+
+def topk_kl(student_logits_XV: Tensor, teacher_topk_ids_XK: Tensor, teacher_topk_logp_XK: Tensor,
+            direction: str) -> Tensor:  # fmt: skip
+    """``topk_distill_loss``'s per-position KL, ``[..., V], [..., K], [..., K] -> [...]`` (fp32)."""
+    V = student_logits_XV.shape[-1]
+    if teacher_topk_ids_XK.numel() and int(teacher_topk_ids_XK.max()) >= V:
+        raise ValueError(
+            f"teacher token id {int(teacher_topk_ids_XK.max())} >= student vocab {V}: vocabularies differ"
+        )
+    logp_t = torch.log_softmax(teacher_topk_logp_XK.float(), dim=-1)
+    logits = student_logits_XV.float()
+    picked = torch.gather(logits, -1, teacher_topk_ids_XK.long())
+    if direction == "forward":
+        logq = picked - torch.logsumexp(logits, dim=-1, keepdim=True)
+        return (logp_t.exp() * (logp_t - logq)).sum(-1)
+    if direction == "reverse":
+        logq = torch.log_softmax(picked, dim=-1)
+        return (logq.exp() * (logq - logp_t)).sum(-1)
+    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- on-policy
@@ -230,57 +235,92 @@ def topk_distill_loss(
 # are aligned with the tokens: index t scores token t, from the logits at t - 1.
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 24  # [rows, V] logits per chunk: 64 MB in fp32
+
+
+def head_chunk_rows(vocab_size: int, budget_elements: int = HEAD_CHUNK_ELEMENTS) -> int:
+    """Rows of vocabulary-sized logits computed at a time (at least 1)."""
+    return max(1, budget_elements // vocab_size)
+
+
 def _head_inputs(model: torch.nn.Module, batch: dict[str, Tensor], keep_BT: Tensor):
-    """(the model output, logits [N, V] of the N positions where ``keep_BT[:, 1:]``: the ones predicting them)."""
+    """(the model output, the head weight or None, [N, D] hidden states or, when the head weight is None (ZeRO-3),
+    [N, V] logits) of the N positions predicting the tokens where ``keep_BT[:, 1:]``."""
     from .trainer.step import fused_head_weight
 
     head = fused_head_weight(model)
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=head is None)
     rows = keep_BT[:, 1:].bool()
-    if head is None:
-        return out, out.logits[:, :-1][rows].float()
-    return out, out.hidden[:, :-1][rows] @ head.t()
+    return out, head, (out.logits if head is None else out.hidden)[:, :-1][rows]
 
 
 @torch.no_grad()
-def teacher_scores(teacher: torch.nn.Module, batch: dict[str, Tensor], top_k: int) -> dict[str, Tensor]:
+def teacher_scores(teacher: torch.nn.Module, batch: dict[str, Tensor], top_k: int,
+                   chunk_elements: int = HEAD_CHUNK_ELEMENTS) -> dict[str, Tensor]:  # fmt: skip
     """The teacher's view of the student's completions: ``teacher_logp`` [B, T] (log-prob of each sampled token)
     and, with ``top_k > 0``, ``teacher_topk_ids`` / ``teacher_topk_logp`` [B, T, K] (its K most likely tokens per
-    completion position and their log-probs). 0 off the completion mask. Logits only at completion positions."""
+    completion position and their log-probs). 0 off the completion mask. Logits only at completion positions, a
+    chunk of rows at a time (``chunk_elements`` values), so no [N, V] tensor is held."""
     mask = batch["completion_mask"]
     B, T = mask.shape
-    _, logits_NV = _head_inputs(teacher, batch, mask)
-    logp_NV = torch.log_softmax(logits_NV.float(), dim=-1)
+    _, head, x_N = _head_inputs(teacher, batch, mask)
     where = mask.bool().clone()
     where[:, 0] = False  # the first token has no prediction (never a completion token in a prompt-led row)
+    targets_N = batch["input_ids"][where]
+    V = x_N.shape[-1] if head is None else head.shape[0]
+    K = min(top_k, V)
+    token_N, values_NK, ids_NK = [], [], []
+    step = head_chunk_rows(V, chunk_elements)
+    for s in range(0, x_N.shape[0], step):
+        logits = x_N[s : s + step] if head is None else x_N[s : s + step] @ head.t()
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token_N.append(logp.gather(-1, targets_N[s : s + step, None]).squeeze(-1))
+        if K > 0:
+            values, ids = logp.topk(K, dim=-1)
+            values_NK.append(values)
+            ids_NK.append(ids)
     out = {"teacher_logp": torch.zeros(B, T, device=mask.device)}
-    out["teacher_logp"][where] = logp_NV.gather(-1, batch["input_ids"][where][:, None]).squeeze(-1)
-    if top_k > 0:
-        values, ids = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
-        K = values.shape[-1]
+    if token_N:
+        out["teacher_logp"][where] = torch.cat(token_N)
+    if K > 0:
         out["teacher_topk_logp"] = torch.zeros(B, T, K, device=mask.device)
         out["teacher_topk_ids"] = torch.zeros(B, T, K, dtype=torch.long, device=mask.device)
-        out["teacher_topk_logp"][where], out["teacher_topk_ids"][where] = values, ids
+        if values_NK:
+            out["teacher_topk_logp"][where], out["teacher_topk_ids"][where] = torch.cat(values_NK), torch.cat(ids_NK)
     return out
 
 
-def topk_distill_loss_fn(direction: str = "reverse", aux_loss_coef: float = 1.0):
+def _chunk_kl_sum(hidden_CD: Tensor, head_VD: Tensor, ids_CK: Tensor, logp_CK: Tensor, direction: str) -> Tensor:
+    return topk_kl(hidden_CD @ head_VD.t(), ids_CK, logp_CK, direction).sum()
+
+
+def topk_distill_loss_fn(direction: str = "reverse", aux_loss_coef: float = 1.0,
+                         chunk_elements: int = HEAD_CHUNK_ELEMENTS):  # fmt: skip
     """A trainer loss over batches holding ``teacher_topk_ids`` / ``teacher_topk_logp`` (``teacher_scores``):
-    ``topk_distill_loss`` over the completion positions (token mean), plus the MoE balance loss."""
+    ``topk_kl`` over the completion positions (token mean), plus the MoE balance loss. The student's logits are
+    computed a chunk of rows at a time and recomputed in backward (activation checkpointing per chunk), so memory
+    holds one [rows, V] chunk, not [N, V]."""
+    from torch.utils.checkpoint import checkpoint
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         mask = batch["completion_mask"]
-        out, logits_NV = _head_inputs(model, batch, mask)
+        out, head, x_N = _head_inputs(model, batch, mask)
         rows = mask[:, 1:].bool()
-        N = logits_NV.shape[0]
+        N = x_N.shape[0]
         ids, logp = batch["teacher_topk_ids"][:, 1:][rows], batch["teacher_topk_logp"][:, 1:][rows]
-        loss, metrics = topk_distill_loss(logits_NV[None], ids[None], logp[None], torch.ones(1, N, device=mask.device),
-                                          direction)  # fmt: skip
         if N == 0:  # nothing to distill here (every completion masked): no statistics, a zero that keeps the graph
-            loss = logits_NV.sum() * 0.0
+            loss, kl = x_N.sum() * 0.0, math.nan
+        else:
+            if head is None:  # ZeRO-3: the model produced the logits
+                total = topk_kl(x_N, ids, logp, direction).sum()
+            else:
+                step = head_chunk_rows(head.shape[0], chunk_elements)
+                total = sum(checkpoint(_chunk_kl_sum, x_N[s : s + step], head, ids[s : s + step], logp[s : s + step],
+                                       direction, use_reentrant=False) for s in range(0, N, step))  # fmt: skip
+            loss = total / N
+            kl = float(loss.detach())
         if aux_loss_coef and out.aux_loss is not None:
             loss = loss + aux_loss_coef * out.aux_loss
-        plain = {k: float(v) if N else math.nan for k, v in metrics.items()}
-        return loss, plain
+        return loss, {"distill_kl": kl}
 
     return loss_fn

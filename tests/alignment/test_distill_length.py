@@ -232,3 +232,29 @@ def test_sampled_reverse_kl_gradient():
         assert (g is None) == (w is None)
         if g is not None:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_chunked_head_matches_one_chunk(direction):
+    """Teacher scoring and the top-k loss a few rows at a time (the student's chunks recomputed in backward) give
+    the values and gradients of one whole [N, V] chunk."""
+    from dsalign.alignment.distill import teacher_scores, topk_distill_loss_fn
+
+    student, teacher, batch = _student_teacher_batch()
+    V = teacher.cfg.vocab_size
+    whole, chunked = teacher_scores(teacher, batch, 6), teacher_scores(teacher, batch, 6, chunk_elements=3 * V)
+    assert torch.equal(whole["teacher_topk_ids"], chunked["teacher_topk_ids"])
+    for key in ("teacher_logp", "teacher_topk_logp"):  # GEMMs of other row counts round differently
+        torch.testing.assert_close(whole[key], chunked[key], rtol=0, atol=1e-5, msg=key)
+    batch.update(whole)
+    params = [p for p in student.parameters() if p.requires_grad]
+    results = []
+    for elements in (1 << 30, 5 * V):  # one chunk; 5 rows per chunk (8 chunks for the 40 completion positions)
+        loss, metrics = topk_distill_loss_fn(direction, aux_loss_coef=0.0, chunk_elements=elements)(student, batch)
+        results.append((loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
