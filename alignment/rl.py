@@ -164,7 +164,8 @@ def correct_for_rollout(
     the current weights (no gradient; eval mode, so adapter dropout is off) and its ``advantages`` become per-token
     ``A * w``. Folding ``w > 0`` into the advantage scales every term of the clipped surrogate (and the dual clip's
     cap) by ``w``, so any policy loss and aggregation apply it unchanged. Call it under the update's autocast.
-    Returns the metrics averaged over completion tokens."""
+    Returns the metrics over completion tokens (means, and ``*_max`` maxima; NaN without any) and their count
+    ``rollout_tokens``."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -185,4 +186,6 @@ def correct_for_rollout(
                 tokens += n
     finally:
         model.train(was_training)
-    return {k: (v if k.endswith("_max") else v / tokens) for k, v in totals.items()} if tokens else {}
+    names = ("rollout_is_weight_mean", "rollout_is_capped_frac", "rollout_logp_diff_mean", "rollout_logp_diff_max")
+    out = {k: (totals[k] if k.endswith("_max") else totals[k] / tokens) if tokens else math.nan for k in names}
+    return {**out, "rollout_tokens": tokens}

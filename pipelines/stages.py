@@ -619,7 +619,7 @@ def run_grpo(env: StageEnv) -> Path:
     from dsalign.alignment.rl import correct_for_rollout, grpo_loss_fn
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
-    from dsalign.alignment.trainer.step import autocast_context
+    from dsalign.alignment.trainer.step import autocast_context, token_weighted_metrics
 
     p = env.stage.grpo
     device = stage_device(env.stage)
@@ -664,6 +664,7 @@ def run_grpo(env: StageEnv) -> Path:
         if p.rollout_is_cap is not None:
             with autocast_context(cfg, device):
                 correction = correct_for_rollout(runner.model, micro, p.temperature, p.rollout_is_cap)
+            correction = token_weighted_metrics(correction, correction.pop("rollout_tokens"))  # all ranks
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
         loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s), **sampling, **sync, **correction})
@@ -733,7 +734,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     from dsalign.alignment.rl import grpo_loss_fn
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
-    from dsalign.alignment.trainer.step import autocast_context
+    from dsalign.alignment.trainer.step import autocast_context, token_weighted_metrics
 
     op = env.stage.distill.on_policy
     device = stage_device(env.stage)
@@ -776,8 +777,8 @@ def run_on_policy_distill(env: StageEnv) -> Path:
                 mb["advantages"] = -gap
         cfg.micro_batches = len(micro)
         metrics = train_step(runner, micro, loss_fn, cfg)
-        metrics.update(reverse_kl=cost / max(tokens, 1), generate_s=gen_s,
-                       response_length=sum(len(c.token_ids) for c in comps) / len(comps))  # fmt: skip
+        metrics.update(token_weighted_metrics({"reverse_kl": cost / tokens if tokens else math.nan}, tokens))
+        metrics.update(generate_s=gen_s, response_length=sum(len(c.token_ids) for c in comps) / len(comps))
         if scorer is not None:
             scored = scorer([r["prompt"] for r in chunk for _ in range(k)], completion_texts(env.tokenizer, comps),
                             [c.token_ids for c in comps], **expand_columns(chunk, k))  # fmt: skip

@@ -187,6 +187,37 @@ def expert_load_metrics(counts_LE: torch.Tensor | None) -> dict[str, float]:
     return metrics
 
 
+def collective_device(group: Any = None) -> torch.device:
+    """Where a tensor for a collective on ``group`` must live: the current CUDA device under NCCL (which has no CPU
+    path), else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def token_weighted_metrics(metrics: dict[str, float], tokens: int, group: Any = None) -> dict[str, float]:
+    """Per-rank metrics made global over ``group`` (the data-parallel world by default): ``*_max`` keys take the
+    maximum, the others the mean weighted by each rank's ``tokens``. Every rank must pass the same keys (NaN where
+    it had no tokens). Without a process group: ``metrics`` unchanged."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return dict(metrics)
+    keys = sorted(metrics)
+    is_max = [k.endswith("_max") for k in keys]
+    device = collective_device(group)
+    weighted = [0.0 if m or tokens == 0 else metrics[k] * tokens for k, m in zip(keys, is_max)]
+    sums = torch.tensor([*weighted, float(tokens)], dtype=torch.float64, device=device)
+    peaks = torch.tensor([metrics[k] if m and tokens else -math.inf for k, m in zip(keys, is_max)],
+                         dtype=torch.float64, device=device)  # fmt: skip
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+    total = float(sums[-1])
+    out = {}
+    for i, (k, m) in enumerate(zip(keys, is_max)):
+        value = float(peaks[i]) if m else float(sums[i]) / total if total else math.nan
+        out[k] = value if math.isfinite(value) else math.nan
+    return out
+
+
 def average_metrics(per_micro: Sequence[dict[str, float]], group: Any) -> dict[str, float]:
     """Mean of each metric over the micro-batches of every data-parallel rank that report it (keys must match
     across ranks). A metric a micro-batch leaves out or reports as NaN (a loss with nothing to measure there, e.g. a
@@ -195,7 +226,9 @@ def average_metrics(per_micro: Sequence[dict[str, float]], group: Any) -> dict[s
     values = [[m[k] for m in per_micro if k in m and not math.isnan(m[k])] for k in keys]
     local = torch.tensor([[sum(v), len(v)] for v in values], dtype=torch.float64).reshape(len(keys), 2)
     if group is not None and dist.is_initialized() and keys:
+        local = local.to(collective_device(group))
         dist.all_reduce(local, group=group)
+        local = local.cpu()
     means = torch.where(local[:, 1] > 0, local[:, 0] / local[:, 1].clamp(min=1), torch.full_like(local[:, 0], math.nan))
     return dict(zip(keys, means.tolist()))
 

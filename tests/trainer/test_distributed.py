@@ -96,3 +96,13 @@ def test_lora_two_ranks_match_single_process(tmp_path, launch_workers, ep_size):
         torch.testing.assert_close(got_params[k], w, atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     changed = json.loads((tmp_path / "lora_changed_base.json").read_text())
     assert all(k.endswith("e_score_correction_bias") for k in changed), changed
+
+
+@pytest.mark.distributed
+def test_token_weighted_metrics_over_ranks(launch_workers):
+    """Stage metrics measured per rank (TIS, on-policy KL) become global: token-weighted means, maxima for
+    ``*_max``; a rank without tokens counts for nothing."""
+    outputs = launch_workers(os.path.join(os.path.dirname(__file__), "_metrics_worker.py"), 3, [], timeout=120)
+    results = [json.loads(line.split("RESULT ", 1)[1]) for out in outputs for line in out.splitlines()
+               if line.startswith("RESULT ")]  # fmt: skip
+    assert results == [{"diff_max": 0.5, "kl": 2.0}] * 3  # (3 x 1.0 + 1 x 5.0) / 4 tokens
