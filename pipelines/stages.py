@@ -377,6 +377,13 @@ def expand_columns(rows: list[dict], n: int) -> dict[str, list]:
     return {k: [r.get(k) for r in rows for _ in range(n)] for k in keys}
 
 
+def sample_columns(rows: list[dict], n: int, comps) -> dict[str, list]:
+    """The reward columns of ``n`` completions per row: ``expand_columns`` plus each sample's ``finish_reason``
+    (``stop`` or ``length``: cut at ``max_new_tokens``), which ``stop_properly`` reads and TRL-style rewards
+    ignore through ``**kwargs``."""
+    return {**expand_columns(rows, n), "finish_reason": [c.finish_reason for c in comps]}
+
+
 def build_combiner(entries):
     from dsalign.rewards import RewardCombiner, RewardSpec
 
@@ -400,7 +407,7 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     _, comps = rollout(engine, tokenizer, rows, k, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
     prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
-    acc = score(prompts, texts, [c.token_ids for c in comps], **expand_columns(rows, k)).rewards
+    acc = score(prompts, texts, [c.token_ids for c in comps], **sample_columns(rows, k, comps)).rewards
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
     out = {
@@ -469,7 +476,7 @@ def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOPara
                                                seed=seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
         gen_s += time.time() - t0
         scored = scorer([r["prompt"] for r in chunk for _ in range(G)], completion_texts(tokenizer, comps),
-                        [c.token_ids for c in comps], **expand_columns(chunk, G))  # fmt: skip
+                        [c.token_ids for c in comps], **sample_columns(chunk, G, comps))  # fmt: skip
         return prompt_ids, comps, scored
 
     if not p.dynamic_sampling:
@@ -704,7 +711,8 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
     k = d.samples_per_prompt
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     scored = scorer(
-        [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps], **expand_columns(rows, k)
+        [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps],
+        **sample_columns(rows, k, comps),
     )
     teacher_name = str(env.sources["teacher"].get("checkpoint") or env.sources["teacher"].get("preset"))
     return [
@@ -781,7 +789,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
         metrics.update(generate_s=gen_s, response_length=sum(len(c.token_ids) for c in comps) / len(comps))
         if scorer is not None:
             scored = scorer([r["prompt"] for r in chunk for _ in range(k)], completion_texts(env.tokenizer, comps),
-                            [c.token_ids for c in comps], **expand_columns(chunk, k))  # fmt: skip
+                            [c.token_ids for c in comps], **sample_columns(chunk, k, comps))  # fmt: skip
             metrics["reward"] = _mean_present(scored.rewards)
             metrics.update({f"reward/{name}": _mean_present(v) for name, v in scored.components.items()})
             if "math_accuracy" in scored.components:

@@ -1,7 +1,8 @@
 """dsalign.rewards: TRL-compatible reward functions, built-in verifiers, a combiner and a code sandbox.
 
 Importing the package registers the built-ins (``math_accuracy``, ``think_format``, ``target_length``,
-``soft_overlong``, ``kimi_length``, ``markdown_style``, ``language_consistency``, ``code_execution``).
+``soft_overlong``, ``kimi_length``, ``stop_properly``, ``markdown_style``, ``language_consistency``,
+``code_execution``).
 See docs/REWARDS.md.
 """
 
@@ -26,7 +27,7 @@ from .combine import (
     concat_results,
 )
 from .format import think_format
-from .length import kimi_length, soft_overlong, target_length
+from .length import kimi_length, soft_overlong, stop_properly, target_length
 from .sandbox import SandboxLimits, SandboxResult, SandboxUnavailable, run_many, run_python, sandbox_support
 from .style import language_consistency, markdown_style
 
@@ -59,6 +60,7 @@ __all__ = [
     "run_python",
     "sandbox_support",
     "soft_overlong",
+    "stop_properly",
     "target_length",
     "think_format",
 ]

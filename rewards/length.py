@@ -1,4 +1,5 @@
-"""Length rewards: target-length control, DAPO's soft overlong penalty, Kimi-1.5's group length reward.
+"""Length rewards: target-length control, DAPO's soft overlong penalty, Kimi-1.5's group length reward, and a
+penalty for completions that never stop.
 
 Lengths are token counts from ``completion_ids`` when the trainer passes them (it always does in GRPO), otherwise
 characters of the completion text, so the functions stay usable on plain strings (docs, tests, offline scoring).
@@ -118,3 +119,26 @@ def kimi_length(
 
 
 kimi_length.requires_full_batch = True  # type: ignore[attr-defined]
+
+
+@register_reward("stop_properly")
+def stop_properly(
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]] | None = None,
+    *,
+    finish_reason: list[str | None] | None = None,
+    penalty: float = 1.0,
+    **columns: Any,
+) -> list[float | None]:
+    """``-penalty`` for a completion cut at the token limit (``finish_reason == "length"``: it never ended its
+    answer), 0 for one that stopped; ``None`` where the reason is unknown. The pipelines pass ``finish_reason`` with
+    every sample; TRL does not, so outside them the column must be supplied.
+
+    >>> stop_properly([""] * 3, ["a", "b", "c"], finish_reason=["stop", "length", None], penalty=0.5)
+    [0.0, -0.5, None]
+    """
+    if finish_reason is None:
+        raise ValueError("stop_properly needs a 'finish_reason' column (stop | length per sample); dsalign's "
+                         "pipelines pass it, TRL's trainer does not")  # fmt: skip
+    return [None if r is None else -float(penalty) if r == "length" else 0.0 for r in finish_reason]

@@ -114,3 +114,25 @@ def test_colocated_rollout_decodes_under_the_trainers_autocast(monkeypatch):
         local.generate([], [], 1, 1.0, 4, seed=0)
     stages.LocalRollout(None, None).generate([], [], 1, 1.0, 4, seed=0)
     assert seen == [True, False, False]
+
+
+def test_rewards_see_each_samples_finish_reason():
+    """``sample_iteration`` hands the scorer every sample's ``finish_reason``: ``stop_properly`` penalizes exactly the
+    completions cut at the token limit."""
+    from dsalign.pipelines.config import RewardEntry
+    from dsalign.pipelines.stages import build_combiner, sample_iteration
+
+    class Generator:
+        def generate(self, rows, row_ids, n, temperature, max_new_tokens, seed, top_p=1.0):
+            comps = [SimpleNamespace(token_ids=[5, 6], logprobs=[-0.1, -0.2],
+                                     finish_reason="length" if (r + j) % 3 == 0 else "stop")
+                     for r in row_ids for j in range(n)]  # fmt: skip
+            return [[1, 2] for _ in rows], comps
+
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "x", eos_token_id=0)
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "prompt_id": i} for i in range(4)]
+    params = GRPOParams(prompts_per_iter=4, group_size=3)
+    scorer = build_combiner([RewardEntry(fn="stop_properly", params={"penalty": 0.5})])
+    _, comps, scored, _, _ = sample_iteration(Generator(), scorer, tok, rows, params, seed=0, it=0)
+    assert scored.rewards == [-0.5 if c.finish_reason == "length" else 0.0 for c in comps]
+    assert -0.5 in scored.rewards and 0.0 in scored.rewards

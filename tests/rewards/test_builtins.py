@@ -83,3 +83,11 @@ def test_code_execution_against_tests():
     tests = [["assert square(3) == 9", "assert square(-2) == 4"]] * 5 + [None]
     out = code_execution([""] * 6, completions, tests=tests, wall_seconds=2.0)
     assert out == [1.0, 0.0, 0.0, 0.0, 0.0, None]
+
+
+def test_stop_properly_penalizes_truncated_completions():
+    from dsalign.rewards import stop_properly
+
+    assert stop_properly(["p"] * 3, ["a", "b", "c"], finish_reason=["length", "stop", None]) == [-1.0, 0.0, None]
+    with pytest.raises(ValueError, match="needs a 'finish_reason' column"):
+        stop_properly(["p"], ["a"])
