@@ -89,3 +89,35 @@ def advantage_stats(advantages_B: Tensor, mask_B: Tensor | None = None) -> dict[
         "adv_max": a.max(),
         "adv_frac_zero": (a == 0).float().mean(),
     }
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al. 2021): ``1 - C(n-c, k) / C(n, k)``,
+    the chance that ``k`` of the ``n`` drawn without replacement include a correct one.
+
+    >>> pass_at_k(4, 0, 4), pass_at_k(4, 1, 4), pass_at_k(4, 2, 1)
+    (0.0, 1.0, 0.5)
+    """
+    import math
+
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(answers: list[str | None], scores: list[float | None]) -> float:
+    """maj@k for one prompt: the score of the most frequent extracted answer among ``answers`` (None = no answer;
+    ties go to the answer seen first), 0 when no sample gave one. ``scores[i]`` is sample i's correctness, the same
+    for every sample with the same answer.
+
+    >>> majority_correct(["7", "8", "7", None], [1.0, 0.0, 1.0, 0.0]), majority_correct([None, None], [0.0, 0.0])
+    (1.0, 0.0)
+    """
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return 0.0
+    top = max(counts, key=counts.get)  # max keeps the first of equal counts, in insertion order
+    return float(scores[answers.index(top)] or 0.0)

@@ -101,6 +101,7 @@ def run_eval(args: Any, out: IO[str] = sys.stdout) -> int:
         per = result.pop("per_prompt")
         row = {"#": len(table) + 1, "checkpoint": ckpt, "accuracy": result["accuracy"], "acc_se": clustered_se(per),
                "format": result["format"], "mean_length": result["mean_length"]}  # fmt: skip
+        row.update({key: v for key, v in result.items() if key.startswith(("pass@", "maj@"))})
         if "length_target" in result:
             row["length_target"] = result["length_target"]
         if first is None:

@@ -417,6 +417,7 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
         "format": sum(f or 0.0 for f in fmt) / len(fmt),
         "mean_length": sum(lengths) / len(lengths),
     }
+    out.update(sample_statistics(acc, texts, k, ev.reward.fn == "math_accuracy"))
     if samples is not None:
         for i, (c, text) in enumerate(zip(comps, texts)):
             row = rows[i // k]
@@ -426,6 +427,23 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     targets = [r.get("length_target") for r in rows]
     if targets[0] is not None:
         out["length_target"] = float(sum(targets) / len(targets))
+    return out
+
+
+def sample_statistics(scores: list[float | None], texts: list[str], k: int, math: bool) -> dict[str, float]:
+    """``pass@k`` (a prompt counts when any of its ``k`` samples is correct; binary rewards only) and, for
+    ``math_accuracy``, ``maj@k`` (the majority-voted extracted answer is correct), averaged over prompts; nothing
+    for ``k == 1`` or a reward with values other than 0 / 1."""
+    from dsalign.alignment.metrics import majority_correct, pass_at_k
+    from dsalign.rewards import extract_answer
+
+    if k < 2 or any(v not in (0.0, 1.0, None) for v in scores):
+        return {}
+    groups = range(0, len(scores), k)
+    out = {f"pass@{k}": sum(pass_at_k(k, sum(v == 1.0 for v in scores[i : i + k]), k) for i in groups) / len(groups)}
+    if math:
+        out[f"maj@{k}"] = sum(majority_correct([extract_answer(t) for t in texts[i : i + k]], scores[i : i + k])
+                              for i in groups) / len(groups)  # fmt: skip
     return out
 
 

@@ -55,3 +55,25 @@ def test_comparison_label_follows_the_stage_source():
     cfg.stages[0].model = ModelSource(checkpoint="/ckpts/base-sft")
     cfg.stages[2].distill.teacher = ModelSource(checkpoint="/runs/x/grpo/final")
     assert [comparison_label(s, cfg) for s in cfg.stages] == ["initial (ckpts/base-sft)", "sft", "teacher (grpo/final)"]
+
+
+def test_pass_at_k_is_the_chance_that_k_drawn_samples_include_a_correct_one():
+    import itertools
+
+    from dsalign.alignment.metrics import pass_at_k
+
+    for n, c, k in [(4, 0, 4), (4, 1, 1), (5, 2, 2), (6, 3, 4), (4, 4, 2)]:
+        draws = list(itertools.combinations([1] * c + [0] * (n - c), k))
+        assert math.isclose(pass_at_k(n, c, k), sum(any(d) for d in draws) / len(draws)), (n, c, k)
+
+
+def test_sample_statistics_pass_and_majority():
+    from dsalign.pipelines.stages import sample_statistics
+
+    texts = [r"\boxed{7}", r"\boxed{8}", r"\boxed{8}", "no answer",  # prompt 1: majority 8 (wrong), one correct 7
+             r"\boxed{5}", r"\boxed{5}", r"\boxed{6}", r"\boxed{5}"]  # fmt: skip  # prompt 2: majority 5, correct
+    scores = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert sample_statistics(scores, texts, 4, math=True) == {"pass@4": 1.0, "maj@4": 0.5}
+    assert sample_statistics(scores, texts, 4, math=False) == {"pass@4": 1.0}
+    assert sample_statistics([0.5] * 8, texts, 4, math=True) == {}  # not a 0/1 reward: no pass@k
+    assert sample_statistics(scores[:2], texts[:2], 1, math=True) == {}
