@@ -384,6 +384,13 @@ def sample_columns(rows: list[dict], n: int, comps) -> dict[str, list]:
     return {**expand_columns(rows, n), "finish_reason": [c.finish_reason for c in comps]}
 
 
+def score_samples(scorer, rows: list[dict], n: int, texts: list[str], comps):
+    """Score ``n`` completions per row (in order) with a combiner or reward pool: TRL's call with one prompt per
+    sample, the completion ids and every column (``sample_columns``)."""
+    return scorer([r["prompt"] for r in rows for _ in range(n)], texts, [c.token_ids for c in comps],
+                  **sample_columns(rows, n, comps))  # fmt: skip
+
+
 def build_combiner(entries):
     from dsalign.rewards import RewardCombiner, RewardSpec
 
@@ -406,8 +413,8 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     k = ev.samples_per_prompt
     _, comps = rollout(engine, tokenizer, rows, k, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
-    prompts = [r["prompt"] for r in rows for _ in range(ev.samples_per_prompt)]
-    acc = score(prompts, texts, [c.token_ids for c in comps], **sample_columns(rows, k, comps)).rewards
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    acc = score_samples(score, rows, k, texts, comps).rewards
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
     out = {
@@ -493,8 +500,7 @@ def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOPara
         prompt_ids, comps = generator.generate(chunk, positions, G, p.temperature, p.max_new_tokens,
                                                seed=seed * 100_003 + it, top_p=p.top_p)  # fmt: skip
         gen_s += time.time() - t0
-        scored = scorer([r["prompt"] for r in chunk for _ in range(G)], completion_texts(tokenizer, comps),
-                        [c.token_ids for c in comps], **sample_columns(chunk, G, comps))  # fmt: skip
+        scored = score_samples(scorer, chunk, G, completion_texts(tokenizer, comps), comps)
         return prompt_ids, comps, scored
 
     if not p.dynamic_sampling:
@@ -618,19 +624,22 @@ def _mean_present(values: list[float | None]) -> float:
 
 
 def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float) -> dict[str, Any]:
-    """The step's logged scalars: the trainer's, plus reward (means over the samples a reward scored), reward
-    failures and unscorable share, length, generation speed and expert load."""
+    """The step's logged scalars: the trainer's, plus length, generation speed and expert load, and (when the
+    samples were ``scored``) reward (means over the samples a reward scored), reward failures and unscorable share."""
     metrics.update(
-        reward=_mean_present(scored.rewards),
-        unscorable_frac=sum(v is None for v in scored.rewards) / len(scored.rewards),
-        reward_errors=scored.metrics.get("errors/total", 0.0),
         response_length=sum(len(c.token_ids) for c in comps) / len(comps),
         generate_s=gen_s,
         tokens_per_s=sum(len(c.token_ids) for c in comps) / max(gen_s, 1e-9),
-        **{f"reward/{k}": _mean_present(v) for k, v in scored.components.items()},
     )
-    if "math_accuracy" in scored.components:
-        metrics["accuracy"] = metrics["reward/math_accuracy"]
+    if scored is not None:
+        metrics.update(
+            reward=_mean_present(scored.rewards),
+            unscorable_frac=sum(v is None for v in scored.rewards) / len(scored.rewards),
+            reward_errors=scored.metrics.get("errors/total", 0.0),
+            **{f"reward/{k}": _mean_present(v) for k, v in scored.components.items()},
+        )
+        if "math_accuracy" in scored.components:
+            metrics["accuracy"] = metrics["reward/math_accuracy"]
     loads = [v for k, v in metrics.items() if k.startswith("load_max_mean/")]
     if loads:
         metrics["expert_load_max_over_mean"] = max(loads)
@@ -728,10 +737,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
     texts = completion_texts(env.tokenizer, comps)
     k = d.samples_per_prompt
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
-    scored = scorer(
-        [r["prompt"] for r in rows for _ in range(k)], texts, [c.token_ids for c in comps],
-        **sample_columns(rows, k, comps),
-    )
+    scored = score_samples(scorer, rows, k, texts, comps)
     teacher_name = str(env.sources["teacher"].get("checkpoint") or env.sources["teacher"].get("preset"))
     return [
         {
@@ -804,15 +810,9 @@ def run_on_policy_distill(env: StageEnv) -> Path:
         cfg.micro_batches = len(micro)
         metrics = train_step(runner, micro, loss_fn, cfg)
         metrics.update(token_weighted_metrics({"reverse_kl": cost / tokens if tokens else math.nan}, tokens))
-        metrics.update(generate_s=gen_s, response_length=sum(len(c.token_ids) for c in comps) / len(comps))
-        if scorer is not None:
-            scored = scorer([r["prompt"] for r in chunk for _ in range(k)], completion_texts(env.tokenizer, comps),
-                            [c.token_ids for c in comps], **sample_columns(chunk, k, comps))  # fmt: skip
-            metrics["reward"] = _mean_present(scored.rewards)
-            metrics.update({f"reward/{name}": _mean_present(v) for name, v in scored.components.items()})
-            if "math_accuracy" in scored.components:
-                metrics["accuracy"] = metrics["reward/math_accuracy"]
-        loop.end_step(step + 1, metrics)
+        scored = None if scorer is None else score_samples(scorer, chunk, k, completion_texts(env.tokenizer, comps),
+                                                           comps)  # fmt: skip
+        loop.end_step(step + 1, grpo_metrics(metrics, comps, scored, gen_s))
     return finish_stage(env, loop, runner, lora)
 
 
