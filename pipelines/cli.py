@@ -51,9 +51,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    args.config = str(Path(__file__).resolve().parent / "demo.yaml")
+    from dsalign.pipelines.config import DEMO_CONFIG
+
+    args.config = str(DEMO_CONFIG)
     return _run(args)
 
 

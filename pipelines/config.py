@@ -426,8 +426,11 @@ class RunConfig:
         return Path(stage.output_dir) if stage.output_dir else Path(self.output_dir) / stage.name
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config; errors name the file and the offending key path."""
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # what ``dsalign demo`` runs
+
+
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """A run config file's plain data (not validated yet); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -437,8 +440,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def config_from_data(data: dict[str, Any], overrides: list[str] | None = None, where: str = "") -> RunConfig:
+    """Override and validate run-config data; errors are prefixed with ``where`` (the file) when given."""
     try:
-        data = apply_overrides(data, overrides or [])
-        return from_dict(RunConfig, data)
+        return from_dict(RunConfig, apply_overrides(data, overrides or []))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from e
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; errors name the file and the offending key path."""
+    return config_from_data(read_config_data(path), overrides, str(path))

@@ -27,27 +27,20 @@ EVAL_FLAGS = {
 
 def eval_config(args: Any):
     """The ``RunConfig`` whose ``eval`` block (and synthetic ``task``) the command evaluates with."""
-    import yaml
-
-    from .config import ConfigError, RunConfig
-    from .schema import apply_overrides, from_dict
+    from .config import DEMO_CONFIG, config_from_data, read_config_data
 
     data: dict[str, Any] = {"name": "eval", "output_dir": ".", "stages": []}
+    where = ""
     if args.config:
-        path = Path(__file__).resolve().parent / "demo.yaml" if args.config == "demo" else Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        where = str(DEMO_CONFIG if args.config == "demo" else args.config)
+        data = read_config_data(where)
     ev = data.setdefault("eval", {})
     for flag, key in EVAL_FLAGS.items():
         if getattr(args, flag, None) is not None:
             ev[key] = getattr(args, flag)
     if args.reward is not None:
         ev["reward"] = {"fn": args.reward}
-    data = apply_overrides(data, args.set)
-    return from_dict(RunConfig, data)
+    return config_from_data(data, args.set, where)
 
 
 def check_eval_inputs(run, checkpoints: list[str]) -> None:

@@ -75,4 +75,8 @@ def test_eval_reports_every_input_problem_before_loading(checkpoints, capsys, tm
     assert code == 2 and f"eval.path: {tmp_path / 'missing.jsonl'} does not exist" in err
     code, _, err = _eval(capsys, m0, "--samples", "0")
     assert code == 2 and "samples_per_prompt" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval: [\n")
+    code, _, err = _eval(capsys, m0, "--config", str(bad))  # read as `dsalign run` reads configs
+    assert code == 2 and f"{bad}: not valid YAML" in err
     assert not (tmp_path / "out.jsonl").exists()  # nothing written by a refused run
