@@ -144,15 +144,26 @@ def rollout_is_weights(
     on = mask_BT.bool()
     log_w = (train_logp_BT - rollout_logp_BT).float()
     w = torch.exp(log_w.clamp(max=math.log(cap))) * on
-    n = int(on.sum())
-    diff = log_w.abs()[on]
-    metrics = {
-        "rollout_is_weight_mean": float(w.sum()) / max(n, 1),
-        "rollout_is_capped_frac": float((log_w > math.log(cap))[on].float().sum()) / max(n, 1),
-        "rollout_logp_diff_mean": float(diff.mean()) if n else math.nan,
-        "rollout_logp_diff_max": float(diff.max()) if n else math.nan,
+    return w, rollout_is_metrics(log_w[on], cap)
+
+
+def rollout_is_metrics(log_w_N: Tensor, cap: float) -> dict[str, float]:
+    """TIS statistics of N completion tokens' ``log pi_old - log pi_rollout``: mean weight, capped share, mean and
+    max absolute log-prob gap (NaN for N = 0)."""
+    if log_w_N.numel() == 0:
+        return dict.fromkeys(ROLLOUT_IS_METRICS, math.nan)
+    log_w_N = log_w_N.double()  # means of many tokens, and shares that are exact fractions
+    diff = log_w_N.abs()
+    return {
+        "rollout_is_weight_mean": float(torch.exp(log_w_N.clamp(max=math.log(cap))).mean()),
+        "rollout_is_capped_frac": float((log_w_N > math.log(cap)).double().mean()),
+        "rollout_logp_diff_mean": float(diff.mean()),
+        "rollout_logp_diff_max": float(diff.max()),
     }
-    return w, metrics
+
+
+ROLLOUT_IS_METRICS = ("rollout_is_weight_mean", "rollout_is_capped_frac", "rollout_logp_diff_mean",
+                      "rollout_logp_diff_max")  # fmt: skip
 
 
 def correct_for_rollout(
@@ -168,24 +179,18 @@ def correct_for_rollout(
     ``rollout_tokens``."""
     was_training = model.training
     model.eval()
-    totals: dict[str, float] = {}
-    tokens = 0
+    gaps = []  # every completion token's log pi_old - log pi_rollout
     try:
         for mb in micro_batches:
             mask = mb["completion_mask"]
             with torch.no_grad():
                 train_logp = token_logprobs(model, mb, temperature, positions=mask)[0]
-            w, metrics = rollout_is_weights(train_logp, mb["old_logp"], mask, cap)
+            w, _ = rollout_is_weights(train_logp, mb["old_logp"], mask, cap)
+            gaps.append((train_logp - mb["old_logp"]).float()[mask.bool()])
             adv = mb["advantages"]
             mb["advantages"] = (adv[:, None] if adv.dim() == 1 else adv).float() * w
             mb["old_logp"] = train_logp
-            n = int(mask.sum())
-            if n:
-                for k, v in metrics.items():
-                    totals[k] = max(totals.get(k, v), v) if k.endswith("_max") else totals.get(k, 0.0) + v * n
-                tokens += n
     finally:
         model.train(was_training)
-    names = ("rollout_is_weight_mean", "rollout_is_capped_frac", "rollout_logp_diff_mean", "rollout_logp_diff_max")
-    out = {k: (totals[k] if k.endswith("_max") else totals[k] / tokens) if tokens else math.nan for k in names}
-    return {**out, "rollout_tokens": tokens}
+    log_w_N = torch.cat(gaps) if gaps else torch.zeros(0)
+    return {**rollout_is_metrics(log_w_N, cap), "rollout_tokens": log_w_N.numel()}
