@@ -72,16 +72,16 @@ def _check_shares(stage: StageConfig, where: str, problems: list[str]) -> None:
     world = stage.resources.num_workers
     if world == 1:
         return
-    if stage.kind == "grpo" and stage.grpo.prompts_per_iter % world:
-        problems.append(f"{where}.grpo.prompts_per_iter: {stage.grpo.prompts_per_iter} prompts do not split evenly "
-                        f"over num_workers {world}; use a multiple of {world}")  # fmt: skip
-    if stage.kind == "distill" and stage.distill.mode == "on_policy":
-        per = stage.distill.on_policy.prompts_per_step
-        if per % world:
-            problems.append(f"{where}.distill.on_policy.prompts_per_step: {per} prompts do not split evenly over "
-                            f"num_workers {world}; use a multiple of {world}")  # fmt: skip
-        return
+    prompts = None  # (key, prompts per step) of the stages that sample
     if stage.kind == "grpo":
+        prompts = ("grpo.prompts_per_iter", stage.grpo.prompts_per_iter)
+    elif stage.kind == "distill" and stage.distill.mode == "on_policy":
+        prompts = ("distill.on_policy.prompts_per_step", stage.distill.on_policy.prompts_per_step)
+    if prompts is not None:
+        key, per = prompts
+        if per % world:
+            problems.append(f"{where}.{key}: {per} prompts do not split evenly over num_workers {world}; use a "
+                            f"multiple of {world}")  # fmt: skip
         return
     sft, block = (stage.sft, "sft") if stage.kind == "sft" else (stage.distill.sft, "distill.sft")
     if sft.batch_size < world or (sft.micro_batch_size and sft.batch_size % world):
