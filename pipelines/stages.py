@@ -653,7 +653,7 @@ def run_grpo(env: StageEnv) -> Path:
     from dsalign.alignment.rl import correct_for_rollout, grpo_loss_fn
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
-    from dsalign.alignment.trainer.step import autocast_context, token_weighted_metrics
+    from dsalign.alignment.trainer.step import autocast_context, to_device, token_weighted_metrics
 
     p = env.stage.grpo
     device = stage_device(env.stage)
@@ -686,8 +686,7 @@ def run_grpo(env: StageEnv) -> Path:
             sync = sync_rollout_weights(env.rollout_pool, runner, env.stage.resources.verify_weight_sync)
         prompt_ids, comps, scored, gen_s, sampling = sample_iteration(generator, scorer, env.tokenizer, rows, p,
                                                                       env.run.seed, it)  # fmt: skip
-        batch = {k: v.to(device) for k, v in make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards,
-                                                           p.group_size, p).items()}  # fmt: skip
+        batch = to_device(make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards, p.group_size, p), device)
         if p.kl_beta > 0:
             ref = model if reference is None else reference  # LoRA: the policy with its adapters off
             batch["ref_logp"] = reference_logprobs(ref, lora, batch, p.temperature)
@@ -766,7 +765,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     from dsalign.alignment.rl import grpo_loss_fn
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
-    from dsalign.alignment.trainer.step import autocast_context, token_weighted_metrics
+    from dsalign.alignment.trainer.step import autocast_context, to_device, token_weighted_metrics
 
     op = env.stage.distill.on_policy
     device = stage_device(env.stage)
@@ -796,7 +795,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
         prompt_ids, comps = generator.generate(chunk, share, k, op.temperature, op.max_new_tokens,
                                                seed=env.run.seed * 100_003 + step)  # fmt: skip
         gen_s = time.time() - t0
-        batch = {key: v.to(device) for key, v in rollout_batch(env.tokenizer, prompt_ids, comps, k).items()}
+        batch = to_device(rollout_batch(env.tokenizer, prompt_ids, comps, k), device)
         student.train()
         micro = split_micro(batch, op.micro_batch_size)
         cost, tokens = 0.0, 0
