@@ -61,19 +61,12 @@ def check_eval_inputs(run, checkpoints: list[str]) -> None:
         raise PreflightError(problems)
 
 
-def write_samples(path: Path, records: list[dict[str, Any]]) -> None:
-    """All samples at once, through a temporary file: an interrupted run leaves no half-written output."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-
-
 def run_eval(args: Any, out: IO[str] = sys.stdout) -> int:
     import torch
     from dsalign.model import load_checkpoint
 
-    from .report import format_table
-    from .runner import clustered_se, paired_delta
+    from .report import format_table, write_text_atomic
+    from .runner import clustered_se, paired_delta, paired_difference
     from .stages import evaluate, held_out_prompts, load_tokenizer
 
     run = eval_config(args)
@@ -101,13 +94,12 @@ def run_eval(args: Any, out: IO[str] = sys.stdout) -> int:
             first = per
             row["vs"] = "-"
         else:
-            diffs = [a - b for a, b in zip(per, first)]
             row["vs"] = paired_delta(per, first, "#1")
-            row.update(delta_vs_first=sum(diffs) / len(diffs), delta_se=clustered_se(diffs))
+            row["delta_vs_first"], row["delta_se"] = paired_difference(per, first)
         table.append(row)
         records += [{"checkpoint": ckpt, **s} for s in samples]
-    if args.output:
-        write_samples(Path(args.output), records)
+    if args.output:  # all samples at once, renamed into place: an interrupted run leaves no half-written file
+        write_text_atomic(Path(args.output), "".join(json.dumps(r) + "\n" for r in records))
     if args.json:
         for row in table:
             out.write(json.dumps({k: v for k, v in row.items() if k not in ("#", "vs")}) + "\n")

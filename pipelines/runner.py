@@ -206,13 +206,18 @@ def clustered_se(per_prompt: list[float]) -> float:
     return (sum((a - mean) ** 2 for a in per_prompt) / (n - 1) / n) ** 0.5
 
 
+def paired_difference(per: list[float], base: list[float]) -> tuple[float, float]:
+    """(mean accuracy difference to ``base`` on the same held-out prompts, its standard error), paired per prompt."""
+    diffs = [a - b for a, b in zip(per, base)]
+    return sum(diffs) / len(diffs), clustered_se(diffs)
+
+
 def paired_delta(per: list[float], base: list[float] | None, label: str) -> str:
-    """``+d (SE s, label)``: accuracy difference to ``base`` on the same held-out prompts, paired per prompt."""
+    """``+d (SE s) vs label`` (``paired_difference``), or ``-`` without a comparable ``base``."""
     if base is None or len(base) != len(per):
         return "-"
-    diffs = [a - b for a, b in zip(per, base)]
-    d = sum(diffs) / len(diffs)
-    return f"{d:+.3f} (SE {clustered_se(diffs):.3f}) vs {label}"
+    d, se = paired_difference(per, base)
+    return f"{d:+.3f} (SE {se:.3f}) vs {label}"
 
 
 STAGE_STATE = ("checkpoints", "metrics.jsonl", "tensorboard", "distill_sft.jsonl")
