@@ -46,6 +46,19 @@ def build_rl_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def build_rollout_batch(
+    prompt_ids: Sequence[Sequence[int]], completions: Sequence[Any], pad_id: int
+) -> dict[str, Tensor]:
+    """``build_rl_batch`` of rollout completions (objects with ``token_ids`` and ``logprobs``; one prompt per
+    completion) plus their log-probs as ``old_logp`` [B, T], aligned with the tokens (0 off the completions)."""
+    batch = build_rl_batch(prompt_ids, [c.token_ids for c in completions], pad_id)
+    old = torch.zeros_like(batch["completion_mask"])
+    for b, (p, c) in enumerate(zip(prompt_ids, completions)):
+        old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
+    batch["old_logp"] = old
+    return batch
+
+
 def token_logprobs(
     model: torch.nn.Module,
     batch: dict[str, Tensor],

@@ -22,17 +22,14 @@ import torch
 
 
 def mismatch(model, prompts, params, rollout_bf16: bool) -> tuple[float, float]:
-    from dsalign.alignment.rl import build_rl_batch, token_logprobs
+    from dsalign.alignment.rl import build_rollout_batch, token_logprobs
     from dsalign.alignment.rollout import RolloutEngine
 
     engine = RolloutEngine(model, None, max_batch_size=len(prompts) * params[0].n)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=rollout_bf16):
         comps = engine.generate(prompts, params)
-    batch = build_rl_batch([c.prompt_ids for c in comps], [c.token_ids for c in comps], pad_id=0)
-    old = torch.zeros_like(batch["completion_mask"])
-    for b, c in enumerate(comps):
-        start = len(c.prompt_ids)
-        old[b, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
+    batch = build_rollout_batch([c.prompt_ids for c in comps], comps, pad_id=0)
+    old = batch["old_logp"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         new, _, _ = token_logprobs(model, batch, positions=batch["completion_mask"])
     diff = (new - old)[batch["completion_mask"].bool()].abs()

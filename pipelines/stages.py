@@ -539,16 +539,10 @@ def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOPara
 
 def rollout_batch(tokenizer, prompt_ids, comps, n: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt + completion rows (``n`` completions per prompt, in order) with the rollout's log-probs
-    of the completion tokens as ``old_logp``."""
-    from dsalign.alignment.rl import build_rl_batch
+    of the completion tokens as ``old_logp`` (``alignment.rl.build_rollout_batch``)."""
+    from dsalign.alignment.rl import build_rollout_batch
 
-    full_prompts = [prompt_ids[i // n] for i in range(len(comps))]
-    batch = build_rl_batch(full_prompts, [c.token_ids for c in comps], tokenizer.pad_token_id)
-    old = torch.zeros_like(batch["completion_mask"])
-    for b, (p, c) in enumerate(zip(full_prompts, comps)):
-        old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
-    batch["old_logp"] = old
-    return batch
+    return build_rollout_batch([prompt_ids[i // n] for i in range(len(comps))], comps, tokenizer.pad_token_id)
 
 
 def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: int,
