@@ -3,12 +3,16 @@
 Shape legend: B batch, T query tokens, S key tokens, D hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim, C kv_lora_rank.
 
-- Naive (training / prefill): expand the latent through ``kv_b_proj`` into per-head K and V, then SDPA.
+- Naive (training / prefill): expand the latent through ``kv_b_proj`` into per-head K and V, then SDPA. Padded or
+  packed batches without a cache attend per document (``DocumentLayout``): each document's tokens are gathered
+  into a row of their own, so attention is plain causal and never computes what the padding/segment mask hides.
 - Absorbed (decode): fold ``W_UK`` into the query and ``W_UV`` into the output so attention runs on the cached
   latent directly; the cache holds only ``c_kv`` (C) and ``k_pe`` (R) per token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,62 @@ from .rope import apply_rope
 
 # Longest sequence for the blocked CPU attention: it keeps ~0.6 T^2 probabilities per head for the backward.
 BLOCKED_ATTENTION_MAX_T = 1024
+
+
+@dataclass(frozen=True)
+class DocumentLayout:
+    """The documents of a padded or packed batch, laid out for attention.
+
+    A document is the real tokens of one row that share a segment id, in row order. What
+    ``build_attention_mask(position_ids, valid, segment_ids)`` lets a real query see is exactly the tokens before
+    it in its own document, so gathering every document into a left-aligned row of an ``[N, L]`` batch turns the
+    masked attention into plain causal attention (a short document's empty tail slots come after all of its
+    tokens, so causal attention never reads them). Cost: ``N * L^2`` score entries instead of ``B * T^2``; a packed
+    row of 384 tokens holding 6 samples of 64 needs 1/6 of them. Padding queries attend only to themselves (their
+    output is their own value); the mask path lets a right-padding query read the real keys before it too. Neither
+    reaches a real token's output.
+
+    Fields: ``index_NL`` [N, L] flat index into the ``B * T`` tokens of each document's l-th token (0 in empty
+    slots), ``tokens_M`` [M] the flat indices of the real tokens in document order, ``slots_M`` [M] their flat
+    index into ``N * L``.
+    """
+
+    index_NL: torch.Tensor
+    tokens_M: torch.Tensor
+    slots_M: torch.Tensor
+
+
+def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor | None) -> DocumentLayout | None:
+    """The ``DocumentLayout`` of a batch, or None when it would not save work over the mask (``N * L^2 > B * T^2``,
+    e.g. one long document among many short ones) or there is nothing to lay out (no real token)."""
+    ref = valid_BT if valid_BT is not None else segment_ids_BT
+    if ref is None:
+        return None
+    B, T = ref.shape
+    device = ref.device
+    if valid_BT is not None:
+        tokens_M = valid_BT.reshape(-1).nonzero().squeeze(1)
+    else:
+        tokens_M = torch.arange(B * T, device=device)
+    if tokens_M.numel() == 0:
+        return None
+    doc_key_M = tokens_M // T
+    if segment_ids_BT is not None:
+        seg_M = segment_ids_BT.reshape(-1)[tokens_M]
+        seg_M = seg_M - seg_M.min()
+        doc_key_M = doc_key_M * (int(seg_M.max()) + 1) + seg_M
+        doc_key_M, order_M = torch.sort(doc_key_M, stable=True)  # a row's tokens keep their order
+        tokens_M = tokens_M[order_M]
+    _, counts_N = torch.unique_consecutive(doc_key_M, return_counts=True)
+    N, L = counts_N.numel(), int(counts_N.max())
+    if N * L * L > B * T * T:
+        return None
+    doc_M = torch.repeat_interleave(torch.arange(N, device=device), counts_N)
+    starts_N = torch.cumsum(counts_N, 0) - counts_N
+    slots_M = doc_M * L + torch.arange(tokens_M.numel(), device=device) - starts_N[doc_M]
+    index = torch.zeros(N * L, dtype=torch.long, device=device)
+    index[slots_M] = tokens_M
+    return DocumentLayout(index.view(N, L), tokens_M, slots_M)
 
 
 class MLA(nn.Module):
@@ -92,10 +152,25 @@ class MLA(nn.Module):
         kv_BSHK = self.kv_b_proj(c_kv_BSC).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope_BSHN, v_BSHV = kv_BSHK.split([self.nope_dim, self.v_dim], dim=-1)
         k_pe_BSHR = k_pe_BSR[:, :, None, :].expand(-1, -1, self.n_heads, -1)
-        q_BHTK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k_BHSK = torch.cat([k_nope_BSHN, k_pe_BSHR], dim=-1).transpose(1, 2)
-        v_BHSV = v_BSHV.transpose(1, 2)
+        q_BTHK = torch.cat([q_nope, q_pe], dim=-1)
+        k_BSHK = torch.cat([k_nope_BSHN, k_pe_BSHR], dim=-1)
+        if isinstance(mask_BTS, DocumentLayout):
+            return self._attend_documents(q_BTHK, k_BSHK, v_BSHV, mask_BTS)
+        q_BHTK, k_BHSK, v_BHSV = q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2)
         return self._attention(q_BHTK, k_BHSK, v_BHSV, mask_BTS).transpose(1, 2)
+
+    def _attend_documents(self, q_BTHK, k_BTHK, v_BTHV, layout: DocumentLayout) -> torch.Tensor:
+        """Causal attention within each document of ``layout``; padding tokens get their own value."""
+        B, T, H, _ = q_BTHK.shape
+        N, L = layout.index_NL.shape
+
+        def gather(x_BTHX: torch.Tensor) -> torch.Tensor:
+            x_MHX = x_BTHX.reshape(B * T, H, -1).index_select(0, layout.index_NL.view(-1))  # backward: index_add
+            return x_MHX.view(N, L, H, -1).transpose(1, 2)  # [N, H, L, X]
+
+        o_NHLV = self._attention(gather(q_BTHK), gather(k_BTHK), gather(v_BTHV), None)
+        o_MHV = o_NHLV.transpose(1, 2).reshape(N * L, H, -1).index_select(0, layout.slots_M)
+        return v_BTHV.reshape(B * T, H, -1).index_copy(0, layout.tokens_M, o_MHV).view(B, T, H, -1)
 
     def _attention(self, q_BHTK, k_BHSK, v_BHSV, mask_BTS) -> torch.Tensor:
         """SDPA, except on CPU where torch's kernels waste work at MLA's shapes (V head dim < K head dim)."""

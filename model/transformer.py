@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import LatentCache
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, make_linear
-from .mla import MLA
+from .mla import MLA, document_layout
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
@@ -120,6 +120,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, k + 1) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
         self.activation_checkpointing = False
+        self.document_attention = True  # padded / packed batches attend per document (mla.DocumentLayout)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -192,8 +193,10 @@ class Transformer(nn.Module):
             raise ValueError("the absorbed attention path needs a LatentCache")
         elif valid_BT is None and segment_ids is None:
             mask = None  # plain causal: SDPA's is_causal fast path
-        else:
-            mask = build_attention_mask(position_ids, valid_BT, segment_ids)
+        else:  # padded / packed: attention per document, unless one long document makes the mask cheaper
+            mask = document_layout(valid_BT, segment_ids) if self.document_attention else None
+            if mask is None:
+                mask = build_attention_mask(position_ids, valid_BT, segment_ids)
         rope = self.rotary(position_ids)
 
         h = self.embed_tokens(input_ids)

@@ -1,0 +1,95 @@
+"""Attention per document (``mla.DocumentLayout``) vs the mask path it replaces for padded and packed batches.
+
+The mask path (``model.document_attention = False``) builds ``build_attention_mask`` and runs SDPA over whole rows;
+per-document attention gathers each sample into its own row. Real tokens must get the same outputs and every
+parameter the same gradient (fp32, 1e-5); padding tokens are free to differ (they reach no real token).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsalign.alignment.packing import pack_examples
+from dsalign.model import Transformer, causal_lm_loss
+from dsalign.model.mla import document_layout
+
+from .conftest import tiny
+
+
+def test_layout_of_a_packed_batch():
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 0, 0, 0, 0]])
+    valid = segment_ids > 0
+    layout = document_layout(valid, segment_ids)
+    assert layout.index_NL.tolist() == [[0, 1, 2], [3, 4, 0], [6, 7, 0]]  # 3 documents, empty slots read token 0
+    assert layout.tokens_M.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert layout.slots_M.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    # padded rows without segments: a document is a row's real tokens, left and right padding dropped
+    valid = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    layout = document_layout(valid, None)
+    assert layout.index_NL.tolist() == [[1, 2, 3], [5, 6, 0]]
+    # a segment id that comes back later in its row is still one document, in row order
+    layout = document_layout(None, torch.tensor([[1, 2, 1, 2]]))
+    assert layout.index_NL.tolist() == [[0, 2], [1, 3]]
+
+
+def test_layout_falls_back_when_it_saves_nothing():
+    assert document_layout(torch.zeros(2, 4, dtype=torch.bool), None) is None  # no real token
+    # one 30-token document among 20 one-token ones: 21 x 30^2 > 1 x 50^2 score entries
+    segment_ids = torch.tensor([[1] * 30 + list(range(2, 22))])
+    assert document_layout(None, segment_ids) is None
+
+
+def _forward_backward(model: Transformer, per_document: bool, **batch):
+    model.document_attention = per_document
+    model.zero_grad(set_to_none=True)
+    labels = batch.pop("labels")
+    out = model(**batch, compute_mtp=True)
+    loss, _ = causal_lm_loss(out, labels, 0.3, batch.get("segment_ids"))
+    (loss + out.aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_packed_batch_matches_mask_path(q_lora_rank):
+    torch.manual_seed(0)
+    model = Transformer(tiny(q_lora_rank=q_lora_rank)).train()
+    gen = torch.Generator().manual_seed(1)
+    examples = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (7, 12, 5, 9, 3, 11, 6)]
+    batch = pack_examples([{"input_ids": e, "labels": e} for e in examples], max_length=24)
+    assert (batch.segment_ids == 0).any() and (batch.segment_ids == 2).any()  # padding and packing both present
+    assert document_layout(batch.attention_mask.bool(), batch.segment_ids) is not None
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  segment_ids=batch.segment_ids, labels=batch.labels)  # fmt: skip
+    ours, g_ours = _forward_backward(model, True, **dict(kwargs))
+    ref, g_ref = _forward_backward(model, False, **dict(kwargs))
+    real = batch.segment_ids > 0
+    torch.testing.assert_close(ours.logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours.mtp_logits, ref.mtp_logits):
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.expert_counts, ref.expert_counts)
+    assert g_ours.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_padded_rows_match_mask_path():
+    """GRPO's layout: left-padded prompts, right-padded completions, no segments."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).train()
+    B, T = 4, 14
+    input_ids = torch.randint(1, 256, (B, T), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(B, T, dtype=torch.long)
+    valid[0, :3] = 0
+    valid[1, 10:] = 0
+    valid[2, :2] = 0
+    valid[2, 12:] = 0
+    position_ids = (valid.cumsum(1) - 1).clamp(min=0)
+    labels = input_ids.masked_fill(valid == 0, -100)
+    kwargs = dict(input_ids=input_ids, attention_mask=valid, position_ids=position_ids, labels=labels)
+    ours, g_ours = _forward_backward(model, True, **dict(kwargs))
+    ref, g_ref = _forward_backward(model, False, **dict(kwargs))
+    torch.testing.assert_close(ours.logits[valid.bool()], ref.logits[valid.bool()], atol=1e-5, rtol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.isfinite(ours.logits).all()  # padding outputs stay finite
