@@ -113,7 +113,7 @@ def start_actors(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_di
     if layout.reward:
         d = stage.distill
         group = (stage.grpo.group_size if stage.kind == "grpo"
-                 else d.on_policy.samples_per_prompt if d.mode == "on_policy" else d.samples_per_prompt)  # fmt: skip
+                 else d.on_policy.samples_per_prompt if stage.on_policy_distill else d.samples_per_prompt)  # fmt: skip
         opts = {"num_cpus": res.reward_cpus_per_worker, "max_restarts": 0}
         workers = [RewardWorker.options(**opts, **in_bundle(pg, b)).remote(stage.rewards,
                                                                           _threads(res.reward_cpus_per_worker))

@@ -363,6 +363,11 @@ class StageConfig:
     def params(self) -> SFTParams | GRPOParams | DistillParams:
         return getattr(self, self.kind)
 
+    @property
+    def on_policy_distill(self) -> bool:
+        """A distillation stage in ``on_policy`` mode (the student samples; rewards are only logged)."""
+        return self.kind == "distill" and self.distill.mode == "on_policy"
+
 
 @dataclass
 class EvalConfig:

@@ -75,7 +75,7 @@ def _check_shares(stage: StageConfig, where: str, problems: list[str]) -> None:
     prompts = None  # (key, prompts per step) of the stages that sample
     if stage.kind == "grpo":
         prompts = ("grpo.prompts_per_iter", stage.grpo.prompts_per_iter)
-    elif stage.kind == "distill" and stage.distill.mode == "on_policy":
+    elif stage.on_policy_distill:
         prompts = ("distill.on_policy.prompts_per_step", stage.distill.on_policy.prompts_per_step)
     if prompts is not None:
         key, per = prompts
@@ -260,8 +260,7 @@ def preflight(cfg: RunConfig) -> None:
                 )
         if stage.data.path is not None and not Path(stage.data.path).exists():
             problems.append(f"{where}.data.path: {stage.data.path} does not exist")
-        on_policy = stage.kind == "distill" and stage.distill.mode == "on_policy"  # rewards only logged there
-        if stage.kind in ("grpo", "distill") and not stage.rewards and not on_policy:
+        if stage.kind in ("grpo", "distill") and not stage.rewards and not stage.on_policy_distill:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
         for j, entry in enumerate(stage.rewards):
             _check_reward(entry, f"{where}.rewards[{j}]", problems)

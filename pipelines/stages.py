@@ -815,7 +815,7 @@ def run_distill(env: StageEnv) -> Path:
     import torch.distributed as dist
     from dsalign.alignment.distill import TraceFilterConfig, filter_traces, write_sft_dataset
 
-    if env.stage.distill.mode == "on_policy":
+    if env.stage.on_policy_distill:
         return run_on_policy_distill(env)
     d = env.stage.distill
     data_file = env.out_dir / "distill_sft.jsonl"
