@@ -16,27 +16,39 @@ from dsalign.model.mla import document_layout
 from .conftest import tiny
 
 
+def _bucket_indices(layout) -> list[list[list[int]]]:
+    return [b.index_NL.tolist() for b in layout.buckets]
+
+
 def test_layout_of_a_packed_batch():
     segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 0, 0, 0, 0]])
     valid = segment_ids > 0
     layout = document_layout(valid, segment_ids)
-    assert layout.index_NL.tolist() == [[0, 1, 2], [3, 4, 0], [6, 7, 0]]  # 3 documents, empty slots read token 0
+    assert _bucket_indices(layout) == [[[0, 1, 2], [3, 4, 0], [6, 7, 0]]]  # 3 documents, empty slots read token 0
     assert layout.tokens_M.tolist() == [0, 1, 2, 3, 4, 6, 7]
-    assert layout.slots_M.tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert layout.buckets[0].slots_M.tolist() == [0, 1, 2, 3, 4, 6, 7]
     # padded rows without segments: a document is a row's real tokens, left and right padding dropped
     valid = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    layout = document_layout(valid, None)
-    assert layout.index_NL.tolist() == [[1, 2, 3], [5, 6, 0]]
+    assert _bucket_indices(document_layout(valid, None)) == [[[1, 2, 3], [5, 6, 0]]]
     # a segment id that comes back later in its row is still one document, in row order
-    layout = document_layout(None, torch.tensor([[1, 2, 1, 2]]))
-    assert layout.index_NL.tolist() == [[0, 2], [1, 3]]
+    assert _bucket_indices(document_layout(None, torch.tensor([[1, 2, 1, 2]]))) == [[[0, 2], [1, 3]]]
+
+
+def test_long_tail_goes_to_its_own_bucket():
+    # one 100-token document and ten of 8: one [11, 100] batch would hold 11x the scores of the long one
+    segment_ids = torch.tensor([[1] * 100 + [s for s in range(2, 12) for _ in range(8)]])
+    layout = document_layout(None, segment_ids)
+    assert [tuple(b.index_NL.shape) for b in layout.buckets] == [(10, 8), (1, 100)]
+    assert layout.buckets[0].index_NL[0].tolist() == list(range(100, 108))
+    assert layout.buckets[1].index_NL[0].tolist() == list(range(100))
+    assert sorted(layout.tokens_M.tolist()) == list(range(180))
 
 
 def test_layout_falls_back_when_it_saves_nothing():
     assert document_layout(torch.zeros(2, 4, dtype=torch.bool), None) is None  # no real token
-    # one 30-token document among 20 one-token ones: 21 x 30^2 > 1 x 50^2 score entries
-    segment_ids = torch.tensor([[1] * 30 + list(range(2, 22))])
-    assert document_layout(None, segment_ids) is None
+    # a 12-token document and eight of one token in a row of 20: two buckets cost more calls than they save, one
+    # [9, 12] bucket holds more scores than the [1, 20] mask
+    assert document_layout(None, torch.tensor([[1] * 12 + list(range(2, 10))])) is None
 
 
 def _forward_backward(model: Transformer, per_document: bool, **batch):
@@ -50,15 +62,20 @@ def _forward_backward(model: Transformer, per_document: bool, **batch):
     return out, grads
 
 
-@pytest.mark.parametrize("q_lora_rank", [None, 16])
-def test_packed_batch_matches_mask_path(q_lora_rank):
+@pytest.mark.parametrize("q_lora_rank, lengths, max_length, buckets", [
+    (None, (7, 12, 5, 9, 3, 11, 6), 24, 1),
+    (16, (7, 12, 5, 9, 3, 11, 6), 24, 1),
+    (None, (70, 3, 4, 5, 2, 6, 9), 96, 2),  # a long document and short ones: two buckets
+])  # fmt: skip
+def test_packed_batch_matches_mask_path(q_lora_rank, lengths, max_length, buckets):
     torch.manual_seed(0)
     model = Transformer(tiny(q_lora_rank=q_lora_rank)).train()
     gen = torch.Generator().manual_seed(1)
-    examples = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in (7, 12, 5, 9, 3, 11, 6)]
-    batch = pack_examples([{"input_ids": e, "labels": e} for e in examples], max_length=24)
+    examples = [torch.randint(1, 256, (n,), generator=gen).tolist() for n in lengths]
+    batch = pack_examples([{"input_ids": e, "labels": e} for e in examples], max_length=max_length)
     assert (batch.segment_ids == 0).any() and (batch.segment_ids == 2).any()  # padding and packing both present
-    assert document_layout(batch.attention_mask.bool(), batch.segment_ids) is not None
+    layout = document_layout(batch.attention_mask.bool(), batch.segment_ids)
+    assert layout is not None and len(layout.buckets) == buckets
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   segment_ids=batch.segment_ids, labels=batch.labels)  # fmt: skip
     ours, g_ours = _forward_backward(model, True, **dict(kwargs))
