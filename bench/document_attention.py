@@ -10,7 +10,8 @@ runs SDPA over whole rows. Two measurements, forward + backward in fp32 with the
 - ``sft``: ``alignment.sft.sft_loss`` (MTP on, lambda 0.3) on a packed batch shaped like the demo's SFT step:
   32 samples of 40-90 tokens packed into rows of 384 (``sft.max_length`` 96 x 4, as ``pipelines.stages`` packs).
 - ``grpo``: ``alignment.rl.token_logprobs`` on a GRPO batch shaped like the demo's: 64 rows, prompts of 30 tokens,
-  completions of 32-64 tokens, right-padded (``build_rl_batch``).
+  completions of 32-64 tokens, right-padded (``build_rl_batch``). Right padding only and rows of similar length:
+  the model runs plain causal attention over the whole rows here (``Transformer._attention_plan``), no gather.
 
 Sides alternate within each round (one warm-up call before each timed call); figures are the best of ``--rounds``.
 Ends with one JSON line per measurement: {"metric", "ours", "baseline", "ratio", "unit"}, ratio = baseline / ours.

@@ -59,11 +59,15 @@ class DocumentLayout:
     longest one. Cost: ``sum(N * L^2)`` score entries instead of ``B * T^2``; a packed row of 384 tokens holding 6
     samples of 64 needs 1/6 of them. Padding queries attend only to themselves (their output is their own value);
     the mask path lets a right-padding query read the real keys before it too. Neither reaches a real token's
-    output. ``tokens_M`` is every bucket's ``tokens_M`` concatenated, in bucket order.
+    output. ``tokens_M`` is every bucket's ``tokens_M`` concatenated, in bucket order; ``scores`` is
+    ``sum(N * L^2)``; ``prefix_rows`` says the batch has no segments and every row's real tokens come first (right
+    padding only), where plain causal attention over the whole batch already gives every real token its view.
     """
 
     buckets: tuple[DocumentBucket, ...]
     tokens_M: torch.Tensor
+    scores: int
+    prefix_rows: bool
 
 
 def _bucket_classes(class_sizes: list[tuple[int, int, int]]) -> list[int]:
@@ -125,8 +129,10 @@ def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor 
     num_groups = max(group_N) + 1
     longest = [max(n for n, g in zip(counts, group_N) if g == grp) for grp in range(num_groups)]
     sizes = [group_N.count(grp) for grp in range(num_groups)]
-    if sum(n * L * L for n, L in zip(sizes, longest)) > B * T * T:
+    scores = sum(n * L * L for n, L in zip(sizes, longest))
+    if scores > B * T * T:
         return None
+    prefix_rows = segment_ids_BT is None and (valid_BT is None or bool((valid_BT[:, 1:] <= valid_BT[:, :-1]).all()))
     doc_M = torch.repeat_interleave(torch.arange(N, device=device), counts_N)
     starts_N = torch.cumsum(counts_N, 0) - counts_N
     pos_M = torch.arange(tokens_M.numel(), device=device) - starts_N[doc_M]
@@ -134,7 +140,8 @@ def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor 
         slots_M = doc_M * longest[0] + pos_M
         index = torch.zeros(N * longest[0], dtype=torch.long, device=device)
         index[slots_M] = tokens_M
-        return DocumentLayout((DocumentBucket(index.view(N, longest[0]), tokens_M, slots_M),), tokens_M)
+        bucket = DocumentBucket(index.view(N, longest[0]), tokens_M, slots_M)
+        return DocumentLayout((bucket,), tokens_M, scores, prefix_rows)
     group_N_t = torch.tensor(group_N, device=device)
     local_N = torch.empty(N, dtype=torch.long, device=device)  # a document's row within its bucket
     buckets = []
@@ -147,7 +154,7 @@ def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor 
         index = torch.zeros(n * L, dtype=torch.long, device=device)
         index[slots] = tokens
         buckets.append(DocumentBucket(index.view(n, L), tokens, slots))
-    return DocumentLayout(tuple(buckets), torch.cat([b.tokens_M for b in buckets]))
+    return DocumentLayout(tuple(buckets), torch.cat([b.tokens_M for b in buckets]), scores, prefix_rows)
 
 
 class MLA(nn.Module):

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import LatentCache
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, make_linear
-from .mla import MLA, document_layout
+from .mla import MLA, DocumentLayout, document_layout
 from .moe import MoE, RouterStats
 from .rope import RotaryEmbedding
 
@@ -193,10 +193,8 @@ class Transformer(nn.Module):
             raise ValueError("the absorbed attention path needs a LatentCache")
         elif valid_BT is None and segment_ids is None:
             mask = None  # plain causal: SDPA's is_causal fast path
-        else:  # padded / packed: attention per document, unless one long document makes the mask cheaper
-            mask = document_layout(valid_BT, segment_ids) if self.document_attention else None
-            if mask is None:
-                mask = build_attention_mask(position_ids, valid_BT, segment_ids)
+        else:
+            mask = self._attention_plan(position_ids, valid_BT, segment_ids)
         rope = self.rotary(position_ids)
 
         h = self.embed_tokens(input_ids)
@@ -233,6 +231,15 @@ class Transformer(nn.Module):
         aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else hidden.new_zeros((), dtype=torch.float32)
         counts = torch.stack([s.counts_E for s in stats]) if stats else None
         return ModelOutput(logits, mtp_logits, hidden, aux, counts, hidden_pre, mtp_hidden)
+
+    def _attention_plan(self, position_ids, valid_BT, segment_ids) -> DocumentLayout | torch.Tensor | None:
+        """How a padded / packed batch without a cache attends: per document (a ``DocumentLayout``); plain causal
+        (None) when rows are only right-padded and gathering would not at least halve the scores (real tokens see
+        the same keys either way, and there is no gather to pay); the mask when neither saves work."""
+        layout = document_layout(valid_BT, segment_ids) if self.document_attention else None
+        if layout is not None and layout.prefix_rows and layout.scores * 2 > valid_BT.numel() * valid_BT.shape[1]:
+            return None
+        return layout if layout is not None else build_attention_mask(position_ids, valid_BT, segment_ids)
 
     def _run_layer(self, layer, h, rope, mask, valid_BT, cache, position_ids, absorbed):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:

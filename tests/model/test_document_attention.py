@@ -110,3 +110,24 @@ def test_padded_rows_match_mask_path():
     for name in g_ref:
         torch.testing.assert_close(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.isfinite(ours.logits).all()  # padding outputs stay finite
+
+
+def test_right_padded_rows_run_plain_causal():
+    """GRPO's batches are right-padded only: plain causal attention over the whole rows gives real tokens the mask's
+    view without a gather, unless gathering at least halves the scores (one long row among short ones)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).train()
+    B, T = 4, 14
+    input_ids = torch.randint(1, 256, (B, T), generator=torch.Generator().manual_seed(3))
+    valid = (torch.arange(T)[None] < torch.tensor([14, 11, 9, 12])[:, None]).long()
+    assert model._attention_plan(None, valid.bool(), None) is None
+    labels = input_ids.masked_fill(valid == 0, -100)
+    kwargs = dict(input_ids=input_ids, attention_mask=valid, labels=labels)
+    ours, g_ours = _forward_backward(model, True, **dict(kwargs))
+    ref, g_ref = _forward_backward(model, False, **dict(kwargs))
+    torch.testing.assert_close(ours.logits[valid.bool()], ref.logits[valid.bool()], atol=1e-5, rtol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    model.document_attention = True
+    short = (torch.arange(64)[None] < torch.tensor([64] + [8] * 7)[:, None]).bool()
+    assert model._attention_plan(None, short, None) is not None  # 64^2 + 7 x 8^2 scores against 8 x 64^2
