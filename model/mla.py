@@ -70,8 +70,8 @@ class DocumentLayout:
     prefix_rows: bool
 
 
-def _bucket_classes(class_sizes: list[tuple[int, int, int]]) -> list[int]:
-    """Split ascending length classes ``(class, count, longest)`` into contiguous groups of least total cost
+def _bucket_classes(class_sizes: list[tuple[int, int]]) -> list[int]:
+    """Split ascending length classes ``(count, longest)`` into contiguous groups of least total cost
     ``sum(count * longest^2 + BUCKET_OVERHEAD)``; returns each class's group number (dynamic programming over the
     at most log2(T) classes)."""
     k = len(class_sizes)
@@ -80,8 +80,8 @@ def _bucket_classes(class_sizes: list[tuple[int, int, int]]) -> list[int]:
     for j in range(1, k + 1):
         n = 0
         for i in range(j, 0, -1):  # last group = classes i-1 .. j-1, padded to class j-1's longest document
-            n += class_sizes[i - 1][1]
-            cost = best[i - 1] + n * class_sizes[j - 1][2] ** 2 + BUCKET_OVERHEAD
+            n += class_sizes[i - 1][0]
+            cost = best[i - 1] + n * class_sizes[j - 1][1] ** 2 + BUCKET_OVERHEAD
             if cost < best[j]:
                 best[j], cut[j] = cost, i - 1
     groups, j = [], k
@@ -120,15 +120,16 @@ def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor 
     _, counts_N = torch.unique_consecutive(doc_key_M, return_counts=True)
     counts = counts_N.tolist()
     N = len(counts)
-    class_N = [(n - 1).bit_length() for n in counts]
-    classes = sorted(set(class_N))
-    class_sizes = [(c, sum(1 for x in class_N if x == c), max(n for n, x in zip(counts, class_N) if x == c))
-                   for c in classes]  # fmt: skip
-    group_of_class = dict(zip(classes, _bucket_classes(class_sizes)))
-    group_N = [group_of_class[c] for c in class_N]
-    num_groups = max(group_N) + 1
-    longest = [max(n for n, g in zip(counts, group_N) if g == grp) for grp in range(num_groups)]
-    sizes = [group_N.count(grp) for grp in range(num_groups)]
+    class_N = [(n - 1).bit_length() for n in counts]  # ceil(log2(length))
+    count, longest_of = {}, {}
+    for n, c in zip(counts, class_N):
+        count[c], longest_of[c] = count.get(c, 0) + 1, max(longest_of.get(c, 0), n)
+    classes = sorted(count)
+    group_of_class = dict(zip(classes, _bucket_classes([(count[c], longest_of[c]) for c in classes])))
+    num_groups = max(group_of_class.values()) + 1
+    sizes, longest = [0] * num_groups, [0] * num_groups
+    for c, g in group_of_class.items():
+        sizes[g], longest[g] = sizes[g] + count[c], max(longest[g], longest_of[c])
     scores = sum(n * L * L for n, L in zip(sizes, longest))
     if scores > B * T * T:
         return None
@@ -136,25 +137,19 @@ def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor 
     doc_M = torch.repeat_interleave(torch.arange(N, device=device), counts_N)
     starts_N = torch.cumsum(counts_N, 0) - counts_N
     pos_M = torch.arange(tokens_M.numel(), device=device) - starts_N[doc_M]
-    if num_groups == 1:
-        slots_M = doc_M * longest[0] + pos_M
-        index = torch.zeros(N * longest[0], dtype=torch.long, device=device)
-        index[slots_M] = tokens_M
-        bucket = DocumentBucket(index.view(N, longest[0]), tokens_M, slots_M)
-        return DocumentLayout((bucket,), tokens_M, scores, prefix_rows)
-    group_N_t = torch.tensor(group_N, device=device)
+    group_N = torch.tensor([group_of_class[c] for c in class_N], device=device)
     local_N = torch.empty(N, dtype=torch.long, device=device)  # a document's row within its bucket
     buckets = []
     for grp, (n, L) in enumerate(zip(sizes, longest)):
-        docs = (group_N_t == grp).nonzero().squeeze(1)
-        local_N[docs] = torch.arange(n, device=device)
-        sel_M = group_N_t[doc_M] == grp
+        local_N[group_N == grp] = torch.arange(n, device=device)
+        sel_M = group_N[doc_M] == grp
         tokens = tokens_M[sel_M]
         slots = local_N[doc_M[sel_M]] * L + pos_M[sel_M]
         index = torch.zeros(n * L, dtype=torch.long, device=device)
         index[slots] = tokens
         buckets.append(DocumentBucket(index.view(n, L), tokens, slots))
-    return DocumentLayout(tuple(buckets), torch.cat([b.tokens_M for b in buckets]), scores, prefix_rows)
+    tokens_all = buckets[0].tokens_M if num_groups == 1 else torch.cat([b.tokens_M for b in buckets])
+    return DocumentLayout(tuple(buckets), tokens_all, scores, prefix_rows)
 
 
 class MLA(nn.Module):
