@@ -10,7 +10,8 @@ runs SDPA over whole rows. Two measurements, forward + backward in fp32 with the
 - ``sft``: ``alignment.sft.sft_loss`` (MTP on, lambda 0.3) on a packed batch shaped like the demo's SFT step:
   32 samples of 40-90 tokens packed into rows of 384 (``sft.max_length`` 96 x 4, as ``pipelines.stages`` packs).
 - ``grpo``: ``alignment.rl.token_logprobs`` on a GRPO batch shaped like the demo's: 64 rows, prompts of 30 tokens,
-  completions of 32-64 tokens, right-padded (``build_rl_batch``). Right padding only and rows of similar length:
+  completions of 32-64 tokens, right-padded (``bench/rl_logprobs.py``'s batch and step). Right padding only and
+  rows of similar length:
   the model runs plain causal attention over the whole rows here (``Transformer._attention_plan``), no gather.
 
 Sides alternate within each round (one warm-up call before each timed call); figures are the best of ``--rounds``.
@@ -40,15 +41,6 @@ def sft_batch(vocab: int, seed: int = 0):
     return pack_examples(examples, max_length=384)
 
 
-def grpo_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    from dsalign.alignment.rl import build_rl_batch
-
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(3, vocab) for _ in range(30)] for _ in range(64)]
-    comps = [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 64))] for _ in range(64)]
-    return build_rl_batch(prompts, comps, pad_id=0)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
@@ -56,10 +48,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from dsalign.alignment.rl import token_logprobs
     from dsalign.alignment.sft import sft_loss
     from dsalign.alignment.trainer import retain_host_memory
     from dsalign.model import ModelConfig, Transformer
+    from rl_logprobs import grpo_batch, logprobs_fwd_bwd  # bench/, this script's directory
 
     torch.set_num_threads(args.threads)
     retain_host_memory()
@@ -67,15 +59,13 @@ def main() -> None:
     model = Transformer(ModelConfig.preset(args.preset)).train()
     V = model.cfg.vocab_size
     packed, rl = sft_batch(V), grpo_batch(V)
-    mask = rl["completion_mask"]
 
     def sft_step() -> None:
         loss, _ = sft_loss(model, packed, mtp_lambda=0.3)
         loss.backward()
 
     def grpo_step() -> None:
-        logp, _, _ = token_logprobs(model, rl, 1.0, with_entropy=True, positions=mask)
-        ((logp * mask).sum() / mask.sum()).backward()
+        logprobs_fwd_bwd(model, rl, rl["completion_mask"])
 
     def timed(fn, per_document: bool) -> float:
         model.document_attention = per_document

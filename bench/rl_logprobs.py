@@ -22,6 +22,27 @@ import time
 import torch
 
 
+def grpo_batch(vocab: int, rows: int = 64, prompt_len: int = 30, completion_len: int = 64) -> dict[str, torch.Tensor]:
+    """``rows`` right-padded GRPO rows (``build_rl_batch``): ``prompt_len`` random prompt tokens and
+    ``completion_len / 2 .. completion_len`` random completion tokens each (seeded)."""
+    from dsalign.alignment.rl import build_rl_batch
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(rows)]
+    lens = torch.randint(completion_len // 2, completion_len + 1, (rows,), generator=g).tolist()
+    comps = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+    return build_rl_batch(prompts, comps, pad_id=0)
+
+
+def logprobs_fwd_bwd(model, batch: dict[str, torch.Tensor], positions: torch.Tensor | None) -> None:
+    """Forward (log-probs and entropy, as ``grpo_loss_fn`` asks) + backward of the mean completion log-prob."""
+    from dsalign.alignment.rl import token_logprobs
+
+    mask = batch["completion_mask"]
+    logp, _, _ = token_logprobs(model, batch, 1.0, with_entropy=True, positions=positions)
+    ((logp * mask).sum() / mask.sum()).backward()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small")
@@ -32,7 +53,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    from dsalign.alignment.rl import build_rl_batch, token_logprobs
     from dsalign.alignment.trainer import retain_host_memory
     from dsalign.model import ModelConfig, Transformer
 
@@ -40,18 +60,13 @@ def main() -> None:
     retain_host_memory()
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset(args.preset)).train()
-    V, g = model.cfg.vocab_size, torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, V, (args.prompt_len,), generator=g).tolist() for _ in range(args.rows)]
-    lens = torch.randint(args.completion_len // 2, args.completion_len + 1, (args.rows,), generator=g).tolist()
-    comps = [torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
-    batch = build_rl_batch(prompts, comps, pad_id=0)
+    batch = grpo_batch(model.cfg.vocab_size, args.rows, args.prompt_len, args.completion_len)
     mask = batch["completion_mask"]
 
     def step(positions) -> float:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        logp, _, _ = token_logprobs(model, batch, 1.0, with_entropy=True, positions=positions)
-        ((logp * mask).sum() / mask.sum()).backward()
+        logprobs_fwd_bwd(model, batch, positions)
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {"completion": [], "all": []}
