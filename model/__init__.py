@@ -3,7 +3,7 @@
 from .cache import FP8LatentCache, LatentCache
 from .checkpoint import build_model, load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
-from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss
+from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss, token_sequences
 from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss, mtp_loss
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "mtp_loss",
     "save_checkpoint",
     "sequence_balance_loss",
+    "token_sequences",
 ]

@@ -92,23 +92,48 @@ class GroupedExperts(nn.Module):
         )
 
 
+def token_sequences(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor | None, B: int, T: int,
+                    device: torch.device) -> tuple[torch.Tensor, int]:
+    """Which sequence each of the ``B * T`` tokens belongs to, for the sequence-wise balance loss: returns
+    (``seq_N`` in ``[0, S)``, ``S``) with padding tokens at ``S`` (the slot that is dropped). Without ``segment_ids``
+    a row is a sequence; with them (packed rows) each (row, segment id) is its own sequence, as attention treats it."""
+    if segment_ids_BT is None:
+        seq_BT = torch.arange(B, device=device)[:, None].expand(B, T)
+        S = B
+    else:
+        seg = segment_ids_BT.long()
+        seg = seg - seg.min()
+        key_BT = torch.arange(B, device=device)[:, None] * (int(seg.max()) + 1) + seg
+        if valid_BT is not None:
+            key_BT = key_BT.masked_fill(~valid_BT, -1)  # padding keys sort first; dropped below
+        keys, seq_BT = torch.unique(key_BT, return_inverse=True)
+        has_pad = bool(keys[0] < 0)
+        seq_BT, S = seq_BT - int(has_pad), keys.numel() - int(has_pad)
+    if valid_BT is not None:
+        seq_BT = seq_BT.masked_fill(~valid_BT, S)
+    return seq_BT.reshape(-1), S
+
+
 def sequence_balance_loss(
-    scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, valid_BT: torch.Tensor, alpha: float
+    scores_NE: torch.Tensor, topk_idx_NK: torch.Tensor, seq_N: torch.Tensor, num_seqs: int, alpha: float
 ) -> torch.Tensor:
     """Complementary sequence-wise balance loss ``alpha * sum_i f_i P_i``, averaged over sequences.
 
-    ``f_i = E / (K T) * #tokens of the sequence routed to i``; ``P_i = mean_t s_ti / sum_j s_tj`` over the
-    sequence's valid tokens (DeepSeek-V3 report, eq. 17-20).
+    Per sequence (``token_sequences``: a row, or one sample of a packed row): ``f_i = E / (K T) * #tokens routed to
+    i`` and ``P_i = mean_t s_ti / sum_j s_tj`` over its ``T`` real tokens (DeepSeek-V3 report, eq. 17-20). Tokens at
+    ``seq_N == num_seqs`` (padding) take no part; sequences without a real token are not counted in the mean.
     """
-    B, T, E = scores_BTE.shape
-    K = topk_idx_BTK.shape[-1]
-    valid = valid_BT.to(scores_BTE.dtype)
-    n_valid_B = valid.sum(dim=1).clamp(min=1)
-    hits_BTE = torch.zeros_like(scores_BTE).scatter_(2, topk_idx_BTK, 1.0) * valid[..., None]
-    f_BE = hits_BTE.sum(dim=1) * E / (K * n_valid_B[:, None])
-    probs_BTE = scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)
-    p_BE = (probs_BTE * valid[..., None]).sum(dim=1) / n_valid_B[:, None]
-    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+    N, E = scores_NE.shape
+    K = topk_idx_NK.shape[-1]
+    S = num_seqs
+    with torch.no_grad():
+        n_S = torch.bincount(seq_N, minlength=S + 1)[:S].to(scores_NE.dtype)
+        slot_NK = seq_N[:, None] * E + topk_idx_NK
+        hits_SE = torch.bincount(slot_NK.reshape(-1), minlength=(S + 1) * E)[: S * E].view(S, E).to(scores_NE.dtype)
+        f_SE = hits_SE * E / (K * n_S.clamp(min=1)[:, None])
+    probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+    p_SE = probs_NE.new_zeros(S + 1, E).index_add(0, seq_N, probs_NE)[:S] / n_S.clamp(min=1)[:, None]
+    return alpha * (f_SE * p_SE).sum() / (n_S > 0).sum().clamp(min=1)
 
 
 class MoE(nn.Module):
@@ -123,22 +148,29 @@ class MoE(nn.Module):
             MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        valid_BT: torch.Tensor | None = None,
+        sequences: tuple[torch.Tensor, int] | None = None,
+    ) -> tuple[torch.Tensor, RouterStats]:
+        """``valid_BT`` marks real tokens (padding is not counted); ``sequences`` is ``token_sequences(...)`` for
+        the balance loss (default: one sequence per row; packed batches pass their samples)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         topk_idx_NK, weight_NK, scores_NE = self.gate(x_ND)
         y_ND = self.experts(x_ND, topk_idx_NK, weight_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
-        if valid_BT is None:
-            valid_BT = torch.ones(B, T, dtype=torch.bool, device=x_BTD.device)
         E = self.cfg.n_routed_experts
         with torch.no_grad():
-            hits = topk_idx_NK[valid_BT.reshape(-1)].reshape(-1)
-            counts_E = torch.bincount(hits, minlength=E).float()
+            hits = topk_idx_NK if valid_BT is None else topk_idx_NK[valid_BT.reshape(-1)]
+            counts_E = torch.bincount(hits.reshape(-1), minlength=E).float()
         alpha = self.cfg.aux_loss_alpha if self.cfg.seq_aux else 0.0
         if alpha > 0 and torch.is_grad_enabled():
-            aux = sequence_balance_loss(scores_NE.view(B, T, E), topk_idx_NK.view(B, T, -1), valid_BT, alpha)
+            if sequences is None:
+                sequences = token_sequences(valid_BT, None, B, T, x_BTD.device)
+            aux = sequence_balance_loss(scores_NE, topk_idx_NK, *sequences, alpha)
         else:
             aux = x_BTD.new_zeros((), dtype=torch.float32)
         return y_ND.view(B, T, D), RouterStats(counts_E, aux)

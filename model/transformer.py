@@ -17,7 +17,7 @@ from .cache import LatentCache
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, make_linear
 from .mla import MLA, DocumentLayout, document_layout
-from .moe import MoE, RouterStats
+from .moe import MoE, RouterStats, token_sequences
 from .rope import RotaryEmbedding
 
 
@@ -49,12 +49,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg, cfg.intermediate_size)
 
-    def forward(self, h_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False):
+    def forward(self, h_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False, sequences=None):
         attn = self.self_attn(self.input_layernorm(h_BTD), rope, mask, cache, position_ids, absorbed, valid_BT)
         h_BTD = h_BTD + attn
         x = self.post_attention_layernorm(h_BTD)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(x, valid_BT)
+            y, stats = self.mlp(x, valid_BT, sequences)
             return h_BTD + y, stats
         return h_BTD + self.mlp(x), None
 
@@ -74,9 +74,10 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(cfg, cfg.num_hidden_layers + depth - 1)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev_BTD, emb_next_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False):
+    def forward(self, h_prev_BTD, emb_next_BTD, rope, mask, valid_BT, cache=None, position_ids=None, absorbed=False,
+                sequences=None):
         x = self.eh_proj(torch.cat([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], dim=-1))
-        return self.block(x, rope, mask, valid_BT, cache, position_ids, absorbed)
+        return self.block(x, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
 
 
 def build_attention_mask(
@@ -196,11 +197,16 @@ class Transformer(nn.Module):
         else:
             mask = self._attention_plan(position_ids, valid_BT, segment_ids)
         rope = self.rotary(position_ids)
+        # packed rows: the balance loss is per sample (the MoE layers default to one sequence per row)
+        sequences = None
+        if segment_ids is not None and cache is None and torch.is_grad_enabled() and self.cfg.seq_aux \
+                and self.cfg.aux_loss_alpha > 0:
+            sequences = token_sequences(valid_BT, segment_ids, B, T, input_ids.device)
 
         h = self.embed_tokens(input_ids)
         stats: list[RouterStats] = []
         for layer in self.layers:
-            h, s = self._run_layer(layer, h, rope, mask, valid_BT, cache, position_ids, absorbed)
+            h, s = self._run_layer(layer, h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
             if s is not None:
                 stats.append(s)
         hidden_pre = h
@@ -218,7 +224,7 @@ class Transformer(nn.Module):
             h_prev = hidden if self.cfg.mtp_hidden == "post_norm" else hidden_pre
             for k, module in enumerate(self.mtp, start=1):
                 next_ids = F.pad(input_ids[:, k:], (0, k), value=0)
-                h_prev, s = module(h_prev, self.embed_tokens(next_ids), rope, mask, valid_BT)
+                h_prev, s = module(h_prev, self.embed_tokens(next_ids), rope, mask, valid_BT, sequences=sequences)
                 if s is not None:
                     stats.append(s)
                 if return_logits:
@@ -241,10 +247,10 @@ class Transformer(nn.Module):
             return None
         return layout if layout is not None else build_attention_mask(position_ids, valid_BT, segment_ids)
 
-    def _run_layer(self, layer, h, rope, mask, valid_BT, cache, position_ids, absorbed):
+    def _run_layer(self, layer, h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-            return checkpoint(layer, h, rope, mask, valid_BT, use_reentrant=False)
-        return layer(h, rope, mask, valid_BT, cache, position_ids, absorbed)
+            return checkpoint(layer, h, rope, mask, valid_BT, sequences=sequences, use_reentrant=False)
+        return layer(h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
 
 
 def _shifted_ce(out_BTX: torch.Tensor, labels: torch.Tensor, shift: int, segment_ids: torch.Tensor | None,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dsalign.model import bias_update_delta, load_imbalance, sequence_balance_loss
+from dsalign.alignment.packing import collate_padded, pack_examples
+from dsalign.model import Transformer, bias_update_delta, load_imbalance, sequence_balance_loss, token_sequences
 from dsalign.model.moe import Gate, MoE
 
 from .conftest import tiny
@@ -61,6 +62,12 @@ def test_node_limited_routing_caps_nodes_per_token():
     assert min(nodes_per_token) >= 1
 
 
+def _balance(scores_BTE, idx_BTK, valid_BT=None, segment_ids_BT=None, alpha=1e-4):
+    B, T, E = scores_BTE.shape
+    seq_N, S = token_sequences(valid_BT, segment_ids_BT, B, T, scores_BTE.device)
+    return sequence_balance_loss(scores_BTE.reshape(B * T, E), idx_BTK.reshape(B * T, -1), seq_N, S, alpha)
+
+
 def test_sequence_balance_loss_by_hand():
     # 1 sequence, T=2 tokens, E=4 experts, K=1.
     scores = torch.tensor([[[0.8, 0.2, 0.5, 0.5], [0.1, 0.9, 0.6, 0.4]]])
@@ -69,13 +76,72 @@ def test_sequence_balance_loss_by_hand():
     # f_i = E/(K*T) * count_i = 4/2 * [1, 1, 0, 0] = [2, 2, 0, 0]
     # P_i = mean_t s_ti / sum_j s_tj: token0 /2.0 = [.4,.1,.25,.25]; token1 /2.0 = [.05,.45,.3,.2]
     # P = [.225, .275, .275, .225];  sum f*P = 2*.225 + 2*.275 = 1.0
-    got = sequence_balance_loss(scores, idx, valid, alpha=1e-4)
-    assert got.item() == pytest.approx(1e-4, rel=1e-6)
+    assert _balance(scores, idx, valid).item() == pytest.approx(1e-4, rel=1e-6)
     # a padding token neither counts nor contributes probability mass
     scores3 = torch.cat([scores, torch.tensor([[[0.9, 0.9, 0.9, 0.1]]])], dim=1)
     idx3 = torch.cat([idx, torch.tensor([[[3]]])], dim=1)
     valid3 = torch.tensor([[True, True, False]])
-    assert sequence_balance_loss(scores3, idx3, valid3, alpha=1e-4).item() == pytest.approx(1e-4, rel=1e-6)
+    assert _balance(scores3, idx3, valid3).item() == pytest.approx(1e-4, rel=1e-6)
+    # packed: the same row as two one-token samples. Each: f = 4 * onehot, P = its token's probs;
+    # sample 0: 4 * .4 = 1.6, sample 1: 4 * .45 = 1.8; mean 1.7 (as one sequence it was 1.0)
+    packed = _balance(scores, idx, valid, torch.tensor([[1, 2]]))
+    assert packed.item() == pytest.approx(1.7e-4, rel=1e-6)
+
+
+def test_token_sequences_of_packed_rows():
+    segment_ids = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 2, 1, 0, 0, 0]])
+    valid = segment_ids > 0
+    seq_N, S = token_sequences(valid, segment_ids, 2, 6, segment_ids.device)
+    # row 0 holds samples 0 and 1, row 1 samples 2 and 3 (segment 1 comes back after segment 2); padding at slot S
+    assert S == 4
+    assert seq_N.tolist() == [0, 0, 1, 1, 1, 4, 2, 3, 2, 4, 4, 4]
+    rows_N, rows = token_sequences(valid, None, 2, 6, segment_ids.device)
+    assert rows == 2 and rows_N.tolist() == [0, 0, 0, 0, 0, 2, 1, 1, 1, 2, 2, 2]
+    # a row of padding only is no sequence: the mean runs over the real ones
+    scores = torch.rand(2, 3, 8)
+    idx = scores.topk(2, dim=-1).indices
+    one = _balance(scores[:1], idx[:1], torch.ones(1, 3, dtype=torch.bool))
+    with_empty_row = _balance(scores, idx, torch.tensor([[True] * 3, [False] * 3]))
+    torch.testing.assert_close(with_empty_row, one)
+
+
+def test_packed_balance_loss_is_per_sample():
+    """A packed batch's balance loss (and its gradient) equals that of the same samples one per padded row: the
+    sequence-wise loss is per sample (V3 eq. 17-20), not per packed row. Without MTP: the MTP block's input at a
+    sample's last token is the next sample's first token when packed and padding when not, so it routes differently."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(aux_loss_alpha=0.01)).train()
+    gen = torch.Generator().manual_seed(4)
+    examples = [{"input_ids": e, "labels": e}
+                for e in (torch.randint(1, 256, (n,), generator=gen).tolist() for n in (9, 5, 12, 7, 4))]
+    packed = pack_examples(examples, max_length=24)
+    padded = collate_padded(examples)
+    assert packed.input_ids.shape[0] < len(examples) and (packed.segment_ids == 2).any()
+
+    def aux_and_grad(batch, segments):
+        model.zero_grad(set_to_none=True)
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    segment_ids=batch.segment_ids if segments else None, compute_mtp=False)  # fmt: skip
+        out.aux_loss.backward()
+        return out.aux_loss.detach(), model.layers[1].mlp.gate.weight.grad.clone()
+
+    aux_p, grad_p = aux_and_grad(packed, True)
+    aux_u, grad_u = aux_and_grad(padded, False)
+    assert aux_p > 0
+    torch.testing.assert_close(aux_p, aux_u, atol=1e-8, rtol=1e-5)
+    torch.testing.assert_close(grad_p, grad_u, atol=1e-8, rtol=1e-4)
+    # per packed row (what the loss was before) is a different number
+    B, T = packed.input_ids.shape
+    rows_N, rows = token_sequences(packed.attention_mask.bool(), None, B, T, packed.input_ids.device)
+    seq_N, S = token_sequences(packed.attention_mask.bool(), packed.segment_ids, B, T, packed.input_ids.device)
+    seqs = len(examples)
+    assert rows == B and seqs == S
+    with torch.no_grad():
+        x = torch.randn(B * T, model.cfg.hidden_size)
+        idx, _, scores = model.layers[1].mlp.gate(x)
+        per_row = sequence_balance_loss(scores, idx, rows_N, rows, 1.0)
+        per_sample = sequence_balance_loss(scores, idx, seq_N, S, 1.0)
+    assert abs(per_row - per_sample) > 1e-3 * per_sample
 
 
 def test_bias_update_sign_rule_by_hand():
