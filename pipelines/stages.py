@@ -663,9 +663,11 @@ def run_grpo(env: StageEnv) -> Path:
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
     lora = apply_stage_lora(model, env.stage)
-    reference = None
+    reference, reference_biases = None, None
     if p.kl_beta > 0 and lora is None:
         reference = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device).eval()
+    elif p.kl_beta > 0:  # LoRA: the reference is the policy with its adapters off and the source's router biases
+        reference_biases = [g.e_score_correction_bias.clone() for g in model.gates()]
     runner = build_runner(model, cfg)
     if env.rollout_pool is None:
         slots = p.prompts_per_iter * p.group_size
@@ -683,7 +685,7 @@ def run_grpo(env: StageEnv) -> Path:
         batch = to_device(make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards, p.group_size, p), device)
         if p.kl_beta > 0:
             ref = model if reference is None else reference  # LoRA: the policy with its adapters off
-            batch["ref_logp"] = reference_logprobs(ref, lora, batch, p.temperature)
+            batch["ref_logp"] = reference_logprobs(ref, lora, batch, p.temperature, reference_biases)
         model.train()
         micro = split_micro(batch, p.micro_batch_size)
         cfg.micro_batches = len(micro)
@@ -698,20 +700,28 @@ def run_grpo(env: StageEnv) -> Path:
     return finish_stage(env, loop, runner, lora)
 
 
-def reference_logprobs(reference: Transformer, lora, batch: dict[str, torch.Tensor], temperature: float):
+def reference_logprobs(reference: Transformer, lora, batch: dict[str, torch.Tensor], temperature: float,
+                       router_biases: list[torch.Tensor] | None = None):
     """The KL reference's log-probs of the batch's completion tokens: the frozen source model, or under LoRA the
-    policy itself with its adapters switched off (its base weights never train, so no second copy is loaded; the
-    router biases are the current ones, which ``bias_update_gamma`` moves)."""
+    policy itself with its adapters switched off (its base weights never train, so no second copy is loaded).
+    ``router_biases`` (one per gate, the source's) stand in for the current ``e_score_correction_bias`` meanwhile:
+    ``bias_update_gamma`` moves those during training, and the reference must route as the source did."""
     from dsalign.alignment.rl import token_logprobs
 
     was_training = reference.training
     reference.eval()
     if lora is not None:
         lora.disable_adapter_layers()
+    gates = reference.gates() if router_biases is not None else []
+    current = [g.e_score_correction_bias.clone() for g in gates]
     try:
+        for g, b in zip(gates, router_biases or []):
+            g.e_score_correction_bias.copy_(b)
         with torch.no_grad():
             return token_logprobs(reference, batch, temperature, positions=batch["completion_mask"])[0]
     finally:
+        for g, b in zip(gates, current):
+            g.e_score_correction_bias.copy_(b)
         if lora is not None:
             lora.enable_adapter_layers()
         reference.train(was_training)

@@ -72,3 +72,37 @@ def test_rollout_is_correction_under_bf16(tmp_path):
     # Iteration 1 of both runs: same weights, same samples. The plain run's largest ratio is one of the tokens whose
     # log-prob gap the corrected run measured.
     assert math.log(plain[0]["ratio_max"]) <= tis[0]["rollout_logp_diff_max"] + 1e-6
+
+
+def test_lora_kl_reference_routes_with_the_source_biases():
+    """Under LoRA the KL reference is the policy with its adapters off. The router-bias update moves
+    ``e_score_correction_bias`` during the stage, so the reference swaps in the source's biases for its forward:
+    its log-probs are then the source model's, and the policy's own biases are back afterwards."""
+    from dsalign.alignment.rl import build_rl_batch
+    from dsalign.alignment.trainer.lora import LoraSettings, apply_lora
+    from dsalign.pipelines.stages import reference_logprobs
+
+    run = load_config(TINY, [])
+    tokenizer = task_tokenizer(run.task)
+    source = load_source(SOURCE, tokenizer, run.seed).eval()
+    policy = load_source(SOURCE, tokenizer, run.seed)
+    lora = apply_lora(policy, LoraSettings(r=4, alpha=8.0, target_modules=("kv_b_proj", "o_proj")))
+    biases = [g.e_score_correction_bias.clone() for g in policy.gates()]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=gen)  # adapters that have trained
+        for g in policy.gates():
+            g.e_score_correction_bias.add_(torch.randn(g.e_score_correction_bias.shape, generator=gen))
+    moved = [g.e_score_correction_bias.clone() for g in policy.gates()]
+    prompts = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (5, 8, 3, 6)]
+    completions = [torch.randint(3, 60, (n,), generator=gen).tolist() for n in (12, 4, 9, 10)]
+    batch = build_rl_batch(prompts, completions, pad_id=0)
+
+    want = reference_logprobs(source, None, batch, 1.0)
+    got = reference_logprobs(policy, lora, batch, 1.0, biases)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert all(torch.equal(g.e_score_correction_bias, m) for g, m in zip(policy.gates(), moved))
+    stale = reference_logprobs(policy, lora, batch, 1.0)  # adapters off, current (moved) biases
+    assert (stale - want).abs().max() > 1e-3
