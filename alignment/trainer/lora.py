@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from dsalign.model import Transformer, save_checkpoint
 
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -84,19 +85,27 @@ def has_adapters(model: Transformer) -> bool:
 
 def merged_state_dict(model: Transformer) -> dict[str, Any]:
     """The merged network's state dict (adapters folded in, peft's ``base_layer``/``lora_`` keys gone), ``model``
-    left as it is: a copy is merged, so one more model's memory while it runs. The plain ``state_dict()`` when the
-    model has no adapters. For engines that load plain weights (split-mode rollout workers)."""
-    import copy
-
+    left as it is. Only the adapted weights are new tensors (``W + scale * B A``, added as peft's merge adds it);
+    every other entry is the model's own tensor, so the extra memory is the adapted weights, not a model copy. The
+    plain ``state_dict()`` when the model has no adapters. For engines that load plain weights (split-mode rollout
+    workers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    state = model.state_dict()
     if not has_adapters(model):
-        return model.state_dict()
-    merged = copy.deepcopy(model)
-    for module in merged.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-    return {k.replace(".base_layer", ""): v for k, v in merged.state_dict().items() if "lora_" not in k}
+        return state
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer) or module.merged:
+                continue
+            base, path = module, name
+            while isinstance(base, BaseTunerLayer):  # nested wrappers: one per adapted expert tensor
+                base, path = base.base_layer, f"{path}.base_layer"
+            key = f"{path}.{getattr(module, 'parameter_name', None) or 'weight'}"
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+    return {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
 
 
 def merge_lora(lora_model: Any) -> Transformer:

@@ -70,3 +70,41 @@ def test_absorbed_decode_sees_the_adapters(experts):
         base = model(x).logits
     assert (base - full).abs().max() > 1e-2  # the adapters matter, so the comparison below can fail
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("experts", [False, True], ids=["attention", "attention+experts"])
+def test_merged_state_dict_without_a_model_copy(experts):
+    """``merged_state_dict`` (what split-mode LoRA GRPO broadcasts) equals peft's merge of a copy, bitwise, with the
+    plain model's keys; tensors without an adapter are the model's own (no copy); the model is left unmerged."""
+    import copy
+
+    from dsalign.alignment.trainer.lora import merged_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny"))
+    plain_keys = set(model.state_dict())
+    apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=("kv_b_proj", "o_proj"), experts=experts))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    want = {k.replace(".base_layer", ""): v for k, v in reference.state_dict().items() if "lora_" not in k}
+
+    got = merged_state_dict(model)
+    assert set(got) == set(want) == plain_keys
+    model_key = {k.replace(".base_layer", ""): k for k in before if "lora_" not in k}
+    changed = {k for k in got if not torch.equal(got[k], before[model_key[k]])}
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    own = {v.data_ptr() for v in model.state_dict().values()}
+    adapted = {k for k in got if got[k].data_ptr() not in own}
+    targets = ("kv_b_proj.weight", "o_proj.weight") + (("gate_up_proj", "down_proj") if experts else ())
+    assert adapted and all(k.endswith(targets) for k in adapted), sorted(adapted)
+    assert changed == adapted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model itself is untouched
