@@ -1,7 +1,7 @@
 """The rollout engine: batched generation on the MLA latent cache, with MTP speculative decoding.
 
 GRPO and distillation spend most of their time here. The engine runs the policy model itself (no separate
-inference server), so the log-probs it reports are the ones the trainer recomputes (SPEC.md section 8).
+inference server), so the log-probs it reports are the ones the trainer recomputes (docs/SPEC.md section 8).
 
 How a ``generate`` call runs:
 

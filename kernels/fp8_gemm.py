@@ -1,4 +1,4 @@
-"""FP8 block-scaled GEMM and the ``FP8Linear`` layer (DeepSeek-V3 section 3.3, SPEC.md section 5).
+"""FP8 block-scaled GEMM and the ``FP8Linear`` layer (DeepSeek-V3 section 3.3, docs/SPEC.md section 5).
 
 Shape legend: M rows of the left operand (tokens), N output features, K the reduction dim, kb = ceil(K/128).
 

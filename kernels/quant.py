@@ -1,4 +1,4 @@
-"""Fine-grained FP8 (E4M3) block quantization, as in DeepSeek-V3 section 3.3.2 (SPEC.md section 5).
+"""Fine-grained FP8 (E4M3) block quantization, as in DeepSeek-V3 section 3.3.2 (docs/SPEC.md section 5).
 
 Shape legend: M rows, K columns (the GEMM reduction dimension for activations), B the block size (128).
 

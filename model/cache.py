@@ -1,6 +1,6 @@
 """The MLA latent cache: per token per layer only the normalized latent c_kv and the roped shared key k_pe.
 
-At 671B that is kv_lora_rank + qk_rope_head_dim = 512 + 64 = 576 values per token per layer (SPEC.md section 2),
+At 671B that is kv_lora_rank + qk_rope_head_dim = 512 + 64 = 576 values per token per layer (docs/SPEC.md section 2),
 against 128 x (192 + 128) for a naive per-head K/V cache.
 
 Shape legend: L layers, B sequences (slots), S max cached tokens, C kv_lora_rank, R qk_rope_head_dim.

@@ -1,4 +1,4 @@
-"""Checkpoints in the HF format (SPEC.md section 6).
+"""Checkpoints in the HF format (docs/SPEC.md section 6).
 
 Reads: ``config.json`` + safetensors (one file, or shards with ``model.safetensors.index.json``); routed experts as
 the official per-expert keys or transformers-v5 fused ``gate_up_proj`` / ``down_proj``; FP8 weights with

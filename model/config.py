@@ -49,7 +49,7 @@ _RUNTIME_FIELDS = ("fp8", "fp8_pow2_scales")
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V3 architecture hyperparameters (HF field names; see SPEC.md section 1)."""
+    """DeepSeek-V3 architecture hyperparameters (HF field names; see docs/SPEC.md section 1)."""
 
     vocab_size: int = 129280
     hidden_size: int = 7168

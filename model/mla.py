@@ -1,4 +1,4 @@
-"""Multi-head latent attention (SPEC.md section 2), naive and weight-absorbed.
+"""Multi-head latent attention (docs/SPEC.md section 2), naive and weight-absorbed.
 
 Shape legend: B batch, T query tokens, S key tokens, D hidden, H heads, N qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim, C kv_lora_rank.

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: sigmoid gate with group-limited top-k and auxiliary-loss-free balancing (SPEC.md section 3).
+"""DeepSeekMoE: sigmoid gate with group-limited top-k and auxiliary-loss-free balancing (docs/SPEC.md section 3).
 
 Shape legend: B batch, T tokens, N = B*T flattened tokens, D hidden, E routed experts, K experts per token,
 I moe_intermediate_size, G groups.

@@ -1,4 +1,4 @@
-"""Rotary position embedding with DeepSeek's YaRN extension (SPEC.md section 2).
+"""Rotary position embedding with DeepSeek's YaRN extension (docs/SPEC.md section 2).
 
 Shape legend: B batch, T tokens, H heads, R rope dims (qk_rope_head_dim).
 """

@@ -303,7 +303,7 @@ def causal_lm_loss(
     segment_ids: torch.Tensor | None = None,
     head_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``CE_main + lambda / D * sum_k CE_k`` (SPEC.md section 4), mean over target tokens.
+    """``CE_main + lambda / D * sum_k CE_k`` (docs/SPEC.md section 4), mean over target tokens.
 
     ``labels`` [B, T] is aligned with ``input_ids`` (-100 = ignore) and shifted here: the main head at position i
     predicts ``labels[i + 1]``, MTP depth k predicts ``labels[i + k + 1]``. With ``segment_ids``, targets in another

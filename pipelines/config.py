@@ -308,7 +308,8 @@ class DistillParams:
         metadata={"help": "traces (R1: teacher traces, filtered, SFT) | on_policy (student samples, teacher scores)"},
     )
     teacher: ModelSource = field(
-        default_factory=lambda: ModelSource(from_stage="grpo"), metadata={"help": "the model that writes the traces"}
+        default_factory=lambda: ModelSource(from_stage="grpo"),
+        metadata={"help": "writes the traces (traces) / scores the student's samples (on_policy)"},
     )
     samples_per_prompt: int = field(default=4, metadata={"help": "teacher traces sampled per prompt"})
     keep: str = field(default="best", metadata={"help": "best (best-of-k) | all (every passing trace)"})
@@ -412,7 +413,10 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "model init, data order and sampling seeds derive from it"})
     tokenizer: str = field(default="demo", metadata={"help": "'demo' (trained locally) or an HF tokenizer dir"})
     task: AdditionTask = field(default_factory=AdditionTask, metadata={"help": "the synthetic task's knobs"})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation after every stage"})
+    eval: EvalConfig = field(
+        default_factory=EvalConfig,
+        metadata={"help": "held-out evaluation before the first stage and after every stage"},
+    )
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "where the run's actors run"})
 
     def __post_init__(self) -> None:

@@ -68,6 +68,10 @@ def _default(f: dataclasses.Field, instance: Any) -> str:
     return f"`{value}`"
 
 
+# A shared block's field that means something else where it is used (the help text is the field's elsewhere).
+HELP_IN_CONTEXT = {"eval.reward.weight": "ignored: the evaluation averages the reward itself"}
+
+
 def _rows(cls: type, prefix: str, instance: Any, own_section: tuple[str, ...] = ()) -> list[str]:
     """Table rows for ``cls``'s fields; nested blocks get a row and are flattened below it as ``block.key`` (lists
     of blocks as ``block[].key``), except those in ``own_section`` (documented in a section of their own)."""
@@ -80,7 +84,7 @@ def _rows(cls: type, prefix: str, instance: Any, own_section: tuple[str, ...] = 
         block = _block_type(tp)
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         nested = block or (item if item is not None and dataclasses.is_dataclass(item) else None)
-        help_text = f.metadata.get("help", "")
+        help_text = HELP_IN_CONTEXT.get(key, f.metadata.get("help", ""))
         if f.name in own_section:
             rows.append(_row(key, _type_name(tp), _default(f, instance), f"{help_text} (own section below)"))
         elif block is not None and _default(f, instance) != "null":
@@ -125,8 +129,10 @@ def config_reference() -> str:
     blocks = (("sft", SFTParams, "Supervised fine-tuning on conversations (assistant tokens only, plus MTP)."),
               ("grpo", GRPOParams, "GRPO: sample a group per prompt, score, group-relative advantages, clipped "
                                    "policy update."),
-              ("distill", DistillParams, "R1-style distillation: the teacher samples traces, rewards filter them, "
-                                         "the student is fine-tuned on the kept ones."))  # fmt: skip
+              ("distill", DistillParams, "Distillation. `mode: traces` (R1-style): the teacher samples traces, "
+                                         "rewards filter them, the student is fine-tuned on the kept ones. "
+                                         "`mode: on_policy`: the student samples, the teacher scores its tokens "
+                                         "(`on_policy` block)."))  # fmt: skip
     for key, cls, intro in blocks:
         out += _table(f"`{key}` block (`stages[].{key}`)", intro, _rows(cls, "", cls()))
     return "\n".join(out).rstrip() + "\n"

@@ -124,9 +124,10 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
                 f"{where}: mode 'split' broadcasts rank 0's full weights, which ZeRO stage 3 partitions; "
                 "use zero_stage 0-2"
             )
-    elif stage.kind == "grpo" and res.zero_stage == 3:
+    elif (stage.kind == "grpo" or stage.on_policy_distill) and res.zero_stage == 3:
+        what = "a colocated GRPO stage" if stage.kind == "grpo" else "on-policy distillation"
         problems.append(
-            f"{where}.zero_stage: 3 partitions every weight outside the forward pass, but a colocated GRPO stage "
+            f"{where}.zero_stage: 3 partitions every weight outside the forward pass, but {what} "
             "decodes with the trainer's model between steps (the rollout engine reads the weights directly); use "
             "zero_stage 0-2"
         )

@@ -751,7 +751,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
             "teacher": teacher_name,
             "trace_index": i % k,
             "num_tokens": len(comps[i].token_ids),
-            "answer": rows[i // k]["answer"],
+            "answer": rows[i // k].get("answer"),  # prompt files need no answer column
         }  # fmt: skip
         for i in range(len(comps))
     ]

@@ -1,4 +1,4 @@
-"""Trainer configuration: one typed dataclass shared by SFT, GRPO and distillation (SPEC.md section 7 defaults).
+"""Trainer configuration: one typed dataclass shared by SFT, GRPO and distillation (docs/SPEC.md section 7 defaults).
 
 The trainer knows nothing about the loss; everything here is about the optimizer step, MoE balancing,
 precision, distribution and checkpoints.

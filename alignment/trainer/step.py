@@ -168,7 +168,7 @@ def reduce_expert_counts(counts_LE: torch.Tensor | None, group: Any) -> torch.Te
 
 
 def update_router_bias(model: Transformer, counts_LE: torch.Tensor | None, cfg: TrainerConfig) -> None:
-    """Auxiliary-loss-free balancing (SPEC.md section 3): sign rule on every gate's ``e_score_correction_bias``."""
+    """Auxiliary-loss-free balancing (docs/SPEC.md section 3): sign rule on every gate's ``e_score_correction_bias``."""
     if counts_LE is None or cfg.bias_update_gamma == 0:
         return
     # Rows are main layers first, then MTP blocks; a step without MTP (lambda 0) leaves the MTP gates alone.

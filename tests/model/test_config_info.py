@@ -78,7 +78,7 @@ def test_official_config_round_trips(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_V3_CONFIG))
     cfg = ModelConfig.from_hf(tmp_path)
     assert cfg.rope_scaling["factor"] == 40 and cfg.quantization_config["weight_block_size"] == [128, 128]
-    assert cfg.softmax_scale == pytest.approx(0.1352338, rel=1e-6)  # SPEC.md: 192^-0.5 * (0.1 ln 40 + 1)^2
+    assert cfg.softmax_scale == pytest.approx(0.1352338, rel=1e-6)  # docs/SPEC.md: 192^-0.5 * (0.1 ln 40 + 1)^2
     again = ModelConfig.from_hf(cfg.to_hf())
     assert again == cfg
     hf = cfg.to_hf()

@@ -18,7 +18,7 @@ def test_cache_holds_latent_plus_rope_per_token_per_layer():
     big = ModelConfig.preset("v3-671b")
     meta = LatentCache(big, batch_size=1, max_len=1, dtype=torch.bfloat16, device="meta")
     assert meta.values_per_token_per_layer() == 576
-    assert meta.bytes_per_token() == 70_272  # 576 values x 2 bytes x 61 layers (SPEC.md section 2)
+    assert meta.bytes_per_token() == 70_272  # 576 values x 2 bytes x 61 layers (docs/SPEC.md section 2)
 
 
 def _ragged_decode(model, x, prompt_lens, absorbed_prefill):

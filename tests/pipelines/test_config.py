@@ -203,6 +203,13 @@ def test_preflight_refuses_zero3_for_grpo_and_more_rows_than_the_task_has(tmp_pa
     assert "stages[0] (sft).data.num_rows: 70 synthetic rows plus 20 held-out prompts exceed the 81 distinct" in text
     assert "stages[2] (distill).resources: zero_stage 3 with ep_size 2: DeepSpeed does not support MoE" in text
     assert all("stages[0] (sft).resources" not in p for p in err.value.problems)
+    # on-policy distillation samples from the student it trains, as GRPO does (trace distillation may use stage 3)
+    data["stages"][2]["resources"] = {"zero_stage": 3}
+    data["stages"][2]["distill"] = {**data["stages"][2]["distill"], "mode": "on_policy"}
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    assert ("stages[2] (distill).resources.zero_stage: 3 partitions every weight outside the forward pass, but "
+            "on-policy distillation decodes") in str(err.value)  # fmt: skip
 
 
 def test_config_reference_doc_is_generated_from_the_schema():

@@ -57,3 +57,24 @@ def test_on_policy_distillation_stage(tmp_path, teacher, loss):
     initial = load_source({"preset": "tiny", "overrides": {"num_hidden_layers": 2}}, tok, run.seed)
     assert student.cfg.num_hidden_layers == 2
     assert not torch.equal(student.lm_head.weight, initial.lm_head.weight)  # the student trained
+
+
+def test_trace_distillation_on_a_prompt_file_without_answers(tmp_path, teacher):
+    """``distill.mode: traces`` on the user's own prompt file: rewards that need no gold answer (``think_format``)
+    filter the teacher's traces; the file needs no ``answer`` column (the trace rows carry None)."""
+    path, tok = teacher
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+                               for w in ("rivers", "stones", "clouds", "owls")))  # fmt: skip
+    d = "stages.distill"
+    run = load_config(TINY, [f"output_dir={tmp_path}", f"{d}.data={{path: {prompts}}}", f"{d}.distill.sft.steps=1"])
+    stage = next(s for s in run.stages if s.name == "distill")
+    env = StageEnv(run=run, stage=stage, out_dir=tmp_path / "distill", tokenizer=tok, resume=False,
+                   sources={"model": {"preset": "tiny", "overrides": {"num_hidden_layers": 2}},
+                            "teacher": {"checkpoint": path}})  # fmt: skip
+    env.out_dir.mkdir(parents=True)
+    final = run_distill(env)
+    rows = [json.loads(line) for line in (env.out_dir / "distill_sft.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt_id"] for r in rows) == [f"prompts.jsonl:{i}" for i in range(1, 5)]  # one trace each
+    assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
+    assert load_checkpoint(final).cfg.num_hidden_layers == 2
