@@ -29,6 +29,16 @@ def teacher(tmp_path_factory):
     return str(save_checkpoint(model, tmp_path_factory.mktemp("teacher") / "t")), tok
 
 
+def _run_distill_stage(tmp_path: Path, run, tok, teacher_path: str):
+    """configs/tiny.yaml's distill stage in-process: a 2-layer ``tiny`` student, the given teacher checkpoint."""
+    stage = next(s for s in run.stages if s.name == "distill")
+    env = StageEnv(run=run, stage=stage, out_dir=tmp_path / "distill", tokenizer=tok, resume=False,
+                   sources={"model": {"preset": "tiny", "overrides": {"num_hidden_layers": 2}},
+                            "teacher": {"checkpoint": teacher_path}})  # fmt: skip
+    env.out_dir.mkdir(parents=True)
+    return run_distill(env), env
+
+
 @pytest.mark.parametrize("loss", ["sampled_reverse_kl", "topk_reverse_kl"])
 def test_on_policy_distillation_stage(tmp_path, teacher, loss):
     path, tok = teacher
@@ -37,12 +47,7 @@ def test_on_policy_distillation_stage(tmp_path, teacher, loss):
                              f"{d}.on_policy.prompts_per_step=4", f"{d}.on_policy.max_new_tokens=12",
                              f"{d}.on_policy.loss={loss}", f"{d}.on_policy.top_k=8", f"{d}.on_policy.optim.lr=0.01",
                              f"{d}.on_policy.optim.warmup_steps=0"])  # fmt: skip
-    stage = next(s for s in run.stages if s.name == "distill")
-    env = StageEnv(run=run, stage=stage, out_dir=tmp_path / "distill", tokenizer=tok, resume=False,
-                   sources={"model": {"preset": "tiny", "overrides": {"num_hidden_layers": 2}},
-                            "teacher": {"checkpoint": path}})  # fmt: skip
-    env.out_dir.mkdir(parents=True)
-    final = run_distill(env)
+    final, env = _run_distill_stage(tmp_path, run, tok, path)
     log = [json.loads(line) for line in (env.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     # the estimate of KL(student || teacher) on the student's samples: far apart (the teacher is sharp)
@@ -68,12 +73,7 @@ def test_trace_distillation_on_a_prompt_file_without_answers(tmp_path, teacher):
                                for w in ("rivers", "stones", "clouds", "owls")))  # fmt: skip
     d = "stages.distill"
     run = load_config(TINY, [f"output_dir={tmp_path}", f"{d}.data={{path: {prompts}}}", f"{d}.distill.sft.steps=1"])
-    stage = next(s for s in run.stages if s.name == "distill")
-    env = StageEnv(run=run, stage=stage, out_dir=tmp_path / "distill", tokenizer=tok, resume=False,
-                   sources={"model": {"preset": "tiny", "overrides": {"num_hidden_layers": 2}},
-                            "teacher": {"checkpoint": path}})  # fmt: skip
-    env.out_dir.mkdir(parents=True)
-    final = run_distill(env)
+    final, env = _run_distill_stage(tmp_path, run, tok, path)
     rows = [json.loads(line) for line in (env.out_dir / "distill_sft.jsonl").read_text().splitlines()]
     assert sorted(r["prompt_id"] for r in rows) == [f"prompts.jsonl:{i}" for i in range(1, 5)]  # one trace each
     assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
