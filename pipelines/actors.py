@@ -26,7 +26,12 @@ from .schema import from_dict, to_dict
 
 
 class StageWorkerError(RuntimeError):
-    """A stage raised inside its worker; the message carries the stage, the step reached and the error."""
+    """A stage raised inside its worker; the message carries the stage, the step reached and the error, ``cause``
+    the worker's exception (None when the actor died)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 def _free_port() -> int:
@@ -146,7 +151,9 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             step = last_checkpoint_step(cfg.stage_dir(stage))
-            raise StageWorkerError(f"stage {stage.name!r} raised at/after step {step}: {e.cause!r}") from e
+            at = f"after step {step}" if step is not None else "before its first checkpoint"
+            raise StageWorkerError(f"stage {stage.name!r} raised {at}: {type(e.cause).__name__}: {e.cause}",
+                                   e.cause) from e  # fmt: skip
         return results[0]
     finally:
         for w in actors:

@@ -208,10 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .errors import StageFailed
+
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    except StageFailed as e:  # the stage's own error is in the message; Ray has already logged the worker's traceback
         print(f"dsalign: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        print(f"dsalign: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
 
 

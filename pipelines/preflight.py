@@ -222,6 +222,37 @@ def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
                         f"(first: {', '.join(missing[:3])})")  # fmt: skip
 
 
+def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> None:
+    """A stage's data file exists and parses with the schema its kind reads (conversations for SFT, prompts for GRPO
+    and distillation), keeps at least one row, and, when the stage's rewards include ``math_accuracy``, gives every
+    prompt an ``answer``. The whole file is read: a bad row found here costs nothing, found by a worker it costs the
+    stages before it."""
+    path = stage.data.path
+    if path is None:
+        return
+    if not Path(path).exists():
+        problems.append(f"{where}.data.path: {path} does not exist")
+        return
+    from dsalign.alignment.data import load_conversations
+
+    try:
+        if stage.kind == "sft":
+            rows = list(load_conversations(path, skip_invalid=stage.data.skip_invalid)[0])
+        else:
+            rows = prompt_file_rows(path, stage.data.num_rows, skip_invalid=stage.data.skip_invalid)
+    except ValueError as e:  # DataError names the file, row and field
+        problems.append(f"{where}.data.path: {e}")
+        return
+    if not rows:
+        problems.append(f"{where}.data.path: {path} has no usable rows")
+        return
+    if stage.kind != "sft" and any(e.fn == "math_accuracy" for e in stage.rewards):
+        missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
+        if missing:
+            problems.append(f"{where}.data.path: {len(missing)} of {len(rows)} rows have no 'answer' for the stage's "
+                            f"math_accuracy reward (first: {', '.join(missing[:3])})")  # fmt: skip
+
+
 def _check_reward(entry: RewardEntry, where: str, problems: list[str]) -> None:
     """The reward spec imports and takes its ``params``."""
     from dsalign.rewards import load_reward
@@ -259,8 +290,7 @@ def preflight(cfg: RunConfig) -> None:
                     f"held-out prompts exceed the {distinct} distinct problems the task can make (task: "
                     f"min_terms {cfg.task.min_terms}, max_terms {cfg.task.max_terms}, max_value {cfg.task.max_value})"
                 )
-        if stage.data.path is not None and not Path(stage.data.path).exists():
-            problems.append(f"{where}.data.path: {stage.data.path} does not exist")
+        _check_stage_data(stage, where, problems)
         if stage.kind in ("grpo", "distill") and not stage.rewards and not stage.on_policy_distill:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
         for j, entry in enumerate(stage.rewards):

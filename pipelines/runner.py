@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelSource, RunConfig, StageConfig
+from .errors import StageFailed
 from .preflight import preflight
 from .report import format_table, write_report, write_text_atomic
 from .schema import to_dict
 
 log = logging.getLogger(__name__)
-
-
-class StageFailed(RuntimeError):
-    """A stage that failed more times than its ``retries`` allow; the message names stage, step and error."""
 
 
 @dataclass
@@ -252,6 +249,7 @@ def run_stage_with_retries(
 ) -> str:
     """Run one stage in fresh actors; when an actor dies or raises, report it and retry from the checkpoint."""
     import ray
+    from dsalign.alignment.data import DataError
 
     from . import actors
 
@@ -265,11 +263,13 @@ def run_stage_with_retries(
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, actors.StageWorkerError) as e:
             step = actors.last_checkpoint_step(cfg.stage_dir(stage))
             what = "its worker process died" if isinstance(e, ray.exceptions.RayActorError) else "it raised"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            msg = (f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} "
-                   f"(last checkpoint: step {step}): {first}")  # fmt: skip
+            detail = str(e).strip() or type(e).__name__
+            at = f"last checkpoint: step {step}" if step is not None else "no checkpoint yet"
+            msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} ({at}): {detail}"
             log.error(msg)
             print(msg, flush=True)
+            if isinstance(getattr(e, "cause", None), DataError):  # the same input fails the same way again
+                raise StageFailed(msg + "; not retried: the stage's input is at fault") from e
             if attempt == attempts:
                 raise StageFailed(msg + f"; no retries left (stage retries={stage.retries})") from e
     raise AssertionError("unreachable")

@@ -117,6 +117,37 @@ def test_preflight_reports_missing_data_and_unimportable_reward(tmp_path):
     assert len(err.value.problems) == 4
 
 
+def test_preflight_reads_every_stage_data_file(tmp_path):
+    """Each stage's data file is parsed with its kind's schema before any actor starts: malformed rows, a file of the
+    wrong kind, an empty file, and prompts without the answer the stage's math_accuracy reward needs."""
+    import json
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    convo = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    data = _tiny(tmp_path)
+    data["stages"][0]["data"] = {"path": jsonl("sft.jsonl", [{"messages": convo}, {"messages": "oops"}])}
+    data["stages"][1]["data"] = {"path": jsonl("no_answer.jsonl", [{"prompt": "1+1?"}, {"prompt": "2+3?"}])}
+    data["stages"][2]["data"] = {"path": jsonl("empty.jsonl", [])}
+    data["stages"][3]["data"] = {"path": jsonl("convos.jsonl", [{"messages": convo}])}  # prompts expected
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    problems = err.value.problems
+    assert any(p.startswith("stages[0] (sft).data.path: ") and "sft.jsonl: line 2: field 'messages'" in p
+               for p in problems), problems  # fmt: skip
+    assert "stages[1] (grpo).data.path: 2 of 2 rows have no 'answer' for the stage's math_accuracy reward" in "\n".join(
+        problems)
+    assert any(p.startswith("stages[2] (distill).data.path: ") and "empty.jsonl" in p for p in problems), problems
+    assert any(p.startswith("stages[3] (length).data.path: ") and "convos.jsonl: line 1" in p for p in problems)
+    # the same files, fixed: SFT skips its bad row when told to (counted), GRPO's rows have answers
+    data["stages"][0]["data"]["skip_invalid"] = True
+    data["stages"][1]["data"] = {"path": jsonl("ok.jsonl", [{"prompt": "1+1?", "answer": "2"}])}
+    data["stages"][2]["data"] = data["stages"][3]["data"] = {"path": str(tmp_path / "ok.jsonl")}
+    preflight(load_config(_write(tmp_path, data)))
+
+
 def test_preflight_checks_checkpoint_dirs(tmp_path):
     data = _base(tmp_path)
     data["stages"][0]["model"] = {"checkpoint": str(tmp_path / "missing_ckpt")}

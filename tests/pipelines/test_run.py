@@ -100,3 +100,47 @@ def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, loc
                "stages.sft.resources.ep_size=2", "stages.sft.resources.zero_stage=3"]  # fmt: skip
     with pytest.raises(PreflightError, match=r"zero_stage: 3 .*\n.*lora\.experts: not with resources\.ep_size > 1"):
         preflight(load_config(TINY, [f"output_dir={tmp_path / 'x'}", *sharded]))
+
+
+def test_bad_input_is_not_retried_and_other_failures_are(tmp_path, monkeypatch, capsys):
+    """A stage whose worker raised a ``DataError`` fails at once (its input fails the same way again) with the whole
+    error in the message; any other failure is retried up to ``retries``. (``actors.run_stage`` stubbed: no Ray.)"""
+    from dsalign.alignment.data import DataError
+    from dsalign.pipelines import actors
+    from dsalign.pipelines.runner import RunState, run_stage_with_retries
+
+    cfg = _sft_only(tmp_path, "retry", retries=2)
+    stage = cfg.stages[0]
+    calls = []
+
+    def failing(cause):
+        def run_stage(*args, **kwargs):
+            calls.append(kwargs["attempt"])
+            raise actors.StageWorkerError(f"stage 'sft' raised before its first checkpoint: {cause}", cause)
+        return run_stage
+
+    bad = DataError("2 malformed row(s) in x.jsonl:\n  x.jsonl: line 3: field 'messages': missing")
+    monkeypatch.setattr(actors, "run_stage", failing(bad))
+    with pytest.raises(StageFailed) as err:
+        run_stage_with_retries(cfg, stage, RunState(), "tok", resume=False, progress=False)
+    assert calls == [1]
+    assert "no checkpoint yet" in str(err.value) and "line 3: field 'messages': missing" in str(err.value)
+    assert "not retried: the stage's input is at fault" in str(err.value)
+    calls.clear()
+    monkeypatch.setattr(actors, "run_stage", failing(RuntimeError("worker lost its GPU")))
+    with pytest.raises(StageFailed, match="attempt 3/3 failed.*no retries left"):
+        run_stage_with_retries(cfg, stage, RunState(), "tok", resume=False, progress=False)
+    assert calls == [1, 2, 3]
+
+
+def test_cli_reports_a_failed_stage_in_one_message(tmp_path, monkeypatch, capsys):
+    from dsalign.pipelines import runner
+    from dsalign.pipelines.cli import main
+
+    def failed(cfg, resume=False):
+        raise StageFailed("stage 'sft' attempt 1/1 failed: it raised (no checkpoint yet): DataError: bad rows")
+
+    monkeypatch.setattr(runner, "run", failed)
+    assert main(["run", str(TINY), "--set", f"output_dir={tmp_path}"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "dsalign: error: stage 'sft' attempt 1/1 failed: it raised (no checkpoint yet): DataError: bad rows")
