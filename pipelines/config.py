@@ -6,6 +6,7 @@ directory, or an earlier stage's output), its data, rewards, hyperparameters, re
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class ModelSource:
     def __post_init__(self) -> None:
         given = [k for k in ("preset", "checkpoint", "from_stage") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ConfigError(f"model: give exactly one of preset, checkpoint, from_stage (got {given or 'none'})")
+            raise ValueError(f"give exactly one of preset, checkpoint, from_stage (got {given or 'none'})")
 
 
 @dataclass
@@ -63,9 +64,9 @@ class DataSource:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.synthetic is None):
-            raise ConfigError("data: give exactly one of path or synthetic")
+            raise ValueError("give exactly one of path or synthetic")
         if self.synthetic is not None and self.synthetic != "addition":
-            raise ConfigError(f"data.synthetic: unknown task {self.synthetic!r} (available: 'addition')")
+            raise ValueError(f"synthetic: unknown task {self.synthetic!r} (available: 'addition')")
         if self.synthetic is not None:
             self.num_rows = SYNTHETIC_ROWS if self.num_rows is None else self.num_rows
             _at_least(self, 1, "num_rows")
@@ -126,25 +127,25 @@ class Resources:
 
     def __post_init__(self) -> None:
         if self.mode not in ROLLOUT_MODES:
-            raise ConfigError(f"resources.mode: expected one of {ROLLOUT_MODES}, got {self.mode!r}")
+            raise ValueError(f"mode: expected one of {ROLLOUT_MODES}, got {self.mode!r}")
         if self.num_workers < 1 or self.ep_size < 1 or self.num_workers % self.ep_size:
-            raise ConfigError(
-                f"resources: num_workers ({self.num_workers}) must be a positive multiple of ep_size ({self.ep_size})"
+            raise ValueError(
+                f"num_workers ({self.num_workers}) must be a positive multiple of ep_size ({self.ep_size})"
             )
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"resources.zero_stage: expected 0-3, got {self.zero_stage}")
+            raise ValueError(f"zero_stage: expected 0-3, got {self.zero_stage}")
         for key in ("rollout_workers", "reward_workers"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"resources.{key}: expected 0 or more, got {getattr(self, key)}")
+                raise ValueError(f"{key}: expected 0 or more, got {getattr(self, key)}")
         for key in ("cpus_per_worker", "rollout_cpus_per_worker", "reward_cpus_per_worker"):
             if getattr(self, key) <= 0:  # a Ray bundle must reserve something; fractions such as 0.5 are fine
-                raise ConfigError(f"resources.{key}: expected a positive number of CPUs, got {getattr(self, key)}")
+                raise ValueError(f"{key}: expected a positive number of CPUs, got {getattr(self, key)}")
         for key in ("gpus_per_worker", "rollout_gpus_per_worker"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"resources.{key}: expected 0 or more, got {getattr(self, key)}")
+                raise ValueError(f"{key}: expected 0 or more, got {getattr(self, key)}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ConfigError(
-                f"resources.placement_strategy: expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
+            raise ValueError(
+                f"placement_strategy: expected one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}"
             )
 
 
@@ -160,7 +161,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW beta1, beta2"})
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "lr", "weight_decay", "warmup_steps", "grad_clip")
+        _expect(self, "lr", lambda v: v > 0, "> 0 (a zero learning rate trains nothing)")
+        _at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
         _expect(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "a fraction of lr in [0, 1]")
         _expect(self, "betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two AdamW betas in [0, 1)")
 
@@ -350,6 +352,8 @@ class StageConfig:
     output_dir: str | None = field(default=None, metadata={"help": "default: <run output_dir>/<stage name>"})
 
     def __post_init__(self) -> None:
+        _expect(self, "name", lambda v: re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) is not None,
+                "a plain name (letters, digits, '_', '-', '.'; it names the stage's directory)")  # fmt: skip
         if self.kind not in STAGE_KINDS:
             raise ConfigError(f"stage {self.name!r}: kind must be one of {STAGE_KINDS}, got {self.kind!r}")
         if getattr(self, self.kind) is None:
@@ -357,6 +361,8 @@ class StageConfig:
         for other in STAGE_KINDS:
             if other != self.kind and getattr(self, other) is not None:
                 raise ConfigError(f"stage {self.name!r} is a {self.kind} stage but sets '{other}' parameters")
+        if self.kind == "sft" and self.rewards:
+            raise ConfigError(f"stage {self.name!r}: rewards apply to grpo and distill stages, not sft")
         _at_least(self, 0, "retries")
         _at_least(self, 1, "checkpoint_every")
 
@@ -420,6 +426,8 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "where the run's actors run"})
 
     def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: expected at least one stage (sft, grpo or distill)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")

@@ -7,6 +7,8 @@ path and the valid keys; a wrong type is an error naming the path, the expected 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Union
@@ -20,6 +22,9 @@ class ConfigError(ValueError):
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -56,8 +61,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         _, val_tp = typing.get_args(tp) or (str, Any)
         return {str(k): _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -92,10 +101,10 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         raise ConfigError(f"{path or cls.__name__}: missing required key {missing[0]!r}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise  # already names its place (a nested block's error, or a message naming its stage)
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{path or cls.__name__}: {e}") from e
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from e
 
 
 def to_dict(obj: Any) -> Any:
@@ -118,7 +127,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         dotted, raw = item.split("=", 1)
-        value = _parse_scalar(raw)
+        try:
+            value = _parse_scalar(raw)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from e
         keys = dotted.split(".")
         node: Any = data
         for i, key in enumerate(keys):
@@ -136,7 +149,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 else:
                     node = node.setdefault(key, {})
             else:
-                raise ConfigError(f"override {item!r}: {where} is not a mapping or list")
+                parent = ".".join(keys[:i])
+                raise ConfigError(f"override {item!r}: {parent} is {type(node).__name__} {node!r}, not a mapping or "
+                                  f"list, so it has no key {key!r}")  # fmt: skip
     return data
 
 

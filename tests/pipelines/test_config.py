@@ -59,7 +59,7 @@ def test_wrong_type_names_path(tmp_path):
         ("stages.grpo.grpo.top_p=1.5", r"stages\[1\]\.grpo: top_p: expected a probability mass in \(0, 1\], got 1\.5"),
         ("stages.grpo.grpo.dual_clip_c=0.5", r"stages\[1\]\.grpo: dual_clip_c: expected null or a bound > 1"),
         ("stages.sft.sft.steps=0", r"stages\[0\]\.sft: steps: expected >= 1, got 0"),
-        ("stages.grpo.grpo.optim.lr=-1", r"stages\[1\]\.grpo\.optim: lr: expected >= 0, got -1\.0"),
+        ("stages.grpo.grpo.optim.lr=-1", r"stages\[1\]\.grpo\.optim: lr: expected > 0 \(.*\), got -1\.0"),
         ("stages.sft.sft.optim.betas=[0.9]", r"stages\[0\]\.sft\.optim: betas: expected two AdamW betas in \[0, 1\)"),
         ("stages.distill.distill.keep=most", r"stages\[2\]\.distill: keep: expected 'best' or 'all', got 'most'"),
         ("stages.sft.checkpoint_every=0", r"stages\[0\]: checkpoint_every: expected >= 1, got 0"),
@@ -193,10 +193,10 @@ def test_resource_combinations_that_cannot_work_fail_preflight(tmp_path):
 @pytest.mark.parametrize(
     ("resources", "message"),
     [
-        ({"mode": "spilt"}, r"resources\.mode: expected one of \('colocated', 'split'\), got 'spilt'"),
-        ({"placement_strategy": "pack"}, r"resources\.placement_strategy: expected one of \('PACK'"),
-        ({"rollout_cpus_per_worker": 0}, r"resources\.rollout_cpus_per_worker: expected a positive number of CPUs"),
-        ({"reward_workers": -1}, r"resources\.reward_workers: expected 0 or more, got -1"),
+        ({"mode": "spilt"}, r"stages\[1\]\.resources: mode: expected one of \('colocated', 'split'\), got 'spilt'"),
+        ({"placement_strategy": "pack"}, r"stages\[1\]\.resources: placement_strategy: expected one of \('PACK'"),
+        ({"rollout_cpus_per_worker": 0}, r"stages\[1\]\.resources: rollout_cpus_per_worker: expected a positive"),
+        ({"reward_workers": -1}, r"stages\[1\]\.resources: reward_workers: expected 0 or more, got -1"),
     ],
 )
 def test_bad_resources_fail_on_load(tmp_path, resources, message):
@@ -396,3 +396,32 @@ def test_shipped_configs_load(path):
     demo's outputs)."""
     cfg = load_config(path)
     assert cfg.stages and cfg.name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.sft.sft.steps.x=5", "override 'stages.sft.sft.steps.x=5': stages.sft.sft.steps is int 4, not a mapping"),
+    ("stages.sft.sft.steps=[1,2", "override 'stages.sft.sft.steps=[1,2': the value is not valid YAML"),
+    ("stages.sft.sft.optim.lr=.inf", "stages[0].sft.optim.lr: expected a finite number, got inf"),
+    ("stages.grpo.rewards.0.weight=.nan", "stages[1].rewards[0].weight: expected a finite number, got nan"),
+    ("stages.sft.sft.optim.lr=0", "stages[0].sft.optim: lr: expected > 0"),
+    ("stages.sft.data={path: a.jsonl, synthetic: addition}", "stages[0].data: give exactly one of path or synthetic"),
+    ("stages.distill.distill.teacher={}", "stages[2].distill.teacher: give exactly one of preset, checkpoint"),
+    ("stages.grpo.resources.mode=weird", "stages[1].resources: mode: expected one of"),
+    ("stages.sft.name=../../etc", "stages[0]: name: expected a plain name"),
+    ("stages=[]", "stages: expected at least one stage"),
+    ("stages.sft.rewards=[{fn: math_accuracy}]", "stage 'sft': rewards apply to grpo and distill stages, not sft"),
+])  # fmt: skip
+def test_bad_values_name_their_place(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert message in str(err.value)
+
+
+def test_yaml_1_1_exponents_read_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-5`` (no dot) as a string; a number field takes it as the number it spells."""
+    data = _tiny(tmp_path)
+    data["stages"][0]["sft"]["optim"] = {"lr": "1e-5"}
+    assert load_config(_write(tmp_path, data)).stages[0].sft.optim.lr == 1e-5
+    data["stages"][0]["sft"]["optim"] = {"lr": "fast"}
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.sft\.optim\.lr: expected a number, got str 'fast'"):
+        load_config(_write(tmp_path, data))
