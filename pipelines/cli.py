@@ -123,6 +123,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag when this raises)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsalign", description="Post-training for DeepSeek-V3-architecture models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSONL rows: {'prompt': question | messages} (chat), {'text': raw} or {'prompt_ids': [...]}")
     gen.add_argument("--output", help="JSONL file for the completions (default: stdout)")
     gen.add_argument("--n", type=int, default=1, help="samples per prompt (share the prompt's prefill)")
-    gen.add_argument("--batch-size", type=int, default=8, help="sequences decoded together")
+    gen.add_argument("--batch-size", type=_positive_int, default=8, help="sequences decoded together")
     gen.add_argument("--cache-dtype", choices=["auto", "fp32", "bf16", "fp8"], default="auto", help="latent cache")
     gen.set_defaults(func=_generate)
 
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", default=None, help="what accuracy averages: a built-in name, pkg.module:fn or "
                     "file.py:fn (default math_accuracy)")  # fmt: skip
     ev.add_argument("--length-target", type=int, default=None, help="evaluate on budget prompts of N tokens")
-    ev.add_argument("--batch-size", type=int, default=None, help="decode slots (eval.max_batch_size)")
+    ev.add_argument("--batch-size", type=_positive_int, default=None, help="decode slots (eval.max_batch_size)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any run-config key, e.g. --set eval.reward.params.max_length=100")  # fmt: skip
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:  # the stage's own error is in the message; Ray has already logged the worker's traceback
         print(f"dsalign: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    except (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         print(f"dsalign: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
 

@@ -426,8 +426,6 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "where the run's actors run"})
 
     def __post_init__(self) -> None:
-        if not self.stages:
-            raise ValueError("stages: expected at least one stage (sft, grpo or distill)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
@@ -449,6 +447,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # what ``dsalign de
 def read_config_data(path: str | Path) -> dict[str, Any]:
     """A run config file's plain data (not validated yet); errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the run's YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -22,6 +22,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def check_checkpoint_dir(path: str | Path, need_tokenizer: bool) -> Path:
     """Refuse, naming every missing file and what to do, a directory that cannot serve generation."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"checkpoint {path} is a file; give the checkpoint's directory")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     missing = []
@@ -119,7 +121,10 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
                 if engine.tokenizer is None:
                     raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
                 messages = [{"reasoning_content": None, **m} for m in prompt]
-                prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
+                try:
+                    prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
+                except Exception as e:  # noqa: BLE001 - jinja's errors (e.g. an unknown role) carry no row
+                    raise ValueError(f"{where}: the chat template refused these messages: {e}") from e
         prompts.append(engine.encode(prompt, where))
     if not prompts:
         raise ValueError(f"{path}: no prompts")

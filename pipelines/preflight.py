@@ -266,6 +266,8 @@ def _check_reward(entry: RewardEntry, where: str, problems: list[str]) -> None:
 def preflight(cfg: RunConfig) -> None:
     """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
     problems: list[str] = []
+    if not cfg.stages:
+        problems.append("stages: a run needs at least one stage (sft, grpo or distill)")
     if cfg.tokenizer != "demo":
         tok = Path(cfg.tokenizer)
         if not (tok / "tokenizer_config.json").is_file() and not (tok / "tokenizer.json").is_file():

@@ -408,13 +408,17 @@ def test_shipped_configs_load(path):
     ("stages.distill.distill.teacher={}", "stages[2].distill.teacher: give exactly one of preset, checkpoint"),
     ("stages.grpo.resources.mode=weird", "stages[1].resources: mode: expected one of"),
     ("stages.sft.name=../../etc", "stages[0]: name: expected a plain name"),
-    ("stages=[]", "stages: expected at least one stage"),
     ("stages.sft.rewards=[{fn: math_accuracy}]", "stage 'sft': rewards apply to grpo and distill stages, not sft"),
 ])  # fmt: skip
 def test_bad_values_name_their_place(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [override])
     assert message in str(err.value)
+
+
+def test_a_run_without_stages_fails_preflight():
+    with pytest.raises(PreflightError, match="stages: a run needs at least one stage"):
+        preflight(load_config(TINY, ["stages=[]"]))
 
 
 def test_yaml_1_1_exponents_read_as_numbers(tmp_path):

@@ -79,6 +79,8 @@ def test_checkpoint_directory_missing_files(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="tokenizer.json / tokenizer_config.json"):
         check_checkpoint_dir(only_weights, need_tokenizer=True)
     assert main(["chat", "--checkpoint", str(only_weights)]) == 2  # the CLI prints the message, exit code 2
+    with pytest.raises(NotADirectoryError, match="is a file; give the checkpoint's directory"):
+        check_checkpoint_dir(only_weights / "config.json", need_tokenizer=False)
 
 
 def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
@@ -116,6 +118,12 @@ def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
     assert "line 1: expected an object with exactly one of prompt, text, prompt_ids, got ['prompt', 'text']" in (
         capsys.readouterr().err
     )
+    prompts.write_text('{"prompt": "a"}\n{"prompt": [{"role": "human", "content": "hi"}]}\n')
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts)]) == 2
+    assert "p.jsonl line 2: the chat template refused these messages: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: exit code 2 with the flag named
+        main(["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--batch-size", "0"])
+    assert "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_chat_is_multi_turn_and_streams(checkpoint):
