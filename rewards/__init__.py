@@ -9,6 +9,7 @@ See docs/REWARDS.md.
 from .accuracy import extract_answer, math_accuracy
 from .api import (
     RewardLoadError,
+    RewardSignatureError,
     completion_text,
     get_reward,
     list_rewards,
@@ -37,6 +38,7 @@ __all__ = [
     "RewardError",
     "RewardFailure",
     "RewardLoadError",
+    "RewardSignatureError",
     "RewardSpec",
     "SandboxLimits",
     "SandboxResult",

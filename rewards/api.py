@@ -34,6 +34,14 @@ class RewardLoadError(ImportError):
     """A reward spec could not be turned into a callable; the message names the spec and what failed."""
 
 
+class RewardSignatureError(RewardLoadError, ValueError):
+    """The reward loaded but cannot be called the way the combiner calls it, or ``params`` do not fit it.
+
+    Also a ``ValueError`` (the config is wrong, not the installation), and a ``RewardLoadError`` so that one
+    ``except`` still catches every load failure.
+    """
+
+
 def completion_text(completion: Any) -> str:
     """Text of one completion (or prompt), whether a plain string or a TRL conversational message list.
 
@@ -110,7 +118,8 @@ def load_reward(spec: str | RewardFn, **params: Any) -> RewardFn:
 
     ``spec`` is one of: a callable; a built-in name (``"math_accuracy"``); a dotted path ``"pkg.module:fn"`` (or
     ``"pkg.module.fn"``); a file path ``"path/to/file.py:fn"``. Params are checked against the signature so a typo
-    fails at load time rather than mid-training.
+    fails at load time rather than mid-training, and so does a function that cannot be called as a reward
+    (:func:`_check_signature`): otherwise it would fail on every sample and a whole stage would train on nothing.
 
     >>> load_reward("think_format").__name__
     'think_format'
@@ -120,15 +129,21 @@ def load_reward(spec: str | RewardFn, **params: Any) -> RewardFn:
     fn = spec if callable(spec) else _resolve(spec)
     if not callable(fn):
         raise RewardLoadError(f"reward {spec!r} resolved to {fn!r}, which is not callable")
+    verl = is_verl_score(fn)
+    call = VERL_CALL if verl else TRL_CALL
+    _check_params(fn, params, spec, call)
+    _check_signature(fn, set(params), spec, call, columns=not verl)
     bound = fn
     if params:
-        _check_params(fn, params, spec)
         bound = functools.partial(fn, **params)
         functools.update_wrapper(bound, fn)  # keeps __name__ for logging
-    return from_verl(bound) if is_verl_score(fn) else bound
+    return from_verl(bound) if verl else bound
 
 
 VERL_PARAMS = ("solution_str", "ground_truth")
+# The keyword arguments every call passes: the combiner's (TRL's) and from_verl's.
+TRL_CALL = ("prompts", "completions", "completion_ids")
+VERL_CALL = ("data_source", "solution_str", "ground_truth", "extra_info")
 
 
 def is_verl_score(fn: RewardFn) -> bool:
@@ -225,13 +240,58 @@ def _import_file(path: str, spec: str) -> Any:
     return module
 
 
-def _check_params(fn: RewardFn, params: dict[str, Any], spec: Any) -> None:
+def _check_params(fn: RewardFn, params: dict[str, Any], spec: Any, call: tuple[str, ...] = TRL_CALL) -> None:
+    """Every ``params`` key must be a named parameter the call can fill by keyword and not one the call passes.
+
+    Only named parameters count: a typo must not slip into ``**columns``, where it would be silently ignored; a
+    bound ``prompts``/``completions``/``completion_ids`` (those in ``call``) would be silently overridden.
+    """
+    reserved = sorted(set(params) & set(call))
+    if reserved:
+        raise RewardSignatureError(
+            f"reward {spec!r}: params {reserved} cannot be bound; the trainer passes them on every call"
+        )
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # builtins without a signature: let the call report it
-    # Only named parameters count: a typo must not slip into **columns, where it would be silently ignored.
-    accepted = [name for name, p in signature.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    accepted = [name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise RewardLoadError(f"reward {spec!r} has no parameter(s) {unknown}; it accepts {accepted}")
+        raise RewardSignatureError(f"reward {spec!r} has no parameter(s) {unknown}; it accepts {accepted}")
+
+
+def _check_signature(fn: RewardFn, bound: set[str], spec: Any, call: tuple[str, ...], columns: bool) -> None:
+    """Refuse a function that the combiner's call ``fn(prompts=..., completions=..., completion_ids=..., **columns)``
+    (``call`` names the keywords; verl's is ``fn(data_source=..., solution_str=..., ground_truth=...,
+    extra_info=...)``) would fail on every sample.
+
+    Calls pass keywords only, so each name in ``call`` must be a parameter that takes a keyword or be absorbed by
+    ``**kwargs`` (``*args`` absorbs nothing), and a required positional-only parameter can never be filled. A
+    required parameter outside ``call`` and not ``bound`` by params is accepted when ``columns`` are passed: it is
+    most likely a dataset column (``math_accuracy``'s ``answer``, TRL's ``solution``), and columns are only known
+    once data arrives. Callables without a retrievable signature (some builtins) are accepted.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    parameters = signature.parameters.values()
+    keyword = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    shown = f"fn({', '.join(f'{name}=...' for name in call)}{', **columns' if columns else ''})"
+    missing = [name for name in call if name not in keyword and not takes_any]
+    positional = [p.name for p in parameters if p.kind is p.POSITIONAL_ONLY and p.name in required]
+    unfilled = [] if columns else [name for name in required if name in keyword and name not in {*call, *bound}]
+    problems = [
+        f"it cannot take {missing} by keyword (no such parameters, no **kwargs)" if missing else "",
+        f"its required parameter(s) {positional} are positional-only" if positional else "",
+        f"nothing fills its required parameter(s) {unfilled}" if unfilled else "",
+    ]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise RewardSignatureError(
+            f"reward {spec!r} with signature {signature} cannot be called as {shown}: {'; '.join(problems)}; "
+            f"name those parameters, add **kwargs, or bind extra ones with params"
+        )

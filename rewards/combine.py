@@ -5,9 +5,10 @@ component that is ``None`` for a sample is left out of that sample's sum (it cou
 sample for which *every* component is ``None`` is unscorable and its combined reward is ``None`` (TRL marks it NaN
 and gives it zero advantage). Weights are not renormalised over the components present.
 
-Failures (an exception, a timeout, a wrong-length or non-numeric return) are contained per reward: the affected
-samples get ``error_value`` (``None`` by default, so they drop out of the sum; ``0.0`` to penalise), each failure is
-recorded with the offending sample and logged, and ``strict=True`` raises :class:`RewardError` with the same text.
+Failures (an exception, a timeout, a wrong-length or non-numeric return, an infinite value) are contained per
+reward: the affected samples get ``error_value`` (``None`` by default, so they drop out of the sum; ``0.0`` to
+penalise), each failure is recorded with the offending sample and logged, and ``strict=True`` raises
+:class:`RewardError` with the same text.
 When a reward raises on the whole batch it is retried sample by sample so that only the offending samples lose
 their value (group rewards that need the whole batch, marked ``requires_full_batch``, are not retried).
 """
@@ -19,6 +20,7 @@ import dataclasses
 import inspect
 import logging
 import math
+import numbers
 import threading
 import time
 import traceback
@@ -46,6 +48,12 @@ class RewardSpec:
     name: str | None = None
     timeout_s: float | None = 60.0
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse a weight that is not a finite number: one NaN or inf weight turns every combined reward, and so
+        every advantage, into NaN (inf * 0 is NaN too)."""
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not math.isfinite(self.weight):
+            raise ValueError(f"RewardSpec({self.fn!r}): weight must be a finite number, got {self.weight!r}")
 
 
 @dataclass(frozen=True)
@@ -93,15 +101,14 @@ class RewardCombiner:
     ) -> None:
         if not rewards:
             raise ValueError("RewardCombiner needs at least one reward")
+        if error_value is not None and not math.isfinite(error_value):
+            raise ValueError(f"error_value must be None or a finite number, got {error_value!r}")
         specs = [r if isinstance(r, RewardSpec) else RewardSpec(r, timeout_s=default_timeout_s) for r in rewards]
+        fns = [load_reward(spec.fn, **spec.params) for spec in specs]
         self.fns: dict[str, RewardFn] = {}
         self.weights: dict[str, float] = {}
         self.timeouts: dict[str, float | None] = {}
-        for spec in specs:
-            fn = load_reward(spec.fn, **spec.params)
-            name = spec.name or reward_name(fn)
-            if name in self.fns:
-                raise ValueError(f"two rewards are named {name!r}; give one a distinct RewardSpec(name=...)")
+        for spec, fn, name in zip(specs, fns, _reward_names(specs, fns), strict=True):
             self.fns[name], self.weights[name], self.timeouts[name] = fn, float(spec.weight), spec.timeout_s
         self.strict = strict
         self.error_value = error_value
@@ -149,9 +156,10 @@ class RewardCombiner:
                 return {name: [self.error_value] * n}, [failure]
             return self._per_sample(name, batch)
         try:
-            return _validate(name, out, n), []
+            values = _validate(name, out, n)
         except ValueError as e:
             return {name: [self.error_value] * n}, [RewardFailure(name, _kind(e), str(e), None, _show(batch, 0))]
+        return self._drop_infinite(name, values, batch, 0)
 
     def _per_sample(self, name: str, batch: tuple) -> tuple[dict[str, list[float | None]], list[RewardFailure]]:
         """Re-run a reward that raised on the batch one sample at a time, to find and blame only the bad samples."""
@@ -173,9 +181,56 @@ class RewardCombiner:
                 kind = "timeout" if isinstance(e, TimeoutError) else _kind(e) if isinstance(e, ValueError) else None
                 failures.append(RewardFailure(name, kind or "exception", _describe(e), i, _show(batch, i)))
                 values = {name: [self.error_value]}
+            values, infinite = self._drop_infinite(name, values, batch, i)
+            failures += infinite
             for key, column in values.items():
                 columns_out.setdefault(key, [self.error_value] * len(completions))[i] = column[0]
         return columns_out, failures
+
+    def _drop_infinite(
+        self, name: str, values: dict[str, list[float | None]], batch: tuple, first: int
+    ) -> tuple[dict[str, list[float | None]], list[RewardFailure]]:
+        """Replace +-inf (at batch index ``first + j``) by ``error_value``, with one "value" failure per sample.
+
+        Unlike NaN, which TRL uses for "not applicable" and we read as ``None``, an infinite reward means nothing
+        (an overflow, a division by zero) and, left in, makes its group's mean and std and every advantage NaN."""
+        failures = []
+        for key, column in values.items():
+            for j, value in enumerate(column):
+                if value is not None and math.isinf(value):
+                    message = f"value: {key} returned {value} at index {first + j}, expected a finite float | None"
+                    failures.append(RewardFailure(name, "value", message, first + j, _show(batch, first + j)))
+                    column[j] = self.error_value
+        return values, failures
+
+
+def _reward_names(specs: Sequence[RewardSpec], fns: Sequence[RewardFn]) -> list[str]:
+    """Each reward's name for components and metrics (``reward/<name>``): ``RewardSpec.name`` when given, else the
+    function's name, numbered ``_2``, ``_3``, ... in order for the second and later unnamed rewards of one function
+    (``math_accuracy``, ``math_accuracy_2``) so a config may use a function twice. Numbering skips names taken
+    explicitly; two explicit equal names are refused, as the user asked for both and only one can have it."""
+    explicit = [spec.name for spec in specs if spec.name]
+    for name in explicit:
+        if explicit.count(name) > 1:
+            raise ValueError(f"two rewards are named {name!r}; give one a distinct RewardSpec(name=...)")
+    taken, names = set(explicit), []
+    for spec, fn in zip(specs, fns, strict=True):
+        name = spec.name or _free_name(reward_name(fn), taken)
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _free_name(base: str, taken: set[str]) -> str:
+    """``base`` if not taken, else the first free ``base_2``, ``base_3``, ...
+
+    >>> _free_name("math_accuracy", {"math_accuracy", "math_accuracy_2"})
+    'math_accuracy_3'
+    """
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 _TIMEOUT = object()
@@ -222,7 +277,8 @@ def _accepted_kwargs(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate(name: str, out: Any, n: int) -> dict[str, list[float | None]]:
-    """Check a reward's return: ``n`` numbers-or-None, or a dict of such lists. NaN is read as ``None`` (TRL)."""
+    """Check a reward's return: ``n`` numbers-or-None, or a dict of such lists. NaN is read as ``None`` (TRL);
+    +-inf is kept for :meth:`RewardCombiner._drop_infinite`, which fails only the samples that have it."""
     columns = {f"{name}/{k}": v for k, v in out.items()} if isinstance(out, dict) else {name: out}
     checked = {}
     for key, values in columns.items():

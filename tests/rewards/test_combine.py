@@ -87,9 +87,9 @@ def test_weighted_nansum_and_dict_components_and_async():
     assert out.metrics["errors/total"] == 0.0
 
 
-def test_duplicate_names_are_refused():
-    with pytest.raises(ValueError, match="two rewards are named 'think_format'"):
-        RewardCombiner(["think_format", "think_format"])
+def test_duplicate_explicit_names_are_refused():
+    with pytest.raises(ValueError, match="two rewards are named 'fmt'"):
+        RewardCombiner([RewardSpec("think_format", name="fmt"), RewardSpec("markdown_style", name="fmt")])
 
 
 def flaky(completions, **kw):
