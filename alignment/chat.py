@@ -98,7 +98,9 @@ def validate_messages(messages: Any, where: str = "conversation") -> list[dict[s
     every assistant turn follows a user turn. ``where`` prefixes the error (e.g. ``"data.jsonl line 4"``).
     """
     if not isinstance(messages, list) or not messages:
-        raise ConversationError(f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts")
+        text = repr(messages) if len(repr(messages)) <= 60 else repr(messages)[:57] + "..."
+        got = "an empty list" if isinstance(messages, list) else f"{type(messages).__name__} {text}"
+        raise ConversationError(f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts, got {got}")
     out = []
     prev_role = None
     for i, m in enumerate(messages):
@@ -128,15 +130,24 @@ def render(
     add_generation_prompt: bool = False,
     thinking: bool = False,
     chat_template: str | None = None,
+    where: str = "conversation",
 ) -> str:
-    """Render messages to text through ``tokenizer.apply_chat_template`` (default: the DeepSeek-V3 template)."""
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=chat_template or DEEPSEEK_V3_TEMPLATE,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        thinking=thinking,
-    )
+    """Render messages to text through ``tokenizer.apply_chat_template`` (default: the DeepSeek-V3 template).
+
+    A template's ``raise_exception`` (unknown role, misplaced system turn) surfaces as ``ConversationError`` prefixed
+    with ``where``, not as a bare ``jinja2`` error from inside transformers."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template or DEEPSEEK_V3_TEMPLATE,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            thinking=thinking,
+        )
+    except TemplateError as e:
+        raise ConversationError(f"{where}: the chat template refused the messages: {e}") from e
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -145,11 +156,22 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def tokenize_prompt(
-    tokenizer: Any, messages: list[dict[str, Any]], *, thinking: bool = False, chat_template: str | None = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    *,
+    thinking: bool = False,
+    chat_template: str | None = None,
+    where: str = "prompt",
 ) -> list[int]:
-    """Token ids of a prompt ending in the assistant generation tag (what the rollout engine continues)."""
-    text = render(tokenizer, messages, add_generation_prompt=True, thinking=thinking, chat_template=chat_template)
-    return _encode(tokenizer, text)
+    """Token ids of a prompt ending in the assistant generation tag (what the rollout engine continues).
+
+    With the DeepSeek-V3 template the messages are checked first (``validate_messages``: roles, contents, order),
+    so a prompt file's bad row (e.g. role ``human``) raises ``ConversationError`` naming ``where`` and the message;
+    another template only knows its own rules, and its refusals are reported by ``render``."""
+    if chat_template is None or chat_template == DEEPSEEK_V3_TEMPLATE:
+        messages = validate_messages(messages, where)
+    kw = {"thinking": thinking, "chat_template": chat_template, "where": where}
+    return _encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True, **kw))
 
 
 def tokenize_conversation(
@@ -166,7 +188,7 @@ def tokenize_conversation(
     ``max_length`` truncates on the right; a conversation left with no assistant token is refused.
     """
     msgs = validate_messages(messages, where)
-    kw = {"thinking": thinking, "chat_template": chat_template}
+    kw = {"thinking": thinking, "chat_template": chat_template, "where": where}
     full = _encode(tokenizer, render(tokenizer, msgs, **kw))
     mask = [0] * len(full)
     for i, m in enumerate(msgs):

@@ -121,10 +121,8 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
                 if engine.tokenizer is None:
                     raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
                 messages = [{"reasoning_content": None, **m} for m in prompt]
-                try:
-                    prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template)
-                except Exception as e:  # noqa: BLE001 - jinja's errors (e.g. an unknown role) carry no row
-                    raise ValueError(f"{where}: the chat template refused these messages: {e}") from e
+                prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template,
+                                         where=where)  # fmt: skip
         prompts.append(engine.encode(prompt, where))
     if not prompts:
         raise ValueError(f"{path}: no prompts")

@@ -264,6 +264,8 @@ def run_stage_with_retries(
             step = actors.last_checkpoint_step(cfg.stage_dir(stage))
             what = "its worker process died" if isinstance(e, ray.exceptions.RayActorError) else "it raised"
             detail = str(e).strip() or type(e).__name__
+            if isinstance(e, ray.exceptions.RayActorError):  # Ray's many lines of generic advice: keep the first
+                detail = detail.splitlines()[0]
             at = f"last checkpoint: step {step}" if step is not None else "no checkpoint yet"
             msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} ({at}): {detail}"
             log.error(msg)

@@ -98,21 +98,25 @@ def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
 
 
 # ---------------------------------------------------------------------------------------------------- data
+STAGE_SKIP_ADVICE = "set the stage's data.skip_invalid: true to drop (and count) them"
+
+
 def training_prompts(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
     """Prompt rows (``prompt`` messages, ``answer``, ...) of a stage; synthetic rows never overlap held-out ones."""
     if data.synthetic is not None:
         held = make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED)
         return make_prompts(run.task, data.num_rows, data.seed, exclude=operand_sets(held), budget=data.length_target)
-    return prompt_file_rows(data.path, data.num_rows, data.length_target, data.skip_invalid)
+    return prompt_file_rows(data.path, data.num_rows, data.length_target, data.skip_invalid, STAGE_SKIP_ADVICE)
 
 
-def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None,
-                     skip_invalid: bool = False) -> list[dict]:  # fmt: skip
+def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None, skip_invalid: bool = False,
+                     skip_advice: str | None = None) -> list[dict]:  # fmt: skip
     """The first ``num_rows`` (None or 0 = all) rows of a prompt file; with ``budget``, each prompt carries the
-    length instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do."""
+    length instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do.
+    ``skip_advice``: how the caller's user drops malformed rows (None: they cannot; the error says only to fix them)."""
     from dsalign.alignment.data import load_prompts
 
-    ds, _ = load_prompts(path, skip_invalid=skip_invalid)
+    ds, _ = load_prompts(path, skip_invalid=skip_invalid, skip_advice=skip_advice)
     rows = first_rows(list(ds), num_rows, path)
     return [with_budget(r, budget, "prompt") for r in rows] if budget is not None else rows
 
@@ -146,7 +150,7 @@ def sft_conversations(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
         return make_sft_conversations(run.task, training_prompts(run, data), seed=data.seed + 1)
     from dsalign.alignment.data import load_conversations
 
-    ds, _ = load_conversations(data.path, skip_invalid=data.skip_invalid)
+    ds, _ = load_conversations(data.path, skip_invalid=data.skip_invalid, skip_advice=STAGE_SKIP_ADVICE)
     rows = first_rows(list(ds), data.num_rows, data.path)
     return [with_budget(r, data.length_target, "messages") for r in rows] if data.length_target is not None else rows
 

@@ -135,8 +135,8 @@ def test_preflight_reads_every_stage_data_file(tmp_path):
     with pytest.raises(PreflightError) as err:
         preflight(load_config(_write(tmp_path, data)))
     problems = err.value.problems
-    assert any(p.startswith("stages[0] (sft).data.path: ") and "sft.jsonl: line 2: field 'messages'" in p
-               for p in problems), problems  # fmt: skip
+    sft = next(p for p in problems if p.startswith("stages[0] (sft).data.path: "))
+    assert "sft.jsonl: line 2: field 'messages'" in sft and "set the stage's data.skip_invalid: true" in sft
     assert "stages[1] (grpo).data.path: 2 of 2 rows have no 'answer' for the stage's math_accuracy reward" in "\n".join(
         problems)
     assert any(p.startswith("stages[2] (distill).data.path: ") and "empty.jsonl" in p for p in problems), problems
