@@ -4,6 +4,8 @@ Reads: ``config.json`` + safetensors (one file, or shards with ``model.safetenso
 the official per-expert keys or transformers-v5 fused ``gate_up_proj`` / ``down_proj``; FP8 weights with
 ``weight_scale_inv`` (128x128 blocks, padded edges); MTP layers at index ``num_hidden_layers + k``.
 Loading streams tensor by tensor into a model built on the meta device, so peak memory is about one model copy.
+Before anything is allocated the checkpoint's keys are matched against the model: missing parameters, unexpected
+tensors and layer counts that disagree with ``config.json`` fail with one ``ValueError`` that reports them all.
 
 Writes: the official layout (per-expert keys, MTP layers with their copies of the shared embedding and head,
 shards plus an index, ``config.json``), into a temporary directory that is renamed into place.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -36,6 +38,8 @@ _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _SHARED_MTP = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 _MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight"}
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary\.inv_freq)$")
+_MTP_MARK = ("enorm.weight", "hnorm.weight", "eh_proj.weight")  # keys only an MTP layer has
+_EXAMPLES = 5  # keys quoted per kind in a mismatch error
 
 
 @dataclass
@@ -132,11 +136,29 @@ def _fp8_quantizable(hf_key: str, shape: torch.Size) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+def _open_shard(file: Path):
+    """An entered ``safe_open`` handle (the caller exits it); a corrupt or truncated file names itself."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu").__enter__()
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def _read_tensor(handle, file: Path, key: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: cannot read tensor {key} ({e})") from e
+
+
 def _checkpoint_files(path: Path) -> dict[str, Path]:
     """key -> file for every tensor in the checkpoint (reads only safetensors headers)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
         files = {name: path / name for name in set(weight_map.values())}
         missing = sorted(str(f) for f in files.values() if not f.is_file())
         if missing:
@@ -147,8 +169,11 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no *.safetensors file")
     out: dict[str, Path] = {}
     for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: shard for k in f.keys()})
+        handle = _open_shard(shard)
+        try:
+            out.update({k: shard for k in handle.keys()})
+        finally:
+            handle.__exit__(None, None, None)
     return out
 
 
@@ -174,8 +199,15 @@ def build_model(
     cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Transformer:
     """Build on the meta device (no memory), then allocate once on ``device`` in ``dtype`` (uninitialized)."""
+    return _materialize(_meta_model(cfg, dtype), device)
+
+
+def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
     with _default_dtype(dtype), torch.device("meta"):
-        model = Transformer(cfg)
+        return Transformer(cfg)
+
+
+def _materialize(model: Transformer, device: str | torch.device) -> Transformer:
     model.to_empty(device=device)
     model.rotary.reset_parameters()
     return model
@@ -193,18 +225,22 @@ def load_checkpoint(
     ``missing_mtp`` decides what happens when the config declares MTP layers the checkpoint lacks (transformers'
     ``save_pretrained`` drops them): ``"drop"`` builds the model without MTP, ``"init"`` initializes them
     randomly, ``"error"`` refuses. Either way the choice is recorded in ``report.notes`` and logged.
+
+    Missing parameters, or main layers in the weights other than ``0..num_hidden_layers-1``, raise one
+    ``ValueError`` before any memory is allocated, listing the missing and the unexpected keys and saying how the
+    weights' layers differ from ``config.json``; unexpected keys alone (extra MTP layers, foreign tensors) are
+    skipped with a warning, as are the rotary ``inv_freq`` buffers older checkpoints carry.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     report = report if report is not None else LoadReport()
     cfg = ModelConfig.from_hf(path)
+    declared_mtp = cfg.num_nextn_predict_layers
     key_files = _checkpoint_files(path)
-    has_mtp = any(
-        (m := _LAYER_KEY.match(k)) is not None and int(m.group(1)) >= cfg.num_hidden_layers for k in key_files
-    )
+    main_layers, mtp_layers = _weight_layers(key_files)
     init_mtp = False
-    if cfg.num_nextn_predict_layers and not has_mtp:
+    if cfg.num_nextn_predict_layers and not mtp_layers:
         msg = f"{path}: config declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint has none"
         if missing_mtp == "error":
             raise ValueError(msg)
@@ -216,14 +252,111 @@ def load_checkpoint(
             msg += "; initializing them randomly"
         log.warning(msg)
         report.notes.append(msg)
-    model = build_model(cfg, device, dtype)
+    model = _meta_model(cfg, dtype)
+    expected = _expected_fills(model)
+    names = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    plan, ignored = _plan(key_files, cfg, names)
+    report.ignored.extend(ignored)
+    unfilled = _unfilled(plan, expected)
+    zero_bias = [name for name in unfilled if name.endswith("e_score_correction_bias")]
+    missing = [
+        f"{name} ({have}/{expected[name]} pieces)"
+        for name, have in unfilled.items()
+        if name not in zero_bias and not (init_mtp and name.startswith("mtp."))
+    ]
+    n = cfg.num_hidden_layers
+    main_agree = main_layers == set(range(n))
+    mtp_agree = init_mtp or mtp_layers == set(range(n, n + cfg.num_nextn_predict_layers))
+    if missing or not main_agree:
+        unexpected = [k for k in ignored if not _IGNORED.search(k)]
+        layers = None if main_agree and mtp_agree else _layer_mismatch(n, declared_mtp, main_layers, mtp_layers)
+        raise ValueError(_mismatch_message(path, layers, missing, unexpected))
+    _materialize(model, device)
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
-    expected = _expected_fills(model)
-    filled: dict[str, int] = {}
-    shared_copies: list[tuple[str, Target]] = []
+    _load_tensors(path, key_files, plan, params, report)
+    for name in zero_bias:
+        params[name].zero_()
+        report.notes.append(f"{name} missing: initialized to zeros")
+    if init_mtp:
+        _init_mtp(model)
+    if report.ignored:
+        log.warning("%s: ignored %d checkpoint tensors, e.g. %s", path, len(report.ignored), report.ignored[:4])
+    return model
 
-    # One shard open at a time, so mapped pages of finished shards leave the resident set (peak ~ model + shard).
+
+def _weight_layers(key_files: dict[str, Path]) -> tuple[set[int], set[int]]:
+    """Layer indices in the checkpoint: (main layers, MTP layers), an MTP layer being one with enorm/eh_proj keys."""
+    layers, mtp = set(), set()
+    for key in key_files:
+        m = _LAYER_KEY.match(key)
+        if m is not None:
+            layers.add(int(m.group(1)))
+            if m.group(2) in _MTP_MARK:
+                mtp.add(int(m.group(1)))
+    return layers - mtp, mtp
+
+
+def _plan(key_files: dict[str, Path], cfg: ModelConfig, names: set[str]) -> tuple[list[tuple[str, Target]], list[str]]:
+    """(key, target) for each tensor to load, in file order, and the keys nothing takes (sorted)."""
+    plan, ignored = [], []
+    for key in sorted(key_files, key=lambda k: (str(key_files[k]), k)):
+        if key.endswith(".weight_scale_inv"):  # read with its FP8 weight
+            continue
+        target = hf_to_ours(key, cfg)
+        if target is None or target.name not in names:
+            ignored.append(key)
+        else:
+            plan.append((key, target))
+    return plan, sorted(ignored)
+
+
+def _unfilled(plan: list[tuple[str, Target]], expected: dict[str, int]) -> dict[str, int]:
+    """Parameters the plan does not fill completely -> pieces it does fill (a fused v5 expert tensor is all)."""
+    filled: dict[str, int] = {}
+    for _, target in plan:
+        if target.shared_copy:
+            continue
+        whole = target.expert is None
+        filled[target.name] = filled.get(target.name, 0) + (expected.get(target.name, 1) if whole else 1)
+    return {name: filled.get(name, 0) for name, need in expected.items() if filled.get(name, 0) < need}
+
+
+def _spans(indices: set[int]) -> str:
+    """{0, 1, 2, 5} -> '0-2, 5'."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out) or "none"
+
+
+def _layer_mismatch(n_layers: int, n_mtp: int, main: set[int], mtp: set[int]) -> str:
+    said = f"config.json says num_hidden_layers={n_layers} (+{n_mtp} MTP)"
+    held = f"the weights hold layers {_spans(main | mtp)}"
+    if mtp:
+        held += f" ({len(main)} main: {_spans(main)}; MTP: {_spans(mtp)})"
+    return f"{said} but {held}"
+
+
+def _mismatch_message(path: Path, layers: str | None, missing: list[str], unexpected: list[str]) -> str:
+    """One error with every side of a key mismatch: the layer counts, the missing and the unexpected keys."""
+    parts = [layers] if layers else []
+    if missing:
+        parts.append(f"{len(missing)} model parameters missing from the checkpoint, e.g. {missing[:_EXAMPLES]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint tensors unexpected, e.g. {unexpected[:_EXAMPLES]}")
+    return f"{path}: checkpoint does not match its config.json: " + "; ".join(parts)
+
+
+def _load_tensors(
+    path: Path, key_files: dict[str, Path], plan: list[tuple[str, Target]], params: dict, report: LoadReport
+) -> None:
+    """Copy the planned tensors into ``params``, one shard open at a time (so finished shards leave the RSS)."""
     current: dict[Path, object] = {}
 
     def get(key: str) -> torch.Tensor:
@@ -232,17 +365,12 @@ def load_checkpoint(
             for handle in current.values():
                 handle.__exit__(None, None, None)
             current.clear()
-            current[file] = safe_open(str(file), framework="pt", device="cpu").__enter__()
-        return current[file].get_tensor(key)
+            current[file] = _open_shard(file)
+        return _read_tensor(current[file], file, key)
 
+    shared_copies: list[tuple[str, Target]] = []
     try:
-        for key in sorted(key_files, key=lambda k: (str(key_files[k]), k)):
-            if key.endswith(".weight_scale_inv"):
-                continue
-            target = hf_to_ours(key, cfg)
-            if target is None or target.name not in params:
-                report.ignored.append(key)
-                continue
+        for key, target in plan:
             if target.shared_copy:
                 shared_copies.append((key, target))
                 continue
@@ -258,32 +386,12 @@ def load_checkpoint(
                 report.dequantized_fp8 += 1
             _assign(params[target.name], target, tensor, key, path)
             del tensor
-            whole = target.expert is None  # a fused v5 expert tensor fills every slice at once
-            filled[target.name] = filled.get(target.name, 0) + (expected.get(target.name, 1) if whole else 1)
             report.loaded += 1
         for key, target in shared_copies:  # after the main embedding / head are in place
             _assign(params[target.name], target, get(key), key, path)
     finally:
         for handle in current.values():
             handle.__exit__(None, None, None)
-
-    missing = []
-    for name, need in expected.items():
-        if filled.get(name, 0) < need:
-            if init_mtp and name.startswith("mtp."):
-                continue
-            if name.endswith("e_score_correction_bias"):
-                params[name].zero_()
-                report.notes.append(f"{name} missing: initialized to zeros")
-                continue
-            missing.append(f"{name} ({filled.get(name, 0)}/{need} pieces)")
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:8]}")
-    if init_mtp:
-        _init_mtp(model)
-    if report.ignored:
-        log.warning("%s: ignored %d checkpoint tensors, e.g. %s", path, len(report.ignored), report.ignored[:4])
-    return model
 
 
 def _expected_fills(model: Transformer) -> dict[str, int]:

@@ -2,13 +2,18 @@
 
 ``ModelConfig.from_hf`` reads a real ``config.json`` (official layout with ``rope_scaling``, or transformers-v5
 layout with ``rope_parameters``); ``to_hf`` writes the official layout back. Named presets live in ``PRESETS``.
+Every construction (``ModelConfig(...)``, ``replace``, ``preset``, ``from_hf``) checks field types and values and
+raises ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,29 @@ _HF_METADATA_KEYS = {
     "task_specific_params",
     "generation_config",
 }
+
+# Keys a config.json must carry: they fix tensor shapes or the routing fan-out, and ModelConfig's defaults are the
+# 671B model's, so a config.json without them would silently describe (and allocate) that model. The other keys
+# default to DeepSeek-V3's values as in transformers' DeepseekV3Config (num_key_value_heads to num_attention_heads).
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "num_attention_heads",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "q_lora_rank",  # may be null (no query compression), but must be said
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
 
 _EXTRA_FIELDS = ("mtp_hidden", "route_num_nodes", "route_max_nodes")
 _RUNTIME_FIELDS = ("fp8", "fp8_pow2_scales")
@@ -130,6 +158,9 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"invalid ModelConfig: {msg}")
 
+        wrong_types = _type_errors(self)
+        if wrong_types:  # before the value checks, which would fail on them with a bare TypeError
+            bad("; ".join(wrong_types))
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be > 0, got {getattr(self, name)}")
@@ -146,7 +177,11 @@ class ModelConfig:
             bad(f"first_k_dense_replace={self.first_k_dense_replace} outside [0, {self.num_hidden_layers}]")
         if self.num_nextn_predict_layers < 0:
             bad(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
+        if self.moe_layer_freq <= 0:
+            bad(f"moe_layer_freq must be > 0, got {self.moe_layer_freq}")
         if self.n_routed_experts > 0:
+            if self.n_group <= 0:
+                bad(f"n_group must be > 0, got {self.n_group}")
             if self.n_routed_experts % self.n_group:
                 bad(f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
             if not 1 <= self.topk_group <= self.n_group:
@@ -163,7 +198,7 @@ class ModelConfig:
                 nodes, m = self.route_num_nodes, self.route_max_nodes
                 if nodes is None or m is None:
                     bad("node-limited routing needs both route_num_nodes and route_max_nodes")
-                if self.n_routed_experts % nodes or not 1 <= m <= nodes:
+                if nodes <= 0 or self.n_routed_experts % nodes or not 1 <= m <= nodes:
                     bad(f"route_num_nodes={nodes} must divide n_routed_experts and 1 <= route_max_nodes={m} <= it")
                 if self.num_experts_per_tok % m:
                     bad(f"num_experts_per_tok ({self.num_experts_per_tok}) must be divisible by route_max_nodes={m}")
@@ -194,7 +229,12 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF round trip
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any]) -> ModelConfig:
-        """Build from a ``config.json`` path, a checkpoint directory, or an already-parsed dict."""
+        """Build from a ``config.json`` path, a checkpoint directory, or an already-parsed dict.
+
+        The keys in ``REQUIRED_HF_KEYS`` (the sizes that fix tensor shapes and the routing fan-out) must be present:
+        ``ModelConfig``'s defaults are the 671B model's, which an incomplete file must not silently become. Errors
+        are ``ValueError`` naming the file (or "config dict") and the keys.
+        """
         where = "config dict"
         if isinstance(source, dict):
             raw = dict(source)
@@ -209,22 +249,37 @@ class ModelConfig:
                 raw = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from e
+            if not isinstance(raw, dict):
+                raise ValueError(f"{path}: expected a JSON object of config keys, got {type(raw).__name__}")
         model_type = raw.get("model_type", "deepseek_v3")
         if model_type not in ("deepseek_v3", "kimi_k2"):
             raise ValueError(f"{where}: model_type {model_type!r} is not a DeepSeek-V3 architecture")
         if "num_mtp_layers" in raw:  # transformers v5 alias of num_nextn_predict_layers
             raw.setdefault("num_nextn_predict_layers", raw.pop("num_mtp_layers"))
         rope_params = raw.pop("rope_parameters", None)
+        if rope_params is not None and not isinstance(rope_params, dict):
+            raise ValueError(f"{where}: rope_parameters must be a dict, got {type(rope_params).__name__}")
         if rope_params:  # transformers v5 layout: rope_theta and the scaling live in one dict
             rope_params = dict(rope_params)
             raw.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
             kind = rope_params.pop("rope_type", rope_params.pop("type", "default"))
             if kind != "default" and "rope_scaling" not in raw:
                 raw["rope_scaling"] = {"type": kind, **rope_params}
+        if "num_attention_heads" in raw:  # as transformers: MLA's key/value heads are the attention heads
+            raw.setdefault("num_key_value_heads", raw["num_attention_heads"])
         known = {f.name for f in dataclasses.fields(cls)}
+        problems = []
         unknown = sorted(k for k in raw if k not in known and k not in _HF_METADATA_KEYS)
         if unknown:
-            raise ValueError(f"{where}: unknown config keys {unknown}; valid keys are {sorted(known)}")
+            problems.append(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        missing = [k for k in REQUIRED_HF_KEYS if k not in raw]
+        if missing:
+            problems.append(
+                f"missing required keys {missing} (the architecture sizes have no default here: ModelConfig's "
+                "defaults are the 671B DeepSeek-V3)"
+            )
+        if problems:
+            raise ValueError(f"{where}: " + "; ".join(problems))
         kwargs = {k: v for k, v in raw.items() if k in known}
         try:
             return cls(**kwargs)
@@ -251,6 +306,55 @@ class ModelConfig:
         if name not in PRESETS:
             raise KeyError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**PRESETS[name])
+
+
+# ---------------------------------------------------------------------------------------------------- type checks
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Field name -> its annotation, resolved (the module's ``from __future__ import annotations`` makes strings)."""
+    return typing.get_type_hints(ModelConfig)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits annotation ``tp``: bools are not ints, ints are floats, containers by their origin."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    return isinstance(value, origin or tp)
+
+
+def _type_name(tp: Any) -> str:
+    """``int | list[int] | None`` -> ``'int or list of int or None'``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if tp is float:
+        return "float (or int)"
+    return getattr(origin or tp, "__name__", str(tp))
+
+
+def _type_errors(cfg: ModelConfig) -> list[str]:
+    """One message per field whose value does not match its annotation (key, expected type, value got)."""
+    errors = []
+    for name, tp in _field_types().items():
+        value = getattr(cfg, name)
+        if not _type_ok(value, tp):
+            errors.append(f"{name} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return errors
 
 
 PRESETS: dict[str, dict[str, Any]] = {

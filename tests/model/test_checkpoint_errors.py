@@ -1,0 +1,164 @@
+"""Bad checkpoints and configs fail with a ValueError naming the file, the key and what is wrong."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+from dsalign.model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
+from dsalign.model.config import REQUIRED_HF_KEYS
+from safetensors import SafetensorError
+
+from .conftest import tiny
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny checkpoint (3 layers + 1 MTP), written once; tests corrupt copies of it."""
+    return save_checkpoint(Transformer(tiny()), tmp_path_factory.mktemp("ck") / "tiny")
+
+
+_DROP = object()  # a config_changes value: delete the key
+
+
+def _copy(saved, tmp_path, **config_changes):
+    """A copy of checkpoint ``saved`` with its config.json keys changed (or dropped)."""
+    ck = tmp_path / "ck"
+    shutil.copytree(saved, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is _DROP:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    (ck / "config.json").write_text(json.dumps(cfg))
+    return ck
+
+
+# ---------------------------------------------------------------------------------------------------- field types
+def test_wrong_type_in_config_json_names_file_key_type_and_value(saved, tmp_path):
+    ck = _copy(saved, tmp_path, num_hidden_layers="2")
+    want = r"ck/config.json: invalid ModelConfig: num_hidden_layers must be int, got str '2'"
+    with pytest.raises(ValueError, match=want):
+        ModelConfig.from_hf(ck)
+    with pytest.raises(ValueError, match=want):
+        load_checkpoint(ck)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_hidden_layers": "two"}, "num_hidden_layers must be int, got str 'two'"),
+        ({"num_hidden_layers": True}, "num_hidden_layers must be int, got bool True"),  # bools are not ints
+        ({"vocab_size": 256.0}, "vocab_size must be int, got float 256.0"),
+        ({"routed_scaling_factor": "2.5"}, r"routed_scaling_factor must be float \(or int\), got str '2.5'"),
+        ({"q_lora_rank": "32"}, "q_lora_rank must be int or None, got str '32'"),
+        ({"rope_scaling": "yarn"}, "rope_scaling must be dict or None, got str 'yarn'"),
+        ({"eos_token_id": ["1"]}, r"eos_token_id must be int or list of int or None, got list \['1'\]"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob must be bool, got int 1"),
+        ({"n_group": 0}, "n_group must be > 0"),  # was a ZeroDivisionError
+    ],
+)
+def test_wrong_type_in_overrides_names_key_type_and_value(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.preset("tiny").replace(**change)
+
+
+def test_right_types_still_accepted():
+    cfg = tiny(rope_theta=10000, q_lora_rank=None, eos_token_id=[1, 2], rope_scaling=None, routed_scaling_factor=2)
+    assert cfg.rope_theta == 10000 and cfg.q_lora_rank is None and cfg.eos_token_id == [1, 2]
+    assert ModelConfig().num_hidden_layers == 61  # the 671B defaults stay, in Python
+
+
+# ---------------------------------------------------------------------------------------------------- required keys
+def test_empty_config_json_is_refused_naming_the_missing_keys(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config.json: missing required keys \['vocab_size', 'hidden_size'") as e:
+        ModelConfig.from_hf(tmp_path)
+    for key in REQUIRED_HF_KEYS:
+        assert repr(key) in str(e.value)
+
+
+def test_checkpoint_config_without_a_size_is_refused(saved, tmp_path):
+    ck = _copy(saved, tmp_path, hidden_size=_DROP)
+    with pytest.raises(ValueError, match=r"ck/config.json: missing required keys \['hidden_size'\]"):
+        load_checkpoint(ck)
+
+
+def test_num_key_value_heads_defaults_to_the_attention_heads(saved, tmp_path):
+    """As in transformers: MLA has as many key/value heads as query heads, so the key may be left out."""
+    ck = _copy(saved, tmp_path, num_key_value_heads=_DROP)
+    assert ModelConfig.from_hf(ck).num_key_value_heads == tiny().num_attention_heads
+
+
+# ---------------------------------------------------------------------------------------------------- safetensors
+@pytest.mark.parametrize(
+    "keep, problem",
+    [(4, "header too small"), (None, "incomplete metadata")],  # None: cut the file in half
+)
+def test_truncated_safetensors_names_the_file(saved, tmp_path, keep, problem):
+    ck = _copy(saved, tmp_path)
+    shard = ck / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: keep or len(data) // 2])
+    with pytest.raises(ValueError, match=rf"ck/model\.safetensors: not a readable safetensors file \(.*{problem}") as e:
+        load_checkpoint(ck)
+    assert isinstance(e.value.__cause__, SafetensorError)
+
+
+def test_truncated_shard_of_an_indexed_checkpoint_names_the_shard(tmp_path):
+    ck = save_checkpoint(Transformer(tiny()), tmp_path / "ck", max_shard_bytes=100_000)
+    shard = sorted(ck.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"{shard.name}: not a readable safetensors file") as e:
+        load_checkpoint(ck)
+    assert isinstance(e.value.__cause__, SafetensorError)
+
+
+# ---------------------------------------------------------------------------------------------------- key mismatch
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    """Weights with 4 main layers (0-3) and an MTP layer (4)."""
+    return save_checkpoint(Transformer(tiny(num_hidden_layers=4)), tmp_path_factory.mktemp("ck4") / "four")
+
+
+def test_fewer_layers_in_config_says_so_and_lists_both_sides(four_layers, tmp_path):
+    ck = _copy(four_layers, tmp_path, num_hidden_layers=2)
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(ck)
+    msg = str(e.value)
+    assert "config.json says num_hidden_layers=2 (+1 MTP) but the weights hold layers 0-4 (4 main: 0-3; MTP: 4)" in msg
+    assert "4 model parameters missing from the checkpoint, e.g. ['mtp.0.enorm.weight (0/1 pieces)'" in msg
+    assert re.search(r"\d+ checkpoint tensors unexpected, e\.g\. \['model\.layers\.3\.", msg), msg
+
+
+def test_fewer_layers_in_config_without_mtp_is_not_loaded_silently(four_layers, tmp_path):
+    """Nothing is missing here: the weights' layers 2-3 used to be dropped with a warning, truncating the model."""
+    ck = _copy(four_layers, tmp_path, num_hidden_layers=2, num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=2 \(\+0 MTP\) but the weights hold layers 0-4"):
+        load_checkpoint(ck)
+
+
+def test_more_layers_in_config_says_so(four_layers, tmp_path):
+    ck = _copy(four_layers, tmp_path, num_hidden_layers=6)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=6 \(\+1 MTP\) but the weights hold layers 0-4") as e:
+        load_checkpoint(ck)
+    assert "missing from the checkpoint, e.g. ['layers.5." in str(e.value)  # layer 4's block came from the MTP layer
+
+
+def test_missing_tensor_alone_is_named_without_a_layer_complaint(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ck = _copy(saved, tmp_path)
+    state = load_file(str(ck / "model.safetensors"))
+    del state["model.layers.1.self_attn.o_proj.weight"]
+    state["model.layers.1.self_attn.o_proj.bias"] = state["model.norm.weight"].clone()
+    save_file(state, str(ck / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(ck)
+    msg = str(e.value)
+    assert "1 model parameters missing from the checkpoint, e.g. ['layers.1.self_attn.o_proj.weight" in msg
+    assert "1 checkpoint tensors unexpected, e.g. ['model.layers.1.self_attn.o_proj.bias']" in msg
+    assert "config.json says" not in msg
