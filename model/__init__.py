@@ -1,7 +1,7 @@
 """dsalign.model: the DeepSeek-V3 network (MLA, DeepSeekMoE, MTP) and its HF checkpoint format."""
 
 from .cache import FP8LatentCache, LatentCache
-from .checkpoint import build_model, load_checkpoint, save_checkpoint
+from .checkpoint import build_model, check_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss, token_sequences
 from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss, mtp_loss
@@ -17,6 +17,7 @@ __all__ = [
     "bias_update_delta",
     "build_attention_mask",
     "build_model",
+    "check_checkpoint",
     "causal_lm_loss",
     "load_checkpoint",
     "load_imbalance",

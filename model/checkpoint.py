@@ -232,9 +232,35 @@ def load_checkpoint(
     skipped with a warning, as are the rotary ``inv_freq`` buffers older checkpoints carry.
     """
     path = Path(path)
+    report = report if report is not None else LoadReport()
+    model, key_files, plan, zero_bias, init_mtp = _checked_plan(path, dtype, missing_mtp, report)
+    _materialize(model, device)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    _load_tensors(path, key_files, plan, params, report)
+    for name in zero_bias:
+        params[name].zero_()
+        report.notes.append(f"{name} missing: initialized to zeros")
+    if init_mtp:
+        _init_mtp(model)
+    if report.ignored:
+        log.warning("%s: ignored %d checkpoint tensors, e.g. %s", path, len(report.ignored), report.ignored[:4])
+    return model
+
+
+def check_checkpoint(path: str | Path, missing_mtp: str = "drop") -> ModelConfig:
+    """Everything ``load_checkpoint`` checks before it reads a tensor (``config.json``, every shard's header, the
+    weights' keys and layers against the config), without loading any: for checks that run before a job starts.
+    Returns the config the model would be built with; raises as ``load_checkpoint`` would."""
+    model, *_ = _checked_plan(Path(path), torch.float32, missing_mtp, LoadReport())
+    return model.cfg
+
+
+def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: LoadReport):
+    """The meta-device model and the plan that fills it: (model, key_files, plan, zero_bias, init_mtp); raises
+    on a missing directory, a bad ``config.json``, unreadable shard headers or weights that do not fit the config."""
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    report = report if report is not None else LoadReport()
     cfg = ModelConfig.from_hf(path)
     declared_mtp = cfg.num_nextn_predict_layers
     key_files = _checkpoint_files(path)
@@ -271,18 +297,7 @@ def load_checkpoint(
         unexpected = [k for k in ignored if not _IGNORED.search(k)]
         layers = None if main_agree and mtp_agree else _layer_mismatch(n, declared_mtp, main_layers, mtp_layers)
         raise ValueError(_mismatch_message(path, layers, missing, unexpected))
-    _materialize(model, device)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    _load_tensors(path, key_files, plan, params, report)
-    for name in zero_bias:
-        params[name].zero_()
-        report.notes.append(f"{name} missing: initialized to zeros")
-    if init_mtp:
-        _init_mtp(model)
-    if report.ignored:
-        log.warning("%s: ignored %d checkpoint tensors, e.g. %s", path, len(report.ignored), report.ignored[:4])
-    return model
+    return model, key_files, plan, zero_bias, init_mtp
 
 
 def _weight_layers(key_files: dict[str, Path]) -> tuple[set[int], set[int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dsalign.model import ModelConfig
+from dsalign.model import ModelConfig, check_checkpoint
 
 from .config import ModelSource, RewardEntry, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
@@ -47,7 +47,7 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
             problems.append(f"{where}.checkpoint: {path} has no *.safetensors weights")
         else:
             try:
-                ModelConfig.from_hf(path)
+                check_checkpoint(path)  # config.json, shard headers, weights' keys and layers; reads no tensor
             except (ValueError, FileNotFoundError) as e:
                 problems.append(f"{where}.checkpoint: {e}")
 

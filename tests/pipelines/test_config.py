@@ -156,6 +156,39 @@ def test_preflight_checks_checkpoint_dirs(tmp_path):
     preflight(load_config(DEMO, [f"output_dir={tmp_path / 'ok'}"]))  # the demo itself passes
 
 
+def test_preflight_reads_checkpoint_headers_against_the_config(tmp_path):
+    """A checkpoint source's shard headers and keys are checked against its config.json before any actor starts
+    (no tensor is read): a truncated shard and a config that disagrees with the weights' layers fail preflight."""
+    import json
+    import shutil
+
+    from dsalign.model import save_checkpoint
+    from dsalign.pipelines.demo_tokenizer import task_tokenizer
+    from dsalign.pipelines.stages import load_source
+
+    run = load_config(TINY)
+    good = save_checkpoint(load_source({"preset": "tiny"}, task_tokenizer(run.task), 0), tmp_path / "good")
+    truncated, fewer = tmp_path / "truncated", tmp_path / "fewer"
+    shutil.copytree(good, truncated)
+    shard = truncated / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    shutil.copytree(good, fewer)
+    config = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] - 1}))
+    data = _tiny(tmp_path)
+    data["stages"][0]["model"] = {"checkpoint": str(truncated)}
+    data["stages"][3]["model"] = {"checkpoint": str(fewer)}
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    problems = err.value.problems
+    assert any(p.startswith("stages[0] (sft).model.checkpoint: ") and "truncated/model.safetensors" in p
+               for p in problems), problems  # fmt: skip
+    assert any(p.startswith("stages[3] (length).model.checkpoint: ") and "num_hidden_layers" in p
+               for p in problems), problems  # fmt: skip
+    data["stages"][0]["model"] = data["stages"][3]["model"] = {"checkpoint": str(good)}
+    preflight(load_config(_write(tmp_path, data)))
+
+
 def _tiny(tmp_path, **grpo_resources) -> dict:
     data = yaml.safe_load(TINY.read_text())
     data["output_dir"] = str(tmp_path / "out")
