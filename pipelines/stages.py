@@ -418,7 +418,9 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     _, comps = rollout(engine, tokenizer, rows, k, ev.temperature, ev.max_new_tokens, ev.seed)
     texts = completion_texts(tokenizer, comps)
     prompts = [r["prompt"] for r in rows for _ in range(k)]
-    acc = score_samples(score, rows, k, texts, comps).rewards
+    scored = score_samples(score, rows, k, texts, comps)
+    acc = scored.rewards
+    check_eval_failures(scored.failures, len(acc), ev.reward.fn)
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
     out = {
@@ -439,6 +441,19 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     if targets[0] is not None:
         out["length_target"] = float(sum(targets) / len(targets))
     return out
+
+
+def check_eval_failures(failures: list, n: int, reward: str) -> None:
+    """An evaluation counts a failed sample as 0, so a reward that failed says so: a warning naming how many samples
+    and the first error, and an error when it failed on every sample (the accuracy would be a meaningless 0)."""
+    if not failures:
+        return
+    failed = n if any(f.sample_index is None for f in failures) else len({f.sample_index for f in failures})
+    if failed == n:
+        raise ValueError(f"eval reward {reward!r} failed on all {n} samples, so there is no accuracy to report; "
+                           f"first failure: {failures[0]}")  # fmt: skip
+    print(f"[eval] reward {reward!r} failed on {failed} of {n} samples (counted as 0); first: {failures[0]}",
+          flush=True)  # fmt: skip
 
 
 def sample_statistics(scores: list[float | None], texts: list[str], k: int, math: bool) -> dict[str, float]:

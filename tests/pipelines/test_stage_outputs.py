@@ -190,7 +190,7 @@ def test_sft_stage_trains_on_the_workers_gpu(tmp_path, local_ray):
     assert load_checkpoint(state.finished["sft"]) is not None
 
 
-def test_evaluation_scores_with_the_configured_reward(tmp_path):
+def test_evaluation_scores_with_the_configured_reward(tmp_path, capsys):
     from dsalign.pipelines.config import load_config
     from dsalign.pipelines.demo_task import corpus_for_tokenizer
     from dsalign.pipelines.demo_tokenizer import train_tokenizer
@@ -209,5 +209,16 @@ def test_evaluation_scores_with_the_configured_reward(tmp_path):
     torch.manual_seed(0)
     out = evaluate(load_source({"preset": "tiny"}, tok).eval(), tok, run, held_out_prompts(run))
     assert out["accuracy"] == out["mean_length"] > 0 and len(out["per_prompt"]) == 3
+    # a failed sample counts as 0 and is reported; a reward that fails on every sample is an error, not accuracy 0
+    custom.write_text(custom.read_text() + "def picky(prompts, completions, **kw):\n"
+                      "    if any('0+1' in str(p) for p in prompts):\n        raise ValueError('no zeros')\n"
+                      "    return [1.0] * len(completions)\n"
+                      "def broken(prompts, completions, **kw):\n    raise KeyError('answer')\n")  # fmt: skip
+    model = load_source({"preset": "tiny"}, tok).eval()
+    out = evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:picky"]), held_out_prompts(run))
+    assert out["per_prompt"] == [0.0, 1.0, 1.0]
+    assert "picky' failed on 2 of 6 samples (counted as 0); first: " in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"eval reward '.*:broken' failed on all 6 samples.*KeyError"):
+        evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:broken"]), held_out_prompts(run))
     with pytest.raises(Exception, match="eval.reward.fn 'nope_pkg:fn': RewardLoadError: .*No module named 'nope_pkg'"):
         preflight(load_config(tiny, [*base, "eval.reward.fn=nope_pkg:fn"]))
