@@ -98,6 +98,7 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
         cols = list(eval_rows[0])
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |" for r in eval_rows]
+    lines += data_section(stage_dirs)
     lines += ["", "## Training curves", ""]
     for key, label in PLOTTED.items():
         series = {s: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for s, rows in per_stage.items()}
@@ -118,6 +119,23 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
     report = out_dir / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
     return report
+
+
+def data_section(stage_dirs: dict[str, Path]) -> list[str]:
+    """Report lines for each stage's ``data.json`` (``stages.write_data_summary``): its source, the rows it used and
+    the malformed rows ``skip_invalid`` dropped, with the first problems, so a skipped row is never silent."""
+    lines = ["", "## Data", "", "| stage | source | rows used | malformed rows skipped |", "|---|---|---|---|"]
+    notes = []
+    for name, d in stage_dirs.items():
+        path = Path(d) / "data.json"
+        if not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        lines.append(f"| {name} | {info['source']} | {info['rows']} | {info['skipped_invalid']} |")
+        notes += [f"- {name}: {p}" for p in info.get("problems", [])]
+    if len(lines) == 5:
+        return []
+    return lines + ([""] + notes if notes else [])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -101,12 +101,17 @@ def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
 STAGE_SKIP_ADVICE = "set the stage's data.skip_invalid: true to drop (and count) them"
 
 
-def training_prompts(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
-    """Prompt rows (``prompt`` messages, ``answer``, ...) of a stage; synthetic rows never overlap held-out ones."""
+def training_prompts(run: RunConfig, data: DataSource, summary_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Prompt rows (``prompt`` messages, ``answer``, ...) of a stage; synthetic rows never overlap held-out ones.
+    With ``summary_dir`` (the stage's directory, rank 0) the rows' origin goes to ``data.json`` there."""
     if data.synthetic is not None:
         held = make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED)
-        return make_prompts(run.task, data.num_rows, data.seed, exclude=operand_sets(held), budget=data.length_target)
-    return prompt_file_rows(data.path, data.num_rows, data.length_target, data.skip_invalid, STAGE_SKIP_ADVICE)
+        rows = make_prompts(run.task, data.num_rows, data.seed, exclude=operand_sets(held), budget=data.length_target)
+        write_data_summary(summary_dir, f"synthetic: {data.synthetic}", rows, None)
+        return rows
+    rows, report = _prompt_rows(data.path, data.num_rows, data.length_target, data.skip_invalid, STAGE_SKIP_ADVICE)
+    write_data_summary(summary_dir, data.path, rows, report)
+    return rows
 
 
 def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None, skip_invalid: bool = False,
@@ -114,11 +119,32 @@ def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None,
     """The first ``num_rows`` (None or 0 = all) rows of a prompt file; with ``budget``, each prompt carries the
     length instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do.
     ``skip_advice``: how the caller's user drops malformed rows (None: they cannot; the error says only to fix them)."""
+    return _prompt_rows(path, num_rows, budget, skip_invalid, skip_advice)[0]
+
+
+def _prompt_rows(path: str, num_rows: int | None, budget: int | None, skip_invalid: bool, skip_advice: str | None):
     from dsalign.alignment.data import load_prompts
 
-    ds, _ = load_prompts(path, skip_invalid=skip_invalid, skip_advice=skip_advice)
+    ds, report = load_prompts(path, skip_invalid=skip_invalid, skip_advice=skip_advice)
     rows = first_rows(list(ds), num_rows, path)
-    return [with_budget(r, budget, "prompt") for r in rows] if budget is not None else rows
+    return ([with_budget(r, budget, "prompt") for r in rows] if budget is not None else rows), report
+
+
+def summary_dir(env: StageEnv) -> Path | None:
+    """Where rank 0 writes the stage's ``data.json`` (other ranks write nothing)."""
+    return env.out_dir if rank_world()[0] == 0 else None
+
+
+def write_data_summary(stage_dir: Path | None, source: str, rows: list[dict], report) -> None:
+    """``<stage_dir>/data.json``: where the stage's rows came from, how many it uses, and the malformed rows
+    ``skip_invalid`` dropped (count and the first problems), which the run's report lists. Nothing without a dir."""
+    if stage_dir is None:
+        return
+    from .report import write_text_atomic
+
+    summary = {"source": source, "rows": len(rows), "skipped_invalid": report.num_invalid if report else 0,
+               "problems": report.problems[:5] if report else []}  # fmt: skip
+    write_text_atomic(Path(stage_dir) / "data.json", json.dumps(summary, indent=1) + "\n")
 
 
 def first_rows(rows: list[dict], num_rows: int | None, path: str) -> list[dict]:
@@ -145,14 +171,20 @@ def held_out_prompts(run: RunConfig, budget: int | None = None) -> list[dict[str
     return make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED, budget=budget)
 
 
-def sft_conversations(run: RunConfig, data: DataSource) -> list[dict[str, Any]]:
+def sft_conversations(run: RunConfig, data: DataSource, summary_dir: Path | None = None) -> list[dict[str, Any]]:
+    """An SFT stage's conversations (``training_prompts`` for ``summary_dir``)."""
     if data.synthetic is not None:
-        return make_sft_conversations(run.task, training_prompts(run, data), seed=data.seed + 1)
+        rows = make_sft_conversations(run.task, training_prompts(run, data), seed=data.seed + 1)
+        write_data_summary(summary_dir, f"synthetic: {data.synthetic}", rows, None)
+        return rows
     from dsalign.alignment.data import load_conversations
 
-    ds, _ = load_conversations(data.path, skip_invalid=data.skip_invalid, skip_advice=STAGE_SKIP_ADVICE)
+    ds, report = load_conversations(data.path, skip_invalid=data.skip_invalid, skip_advice=STAGE_SKIP_ADVICE)
     rows = first_rows(list(ds), data.num_rows, data.path)
-    return [with_budget(r, data.length_target, "messages") for r in rows] if data.length_target is not None else rows
+    if data.length_target is not None:
+        rows = [with_budget(r, data.length_target, "messages") for r in rows]
+    write_data_summary(summary_dir, data.path, rows, report)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- trainer glue
@@ -671,7 +703,7 @@ def run_grpo(env: StageEnv) -> Path:
     p = env.stage.grpo
     device = stage_device(env.stage)
     model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device)
-    rows = training_prompts(env.run, env.stage.data)
+    rows = training_prompts(env.run, env.stage.data, summary_dir(env))
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
                          bias_update_gamma=p.bias_update_gamma)  # fmt: skip
@@ -752,7 +784,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
 
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(stage_device(env.stage)).eval()
-    rows = training_prompts(env.run, env.stage.data)[rank::world]
+    rows = training_prompts(env.run, env.stage.data, summary_dir(env))[rank::world]
     engine = rollout_engine(teacher, env.tokenizer, d.max_batch_size)
     _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
                        seed=env.run.seed + 31 + rank)  # fmt: skip
@@ -796,7 +828,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    rows = training_prompts(env.run, env.stage.data)
+    rows = training_prompts(env.run, env.stage.data, summary_dir(env))
     scorer = (env.reward_pool or build_combiner(env.stage.rewards)) if env.stage.rewards else None
     cfg = trainer_config(op.optim, op.steps, env.run, env.stage, mtp_lambda=0.0)
     torch.manual_seed(env.run.seed)
@@ -877,7 +909,7 @@ def run_distill(env: StageEnv) -> Path:
 
 def run_sft(env: StageEnv) -> Path:
     model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(stage_device(env.stage))
-    return run_sft_loop(env, model, sft_conversations(env.run, env.stage.data), env.stage.sft)
+    return run_sft_loop(env, model, sft_conversations(env.run, env.stage.data, summary_dir(env)), env.stage.sft)
 
 
 STAGE_RUNNERS = {"sft": run_sft, "grpo": run_grpo, "distill": run_distill}

@@ -222,3 +222,28 @@ def test_evaluation_scores_with_the_configured_reward(tmp_path, capsys):
         evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:broken"]), held_out_prompts(run))
     with pytest.raises(Exception, match="eval.reward.fn 'nope_pkg:fn': RewardLoadError: .*No module named 'nope_pkg'"):
         preflight(load_config(tiny, [*base, "eval.reward.fn=nope_pkg:fn"]))
+
+
+def test_skipped_rows_are_counted_in_the_stage_and_the_report(tmp_path):
+    """``data.skip_invalid: true`` drops malformed rows; the stage writes how many (and the first problems) to its
+    ``data.json`` and the run's report lists them, so a dropped row is never silent."""
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.demo_tokenizer import task_tokenizer
+    from dsalign.pipelines.stages import StageEnv, run_sft
+
+    convo = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    data = _prompt_file(tmp_path / "sft.jsonl", [{"messages": convo}, {"messages": []}, {"messages": convo},
+                                                 {"text": "no messages"}])  # fmt: skip
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    run = load_config(tiny, [f"output_dir={tmp_path / 'out'}", f"stages.sft.data={{path: {data}, skip_invalid: true}}",
+                             "stages.sft.sft.steps=1", "stages.sft.sft.batch_size=2"])  # fmt: skip
+    stage = run.stages[0]
+    env = StageEnv(run=run, stage=stage, out_dir=tmp_path / "out" / "sft", tokenizer=task_tokenizer(run.task),
+                   sources={"model": {"preset": "tiny"}}, resume=False)  # fmt: skip
+    env.out_dir.mkdir(parents=True)
+    run_sft(env)
+    summary = json.loads((env.out_dir / "data.json").read_text())
+    assert summary["source"] == data and summary["rows"] == 2 and summary["skipped_invalid"] == 2
+    assert "sft.jsonl: line 2: field 'messages'" in summary["problems"][0]
+    text = write_report(tmp_path / "out", {"sft": env.out_dir}, [], "t").read_text()
+    assert f"| sft | {data} | 2 | 2 |" in text and "- sft: " in text
