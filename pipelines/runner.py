@@ -217,7 +217,7 @@ def paired_delta(per: list[float], base: list[float] | None, label: str) -> str:
     return f"{d:+.3f} (SE {se:.3f}) vs {label}"
 
 
-STAGE_STATE = ("checkpoints", "metrics.jsonl", "tensorboard", "distill_sft.jsonl")
+STAGE_STATE = ("checkpoints", "metrics.jsonl", "tensorboard", "distill_sft.jsonl", "data.json")
 
 
 def clear_stage_state(stage_dir: Path) -> list[str]:

@@ -40,9 +40,10 @@ def test_fresh_start_clears_only_resumable_state(tmp_path, capsys):
     (stage / "checkpoints" / "step_00000040").mkdir(parents=True)
     (stage / "tensorboard").mkdir()
     (stage / "metrics.jsonl").write_text('{"step": 40}\n')
+    (stage / "data.json").write_text('{"rows": 3}\n')
     (stage / "final").mkdir()
     (stage / "final" / "config.json").write_text("{}")
-    assert clear_stage_state(stage) == ["checkpoints", "metrics.jsonl", "tensorboard"]
+    assert clear_stage_state(stage) == ["checkpoints", "metrics.jsonl", "tensorboard", "data.json"]
     assert sorted(p.name for p in stage.iterdir()) == ["final"]  # the exported model stays until replaced
     assert "fresh start, removed checkpoints, metrics.jsonl, tensorboard" in capsys.readouterr().out
     assert clear_stage_state(stage) == [] and clear_stage_state(tmp_path / "missing") == []
