@@ -55,14 +55,15 @@ def load_engine(
     """Load model (+ tokenizer when present) from an HF-format directory and wrap them in a ``RolloutEngine``.
     ``device``: where it runs (default: the GPU when torch sees one, else the CPU)."""
     from dsalign.alignment.rollout import RolloutEngine
-    from dsalign.model import load_checkpoint
+    from dsalign.model import ModelConfig, load_checkpoint
+
+    from .stages import load_tokenizer
 
     path = check_checkpoint_dir(checkpoint, need_tokenizer)
+    ModelConfig.from_hf(path)  # a bad config.json is named here, not in the tokenizer's (transformers') reading of it
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_checkpoint(path, device=device, dtype=getattr(torch, dtype),
                             missing_mtp="error" if speculative else "drop")  # fmt: skip

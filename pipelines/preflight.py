@@ -169,6 +169,16 @@ def _run_tokenizer(cfg: RunConfig):
     return load_tokenizer(cfg.tokenizer)
 
 
+def _vocab_size(checkpoint: Path) -> int | None:
+    """``vocab_size`` of a checkpoint's config.json; None when it has none that reads (``_check_model`` says why)."""
+    import json
+
+    try:
+        return int(json.loads((checkpoint / "config.json").read_text()).get("vocab_size", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
     """A checkpoint a stage starts from must read token ids as the run's tokenizer writes them: its embedding must
     cover the tokenizer, and a tokenizer shipped beside it must be the same vocabulary."""
@@ -179,22 +189,24 @@ def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
         if stage.kind == "distill":
             sources.append((f"{where}.distill.teacher", stage.distill.teacher))
     external = [(w, Path(s.checkpoint)) for w, s in sources if s.checkpoint]
-    external = [(w, path) for w, path in external if (path / "config.json").is_file()]  # (others already reported)
+    external = [(w, path, _vocab_size(path)) for w, path in external]
+    external = [(w, path, rows) for w, path, rows in external if rows is not None]  # (others already reported)
     if not external:
         return
-    import json
-
-    from transformers import AutoTokenizer
+    from .stages import load_tokenizer
 
     tok = _run_tokenizer(cfg)
     run_vocab = tok.get_vocab()
-    for where, path in external:
-        rows = json.loads((path / "config.json").read_text()).get("vocab_size", 0)
+    for where, path, rows in external:
         if rows < len(tok):
             problems.append(f"{where}.checkpoint: {path} embeds {rows} tokens but the run's tokenizer "
                             f"({cfg.tokenizer}) has {len(tok)}; set tokenizer: to the checkpoint's own")  # fmt: skip
         elif any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            theirs = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+            try:
+                theirs = load_tokenizer(path).get_vocab()
+            except ValueError as e:
+                problems.append(f"{where}.checkpoint: {e}")
+                continue
             if theirs != run_vocab:
                 differ = sum(theirs.get(t) != i for t, i in run_vocab.items())
                 sizes = f"{len(theirs)} vs {len(run_vocab)} tokens, {differ} of the run's with other ids"
@@ -273,6 +285,11 @@ def preflight(cfg: RunConfig) -> None:
         tok = Path(cfg.tokenizer)
         if not (tok / "tokenizer_config.json").is_file() and not (tok / "tokenizer.json").is_file():
             problems.append(f"tokenizer: {tok} is not a tokenizer directory (no tokenizer.json)")
+        else:
+            try:
+                _run_tokenizer(cfg)
+            except ValueError as e:
+                problems.append(f"tokenizer: {e}")
     local = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")  # a Ray we start here: capacity known
     local_cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1) if local else None
     for i, stage in enumerate(cfg.stages):

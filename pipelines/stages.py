@@ -49,10 +49,14 @@ def rank_world() -> tuple[int, int]:
 
 
 def load_tokenizer(path: str | Path):
-    """An HF tokenizer directory; one without a pad token pads with its EOS token (as TRL does)."""
+    """An HF tokenizer directory; one without a pad token pads with its EOS token (as TRL does). A directory whose
+    tokenizer files do not load is a ``ValueError`` naming it (transformers' own errors name no file)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - JSON, OSError, tokenizers' own exceptions: all mean unreadable files
+        raise ValueError(f"{path}: the tokenizer does not load ({type(e).__name__}: {e})") from e
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

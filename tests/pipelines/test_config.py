@@ -462,3 +462,10 @@ def test_yaml_1_1_exponents_read_as_numbers(tmp_path):
     data["stages"][0]["sft"]["optim"] = {"lr": "fast"}
     with pytest.raises(ConfigError, match=r"stages\[0\]\.sft\.optim\.lr: expected a number, got str 'fast'"):
         load_config(_write(tmp_path, data))
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(TINY.read_text().replace("kind: sft\n", "kind: sft\n    kind: grpo\n", 1))
+    with pytest.raises(ConfigError, match=r"(?s)dup.yaml: not valid YAML .*key 'kind' is given twice \(first line"):
+        load_config(path)

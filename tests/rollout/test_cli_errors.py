@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -156,3 +157,29 @@ def test_chat_is_multi_turn_and_streams(checkpoint):
     )
     assert run_chat(args, stdin=stdin, out=out) == 0
     assert out.getvalue().count("> ") == 4
+
+
+def test_unreadable_config_or_tokenizer_is_named(tmp_path, checkpoint, capsys):
+    """A checkpoint whose config.json or tokenizer files do not parse: one error line naming the file (transformers'
+    own errors name none, or come as a traceback), for ``chat`` and ``eval`` and at preflight."""
+    import shutil
+
+    import yaml
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.preflight import PreflightError, preflight
+
+    bad_config, bad_tok = tmp_path / "bad_config", tmp_path / "bad_tok"
+    shutil.copytree(checkpoint, bad_config)
+    (bad_config / "config.json").write_text("{bad")
+    shutil.copytree(checkpoint, bad_tok)
+    (bad_tok / "tokenizer.json").write_text((bad_tok / "tokenizer.json").read_text()[:12])
+    assert main(["chat", "--checkpoint", str(bad_config)]) == 2
+    assert f"{bad_config / 'config.json'}: not valid JSON" in capsys.readouterr().err
+    for command in (["chat", "--checkpoint", str(bad_tok)], ["eval", str(bad_tok)]):
+        assert main(command) == 2
+        assert f"{bad_tok}: the tokenizer does not load (JSONDecodeError" in capsys.readouterr().err
+    run = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml").read_text())
+    run.update(output_dir=str(tmp_path / "out"), tokenizer=str(bad_tok))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    with pytest.raises(PreflightError, match=f"tokenizer: {bad_tok}: the tokenizer does not load"):
+        preflight(load_config(tmp_path / "run.yaml"))
