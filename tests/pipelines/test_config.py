@@ -464,8 +464,11 @@ def test_yaml_1_1_exponents_read_as_numbers(tmp_path):
         load_config(_write(tmp_path, data))
 
 
-def test_a_key_given_twice_is_refused(tmp_path):
+def test_a_key_given_twice_or_a_non_utf8_file_is_refused(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(TINY.read_text().replace("kind: sft\n", "kind: sft\n    kind: grpo\n", 1))
     with pytest.raises(ConfigError, match=r"(?s)dup.yaml: not valid YAML .*key 'kind' is given twice \(first line"):
+        load_config(path)
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"):
         load_config(path)
