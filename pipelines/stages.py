@@ -695,10 +695,20 @@ def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float) -> dict[s
     return metrics
 
 
+def grpo_loss_config(p) -> Any:
+    """The policy loss of a GRPO stage's params. ``norm_length`` is the completion budget, Dr. GRPO's constant
+    normaliser (TRL's ``max_completion_length``); left unset it would be each micro-batch's padded row length, which
+    varies with the prompts' lengths and the batch's composition and reweights identical tokens."""
+    from dsalign.alignment.policy_loss import PolicyLossConfig
+
+    return PolicyLossConfig(policy_loss=p.policy_loss, eps_low=p.eps_low, eps_high=p.eps_high,
+                            dual_clip_c=p.dual_clip_c, agg=p.loss_agg, norm_length=p.max_new_tokens,
+                            kl_beta=p.kl_beta, kl_estimator=p.kl_estimator)  # fmt: skip
+
+
 def run_grpo(env: StageEnv) -> Path:
     """GRPO with group-relative advantages. Colocated: the engine decodes with the trainer's own model object.
     Split (``env.rollout_pool``): rollout workers decode with their own copies, refreshed before every iteration."""
-    from dsalign.alignment.policy_loss import PolicyLossConfig
     from dsalign.alignment.rl import correct_for_rollout, grpo_loss_fn
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
@@ -711,10 +721,7 @@ def run_grpo(env: StageEnv) -> Path:
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
                          bias_update_gamma=p.bias_update_gamma)  # fmt: skip
-    loss_cfg = PolicyLossConfig(policy_loss=p.policy_loss, eps_low=p.eps_low, eps_high=p.eps_high,
-                                dual_clip_c=p.dual_clip_c, agg=p.loss_agg, kl_beta=p.kl_beta,
-                                kl_estimator=p.kl_estimator)  # fmt: skip
-    loss_fn = grpo_loss_fn(loss_cfg, temperature=p.temperature, mtp_lambda=p.mtp_lambda)
+    loss_fn = grpo_loss_fn(grpo_loss_config(p), temperature=p.temperature, mtp_lambda=p.mtp_lambda)
     torch.manual_seed(env.run.seed)
     model = prepare_model(model, cfg)
     lora = apply_stage_lora(model, env.stage)
@@ -840,8 +847,8 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     lora = apply_stage_lora(student, env.stage)
     runner = build_runner(student, cfg)
     k, top_k = op.samples_per_prompt, op.top_k if op.loss.startswith("topk") else 0
-    if op.loss == "sampled_reverse_kl":
-        loss_fn = grpo_loss_fn(PolicyLossConfig(), temperature=1.0)
+    if op.loss == "sampled_reverse_kl":  # the update scores tokens at the temperature they were sampled at: ratio 1
+        loss_fn = grpo_loss_fn(PolicyLossConfig(), temperature=op.temperature)
     else:
         loss_fn = topk_distill_loss_fn(op.loss.split("_")[1])
     generator = LocalRollout(rollout_engine(student, env.tokenizer, -(-op.prompts_per_step // rank_world()[1]) * k),

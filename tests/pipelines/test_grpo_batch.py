@@ -136,3 +136,23 @@ def test_rewards_see_each_samples_finish_reason():
     _, comps, scored, _, _ = sample_iteration(Generator(), scorer, tok, rows, params, seed=0, it=0)
     assert scored.rewards == [-0.5 if c.finish_reason == "length" else 0.0 for c in comps]
     assert -0.5 in scored.rewards and 0.0 in scored.rewards
+
+
+def test_dr_grpo_normaliser_is_the_completion_budget():
+    """``seq-mean-token-sum-norm`` divides by B x the completion budget (``max_new_tokens``), a constant: identical
+    completion tokens weigh the same whatever their prompt's length or micro-batch (the padded row length, the
+    fallback, varied with both)."""
+    from dsalign.alignment.policy_loss import aggregate_loss
+    from dsalign.pipelines.stages import grpo_loss_config, split_micro
+
+    tok = SimpleNamespace(pad_token_id=0)
+    params = GRPOParams(group_size=2, loss_agg="seq-mean-token-sum-norm", max_new_tokens=16, micro_batch_size=2)
+    comps = [SimpleNamespace(token_ids=[5, 6, 7, 8], logprobs=[-0.5] * 4, finish_reason="stop") for _ in range(4)]
+    batch = make_rl_batch(tok, [list(range(1, 21)), [1, 2, 3]], comps, [1.0, 0.0, 1.0, 0.0], 2, params)
+    cfg = grpo_loss_config(params)
+    weights = []
+    for mb in split_micro(batch, params.micro_batch_size):
+        per_token = torch.ones(mb["completion_mask"].shape, requires_grad=True)
+        aggregate_loss(per_token, mb["completion_mask"], cfg.agg, cfg.norm_length).backward()
+        weights.append(per_token.grad[mb["completion_mask"] > 0].unique().tolist())
+    assert weights == [[1 / (2 * 16)], [1 / (2 * 16)]]

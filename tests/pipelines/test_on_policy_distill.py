@@ -39,14 +39,18 @@ def _run_distill_stage(tmp_path: Path, run, tok, teacher_path: str):
     return run_distill(env), env
 
 
-@pytest.mark.parametrize("loss", ["sampled_reverse_kl", "topk_reverse_kl"])
-def test_on_policy_distillation_stage(tmp_path, teacher, loss):
+@pytest.mark.parametrize("loss, temperature", [
+    ("sampled_reverse_kl", 1.0), ("topk_reverse_kl", 1.0),
+    ("sampled_reverse_kl", 0.7),  # the update scores at the sampling temperature, so the ratio stays 1
+])  # fmt: skip
+def test_on_policy_distillation_stage(tmp_path, teacher, loss, temperature):
     path, tok = teacher
     d = "stages.distill.distill"
     run = load_config(TINY, [f"output_dir={tmp_path}", f"{d}.mode=on_policy", f"{d}.on_policy.steps=3",
                              f"{d}.on_policy.prompts_per_step=4", f"{d}.on_policy.max_new_tokens=12",
                              f"{d}.on_policy.loss={loss}", f"{d}.on_policy.top_k=8", f"{d}.on_policy.optim.lr=0.01",
-                             f"{d}.on_policy.optim.warmup_steps=0"])  # fmt: skip
+                             f"{d}.on_policy.optim.warmup_steps=0",
+                             f"{d}.on_policy.temperature={temperature}"])  # fmt: skip
     final, env = _run_distill_stage(tmp_path, run, tok, path)
     log = [json.loads(line) for line in (env.out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
