@@ -323,4 +323,5 @@ def topk_distill_loss_fn(direction: str = "reverse", aux_loss_coef: float = 1.0,
             loss = loss + aux_loss_coef * out.aux_loss
         return loss, {"distill_kl": kl}
 
+    loss_fn.units = lambda batch: int(batch["completion_mask"][:, 1:].sum())  # the N its token mean divides by
     return loss_fn

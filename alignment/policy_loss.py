@@ -73,6 +73,20 @@ def agg_seq_mean_token_sum_norm(loss_BT: Tensor, mask_BT: Tensor, norm_length: i
     return masked_sum(loss_BT, mask_BT) / (loss_BT.shape[0] * length)
 
 
+def aggregation_units(mask_BT: Tensor, mode: str) -> int | None:
+    """What the aggregation named ``mode`` averages over in a batch: unmasked tokens (``token-mean``), sequences
+    with at least one (``seq-mean-token-mean``), or sequences (``seq-mean-token-sum-norm``: ``B`` in ``B * L``).
+    The trainer weighs micro-batches by it, so the step's loss is that aggregation over the whole batch. None for
+    an aggregation registered elsewhere (the trainer then weighs micro-batches equally)."""
+    if mode == "token-mean":
+        return int(mask_BT.sum())
+    if mode == "seq-mean-token-mean":
+        return int((mask_BT.sum(-1) > 0).sum())
+    if mode == "seq-mean-token-sum-norm":
+        return int(mask_BT.shape[0])
+    return None
+
+
 def aggregate_loss(
     loss_BT: Tensor, mask_BT: Tensor, mode: str = "token-mean", norm_length: int | None = None
 ) -> Tensor:

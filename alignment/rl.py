@@ -18,7 +18,7 @@ from dsalign.model import mtp_loss
 from torch import Tensor
 
 from .metrics import entropy_from_logits, logprobs_from_logits
-from .policy_loss import PolicyLossConfig, grpo_loss
+from .policy_loss import PolicyLossConfig, aggregation_units, grpo_loss
 from .trainer.step import fused_head_weight
 
 
@@ -138,6 +138,7 @@ def grpo_loss_fn(
             plain = {k: math.nan for k in plain}  # statistics to report; the trainer averages over the others
         return loss, plain
 
+    loss_fn.units = lambda batch: aggregation_units(batch["completion_mask"], cfg.agg)
     return loss_fn
 
 

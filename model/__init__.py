@@ -4,7 +4,7 @@ from .cache import FP8LatentCache, LatentCache
 from .checkpoint import build_model, check_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .moe import apply_bias_update, bias_update_delta, load_imbalance, sequence_balance_loss, token_sequences
-from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss, mtp_loss
+from .transformer import ModelOutput, Transformer, build_attention_mask, causal_lm_loss, mtp_loss, next_token_targets
 
 __all__ = [
     "PRESETS",
@@ -22,6 +22,7 @@ __all__ = [
     "load_checkpoint",
     "load_imbalance",
     "mtp_loss",
+    "next_token_targets",
     "save_checkpoint",
     "sequence_balance_loss",
     "token_sequences",

@@ -253,6 +253,15 @@ class Transformer(nn.Module):
         return layer(h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
 
 
+def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> int:
+    """How many next-token targets ``causal_lm_loss``'s main CE averages over: positions whose next label is not
+    -100 and, in packed rows, lies in the same segment. What the trainer weighs micro-batches by."""
+    keep = labels[:, 1:] != -100
+    if segment_ids is not None:
+        keep = keep & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    return int(keep.sum())
+
+
 def _shifted_ce(out_BTX: torch.Tensor, labels: torch.Tensor, shift: int, segment_ids: torch.Tensor | None,
                 head_weight: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """CE of position i predicting ``labels[i + shift]``; ``out_BTX`` is logits [B, T, V], or head inputs [B, T, D]

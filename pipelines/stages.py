@@ -297,6 +297,7 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
     from dsalign.alignment.sft import SFTConfig, build_sft_examples, sft_loss
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
+    from dsalign.model import next_token_targets
 
     examples, _ = build_sft_examples(conversations, env.tokenizer, SFTConfig(max_length=params.max_length))
     cfg = trainer_config(params.optim, params.steps, env.run, env.stage, mtp_lambda=params.mtp_lambda,
@@ -310,6 +311,8 @@ def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], p
 
     def loss_fn(m, batch):
         return sft_loss(m, batch, mtp_lambda=params.mtp_lambda)
+
+    loss_fn.units = lambda batch: next_token_targets(batch.labels, batch.segment_ids)  # global token mean per step
 
     for step in range(loop.start, params.steps):
         batches = sft_batches(examples, params, env.run.seed, step, env.tokenizer.pad_token_id)

@@ -209,6 +209,11 @@ class DeepSpeedRunner:
         )
 
     def backward(self, loss: torch.Tensor, micro_index: int, num_micro: int) -> None:
+        if micro_index == 0 and self.engine.gradient_accumulation_steps() != num_micro:
+            # DeepSpeed fixed its accumulation count when built; a stage that learns its micro-batch count later
+            # (GRPO, distillation) would otherwise step the optimizer inside the accumulation and not scale the loss
+            world = self.engine.dp_world_size * self.engine.train_micro_batch_size_per_gpu()
+            self.engine.set_train_batch_size(num_micro * world)
         self.engine.backward(loss)
         if micro_index < num_micro - 1:
             self.engine.step()

@@ -72,8 +72,9 @@ def apply_lora(model: Transformer, settings: LoraSettings | None = None) -> Any:
 
 
 def lora_state_dict(model: Transformer) -> dict[str, Any]:
-    """Only the adapter tensors (small; what a LoRA run needs to checkpoint besides the base)."""
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    """What a LoRA run changes, so base + this is the trained model: the adapter tensors and the router biases
+    (``e_score_correction_bias``: the bias update keeps balancing the experts during LoRA training). Small."""
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k or k.endswith("e_score_correction_bias")}
 
 
 def has_adapters(model: Transformer) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from dsalign.model import Transformer, apply_bias_update, causal_lm_loss, load_imbalance
+from dsalign.model import Transformer, apply_bias_update, causal_lm_loss, load_imbalance, next_token_targets
 from torch import nn
 
 from .config import TrainerConfig
@@ -24,6 +24,9 @@ from .hostmem import retain_host_memory
 from .optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+# A loss function may carry ``units(batch) -> int``: how many items (target tokens, sequences) its loss averages
+# over in that micro-batch. ``train_step`` then weighs micro-batches so the step's gradient is that of the mean over
+# the whole global batch (``micro_batch_shares``), not a mean of per-micro-batch means.
 
 
 class Runner(Protocol):
@@ -133,16 +136,43 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def forward_backward(runner: Runner, micro_batch: Any, loss_fn: LossFn, cfg: TrainerConfig, micro_index: int,
-                     num_micro: int) -> tuple[float, dict[str, float]]:  # fmt: skip
-    """Forward one micro-batch through ``loss_fn`` and backpropagate its share of the step's loss."""
+                     num_micro: int, share: float = 1.0) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """Forward one micro-batch through ``loss_fn`` and backpropagate its share of the step's loss: ``share`` times
+    the ``1 / num_micro`` the runner applies (``micro_batch_shares``)."""
     device = next(runner.model.parameters()).device
     micro_batch = to_device(micro_batch, device)
     with autocast_context(cfg, device):
         loss, metrics = loss_fn(runner.model, micro_batch)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {float(loss)} at micro-batch {micro_index}; metrics {metrics}")
-    runner.backward(loss, micro_index, num_micro)
+    runner.backward(loss * share if share != 1.0 else loss, micro_index, num_micro)
     return float(loss.detach()), metrics
+
+
+def micro_batch_shares(micro_batches: Sequence[Any], loss_fn: LossFn, group: Any) -> list[float]:
+    """Each micro-batch's weight relative to the equal split the runners apply (they divide by the micro-batch
+    count, and data parallelism averages over ranks): ``world * M * n_i / N`` with ``n_i`` the micro-batch's
+    ``loss_fn.units`` and ``N`` their sum over the step's micro-batches and ranks. A loss that averages over its
+    ``n_i`` items then contributes ``sum_i / N``: the gradient of the mean over the global batch, whatever the
+    micro-batches' sizes (equal counts give 1.0 each). All 1.0 for a loss without ``units`` or with nothing to
+    count."""
+    units = getattr(loss_fn, "units", None)
+    if units is None:
+        return [1.0] * len(micro_batches)
+    counts = [units(mb) for mb in micro_batches]
+    if any(c is None for c in counts):  # a loss that cannot count this batch's items
+        return [1.0] * len(micro_batches)
+    counts = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    total = counts.sum().reshape(1)
+    world = 1
+    if group is not None and dist.is_initialized():
+        total = total.to(collective_device(group))
+        dist.all_reduce(total, group=group)
+        world = dist.get_world_size(group)
+    total = float(total)
+    if total <= 0:
+        return [1.0] * len(micro_batches)
+    return (counts * (world * len(micro_batches) / total)).tolist()
 
 
 def refresh_fp8_weights(model: nn.Module) -> None:
@@ -244,8 +274,9 @@ def train_step(runner: Runner, micro_batches: Sequence[Any], loss_fn: LossFn, cf
     tracker = tracker if tracker is not None else _tracker_of(runner)
     tracker.take()  # drop counts of forwards outside the step
     per_micro = []
-    for i, mb in enumerate(micro_batches):
-        loss, metrics = forward_backward(runner, mb, loss_fn, cfg, i, len(micro_batches))
+    shares = micro_batch_shares(micro_batches, loss_fn, runner.dp_group)
+    for i, (mb, share) in enumerate(zip(micro_batches, shares)):
+        loss, metrics = forward_backward(runner, mb, loss_fn, cfg, i, len(micro_batches), share)
         per_micro.append({"loss": loss, **metrics})
     lr = runner.lr()
     grad_norm = runner.optimizer_step()
@@ -299,4 +330,5 @@ def lm_loss_fn(mtp_lambda: float = 0.1, aux_loss_coef: float = 1.0, fused_ce: bo
             metrics["aux_loss"] = float(out.aux_loss.detach())
         return loss, metrics
 
+    loss_fn.units = lambda batch: next_token_targets(batch["labels"], batch.get("segment_ids"))
     return loss_fn

@@ -2,7 +2,9 @@
 
 Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE [MODE] [lora]
 MODE: "straight" (default, STEPS steps), "save" (2 steps, then a training checkpoint in OUT_DIR/ckpt, then exit),
-"resume" (load OUT_DIR/ckpt, run the remaining steps). ``lora``: train LoRA adapters (``LORA``) instead.
+"resume" (load OUT_DIR/ckpt, run the remaining steps), "uneven" (each rank's rows as one micro-batch per row, with
+very different numbers of targets (``uneven_batch``), the micro-batch count set after the runner is built, as the
+GRPO stage does). ``lora``: train LoRA adapters (``LORA``) instead.
 """
 
 import json
@@ -15,11 +17,21 @@ import torch.distributed as dist
 STEPS, GLOBAL_B, T = 3, 4, 16
 
 
-def trainer_config(ep_size: int = 1, zero_stage: int = 2):
+def trainer_config(ep_size: int = 1, zero_stage: int = 2, uneven: bool = False):
     from dsalign.alignment.trainer import TrainerConfig
 
     return TrainerConfig(lr=2e-3, warmup_steps=1, total_steps=STEPS, bias_update_gamma=0.01, grad_clip=1.0,
-                         ep_size=ep_size, zero_stage=zero_stage)  # fmt: skip
+                         ep_size=ep_size, zero_stage=zero_stage, aux_loss_alpha=0.0 if uneven else None,
+                         weight_decay=0.0 if uneven else 0.1)  # fmt: skip
+
+
+def uneven_batch(step: int, vocab: int) -> dict:
+    """The global batch with 2, 15, 4 and 11 targets in its rows (labels -100 past them)."""
+    ids = global_batch(step, vocab)
+    labels = ids.clone()
+    for row, n in enumerate((2, 15, 4, 11)):
+        labels[row, n + 1 :] = -100
+    return {"input_ids": ids, "labels": labels}
 
 
 def make_model():
@@ -55,16 +67,17 @@ def main() -> None:
     ep_size, zero_stage = int(sys.argv[5]), int(sys.argv[6])
     mode = sys.argv[7] if len(sys.argv) > 7 else "straight"
     lora = len(sys.argv) > 8 and sys.argv[8] == "lora"
+    uneven = mode == "uneven"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     init_distributed("gloo")
-    cfg = trainer_config(ep_size, zero_stage)
+    cfg = trainer_config(ep_size, zero_stage, uneven)
     model = prepare_model(make_model(), cfg)
     if lora:
         apply_test_lora(model)
     runner = build_runner(model, cfg)
-    loss_fn = lm_loss_fn(mtp_lambda=0.3)
+    loss_fn = lm_loss_fn(mtp_lambda=0.0 if uneven else 0.3)
     per = GLOBAL_B // world
     ckpt = os.path.join(out_dir, "ckpt")
     first, last = 0, STEPS
@@ -75,6 +88,12 @@ def main() -> None:
         assert data_state == {"next_step": first, "rank": rank}, data_state
     history = []
     for step in range(first, last):
+        if uneven:
+            mine = {k: v[rank * per : (rank + 1) * per] for k, v in uneven_batch(step, model.cfg.vocab_size).items()}
+            micro = [{k: v[i : i + 1] for k, v in mine.items()} for i in range(per)]
+            cfg.micro_batches = len(micro)  # after build_runner, as the GRPO stage learns its count
+            history.append(train_step(runner, micro, loss_fn, cfg))
+            continue
         ids = global_batch(step, model.cfg.vocab_size)[rank * per : (rank + 1) * per]
         metrics = train_step(runner, [{"input_ids": ids, "labels": ids}], loss_fn, cfg)
         history.append(metrics)

@@ -99,6 +99,25 @@ def test_lora_two_ranks_match_single_process(tmp_path, launch_workers, ep_size):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("ep_size", [1, 2], ids=["dp2_zero2", "ep2_zero2"])
+def test_uneven_micro_batches_match_one_full_batch(tmp_path, launch_workers, ep_size):
+    """Two ranks, each with two one-row micro-batches holding 2 / 15 and 4 / 11 targets, the micro-batch count set
+    after DeepSpeed was built (as the GRPO stage does): the same parameters as one process taking the whole batch
+    as one micro-batch, i.e. one optimizer step per train_step and the token mean over the global batch."""
+    from dsalign.alignment.trainer import LocalRunner, lm_loss_fn, prepare_model, train_step
+
+    cfg = case.trainer_config(uneven=True)
+    model = prepare_model(case.make_model(), cfg)
+    runner = LocalRunner(model, cfg)
+    for step in range(case.STEPS):
+        train_step(runner, [case.uneven_batch(step, model.cfg.vocab_size)], lm_loss_fn(mtp_lambda=0.0), cfg)
+    _launch(launch_workers, tmp_path, ep_size, "uneven")
+    got = torch.load(tmp_path / "params_uneven.pt")
+    for k, w in model.state_dict().items():
+        torch.testing.assert_close(got[k], w, atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.distributed
 def test_token_weighted_metrics_over_ranks(launch_workers):
     """Stage metrics measured per rank (TIS, on-policy KL) become global: token-weighted means, maxima for
     ``*_max``; a rank without tokens counts for nothing."""

@@ -29,6 +29,16 @@ def test_lora_trains_adapters_only_and_merged_export_matches(tmp_path, experts):
             assert torch.equal(p, base[n]), f"base weight {n} changed"
     moved = [k for k, v in lora_state_dict(model).items() if not torch.equal(v, adapters0[k])]
     assert any("lora_B" in k for k in moved) and (not experts or any("experts" in k for k in moved))
+    # base + lora_state_dict is the trained model (the router biases moved too: gamma > 0)
+    assert any(k.endswith("e_score_correction_bias") for k in moved)
+    torch.manual_seed(0)  # the same base weights as ``model``
+    restored = prepare_model(Transformer(ModelConfig.preset("tiny")), cfg)
+    apply_lora(restored, LoraSettings(r=4, alpha=8, experts=experts))
+    restored.load_state_dict(lora_state_dict(model), strict=False)
+    probe = torch.randint(0, model.cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(probe).logits, model.eval()(probe).logits, atol=1e-6, rtol=0)
+    model.train()
 
     model.eval()
     x = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))

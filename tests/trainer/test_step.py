@@ -36,6 +36,47 @@ def test_accumulation_equals_one_big_batch():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("agg", ["lm", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_unequal_micro_batches_accumulate_the_full_batch_gradient(agg):
+    """Micro-batches with very different numbers of targets (2 vs 16 tokens; a fully masked sequence) accumulate
+    the gradient of the loss over the whole batch, not a mean of per-micro-batch means: ``train_step`` weighs each
+    by its share of the loss's ``units`` (target tokens, sequences)."""
+    from dsalign.alignment.policy_loss import PolicyLossConfig
+    from dsalign.alignment.rl import grpo_loss_fn
+    from dsalign.alignment.trainer.step import forward_backward, micro_batch_shares
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (4, 18), generator=torch.Generator().manual_seed(3))
+    if agg == "lm":
+        labels = ids.clone()
+        labels[:2, 3:] = -100  # rows 0-1: 2 targets each; rows 2-3: 17 each
+        batch, loss_fn = {"input_ids": ids, "labels": labels}, lm_loss_fn(mtp_lambda=0.0)
+    else:
+        mask = torch.zeros(4, 18)
+        mask[0, 15:] = 1.0
+        mask[2, 2:] = 1.0
+        mask[3, 4:] = 1.0  # row 1 is fully masked (a truncated completion)
+        batch = {"input_ids": ids, "attention_mask": torch.ones(4, 18, dtype=torch.long), "completion_mask": mask,
+                 "old_logp": -torch.rand(4, 18), "advantages": torch.tensor([1.0, -0.5, 0.3, -1.0])}  # fmt: skip
+        loss_fn = grpo_loss_fn(PolicyLossConfig(agg=agg, norm_length=16), aux_loss_coef=0.0)
+
+    def grads(micro: int) -> dict[str, torch.Tensor]:
+        cfg = TrainerConfig(micro_batches=micro, grad_clip=0.0, bias_update_gamma=0.0)
+        torch.manual_seed(0)
+        model = prepare_model(Transformer(ModelConfig.preset("tiny").replace(aux_loss_alpha=0.0)), cfg)
+        runner = LocalRunner(model, cfg)
+        parts = [{k: v[i : i + 4 // micro] for k, v in batch.items()} for i in range(0, 4, 4 // micro)]
+        shares = micro_batch_shares(parts, loss_fn, None)
+        for i, mb in enumerate(parts):  # the accumulation train_step does, without the optimizer step
+            forward_backward(runner, mb, loss_fn, cfg, i, micro, shares[i])
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    one, two = grads(1), grads(2)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_wrong_number_of_micro_batches_is_explained():
     cfg = TrainerConfig(micro_batches=2)
     runner = LocalRunner(prepare_model(Transformer(ModelConfig.preset("tiny")), cfg), cfg)
