@@ -125,7 +125,7 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
     tmp = root / _shared_tmp_name(step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):  # left by a crashed save
+        for stale in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by a crashed save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
@@ -141,14 +141,25 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         _write_file(tmp / f"rank{rank:05d}.pt", payload)
         _barrier()
         if rank == 0:
-            meta = {"step": step, "world_size": world, "format": 1}
+            meta = {"step": step, "world_size": world, "ep_size": _ep_size(runner), "format": 1}
             (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             _fsync_dir(tmp)
-            if final.exists():  # re-saving the same step: the old copy goes only after the new one is complete
-                shutil.rmtree(final)
+            aside = root / f".old-step_{step:08d}"
+            if final.exists():  # re-saving the same step: moved aside, deleted once the new copy is in place
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(final, aside)
             os.rename(tmp, final)
             _fsync_dir(root)
-            for _, old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(aside, ignore_errors=True)
+            # Checkpoints past this step belong to a run that was rewound (resumed from an earlier checkpoint):
+            # auto-resume takes the highest step, so they go; then keep the last ``keep_last``.
+            kept = []
+            for saved, path in list_checkpoints(root):
+                if saved > step:
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    kept.append(path)
+            for old in kept[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if rank == 0:
@@ -156,6 +167,11 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         raise
     _barrier()
     return final
+
+
+def _ep_size(runner: Runner) -> int:
+    cfg = getattr(runner, "cfg", None)
+    return int(getattr(cfg, "ep_size", 1))
 
 
 def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any]:
@@ -174,6 +190,9 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
     if meta["world_size"] != world:
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}; "
                          "resume with the same world size (and EP size)")  # fmt: skip
+    if meta.get("ep_size", _ep_size(runner)) != _ep_size(runner):  # (older checkpoints do not say)
+        raise ValueError(f"checkpoint {path} was written with ep_size {meta['ep_size']} (its expert shards), this "
+                         f"run uses ep_size {_ep_size(runner)}; resume with the same ep_size")  # fmt: skip
     payload = torch.load(path / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
     with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: loaded into full weights, re-partitioned
         runner.model.load_state_dict(payload["model"])

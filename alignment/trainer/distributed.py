@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import TrainerConfig
 from .optim import build_optimizer, build_scheduler, param_groups
-from .step import LocalRunner, Runner
+from .step import LocalRunner, Runner, collective_device
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -169,11 +169,13 @@ def _engine_class():
 
 
 def deepspeed_config(cfg: TrainerConfig) -> dict[str, Any]:
-    """The DeepSpeed config our runner uses: fp32 master weights, our AdamW and schedule, clip in ZeRO."""
+    """The DeepSpeed config our runner uses: fp32 master weights, our AdamW and schedule, clip in ZeRO (stages
+    1-3); at stage 0 ``DeepSpeedRunner`` clips itself (DeepSpeed's stage-0 clip averages each rank's local norm,
+    which under expert parallelism is not the global norm)."""
     return {
         "train_micro_batch_size_per_gpu": 1,  # nominal: batches are made by the caller, not DeepSpeed's loader
         "gradient_accumulation_steps": cfg.micro_batches,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": cfg.grad_clip if cfg.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -219,10 +221,35 @@ class DeepSpeedRunner:
             self.engine.step()
 
     def optimizer_step(self) -> float:
-        """Returns DeepSpeed's global gradient norm (NaN where it reports none: ZeRO stage 0)."""
+        """Returns the pre-clip global gradient norm: DeepSpeed's under ZeRO 1-3, ours at stage 0 (``_clip``)."""
+        norm = self._clip() if self.cfg.zero_stage == 0 else None
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def _clip(self) -> float:
+        """Stage 0: the gradients are already reduced (DeepSpeed all-reduces them at the accumulation boundary, in
+        the last backward), dense ones identical on every rank, each rank holding its own experts' shard. The global
+        norm is ``sqrt(|dense|^2 + sum over the expert-parallel group of |experts|^2)``; clip to ``grad_clip`` as
+        the single-process runner does."""
+        dense = torch.zeros((), dtype=torch.float64, device=collective_device())
+        expert = torch.zeros_like(dense)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            sq = p.grad.detach().double().pow(2).sum().to(dense.device)
+            if is_expert_param(p):
+                expert += sq
+            else:
+                dense += sq
+        if self.groups is not None:
+            dist.all_reduce(expert, group=self.groups.ep_group)
+        norm = float((dense + expert).sqrt())
+        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+            coef = self.cfg.grad_clip / (norm + 1e-6)
+            for p in params:
+                p.grad.mul_(coef)
+        return norm
 
     def lr(self) -> float:
         return self.engine.lr_scheduler.get_last_lr()[0]

@@ -92,3 +92,29 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(v, want[k]), k
     save_training_checkpoint(tmp_path, 3, fresh, {"cursor": 33}, keep_last=1)  # next save cleans the debris
     assert not partial.exists() and [s for s, _ in list_checkpoints(tmp_path)] == [3]
+
+
+def test_a_rewound_run_drops_the_abandoned_future(tmp_path):
+    """Resumed from step 20 while 30 exists (an earlier run went on): saving 25 removes 30, which auto-resume would
+    otherwise pick up, and keep-last then counts the steps of this run's past only. Re-saving an existing step keeps
+    a complete copy at every moment (the old one moves aside until the new one is in place)."""
+    runner = _small_runner(0)
+    for step in (10, 20, 30):
+        save_training_checkpoint(tmp_path, step, runner, {"cursor": step}, keep_last=3)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 20, 30]
+    assert load_training_checkpoint(tmp_path / "step_00000020", runner)[0] == 20
+    save_training_checkpoint(tmp_path, 25, runner, {"cursor": 25}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 25]
+    assert latest_checkpoint(tmp_path).name == "step_00000025"
+    save_training_checkpoint(tmp_path, 25, runner, {"cursor": 26}, keep_last=2)  # the same step again
+    assert load_training_checkpoint(tmp_path, _small_runner(1)) == (25, {"cursor": 26})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000025"]
+
+
+def test_resume_with_another_ep_size_is_refused(tmp_path):
+    runner = _small_runner(0)
+    save_training_checkpoint(tmp_path, 1, runner, {})
+    other = _small_runner(1)
+    other.cfg.ep_size = 2  # as a run with experts sharded two ways would be
+    with pytest.raises(ValueError, match=r"written with ep_size 1 \(its expert shards\), this run uses ep_size 2"):
+        load_training_checkpoint(tmp_path, other)
