@@ -271,10 +271,20 @@ class StageLoop:
 
 
 # ---------------------------------------------------------------------------------------------------- SFT
-def sft_micro_batches(num_examples: int, params: SFTParams) -> int:
-    """Micro-batches per step on every rank: its share of ``min(batch_size, examples)`` over ``micro_batch_size``."""
+def sft_step_size(num_examples: int, params: SFTParams) -> int:
+    """Conversations per step: ``min(batch_size, examples)`` rounded down to a multiple of the data-parallel world,
+    so every rank gets the same share and the same number of micro-batches (the ranks' collectives pair up)."""
     _, world = rank_world()
-    share = -(-min(params.batch_size, num_examples) // world)
+    n = min(params.batch_size, num_examples)
+    if n < world:
+        raise ValueError(f"SFT: {num_examples} conversations for {world} data-parallel ranks; each rank needs one")
+    return n - n % world
+
+
+def sft_micro_batches(num_examples: int, params: SFTParams) -> int:
+    """Micro-batches per step on every rank: its share of ``sft_step_size`` over ``micro_batch_size``."""
+    _, world = rank_world()
+    share = sft_step_size(num_examples, params) // world
     return -(-share // params.micro_batch_size) if params.micro_batch_size else 1
 
 
@@ -284,7 +294,7 @@ def sft_batches(examples: list[dict], params: SFTParams, seed: int, step: int, p
     from dsalign.alignment.packing import pack_examples
 
     rng = random.Random(seed * 1_000_003 + step)
-    chosen = [examples[i] for i in rng.sample(range(len(examples)), min(params.batch_size, len(examples)))]
+    chosen = [examples[i] for i in rng.sample(range(len(examples)), sft_step_size(len(examples), params))]
     rank, world = rank_world()  # data parallel: each rank takes its share of the global batch
     share = chosen[rank::world]
     size = params.micro_batch_size or max(1, len(share))

@@ -387,7 +387,8 @@ def test_num_rows_defaults_use_a_whole_file_and_512_synthetic_rows():
         DataSource(synthetic="addition", num_rows=0)
 
 
-def test_sft_micro_batches_and_equal_worker_shares(tmp_path):
+def test_sft_micro_batches_and_equal_worker_shares(tmp_path, monkeypatch):
+    from dsalign.pipelines import stages
     from dsalign.pipelines.config import SFTParams
     from dsalign.pipelines.stages import sft_batches, sft_micro_batches
 
@@ -397,6 +398,13 @@ def test_sft_micro_batches_and_equal_worker_shares(tmp_path):
     assert len(whole) == 1 and len(micro) == 3 == sft_micro_batches(10, SFTParams(batch_size=8, micro_batch_size=3))
     ids = lambda batches: sorted(int(t) for b in batches for t in b.input_ids[b.labels != -100] if t > 2)  # noqa: E731
     assert ids(micro) == ids(whole) and len(ids(whole)) == 8  # the same 8 conversations, in 3 micro-batches
+    # fewer conversations than batch_size, not a multiple of the world: every rank still gets an equal share (5 -> 4)
+    monkeypatch.setattr(stages, "rank_world", lambda: (1, 2))
+    p = SFTParams(batch_size=8, micro_batch_size=1)
+    assert sft_micro_batches(5, p) == 2 == len(sft_batches(examples[:5], p, seed=0, step=3, pad_id=0))
+    with pytest.raises(ValueError, match="1 conversations for 2 data-parallel ranks"):
+        sft_micro_batches(1, p)
+    monkeypatch.undo()
     base = [f"output_dir={tmp_path / 'out'}", "ray.num_cpus=8"]
     workers = [f"stages.{s}.resources.num_workers=2" for s in ("sft", "grpo", "distill")]
     uneven = ["stages.grpo.grpo.prompts_per_iter=3", "stages.sft.sft.batch_size=7",
