@@ -114,7 +114,7 @@ def sampling_probs(logits_BV: Tensor, temperature_B: Tensor, top_k_B: Tensor, to
         probs_sorted = sorted_BV.masked_fill(drop_BV, float("-inf")).softmax(dim=-1)
         # keep a token if the mass strictly before it is below top_p (the top token always survives)
         mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
-        drop_BV |= mass_before >= top_p_B.float()[:, None]
+        drop_BV |= (mass_before >= top_p_B.float()[:, None]) & (top_p_B < 1)[:, None]  # rows that asked for it
         drop_BV[:, 0] = False
         logits = logits.masked_fill(drop_BV.scatter(1, order_BV, drop_BV), float("-inf"))
     probs = logits.softmax(dim=-1)

@@ -88,3 +88,20 @@ def test_chi_square_detects_a_biased_sampler():
     toks = torch.tensor([c.token_ids for c in out])
     c12 = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).double()
     assert _pvalue(c12, joint12) < 1e-6
+
+
+def test_a_row_without_top_p_keeps_its_tail_beside_rows_with_one():
+    """A row's distribution does not depend on its batch mates: a top_p = 1 row sharing a batch with a top_p = 0.9
+    row keeps every token (fp32 cumulative sums reach 1.0 before the end of a long peaked vocabulary, and the nucleus
+    cut used to be applied to every row once any row asked for it)."""
+    from dsalign.alignment.sampling_params import sampling_probs
+
+    V = 129_280
+    logits = 8 * torch.randn(1, V, generator=torch.Generator().manual_seed(0))
+    one = torch.ones(1)
+    alone = sampling_probs(logits, one, torch.zeros(1, dtype=torch.long), one)
+    batched = sampling_probs(logits.expand(2, V), torch.ones(2), torch.zeros(2, dtype=torch.long),
+                             torch.tensor([1.0, 0.9]))  # fmt: skip
+    assert int((alone == 0).sum()) == 0
+    torch.testing.assert_close(batched[:1], alone, atol=0, rtol=0)
+    assert int((batched[1] == 0).sum()) > V // 2  # the other row did get its nucleus cut
