@@ -16,7 +16,7 @@ from dsalign.model import ModelConfig, check_checkpoint
 from .config import ModelSource, RewardEntry, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
 from .schema import ConfigError
-from .stages import RUNTIME_OVERRIDES, STAGE_SKIP_ADVICE, lora_settings, prompt_file_rows
+from .stages import RUNTIME_OVERRIDES, lora_settings, prompt_file_rows, stage_file_rows
 
 
 class PreflightError(ConfigError):
@@ -245,14 +245,8 @@ def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> No
     if not Path(path).exists():
         problems.append(f"{where}.data.path: {path} does not exist")
         return
-    from dsalign.alignment.data import load_conversations
-
-    skip = stage.data.skip_invalid
     try:
-        if stage.kind == "sft":
-            rows = list(load_conversations(path, skip_invalid=skip, skip_advice=STAGE_SKIP_ADVICE)[0])
-        else:
-            rows = prompt_file_rows(path, stage.data.num_rows, skip_invalid=skip, skip_advice=STAGE_SKIP_ADVICE)
+        rows, _ = stage_file_rows(stage.data, "conversation" if stage.kind == "sft" else "prompt")
     except ValueError as e:  # DataError names the file, row and field
         problems.append(f"{where}.data.path: {e}")
         return

@@ -113,25 +113,33 @@ def training_prompts(run: RunConfig, data: DataSource, summary_dir: Path | None 
         rows = make_prompts(run.task, data.num_rows, data.seed, exclude=operand_sets(held), budget=data.length_target)
         write_data_summary(summary_dir, f"synthetic: {data.synthetic}", rows, None)
         return rows
-    rows, report = _prompt_rows(data.path, data.num_rows, data.length_target, data.skip_invalid, STAGE_SKIP_ADVICE)
+    rows, report = stage_file_rows(data, "prompt")
     write_data_summary(summary_dir, data.path, rows, report)
     return rows
 
 
-def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None, skip_invalid: bool = False,
-                     skip_advice: str | None = None) -> list[dict]:  # fmt: skip
+def stage_file_rows(data: DataSource, schema: str):
+    """A stage's data file as rows of ``schema`` ("prompt" or "conversation") with the loader's ``LoadReport``: the
+    stage's ``skip_invalid`` (and how to set it, in the error), its first ``num_rows``, its ``length_target``."""
+    return _file_rows(data.path, schema, data.num_rows, data.length_target, data.skip_invalid, STAGE_SKIP_ADVICE)
+
+
+def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None) -> list[dict]:
     """The first ``num_rows`` (None or 0 = all) rows of a prompt file; with ``budget``, each prompt carries the
     length instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do.
-    ``skip_advice``: how the caller's user drops malformed rows (None: they cannot; the error says only to fix them)."""
-    return _prompt_rows(path, num_rows, budget, skip_invalid, skip_advice)[0]
+    Malformed rows are an error (the evaluation's files have no skip option)."""
+    return _file_rows(path, "prompt", num_rows, budget, False, None)[0]
 
 
-def _prompt_rows(path: str, num_rows: int | None, budget: int | None, skip_invalid: bool, skip_advice: str | None):
-    from dsalign.alignment.data import load_prompts
+def _file_rows(path: str, schema: str, num_rows: int | None, budget: int | None, skip_invalid: bool,
+               skip_advice: str | None):  # fmt: skip
+    from dsalign.alignment.data import DataConfig, load_records
 
-    ds, report = load_prompts(path, skip_invalid=skip_invalid, skip_advice=skip_advice)
+    ds, report = load_records(DataConfig(path=path, schema=schema, skip_invalid=skip_invalid, skip_advice=skip_advice))
     rows = first_rows(list(ds), num_rows, path)
-    return ([with_budget(r, budget, "prompt") for r in rows] if budget is not None else rows), report
+    if budget is not None:
+        rows = [with_budget(r, budget, "prompt" if schema == "prompt" else "messages") for r in rows]
+    return rows, report
 
 
 def summary_dir(env: StageEnv) -> Path | None:
@@ -181,12 +189,7 @@ def sft_conversations(run: RunConfig, data: DataSource, summary_dir: Path | None
         rows = make_sft_conversations(run.task, training_prompts(run, data), seed=data.seed + 1)
         write_data_summary(summary_dir, f"synthetic: {data.synthetic}", rows, None)
         return rows
-    from dsalign.alignment.data import load_conversations
-
-    ds, report = load_conversations(data.path, skip_invalid=data.skip_invalid, skip_advice=STAGE_SKIP_ADVICE)
-    rows = first_rows(list(ds), data.num_rows, data.path)
-    if data.length_target is not None:
-        rows = [with_budget(r, data.length_target, "messages") for r in rows]
+    rows, report = stage_file_rows(data, "conversation")
     write_data_summary(summary_dir, data.path, rows, report)
     return rows
 
