@@ -254,12 +254,18 @@ class Transformer(nn.Module):
 
 
 def next_token_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> int:
-    """How many next-token targets ``causal_lm_loss``'s main CE averages over: positions whose next label is not
-    -100 and, in packed rows, lies in the same segment. What the trainer weighs micro-batches by."""
-    keep = labels[:, 1:] != -100
+    """How many next-token targets ``causal_lm_loss``'s main CE averages over (``_shifted_targets`` at shift 1).
+    What the trainer weighs micro-batches by."""
+    return int((_shifted_targets(labels, 1, segment_ids) != -100).sum())
+
+
+def _shifted_targets(labels: torch.Tensor, shift: int, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """``labels[:, shift:]``, with -100 where the target lies in another packed segment than its position."""
+    T = labels.shape[1]
+    target = labels[:, shift:].clone()
     if segment_ids is not None:
-        keep = keep & (segment_ids[:, 1:] == segment_ids[:, :-1])
-    return int(keep.sum())
+        target[segment_ids[:, shift:] != segment_ids[:, : T - shift]] = -100
+    return target
 
 
 def _shifted_ce(out_BTX: torch.Tensor, labels: torch.Tensor, shift: int, segment_ids: torch.Tensor | None,
@@ -269,9 +275,7 @@ def _shifted_ce(out_BTX: torch.Tensor, labels: torch.Tensor, shift: int, segment
     T = labels.shape[1]
     if shift >= T:
         return out_BTX.sum() * 0.0 + (0.0 if head_weight is None else head_weight.sum() * 0.0)
-    target = labels[:, shift:].clone()
-    if segment_ids is not None:
-        target[segment_ids[:, shift:] != segment_ids[:, : T - shift]] = -100
+    target = _shifted_targets(labels, shift, segment_ids)
     x = out_BTX[:, : T - shift].reshape(-1, out_BTX.shape[-1])
     if head_weight is not None:
         return fused_linear_cross_entropy(x, head_weight, target.reshape(-1))
