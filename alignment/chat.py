@@ -91,6 +91,16 @@ def install_chat_template(tokenizer: Any, overwrite: bool = False) -> Any:
     return tokenizer
 
 
+def describe_value(value: Any, limit: int = 60) -> str:
+    """``value`` for an error message: its type and a repr cut to ``limit`` characters (``None`` reads as null)."""
+    if value is None:
+        return "null (None)"
+    if isinstance(value, list) and not value:
+        return "an empty list"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[: limit - 3] + '...'}"
+
+
 def validate_messages(messages: Any, where: str = "conversation") -> list[dict[str, Any]]:
     """Check roles, contents and turn order; return the messages with ``reasoning_content`` always present.
 
@@ -98,8 +108,7 @@ def validate_messages(messages: Any, where: str = "conversation") -> list[dict[s
     every assistant turn follows a user turn. ``where`` prefixes the error (e.g. ``"data.jsonl line 4"``).
     """
     if not isinstance(messages, list) or not messages:
-        text = repr(messages) if len(repr(messages)) <= 60 else repr(messages)[:57] + "..."
-        got = "an empty list" if isinstance(messages, list) else f"{type(messages).__name__} {text}"
+        got = describe_value(messages)
         raise ConversationError(f"{where}: 'messages' must be a non-empty list of {{role, content}} dicts, got {got}")
     out = []
     prev_role = None

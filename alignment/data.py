@@ -33,7 +33,7 @@ from typing import Any
 
 import datasets
 
-from .chat import ConversationError, validate_messages
+from .chat import ConversationError, describe_value, validate_messages
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,6 @@ class _RowError(Exception):
         super().__init__(f"field {field_name!r}: {message}")
 
 
-def _describe(value: Any, limit: int = 60) -> str:
-    """``value`` for an error message: its type and a repr cut to ``limit`` characters (``None`` reads as null)."""
-    if value is None:
-        return "null (None)"
-    if isinstance(value, list) and not value:
-        return "an empty list"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= limit else text[: limit - 3] + '...'}"
-
-
 def _present(row: dict[str, Any], name: str, expected: str) -> Any:
     """``row[name]``, or ``_RowError`` saying whether the field is absent or null (a null Parquet cell)."""
     if name not in row:
@@ -109,7 +99,7 @@ def _check_prompt(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, Any]]:
             raise _RowError(cfg.prompt_field, "empty string")
         return [{"role": "user", "content": prompt, "reasoning_content": None}]
     if not isinstance(prompt, list) or not prompt:
-        raise _RowError(cfg.prompt_field, f"expected {PROMPT_TYPES}, got {_describe(prompt)}")
+        raise _RowError(cfg.prompt_field, f"expected {PROMPT_TYPES}, got {describe_value(prompt)}")
     try:
         msgs = validate_messages(prompt, "prompt")
     except ConversationError as e:
@@ -122,7 +112,7 @@ def _check_prompt(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, Any]]:
 def _check_conversation(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, Any]]:
     messages = _present(row, cfg.messages_field, "a non-empty list of messages")
     if not isinstance(messages, list) or not messages:
-        raise _RowError(cfg.messages_field, f"expected a non-empty list of messages, got {_describe(messages)}")
+        raise _RowError(cfg.messages_field, f"expected a non-empty list of messages, got {describe_value(messages)}")
     try:
         msgs = validate_messages(messages, "messages")
     except ConversationError as e:
@@ -299,9 +289,9 @@ def _mixed_column(good: list[_Located], columns: list[str]) -> str | None:
         bad = _first_unconvertible(values)
         earlier = [i for i in range(bad) if values[i] is not None]
         other = next((i for i in earlier if type(values[i]) is not type(values[bad])), earlier[0] if earlier else None)
-        said = f"{good[bad][0]} has {_describe(values[bad])}"
+        said = f"{good[bad][0]} has {describe_value(values[bad])}"
         if other is not None:
-            said = f"{good[other][0]} has {_describe(values[other])} but {said}"
+            said = f"{good[other][0]} has {describe_value(values[other])} but {said}"
         return f"column {col!r} mixes types: {said}"
     return None
 
