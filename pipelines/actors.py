@@ -26,8 +26,8 @@ from .schema import from_dict, to_dict
 
 
 class StageWorkerError(RuntimeError):
-    """A stage raised inside its worker; the message carries the stage, the step reached and the error, ``cause``
-    the worker's exception (None when the actor died)."""
+    """A stage raised inside its worker (or could not start); the message is the error, ``cause`` the worker's
+    exception. The driver's retry loop adds the stage, attempt and last checkpoint."""
 
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
@@ -150,10 +150,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
         try:
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            step = last_checkpoint_step(cfg.stage_dir(stage))
-            at = f"after step {step}" if step is not None else "before its first checkpoint"
-            raise StageWorkerError(f"stage {stage.name!r} raised {at}: {type(e.cause).__name__}: {e.cause}",
-                                   e.cause) from e  # fmt: skip
+            raise StageWorkerError(f"{type(e.cause).__name__}: {e.cause}", e.cause) from e
         return results[0]
     finally:
         for w in actors:

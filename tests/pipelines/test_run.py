@@ -116,7 +116,7 @@ def test_bad_input_is_not_retried_and_other_failures_are(tmp_path, monkeypatch, 
     def failing(cause):
         def run_stage(*args, **kwargs):
             calls.append(kwargs["attempt"])
-            raise actors.StageWorkerError(f"stage 'sft' raised before its first checkpoint: {cause}", cause)
+            raise actors.StageWorkerError(f"{type(cause).__name__}: {cause}", cause)
         return run_stage
 
     bad = DataError("2 malformed row(s) in x.jsonl:\n  x.jsonl: line 3: field 'messages': missing")
