@@ -61,7 +61,9 @@ def check_eval_inputs(run, checkpoints: list[str]) -> None:
         raise PreflightError(problems)
 
 
-def run_eval(args: Any, out: IO[str] = sys.stdout) -> int:
+def run_eval(args: Any, out: IO[str] | None = None) -> int:
+    """``dsalign eval``; writes the table (or JSON lines) to ``out``, default the ``sys.stdout`` of the call (not of
+    the import: a default bound at import time outlives a replaced stream, e.g. a test's captured one)."""
     import torch
     from dsalign.model import load_checkpoint
 
@@ -69,6 +71,7 @@ def run_eval(args: Any, out: IO[str] = sys.stdout) -> int:
     from .runner import clustered_se, paired_delta, paired_difference
     from .stages import evaluate, held_out_prompts, load_tokenizer
 
+    out = out or sys.stdout
     run = eval_config(args)
     check_eval_inputs(run, args.checkpoints)
     ev = run.eval

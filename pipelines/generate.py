@@ -55,18 +55,16 @@ def load_engine(
     """Load model (+ tokenizer when present) from an HF-format directory and wrap them in a ``RolloutEngine``.
     ``device``: where it runs (default: the GPU when torch sees one, else the CPU)."""
     from dsalign.alignment.rollout import RolloutEngine
-    from dsalign.model import ModelConfig, load_checkpoint
+    from dsalign.model import load_checkpoint
 
     from .stages import load_tokenizer
 
     path = check_checkpoint_dir(checkpoint, need_tokenizer)
-    ModelConfig.from_hf(path)  # a bad config.json is named here, not in the tokenizer's (transformers') reading of it
-    tokenizer = None
-    if any((path / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = load_tokenizer(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # the model first: a bad config.json is named by our reader, not by the tokenizer's (transformers') reading of it
     model = load_checkpoint(path, device=device, dtype=getattr(torch, dtype),
                             missing_mtp="error" if speculative else "drop")  # fmt: skip
+    tokenizer = load_tokenizer(path) if any((path / f).is_file() for f in _TOKENIZER_FILES) else None
     cache = {"auto": None, "fp8": "fp8", "bf16": torch.bfloat16, "fp32": torch.float32}[cache_dtype]
     return RolloutEngine(
         model, tokenizer, max_batch_size=max_batch_size, max_len=max_len, cache_dtype=cache, speculative=speculative
@@ -130,7 +128,8 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
     return prompts
 
 
-def run_generate(args: Any, out: IO[str] = sys.stdout) -> int:
+def run_generate(args: Any, out: IO[str] | None = None) -> int:
+    out = out or sys.stdout  # the stream of the call, not of the import
     engine = load_engine(
         args.checkpoint,
         need_tokenizer=False,
@@ -214,7 +213,8 @@ class ChatSession:
         return reply
 
 
-def run_chat(args: Any, stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> int:
+def run_chat(args: Any, stdin: IO[str] | None = None, out: IO[str] | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout  # the streams of the call, not of the import
     engine = load_engine(
         args.checkpoint, need_tokenizer=True, max_len=args.max_len, speculative=args.speculative, max_batch_size=1,
         device=getattr(args, "device", None),
