@@ -339,15 +339,13 @@ def _unfilled(plan: list[tuple[str, Target]], expected: dict[str, int]) -> dict[
 
 def _spans(indices: set[int]) -> str:
     """{0, 1, 2, 5} -> '0-2, 5'."""
-    out, run = [], []
+    runs: list[list[int]] = []
     for i in sorted(indices):
-        if run and i != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(i)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out) or "none"
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "none"
 
 
 def _layer_mismatch(n_layers: int, n_mtp: int, main: set[int], mtp: set[int]) -> str:
