@@ -1,6 +1,6 @@
 """Kernel benchmarks against baselines measured in the same run.
 
-    python bench/kernels.py            # CUDA: 4096^3 and DeepSeek-V3 expert shapes; CPU: small shapes
+    python bench/gemm_kernels.py            # CUDA: 4096^3 and DeepSeek-V3 expert shapes; CPU: small shapes
 
 Measurements (throughput, higher is better; ratio = ours / baseline):
   fp8_gemm_vs_bf16_*      our block-scaled FP8 GEMM (pre-quantized operands) vs a bf16 ``torch.matmul``
