@@ -23,6 +23,7 @@ the same way; its backward recomputes each chunk's logits, since per-token upstr
 from __future__ import annotations
 
 import torch
+from dsalign.kernels import cpu_gemm
 
 IGNORE_INDEX = -100
 
@@ -72,21 +73,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_h_ND = torch.empty_like(h_ND) if need_h else None
             grad_w_VD = None  # the first chunk's product, then accumulated (no zero fill of [V, D])
             loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
-            # One [C, V] buffer for every chunk (fresh large allocations cost page faults on CPU).
-            buf = torch.empty(min(chunk_rows, h_ND.shape[0]), w_VD.shape[0], dtype=compute_dtype, device=h_ND.device)
+            rows = min(chunk_rows, h_ND.shape[0])
+            onednn = cpu_gemm.use_onednn(h_ND, w_VD, rows * w_VD.shape[0] * w_VD.shape[1])
+            # One [C, V] buffer for every chunk (fresh large allocations cost page faults on CPU). oneDNN's op
+            # returns a fresh tensor instead (the trainer's host-memory policy keeps those from faulting).
+            buf = None if onednn else torch.empty(rows, w_VD.shape[0], dtype=compute_dtype, device=h_ND.device)
             for start in range(0, h_ND.shape[0], chunk_rows):
                 h_CD = h_ND[start : start + chunk_rows]
-                logits_CV = torch.mm(h_CD, w_VD.t(), out=buf[: h_CD.shape[0]])
+                if onednn:
+                    logits_CV = cpu_gemm.mm(h_CD, w_VD.t())
+                else:
+                    logits_CV = torch.mm(h_CD, w_VD.t(), out=buf[: h_CD.shape[0]])
                 z_CV = logits_CV.float()  # a view when computing in fp32; a bf16 GEMM is upcast like F.cross_entropy
                 if logit_scale != 1.0:
                     z_CV.mul_(logit_scale)
                 loss_sum += _chunk_grad_logits(z_CV, target_N[start : start + chunk_rows],
                                                valid_N[start : start + chunk_rows]).sum()  # fmt: skip
                 g_CV = z_CV.to(compute_dtype)
-                if need_h:
+                if need_h and onednn:
+                    grad_h_ND[start : start + chunk_rows] = cpu_gemm.mm(g_CV, w_VD)
+                elif need_h:
                     torch.mm(g_CV, w_VD, out=grad_h_ND[start : start + chunk_rows])
                 if need_w and grad_w_VD is None:
-                    grad_w_VD = (g_CV.t() @ h_CD).float()
+                    grad_w_VD = cpu_gemm.mm(g_CV.t(), h_CD).float()
+                elif need_w and onednn:
+                    grad_w_VD += cpu_gemm.mm(g_CV.t(), h_CD)
                 elif need_w and compute_dtype == torch.float32:
                     grad_w_VD.addmm_(g_CV.t(), h_CD)
                 elif need_w:
@@ -199,7 +210,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             lse_N, ent_N = torch.empty_like(logp_N), torch.empty_like(logp_N)
             for start in range(0, h_ND.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                z_CV = (h_ND[rows] @ w_VD.t()).float().mul_(logit_scale)
+                z_CV = cpu_gemm.mm(h_ND[rows], w_VD.t()).float().mul_(logit_scale)
                 lse_C = torch.logsumexp(z_CV, dim=1)
                 lse_N[rows] = lse_C
                 logp_N[rows] = z_CV.gather(1, target_N[rows, None]).squeeze(1) - lse_C
@@ -224,7 +235,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             for start in range(0, h_ND.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 h_CD = h_ND[rows]
-                logp_CV = (h_CD @ w_VD.t()).float().mul_(logit_scale).sub_(lse_N[rows, None])
+                logp_CV = cpu_gemm.mm(h_CD, w_VD.t()).float().mul_(logit_scale).sub_(lse_N[rows, None])
                 p_CV = logp_CV.exp()
                 # d logp_t / dz = onehot_t - p;  d H / dz = -p * (log p + H)
                 g_CV = None
@@ -236,9 +247,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                     g_CV.scatter_add_(1, target_N[rows, None], grad_logp_N[rows, None])
                 g_CV = g_CV.mul_(logit_scale).to(compute_dtype)
                 if need_h:
-                    grad_h_ND[rows] = g_CV @ w_VD
+                    grad_h_ND[rows] = cpu_gemm.mm(g_CV, w_VD)
                 if need_w:
-                    grad_w_VD += (g_CV.t() @ h_CD).float()
+                    grad_w_VD += cpu_gemm.mm(g_CV.t(), h_CD).float()
         grad_h_ND = None if grad_h_ND is None else grad_h_ND.to(hidden_ND.dtype)
         grad_w_VD = None if grad_w_VD is None else grad_w_VD.to(weight_VD.dtype)
         return grad_h_ND, grad_w_VD, None, None, None, None

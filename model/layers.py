@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsalign.kernels import cpu_gemm
 from torch import nn
 
 from .config import ModelConfig
@@ -27,6 +28,14 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose large fp32 CPU GEMMs run through oneDNN (``kernels/cpu_gemm.py``); elsewhere (CUDA, bf16,
+    small products) exactly ``F.linear``. Same parameters and state-dict keys; peft wraps it like ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_gemm.linear(x, self.weight, self.bias)
+
+
 def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """Every projection the FP8 recipe quantizes is built here, so the kernel switch lives in one place.
 
@@ -37,7 +46,7 @@ def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: boo
         from dsalign.kernels.fp8_gemm import FP8Linear
 
         return FP8Linear(in_features, out_features, bias=bias, pow2=cfg.fp8_pow2_scales)
-    return nn.Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 def applied_weight(linear: nn.Module) -> torch.Tensor:

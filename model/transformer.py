@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import LatentCache
 from .config import ModelConfig
-from .layers import MLP, RMSNorm, make_linear
+from .layers import MLP, Linear, RMSNorm, make_linear
 from .mla import MLA, DocumentLayout, document_layout
 from .moe import MoE, RouterStats, token_sequences
 from .rope import RotaryEmbedding
@@ -115,7 +115,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPModule(cfg, k + 1) for k in range(cfg.num_nextn_predict_layers))
