@@ -1,7 +1,7 @@
 """Training throughput of the ``bench`` preset: dsalign's trainer step vs transformers' DeepseekV3ForCausalLM.
 
     python bench/train.py [--steps 3] [--warmup 2] [--batch 4] [--seq-len 512] [--threads 2]
-                          [--rounds 1] [--variant unfused_ce] [--variant experts_bmm] [--variant no_retain]
+                          [--rounds 1] [--variant unfused_ce|torch_gemm|experts_bmm|no_retain]
 
 Both sides start from the same weights (our model written in the HF format, loaded by each side), train in fp32
 on the same random batch with ``torch.set_num_threads(threads)``, and make the same kind of step:
@@ -9,7 +9,9 @@ forward, next-token cross-entropy, backward, global-norm clip 1.0, AdamW.
   * ours: ``alignment.trainer.train_step`` with ``LocalRunner`` (AdamW, warmup+cosine, router-bias update, load
     metrics), ``lm_loss_fn(mtp_lambda=0)`` (no MTP: transformers has no MTP layers; the fused chunked head +
     cross-entropy, its default) plus the model's own sequence-wise balance loss (alpha 1e-4, which transformers
-    lacks, so ours does slightly more work);
+    lacks, so ours does slightly more work); its fp32 GEMMs (projections, LM head, routed experts) run through
+    oneDNN (``kernels/cpu_gemm.py``) where the baseline's go through torch's BLAS (``--variant torch_gemm`` runs
+    ours on torch's BLAS too, to separate the two);
   * baseline: transformers' model with its default kernels (SDPA attention; ``experts_implementation`` default,
     reported), ``labels=`` loss, ``torch.optim.AdamW``;
   * baseline_retain: the same, in a process given the host-memory policy our trainer sets for itself
@@ -18,9 +20,11 @@ forward, next-token cross-entropy, backward, global-norm clip 1.0, AdamW.
     ``baseline_retain`` isolates what is left of our speedup once the allocator is the same on both sides; the
     JSON lines give both ratios.
 ``--variant`` adds experiments of ours, never the default path: ``unfused_ce`` (``lm_loss_fn(fused_ce=False)``:
-full logits and ``F.cross_entropy``), ``experts_bmm`` (our CPU grouped expert GEMM through
-``kernels.moe.grouped_mm_padded``, one padded ``bmm``, instead of ``torch._grouped_mm``), ``no_retain``
-(``TrainerConfig(retain_host_memory=False)``: glibc's default allocator behaviour, per-step page faults).
+full logits and ``F.cross_entropy``), ``torch_gemm`` (``DSALIGN_CPU_GEMM=torch``: every GEMM through torch's own
+``mm`` / ``torch._grouped_mm``, i.e. the BLAS transformers uses, instead of oneDNN; ``kernels/cpu_gemm.py``),
+``experts_bmm`` (torch GEMMs, and the routed experts through ``kernels.moe.grouped_mm_padded``, one padded ``bmm``,
+instead of ``torch._grouped_mm``), ``no_retain`` (``TrainerConfig(retain_host_memory=False)``: glibc's default
+allocator behaviour, per-step page faults).
 
 Each side runs in its own process, alone (the other sides' processes are not alive meanwhile), so that its peak
 resident memory (``ru_maxrss``: weights, gradients, optimizer state, activations and the runtime itself) is its own
@@ -49,7 +53,7 @@ import time
 
 import torch
 
-VARIANTS = ("unfused_ce", "experts_bmm", "no_retain")
+VARIANTS = ("unfused_ce", "experts_bmm", "no_retain", "torch_gemm")
 BASELINES = ("baseline", "baseline_retain")
 
 
@@ -59,8 +63,11 @@ def _batch(vocab: int, batch: int, seq_len: int) -> torch.Tensor:
 
 def _ours(ckpt: str, args: argparse.Namespace, variant: str | None):
     from dsalign.alignment.trainer import LocalRunner, TrainerConfig, lm_loss_fn, prepare_model, train_step
+    from dsalign.kernels import cpu_gemm
     from dsalign.model import load_checkpoint
 
+    if variant in ("torch_gemm", "experts_bmm"):
+        cpu_gemm.set_cpu_gemm("torch")
     if variant == "experts_bmm":
         from dsalign.kernels import moe
 
@@ -74,9 +81,11 @@ def _ours(ckpt: str, args: argparse.Namespace, variant: str | None):
     def step() -> float:
         return train_step(runner, [{"input_ids": ids, "labels": ids}], loss_fn, cfg)["loss"]
 
-    impl = {None: "fused CE, experts _grouped_mm", "unfused_ce": "logits + F.cross_entropy",
-            "experts_bmm": "fused CE, experts padded bmm",
-            "no_retain": "fused CE, experts _grouped_mm, allocator default"}[variant]  # fmt: skip
+    gemms = "oneDNN GEMMs" if cpu_gemm.get_cpu_gemm() != "torch" and cpu_gemm.onednn_available() else "torch GEMMs"
+    impl = {None: f"fused CE, {gemms}", "unfused_ce": f"logits + F.cross_entropy, {gemms}",
+            "experts_bmm": "fused CE, torch GEMMs, experts padded bmm",
+            "torch_gemm": "fused CE, torch GEMMs (mm, experts _grouped_mm)",
+            "no_retain": f"fused CE, {gemms}, allocator default"}[variant]  # fmt: skip
     return step, "dsalign: " + impl
 
 

@@ -12,8 +12,9 @@ IEEE fp32 products (oneDNN's default math mode; no bf16 down-conversion): the er
 
 Policy (``DSALIGN_CPU_GEMM`` environment variable, or ``set_cpu_gemm``): ``"auto"`` (default) uses oneDNN for fp32
 CPU GEMMs of at least ``MIN_MACS`` multiply-adds when the op exists and passes a probe; ``"onednn"`` the same but
-raises if oneDNN cannot run; ``"torch"`` always uses torch's own ``mm``. Small GEMMs stay on torch: oneDNN's fixed
-cost per call (~15 us) loses below ~2M multiply-adds (a 64 x 192 x 96 decode projection: 20 vs 17 us).
+raises if oneDNN cannot run; ``"torch"`` always uses torch's own ``mm``. Small GEMMs stay on torch (``use_onednn``):
+oneDNN's fixed cost per call (~15 us) loses below ~2M multiply-adds (a 64 x 192 x 96 decode projection: 20 vs 17 us),
+and its per-call weight repacking loses on a few rows over a short reduction (a decode step's 64 rows at hidden 192).
 
 oneDNN builds (JIT-compiles) a kernel per distinct shape and keeps it in an LRU cache; a new shape costs ~0.4 ms
 once. Fixed shapes (dense projections, the LM head) hit the cache every step; the MoE grouped GEMM, whose row counts
@@ -32,7 +33,15 @@ import torch
 import torch.nn.functional as F
 
 POLICIES = ("auto", "onednn", "torch")
+
+# oneDNN keeps every compiled kernel (~0.6-1.5 MB each at these shapes) in two LRU caches of 1024 entries by default;
+# a run whose batch shapes vary (GRPO's rows x longest sequence changes every step) fills them, +300 MB in
+# bench/grpo.py. 256 entries hold a training step's ~100 shapes (measured: the bench preset's step time is the
+# same at 256 and 1024). Read by oneDNN on first use, so set here, at import, unless the user set them.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "256")
 MIN_MACS = 1 << 21  # below ~2M multiply-adds oneDNN's per-call cost outweighs its faster kernel
+MIN_ROWS, SHORT_MIN_K = 128, 256  # fewer rows than MIN_ROWS go to oneDNN only over a reduction of SHORT_MIN_K
 
 _policy = os.environ.get("DSALIGN_CPU_GEMM", "auto")
 _available: bool | None = None
@@ -85,8 +94,11 @@ def onednn_available() -> bool:
     return _available
 
 
-def use_onednn(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
-    """Whether a GEMM of ``macs`` multiply-adds on ``a`` and ``b`` goes to oneDNN under the current policy."""
+def use_onednn(a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> bool:
+    """Whether the GEMM ``a [m, k] @ b [k, n]`` goes to oneDNN under the current policy: fp32 on CPU, at least
+    ``MIN_MACS`` multiply-adds, and either ``MIN_ROWS`` rows or a reduction of ``SHORT_MIN_K``. oneDNN repacks the
+    weight on every call; a few rows over a short reduction do not pay for it when the weight is cold (measured:
+    64 x 192 x 600 decode head 295 vs 220 us in torch, 128 rows 155 vs 225 us, 32 x 512 x 512 117 vs 166 us)."""
     policy = get_cpu_gemm()
     if policy == "torch" or a.device.type != "cpu" or b.device.type != "cpu":
         return False
@@ -94,16 +106,28 @@ def use_onednn(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
         return False
     if policy == "onednn" and not onednn_available():
         raise RuntimeError("DSALIGN_CPU_GEMM=onednn, but this torch build cannot run oneDNN's linear op")
-    return macs >= MIN_MACS and onednn_available()
+    if m * k * n < MIN_MACS or (m < MIN_ROWS and k < SHORT_MIN_K):
+        return False
+    return onednn_available()
 
 
-def mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 2-D operands (any strides); oneDNN where ``use_onednn`` says so. No autograd."""
+def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, transposed_ok: bool = True) -> torch.Tensor:
+    """``a @ b`` for 2-D operands (any strides); oneDNN where ``use_onednn`` says so. No autograd.
+
+    oneDNN's linear takes its weight in any layout (it repacks it anyway) but copies a non-contiguous input first.
+    So when ``a`` is a transposed view (a weight gradient's ``g^T``) and ``b^T`` is cheaper to make contiguous, this
+    computes ``(b^T a^T)^T`` instead and returns that transposed view: at 2048 x 128 x 1024 (``g^T x``, the input
+    ``g^T`` 8x the size of ``x^T``) 265 instead of 144 GFLOP/s. ``transposed_ok=False`` keeps the direct
+    orientation, for a caller that copies the result into a contiguous slice (a transposed copy costs more)."""
     M, K = a_MK.shape
     N = b_KN.shape[1]
-    if use_onednn(a_MK, b_KN, M * K * N):
-        return _linear_op(a_MK, b_KN.t(), None)
-    return a_MK @ b_KN
+    if not use_onednn(a_MK, b_KN, M, K, N):
+        return a_MK @ b_KN
+    copy_a = 0 if a_MK.is_contiguous() else a_MK.numel()
+    copy_b = 0 if b_KN.t().is_contiguous() else b_KN.numel()
+    if transposed_ok and copy_b < copy_a:
+        return _linear_op(b_KN.t(), a_MK, None).t()
+    return _linear_op(a_MK, b_KN.t(), None)
 
 
 class _Linear(torch.autograd.Function):
@@ -132,16 +156,17 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with oneDNN GEMMs for large fp32 CPU products (forward and backward alike)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.dim() < 2 or not use_onednn(x, weight, rows * weight.shape[0] * weight.shape[1]):
+    if x.dim() < 2 or not use_onednn(x, weight, rows, weight.shape[1], weight.shape[0]):
         return F.linear(x, weight, bias)
     if bias is not None and bias.dtype != torch.float32:
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
 
 
-# Rows of one expert are cut into a multiple of ROW_QUANTUM plus a remainder, so the GEMM shapes oneDNN compiles
-# repeat across steps (about R / ROW_QUANTUM + ROW_QUANTUM distinct row counts per weight shape, instead of one
-# per count an expert ever receives).
+# Rows of one expert are cut into a multiple of ROW_QUANTUM plus a remainder, which is zero-padded to ROW_QUANTUM
+# rows, so the GEMM shapes oneDNN compiles repeat across steps: about R / ROW_QUANTUM + 1 distinct row counts per
+# weight shape instead of one per count an expert ever receives. (With the remainders unpadded, the bench preset's
+# step touched ~270 shapes, and capping oneDNN's caches at 256 slowed it from 2.2 to 2.5 s.)
 ROW_QUANTUM = 32
 
 
@@ -154,6 +179,16 @@ def _pieces(start: int, count: int) -> list[tuple[int, int]]:
     return spans
 
 
+def _rows(t_RX: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Rows ``a:b`` of ``t``; a remainder piece comes zero-padded to ``ROW_QUANTUM`` rows (zero rows add nothing
+    to a weight gradient, and their output rows are dropped)."""
+    if (b - a) % ROW_QUANTUM == 0:
+        return t_RX[a:b]
+    block = t_RX.new_zeros(ROW_QUANTUM, t_RX.shape[1])
+    block[: b - a] = t_RX[a:b]
+    return block
+
+
 class _GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ w[e]^T`` with one oneDNN GEMM per expert piece, forward and backward."""
 
@@ -163,7 +198,7 @@ class _GroupedLinear(torch.autograd.Function):
         start = 0
         for e, n in enumerate(counts):
             for a, b in _pieces(start, n):
-                y_RO[a:b] = mm(x_RK[a:b], w_EOK[e].t())
+                y_RO[a:b] = mm(_rows(x_RK, a, b), w_EOK[e].t())[: b - a]
             start += n
         ctx.save_for_backward(x_RK, w_EOK)
         ctx.counts = counts
@@ -181,12 +216,15 @@ class _GroupedLinear(torch.autograd.Function):
             if need_w and n == 0:
                 grad_w[e].zero_()
             for i, (a, b) in enumerate(_pieces(start, n)):
+                g = _rows(g_RO, a, b)
                 if need_x:
-                    grad_x[a:b] = mm(g_RO[a:b], w_EOK[e])
-                if need_w and i == 0:
-                    grad_w[e] = mm(g_RO[a:b].t(), x_RK[a:b])
-                elif need_w:
-                    grad_w[e] += mm(g_RO[a:b].t(), x_RK[a:b])
+                    grad_x[a:b] = mm(g, w_EOK[e])[: b - a]
+                if need_w:
+                    gw = mm(g.t(), _rows(x_RK, a, b), transposed_ok=False)
+                    if i == 0:
+                        grad_w[e] = gw
+                    else:
+                        grad_w[e] += gw
             start += n
         return grad_x, grad_w, None
 

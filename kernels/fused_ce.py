@@ -74,7 +74,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w_VD = None  # the first chunk's product, then accumulated (no zero fill of [V, D])
             loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
             rows = min(chunk_rows, h_ND.shape[0])
-            onednn = cpu_gemm.use_onednn(h_ND, w_VD, rows * w_VD.shape[0] * w_VD.shape[1])
+            onednn = cpu_gemm.use_onednn(h_ND, w_VD, rows, w_VD.shape[1], w_VD.shape[0])
             # One [C, V] buffer for every chunk (fresh large allocations cost page faults on CPU). oneDNN's op
             # returns a fresh tensor instead (the trainer's host-memory policy keeps those from faulting).
             buf = None if onednn else torch.empty(rows, w_VD.shape[0], dtype=compute_dtype, device=h_ND.device)

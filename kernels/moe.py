@@ -87,7 +87,8 @@ def grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) 
         raise ValueError(
             f"grouped_mm: expected x [N, K] and w [E, O, K], got {tuple(x_NK.shape)} and {tuple(w_EOK.shape)}"
         )
-    if x_NK.shape[0] and cpu_gemm.use_onednn(x_NK, w_EOK, x_NK.shape[0] * w_EOK.shape[1] * w_EOK.shape[2]):
+    rows, (out_features, in_features) = x_NK.shape[0], w_EOK.shape[1:]
+    if rows and cpu_gemm.use_onednn(x_NK, w_EOK, rows, in_features, out_features):
         return cpu_gemm.grouped_mm(x_NK, w_EOK, counts_E)
     w_EKO = w_EOK.transpose(1, 2)
     if _grouped_mm_supported(x_NK.device, x_NK.dtype) and x_NK.shape[0] > 0:

@@ -23,6 +23,7 @@ def onednn_everywhere(monkeypatch):
         return real(x, w, b)
 
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 0)
     monkeypatch.setattr(cpu_gemm, "_linear_op", counting)
     with cpu_gemm.cpu_gemm("onednn"):
         yield calls
@@ -76,6 +77,9 @@ def test_what_stays_on_torch(monkeypatch):
     with cpu_gemm.cpu_gemm("auto"):
         assert torch.equal(cpu_gemm.linear(x, w), F.linear(x, w))  # below MIN_MACS
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+    with cpu_gemm.cpu_gemm("auto"):
+        assert torch.equal(cpu_gemm.linear(x, w), F.linear(x, w))  # 8 rows over a reduction of 16
+    monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 0)
     with cpu_gemm.cpu_gemm("torch"):
         cpu_gemm.linear(x, w)  # policy
     with cpu_gemm.cpu_gemm("onednn"):
@@ -128,6 +132,7 @@ def test_model_step_matches_torch_gemms(monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(cpu_gemm, "MIN_ROWS", 0)
     with cpu_gemm.cpu_gemm("torch"):
         loss_ref, grads_ref = run()
     with cpu_gemm.cpu_gemm("onednn"):
