@@ -142,7 +142,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        g_MN = grad_out.reshape(-1, grad_out.shape[-1])
+        g_MN = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()  # e.g. the expanded gradient of a sum
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = mm(g_MN, weight).view(*x.shape[:-1], weight.shape[1])

@@ -65,6 +65,18 @@ def test_linear_forward_backward_match_f_linear(onednn_everywhere):
         assert _rel_err(got, t.grad) < 1e-6
 
 
+def test_linear_backward_of_a_sum(onednn_everywhere):
+    """``y.sum()`` hands backward an expanded (stride-0) gradient."""
+    x = torch.randn(2, 9, 40, requires_grad=True)
+    w = torch.randn(24, 40, requires_grad=True)
+    cpu_gemm.linear(x, w).sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    F.linear(x, w).sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_is_deterministic(onednn_everywhere):
     x, w = torch.randn(64, 96), torch.randn(80, 96)
     assert torch.equal(cpu_gemm.linear(x, w), cpu_gemm.linear(x, w))
