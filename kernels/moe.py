@@ -87,8 +87,11 @@ def grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) 
         raise ValueError(
             f"grouped_mm: expected x [N, K] and w [E, O, K], got {tuple(x_NK.shape)} and {tuple(w_EOK.shape)}"
         )
-    rows, (out_features, in_features) = x_NK.shape[0], w_EOK.shape[1:]
-    if rows and cpu_gemm.use_onednn(x_NK, w_EOK, rows, in_features, out_features):
+    (num_groups, out_features, in_features), rows = w_EOK.shape, x_NK.shape[0]
+    # oneDNN runs one GEMM per expert: worth it when an average expert's GEMM qualifies (in a decode step the
+    # experts get a few rows each, and torch's single grouped call beats a Python loop over them).
+    per_group = -(-rows // num_groups)
+    if rows and cpu_gemm.use_onednn(x_NK, w_EOK, per_group, in_features, out_features):
         return cpu_gemm.grouped_mm(x_NK, w_EOK, counts_E)
     w_EKO = w_EOK.transpose(1, 2)
     if _grouped_mm_supported(x_NK.device, x_NK.dtype) and x_NK.shape[0] > 0:
