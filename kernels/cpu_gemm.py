@@ -20,8 +20,11 @@ oneDNN builds (JIT-compiles) a kernel per distinct shape and keeps it in an LRU 
 once. Fixed shapes (dense projections, the LM head) hit the cache every step; the MoE grouped GEMM, whose row counts
 per expert change every step, rounds each expert's rows into a few fixed-size pieces (``grouped_mm``).
 
-Everything here is a drop-in for the torch op it replaces, with autograd where the caller needs it: ``linear``
-(``F.linear``), ``mm`` (``a @ b``, no autograd: for the custom backward passes of fused kernels) and ``grouped_mm``.
+Each function stands in for a torch op, with autograd where the caller needs it: ``linear`` (``F.linear``),
+``mm`` (``a @ b``, no autograd: for the custom backward passes of fused kernels) and ``grouped_mm``. Whatever oneDNN
+cannot do as torch would falls back to torch: a bias that is not a plain ``[out]`` vector, a weight that is not 2-D,
+``torch.func`` transforms and forward-mode AD, and a backward that is itself differentiated (``create_graph=True``:
+``mm`` then runs in torch whenever an operand requires grad, so the backward's GEMMs stay in the graph).
 """
 
 from __future__ import annotations
@@ -94,6 +97,13 @@ def onednn_available() -> bool:
     return _available
 
 
+def _transforms_active() -> bool:
+    try:
+        return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    except AttributeError:  # private APIs; if a torch version lacks them, stay on the safe side
+        return True
+
+
 def use_onednn(a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> bool:
     """Whether the GEMM ``a [m, k] @ b [k, n]`` goes to oneDNN under the current policy: fp32 on CPU, at least
     ``MIN_MACS`` multiply-adds, and either ``MIN_ROWS`` rows or a reduction of ``SHORT_MIN_K``. oneDNN repacks the
@@ -103,6 +113,8 @@ def use_onednn(a: torch.Tensor, b: torch.Tensor, m: int, k: int, n: int) -> bool
     if policy == "torch" or a.device.type != "cpu" or b.device.type != "cpu":
         return False
     if a.dtype != torch.float32 or b.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    if _transforms_active():  # torch.func / forward-mode AD: the oneDNN op has no autograd or batching rule
         return False
     if policy == "onednn" and not onednn_available():
         raise RuntimeError("DSALIGN_CPU_GEMM=onednn, but this torch build cannot run oneDNN's linear op")
@@ -121,6 +133,8 @@ def mm(a_MK: torch.Tensor, b_KN: torch.Tensor, transposed_ok: bool = True) -> to
     orientation, for a caller that copies the result into a contiguous slice (a transposed copy costs more)."""
     M, K = a_MK.shape
     N = b_KN.shape[1]
+    if torch.is_grad_enabled() and (a_MK.requires_grad or b_KN.requires_grad):
+        return a_MK @ b_KN  # a differentiated backward (create_graph=True): oneDNN's op would drop out of the graph
     if not use_onednn(a_MK, b_KN, M, K, N):
         return a_MK @ b_KN
     copy_a = 0 if a_MK.is_contiguous() else a_MK.numel()
@@ -146,8 +160,8 @@ class _Linear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = mm(g_MN, weight).view(*x.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_w = mm(g_MN.t(), x.reshape(-1, x.shape[-1]))
+        if ctx.needs_input_grad[1]:  # contiguous like nn.Linear's (AccumulateGrad would copy a transposed view anyway)
+            grad_w = mm(g_MN.t(), x.reshape(-1, x.shape[-1])).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g_MN.sum(0)
         return grad_x, grad_w, grad_b
@@ -155,12 +169,14 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with oneDNN GEMMs for large fp32 CPU products (forward and backward alike)."""
+    if x.dim() < 2 or weight.dim() != 2:
+        return F.linear(x, weight, bias)
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)  # oneDNN takes only a plain [out] bias (no broadcasting)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.dim() < 2 or not use_onednn(x, weight, rows, weight.shape[1], weight.shape[0]):
+    if not use_onednn(x, weight, rows, weight.shape[1], weight.shape[0]):
         return F.linear(x, weight, bias)
-    if bias is not None and bias.dtype != torch.float32:
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
+    return _Linear.apply(x, weight, None if bias is None else bias.contiguous())  # oneDNN ignores a bias's strides
 
 
 # Rows of one expert are cut into a multiple of ROW_QUANTUM plus a remainder, which is zero-padded to ROW_QUANTUM

@@ -120,8 +120,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         factor = grad_out.float() * scale
         if grad_h_ND is not None:
             grad_h_ND = grad_h_ND.mul_(factor.to(grad_h_ND.dtype)).to(ctx.dtypes[0])
-        if grad_w_VD is not None:
-            grad_w_VD = grad_w_VD.mul_(factor).to(ctx.dtypes[1])
+        if grad_w_VD is not None:  # contiguous: oneDNN's weight gradient may be a transposed view
+            grad_w_VD = grad_w_VD.mul_(factor).to(ctx.dtypes[1]).contiguous()
         return grad_h_ND, grad_w_VD, None, None, None, None, None, None, None
 
 

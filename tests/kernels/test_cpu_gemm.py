@@ -77,6 +77,63 @@ def test_linear_backward_of_a_sum(onednn_everywhere):
     torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["strided", "expanded", "scalar", "one", "matrix"])
+def test_linear_bias_of_any_layout_matches_f_linear(onednn_everywhere, kind):
+    """oneDNN reads a bias as a contiguous [out] vector: anything else must give F.linear's result all the same."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(16, 40, generator=g), torch.randn(24, 40, generator=g)
+    bias = {
+        "strided": torch.randn(48, generator=g)[::2],
+        "expanded": torch.tensor(0.5).expand(24),
+        "scalar": torch.tensor(-0.5),
+        "one": torch.tensor([0.25]),
+        "matrix": torch.randn(16, 24, generator=g),
+    }[kind]
+    torch.testing.assert_close(cpu_gemm.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_keeps_the_gemms_in_the_graph(onednn_everywhere):
+    """create_graph=True: the backward's GEMMs run in torch so the second derivative is right."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 40, generator=g, requires_grad=True)
+    w = torch.randn(24, 40, generator=g, requires_grad=True)
+    counts = torch.tensor([5, 7])
+    we = torch.randn(2, 24, 40, generator=g, requires_grad=True)
+
+    def second_order(f, weight):
+        (gx,) = torch.autograd.grad(f(x, weight).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), weight)[0]
+
+    def rel(got, want):  # a dropped backward GEMM gives ~1
+        return float((got - want).norm() / want.norm())
+
+    want = second_order(lambda a, b: F.linear(a.double(), b.double()).float(), w)
+    assert rel(second_order(cpu_gemm.linear, w), want) < 1e-5
+    want = second_order(lambda a, b: grouped_gemm_loop_ref(a.double(), b.double(), counts).float(), we)
+    assert rel(second_order(lambda a, b: grouped_mm(a, b, counts), we), want) < 1e-5
+
+
+def test_torch_func_and_forward_ad_fall_back(onednn_everywhere):
+    x, w = torch.randn(16, 40), torch.randn(24, 40)
+    grad_w = torch.func.grad(lambda weight: cpu_gemm.linear(x, weight).square().sum())(w)
+    torch.testing.assert_close(grad_w, 2 * (x @ w.t()).t() @ x, rtol=1e-4, atol=1e-4)
+    batched = torch.func.vmap(lambda row: cpu_gemm.linear(row[None], w)[0])(x)
+    torch.testing.assert_close(batched, x @ w.t(), rtol=1e-5, atol=1e-5)
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        out = cpu_gemm.linear(fwAD.make_dual(x, tangent), w)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, tangent @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_weight_gradient_is_contiguous(onednn_everywhere):
+    x = torch.randn(16, 8)
+    w = torch.randn(64, 8, requires_grad=True)  # in < out: mm computes (x^T g)^T, a transposed view
+    (gw,) = torch.autograd.grad(cpu_gemm.linear(x, w).sum(), w)
+    assert gw.is_contiguous()
+
+
 def test_linear_is_deterministic(onednn_everywhere):
     x, w = torch.randn(64, 96), torch.randn(80, 96)
     assert torch.equal(cpu_gemm.linear(x, w), cpu_gemm.linear(x, w))

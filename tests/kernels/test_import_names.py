@@ -28,8 +28,8 @@ def test_top_level_kernels_name_is_not_ours():
     if _kernels_distribution_installed():
         assert proc.returncode == 0, proc.stderr
         assert not proc.stdout.strip().startswith(os.path.join(os.path.realpath(ROOT), "kernels")), proc.stdout
-    else:
-        assert proc.returncode != 0 and "No module named 'kernels'" in proc.stderr, proc.stderr
+    else:  # an empty placeholder, which transformers' is_kernels_available() reports as unusable
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_transformers_deepseek_imports_from_checkout_root():
