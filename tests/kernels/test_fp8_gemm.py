@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import triton_devices
 from dsalign.kernels.fp8_gemm import (
     FP8Linear,
     FP8WeightCache,
@@ -13,6 +12,7 @@ from dsalign.kernels.fp8_gemm import (
     per_tensor_fp8_matmul_ref,
 )
 from dsalign.kernels.quant import dequantize_ref, quantize_act_ref, quantize_weight_ref
+from triton_cases import triton_devices
 
 SHAPES = [(128, 128, 256), (67, 130, 257), (16, 1, 300), (1, 200, 128)]
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import triton_devices
 from dsalign.kernels.grouped_gemm import (
     ExpertWeightCache,
     grouped_gemm,
@@ -10,6 +9,7 @@ from dsalign.kernels.grouped_gemm import (
     segment_tile_dequant_ref,
 )
 from dsalign.kernels.moe import moe_experts_forward, moe_experts_reference
+from triton_cases import triton_devices
 
 # (counts per expert, K, O): uneven loads, an expert with no tokens, odd K/O, a group longer than one 128-row tile
 CASES = [([5, 0, 37, 1], 130, 67), ([64, 64], 128, 128), ([0, 150, 3], 257, 40)]

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import triton_devices
 from dsalign.kernels.quant import (
     FP8_DTYPE,
     dequantize,
@@ -14,6 +13,7 @@ from dsalign.kernels.quant import (
     quantize_weight_blockwise,
     quantize_weight_ref,
 )
+from triton_cases import triton_devices
 
 # e4m3 keeps 3 mantissa bits: round-to-nearest error <= 2**-4 relative to the element, and elements far below the
 # tile amax can fall into the subnormal range where the absolute error is <= scale * 2**-10.
