@@ -7,6 +7,7 @@ installed on the cluster's nodes (the same image), while the config and local da
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from pathlib import Path
@@ -41,7 +42,8 @@ def submit(
         args.append("--resume")
     for ov in overrides or []:
         args += ["--set", ov]
-    runtime_env = {"working_dir": str(root), "excludes": DEFAULT_EXCLUDES}
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("DSALIGN_")}  # e.g. DSALIGN_CPU_GEMM
+    runtime_env = {"working_dir": str(root), "excludes": DEFAULT_EXCLUDES, "env_vars": env_vars}
     return _client(address).submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
 
 

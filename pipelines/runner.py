@@ -45,13 +45,20 @@ class RunState:
         write_text_atomic(path, json.dumps(data, indent=2))
 
 
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker gets: ``TOKENIZERS_PARALLELISM=false`` and the driver's ``DSALIGN_*`` settings
+    (e.g. ``DSALIGN_CPU_GEMM``), which would otherwise reach only workers started from this shell."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("DSALIGN_")}
+    return {"TOKENIZERS_PARALLELISM": "false", **env}
+
+
 def init_ray(cfg: RunConfig):
     """Join the configured cluster, the one this process was submitted to (``RAY_ADDRESS``), or start a local one."""
     import ray
 
     if ray.is_initialized():
         return ray
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": worker_env()}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True)
     elif os.environ.get("RAY_ADDRESS"):

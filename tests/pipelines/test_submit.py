@@ -55,3 +55,30 @@ def test_submit_runs_a_one_stage_config_as_a_ray_job(tmp_path):
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_dsalign_settings_reach_ray_workers_and_jobs(monkeypatch, tmp_path):
+    """``DSALIGN_*`` variables of the driver (e.g. ``DSALIGN_CPU_GEMM``) go into the workers' runtime env: a local
+    Ray's workers inherit the shell, a cluster's do not."""
+    import ray
+    from dsalign.pipelines import jobs, runner
+    from dsalign.pipelines.config import load_config
+
+    monkeypatch.setenv("DSALIGN_CPU_GEMM", "torch")
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(TINY)
+    runner.init_ray(cfg)
+    assert seen["init"]["runtime_env"]["env_vars"] == {"TOKENIZERS_PARALLELISM": "false", "DSALIGN_CPU_GEMM": "torch"}
+
+    class Client:
+        def submit_job(self, entrypoint, runtime_env):
+            seen["job"] = runtime_env
+            return "job-1"
+
+    monkeypatch.setattr(jobs, "_client", lambda address: Client())
+    (tmp_path / "run.yaml").write_text(TINY.read_text())
+    assert jobs.submit(tmp_path / "run.yaml", "127.0.0.1:8265") == "job-1"
+    assert seen["job"]["env_vars"] == {"DSALIGN_CPU_GEMM": "torch"}
