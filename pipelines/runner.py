@@ -48,8 +48,16 @@ class RunState:
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker gets: ``TOKENIZERS_PARALLELISM=false`` and the driver's ``DSALIGN_*`` settings
     (e.g. ``DSALIGN_CPU_GEMM``), which would otherwise reach only workers started from this shell."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("DSALIGN_")}
-    return {"TOKENIZERS_PARALLELISM": "false", **env}
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env.update((k, v) for k, v in os.environ.items() if k.startswith("DSALIGN_"))
+    # Inside a submitted job Ray merges the job's runtime env into ray.init's and refuses a key set by both; the
+    # job's (``jobs.submit`` forwards the submitting shell's DSALIGN_* there) already reaches the workers.
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        job_vars = {}
+    return {k: v for k, v in env.items() if k not in job_vars}
 
 
 def init_ray(cfg: RunConfig):

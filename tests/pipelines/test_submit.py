@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -72,6 +73,10 @@ def test_dsalign_settings_reach_ray_workers_and_jobs(monkeypatch, tmp_path):
     cfg = load_config(TINY)
     runner.init_ray(cfg)
     assert seen["init"]["runtime_env"]["env_vars"] == {"TOKENIZERS_PARALLELISM": "false", "DSALIGN_CPU_GEMM": "torch"}
+    # inside a submitted job the job's runtime env already carries it (Ray refuses a key set twice)
+    job_env = {"runtime_env": {"env_vars": {"DSALIGN_CPU_GEMM": "torch"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_env))
+    assert runner.worker_env() == {"TOKENIZERS_PARALLELISM": "false"}
 
     class Client:
         def submit_job(self, entrypoint, runtime_env):
