@@ -94,7 +94,7 @@ def grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) 
     if rows and cpu_gemm.use_onednn(x_NK, w_EOK, per_group, in_features, out_features):
         return cpu_gemm.grouped_mm(x_NK, w_EOK, counts_E)
     w_EKO = w_EOK.transpose(1, 2)
-    if _grouped_mm_supported(x_NK.device, x_NK.dtype) and x_NK.shape[0] > 0:
+    if _grouped_mm_supported(x_NK.device, x_NK.dtype) and rows > 0:
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x_NK, w_EKO, offs=offs))
     return grouped_mm_padded(x_NK, w_EKO, counts_E)

@@ -15,6 +15,12 @@ from pathlib import Path
 DEFAULT_EXCLUDES = [".git", "runs", "outputs", "*.safetensors", "__pycache__", ".venv", ".whl", ".gl"]
 
 
+def dsalign_settings() -> dict[str, str]:
+    """This shell's ``DSALIGN_*`` variables (e.g. ``DSALIGN_CPU_GEMM``), which a run's workers get too: a cluster's
+    workers do not inherit the environment of the shell that started or submitted the run."""
+    return {k: v for k, v in os.environ.items() if k.startswith("DSALIGN_")}
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
@@ -42,8 +48,7 @@ def submit(
         args.append("--resume")
     for ov in overrides or []:
         args += ["--set", ov]
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("DSALIGN_")}  # e.g. DSALIGN_CPU_GEMM
-    runtime_env = {"working_dir": str(root), "excludes": DEFAULT_EXCLUDES, "env_vars": env_vars}
+    runtime_env = {"working_dir": str(root), "excludes": DEFAULT_EXCLUDES, "env_vars": dsalign_settings()}
     return _client(address).submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import ModelSource, RunConfig, StageConfig
 from .errors import StageFailed
+from .jobs import dsalign_settings
 from .preflight import preflight
 from .report import format_table, write_report, write_text_atomic
 from .schema import to_dict
@@ -48,8 +49,7 @@ class RunState:
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker gets: ``TOKENIZERS_PARALLELISM=false`` and the driver's ``DSALIGN_*`` settings
     (e.g. ``DSALIGN_CPU_GEMM``), which would otherwise reach only workers started from this shell."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    env.update((k, v) for k, v in os.environ.items() if k.startswith("DSALIGN_"))
+    env = {"TOKENIZERS_PARALLELISM": "false", **dsalign_settings()}
     # Inside a submitted job Ray merges the job's runtime env into ray.init's and refuses a key set by both; the
     # job's (``jobs.submit`` forwards the submitting shell's DSALIGN_* there) already reaches the workers.
     try:
