@@ -159,10 +159,26 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e!r})") from e
+        if not isinstance(weight_map, dict):
+            kind = type(weight_map).__name__
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files, got a {kind}")
+        bad = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{index}: 'weight_map' entries without a shard file name, e.g. {bad[:_EXAMPLES]}")
         files = {name: path / name for name in set(weight_map.values())}
         missing = sorted(str(f) for f in files.values() if not f.is_file())
         if missing:
             raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+        for name, file in sorted(files.items()):  # every header readable and holding what the index puts there
+            handle = _open_shard(file)
+            try:
+                held = set(handle.keys())
+            finally:
+                handle.__exit__(None, None, None)
+            absent = sorted(k for k, v in weight_map.items() if v == name and k not in held)
+            if absent:
+                raise ValueError(f"{index}: {len(absent)} tensors it assigns to {name} are not in that file, "
+                                 f"e.g. {absent[:_EXAMPLES]}")  # fmt: skip
         return {k: files[v] for k, v in weight_map.items()}
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
@@ -209,6 +225,8 @@ def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
 
 def _materialize(model: Transformer, device: str | torch.device) -> Transformer:
     model.to_empty(device=device)
+    if model.cfg.tie_word_embeddings:  # to_empty gives each module its own storage: tie the head again
+        model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_parameters()
     return model
 
@@ -259,6 +277,8 @@ def check_checkpoint(path: str | Path, missing_mtp: str = "drop") -> ModelConfig
 def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: LoadReport):
     """The meta-device model and the plan that fills it: (model, key_files, plan, zero_bias, init_mtp); raises
     on a missing directory, a bad ``config.json``, unreadable shard headers or weights that do not fit the config."""
+    if missing_mtp not in _MISSING_MTP:
+        raise ValueError(f"missing_mtp must be one of {_MISSING_MTP}, got {missing_mtp!r}")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.from_hf(path)
@@ -300,6 +320,9 @@ def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: Load
     return model, key_files, plan, zero_bias, init_mtp
 
 
+_MISSING_MTP = ("drop", "init", "error")
+
+
 def _weight_layers(key_files: dict[str, Path]) -> tuple[set[int], set[int]]:
     """Layer indices in the checkpoint: (main layers, MTP layers), an MTP layer being one with enorm/eh_proj keys."""
     layers, mtp = set(), set()
@@ -321,6 +344,11 @@ def _plan(key_files: dict[str, Path], cfg: ModelConfig, names: set[str]) -> tupl
         target = hf_to_ours(key, cfg)
         if target is None or target.name not in names:
             ignored.append(key)
+        elif target.expert is not None and target.expert >= cfg.n_routed_experts:
+            raise ValueError(
+                f"{key_files[key]}: {key} is routed expert {target.expert}, but config.json says "
+                f"n_routed_experts={cfg.n_routed_experts} (experts 0-{cfg.n_routed_experts - 1})"
+            )
         else:
             plan.append((key, target))
     return plan, sorted(ignored)
@@ -395,7 +423,10 @@ def _load_tensors(
                 from dsalign.kernels.quant import dequantize_weight_blockwise
 
                 scale_inv = get(scale_key).float()
-                tensor = dequantize_weight_blockwise(get(key), scale_inv)
+                try:
+                    tensor = dequantize_weight_blockwise(get(key), scale_inv)
+                except ValueError as e:
+                    raise ValueError(f"{key_files[scale_key]}: {scale_key}: {e}") from e
                 report.dequantized_fp8 += 1
             _assign(params[target.name], target, tensor, key, path)
             del tensor
@@ -478,6 +509,7 @@ def save_checkpoint(
         hf = cfg.to_hf()
         dtype = next(model.parameters()).dtype
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+        hf.pop("quantization_config", None)  # a model loaded from FP8 weights holds them dequantized
         if fp8:
             hf["quantization_config"] = {
                 "quant_method": "fp8",
@@ -534,11 +566,17 @@ def _write_tensors(model: Transformer, out_dir: Path, max_shard_bytes: int, fp8:
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
-    """Swap ``tmp`` into ``path``; an existing ``path`` is moved aside first and deleted only after the swap."""
+    """Swap ``tmp`` into ``path``; an existing ``path`` is moved aside first and deleted only after the swap, and
+    moved back if the swap fails. (A kill between the two renames leaves it at ``.NAME.old-*`` beside ``path``.)"""
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -8,6 +8,7 @@ raises ``ValueError`` naming the field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -295,11 +296,12 @@ class ModelConfig:
                 continue
             if f.name == "quantization_config" and value is None:
                 continue
-            out[f.name] = value
+            out[f.name] = copy.deepcopy(value)  # dicts (rope_scaling) must not be shared with whoever edits the output
         return out
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        fresh = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
+        return dataclasses.replace(self, **{**fresh, **changes})
 
     @classmethod
     def preset(cls, name: str) -> ModelConfig:

@@ -162,3 +162,87 @@ def test_missing_tensor_alone_is_named_without_a_layer_complaint(saved, tmp_path
     assert "1 model parameters missing from the checkpoint, e.g. ['layers.1.self_attn.o_proj.weight" in msg
     assert "1 checkpoint tensors unexpected, e.g. ['model.layers.1.self_attn.o_proj.bias']" in msg
     assert "config.json says" not in msg
+
+
+def test_tied_head_survives_a_round_trip(tmp_path):
+    """to_empty gives each module its own storage; the loader ties the head to the embedding again (it was left as
+    uninitialized memory: logits off by ~10)."""
+    import torch
+
+    model = Transformer(tiny(tie_word_embeddings=True)).eval()
+    back = load_checkpoint(save_checkpoint(model, tmp_path / "tied")).eval()
+    assert back.lm_head.weight is back.embed_tokens.weight
+    x = torch.randint(0, model.cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, model(x).logits, atol=1e-6)
+
+
+def test_failed_swap_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch):
+    import os
+
+    import dsalign.model.checkpoint as ck
+
+    path = tmp_path / "ck"
+    shutil.copytree(saved, path)
+    real = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the temp dir into place, after the old one moved aside
+            raise OSError("simulated failure")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(Transformer(tiny()), path)
+    monkeypatch.setattr(ck.os, "replace", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    load_checkpoint(path)
+
+
+def test_plain_save_of_an_fp8_loaded_model_drops_quantization_config(tmp_path):
+    fp8 = save_checkpoint(Transformer(tiny()), tmp_path / "fp8", fp8=True)
+    model = load_checkpoint(fp8)
+    assert model.cfg.quantization_config is not None
+    plain = save_checkpoint(model, tmp_path / "plain")
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+
+
+def test_more_experts_in_weights_than_config_names_the_key(saved, tmp_path):
+    e = ModelConfig.from_hf(saved).n_routed_experts
+    ck = _copy(saved, tmp_path, n_routed_experts=e // 2, n_group=1, topk_group=1)
+    with pytest.raises(ValueError, match=r"is routed expert \d+, but config.json says n_routed_experts"):
+        load_checkpoint(ck)
+
+
+def test_index_is_checked_against_its_shards(tmp_path):
+    ck = save_checkpoint(Transformer(tiny()), tmp_path / "sharded", max_shard_bytes=20_000)
+    index = ck / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = sorted(set(data["weight_map"].values()))
+    data["weight_map"]["model.norm.weight"] = next(s for s in shards if s != data["weight_map"]["model.norm.weight"])
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"tensors it assigns to .* are not in that file.*model\.norm\.weight"):
+        load_checkpoint(ck)
+    data["weight_map"] = list(data["weight_map"])
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="'weight_map' must map tensor names to shard files, got a list"):
+        load_checkpoint(ck)
+
+
+def test_missing_mtp_value_is_checked(saved):
+    with pytest.raises(ValueError, match="missing_mtp must be one of"):
+        load_checkpoint(saved, missing_mtp="Error")
+
+
+def test_to_hf_and_replace_do_not_share_rope_scaling():
+    from .conftest import YARN
+
+    cfg = tiny(rope_scaling=dict(YARN))
+    cfg.to_hf()["rope_scaling"]["rope_theta"] = 1.0
+    cfg.replace(hidden_size=cfg.hidden_size)
+    assert "rope_theta" not in cfg.rope_scaling
+    other = cfg.replace(rope_theta=5.0)
+    other.rope_scaling["factor"] = 99.0
+    assert cfg.rope_scaling["factor"] == YARN["factor"]
