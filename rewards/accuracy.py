@@ -123,7 +123,11 @@ def _parse(answer: str) -> list[Any]:
     config = LatexExtractionConfig(
         boxed_match_priority=0,
         try_extract_without_anchor=True,
-        normalization_config=NormalizationConfig(units=True),
+        # every default of math-verify's config kept on (malformed_operators and nits read \frac12, \sqrt2; passing
+        # only units=True turned them off), plus unit stripping
+        normalization_config=NormalizationConfig(
+            basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
+        ),
     )
     return parse(f"${answer}$", extraction_config=[config], fallback_mode="no_fallback", parsing_timeout=_timeout(5))
 

@@ -10,6 +10,11 @@ CASES = [
     # fractions and equivalent forms
     (r"So the answer is \boxed{\frac{1}{2}}.", "1/2", 1.0),
     (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    # LaTeX shorthand without braces (math-verify's malformed_operators / nits normalization)
+    (r"\boxed{\frac12}", "1/2", 1.0),
+    (r"\boxed{\dfrac34}", "0.75", 1.0),
+    (r"\boxed{\sqrt2}", r"\sqrt{2}", 1.0),
+    (r"\boxed{\frac{1}{2}}", r"\frac12", 1.0),
     (r"\boxed{\dfrac{2}{4}}", r"\tfrac{1}{2}", 1.0),
     (r"\boxed{1/3}", r"\frac{1}{3}", 1.0),
     (r"\boxed{\frac{1}{3}}", "0.5", 0.0),
