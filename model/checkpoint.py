@@ -169,13 +169,12 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
         missing = sorted(str(f) for f in files.values() if not f.is_file())
         if missing:
             raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+        assigned: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            assigned.setdefault(name, []).append(key)
         for name, file in sorted(files.items()):  # every header readable and holding what the index puts there
-            handle = _open_shard(file)
-            try:
-                held = set(handle.keys())
-            finally:
-                handle.__exit__(None, None, None)
-            absent = sorted(k for k, v in weight_map.items() if v == name and k not in held)
+            held = set(_shard_keys(file))
+            absent = sorted(k for k in assigned[name] if k not in held)
             if absent:
                 raise ValueError(f"{index}: {len(absent)} tensors it assigns to {name} are not in that file, "
                                  f"e.g. {absent[:_EXAMPLES]}")  # fmt: skip
@@ -183,14 +182,16 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no *.safetensors file")
-    out: dict[str, Path] = {}
-    for shard in shards:
-        handle = _open_shard(shard)
-        try:
-            out.update({k: shard for k in handle.keys()})
-        finally:
-            handle.__exit__(None, None, None)
-    return out
+    return {k: shard for shard in shards for k in _shard_keys(shard)}
+
+
+def _shard_keys(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header, in its order."""
+    handle = _open_shard(file)
+    try:
+        return list(handle.keys())
+    finally:
+        handle.__exit__(None, None, None)
 
 
 @dataclass

@@ -117,18 +117,11 @@ def _score(text: str, gold: Any) -> float | None:
 
 def _parse(answer: str) -> list[Any]:
     """math-verify's LaTeX parser only (no ``parse_expr``/``eval``), on ``$answer$``."""
-    from latex2sympy2_extended import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse
 
-    config = LatexExtractionConfig(
-        boxed_match_priority=0,
-        try_extract_without_anchor=True,
-        # every default of math-verify's config kept on (malformed_operators and nits read \frac12, \sqrt2; passing
-        # only units=True turned them off), plus unit stripping
-        normalization_config=NormalizationConfig(
-            basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
-        ),
-    )
+    # math-verify's default normalization (units, malformed_operators and nits on: \frac12, \sqrt2, "5 cm"); a
+    # NormalizationConfig(units=True) of our own had turned the other two off
+    config = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=True)
     return parse(f"${answer}$", extraction_config=[config], fallback_mode="no_fallback", parsing_timeout=_timeout(5))
 
 
