@@ -14,13 +14,20 @@ from typing import Any
 
 from .api import completion_text, register_reward
 
+logger = logging.getLogger("dsalign.rewards")
+
 MAX_ANSWER_CHARS = 500
+CAS_TIMEOUT_S = 3  # math-verify's own limit on parsing and on comparing (where its signal-based timeout can run)
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+?)\s*(?:\.\s|\.?$|\n)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?")
-# sympy evaluates integer powers and factorials eagerly: 10^{10^{10}} or 99999! would spin for minutes (and, in a
-# worker thread, math-verify's signal-based timeout cannot fire). Such answers are compared as strings instead.
-_UNSAFE = re.compile(r"\^\s*\{?[^{}]*\^|\^\s*\{?\s*\d{5,}|\d{4,}\s*!|\*\*")
+# Answers sympy might spend unbounded time on (an integer power or factorial is evaluated eagerly, and
+# 10^{9999 \cdot 9999} is a number with 10^8 digits): these are compared in a killable child process (isolated.py).
+_RISKY = re.compile(r"\^|!|\*\*|\\(?:binom|dbinom|tbinom|choose|int|iint|oint|sum|prod|lim)(?![a-zA-Z])")
+# Markdown emphasis around an answer ("The answer is **42**.", "**Answer:** 7"): a run of asterisks that does not
+# sit between two operands ("2**10", "3*4") or between two spaces ("2 * 3").
+_ASTERISKS = re.compile(r"\*{1,3}")
+_PYTHON_POWER = re.compile(r"\*\*\s*(-?[\w.]+|\([^()]*\))")
 
 
 def extract_answer(text: str) -> str | None:
@@ -39,7 +46,7 @@ def extract_answer(text: str) -> str | None:
     """
     if "<think>" in text and "</think>" not in text:
         return None
-    text = text.rsplit("</think>", 1)[-1]
+    text = _strip_emphasis(text.rsplit("</think>", 1)[-1])
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -50,6 +57,22 @@ def extract_answer(text: str) -> str | None:
         return said[-1].strip().strip("$").strip()
     numbers = _NUMBER.findall(text)
     return numbers[-1].strip() if numbers else None
+
+
+def _strip_emphasis(text: str) -> str:
+    """``text`` without markdown bold/italic asterisks; multiplication and power operators are kept.
+
+    >>> _strip_emphasis("**Answer:** the answer is *2**10* or 2 * 512.")
+    'Answer: the answer is 2**10 or 2 * 512.'
+    """
+
+    def keep(match: re.Match) -> str:
+        before = text[match.start() - 1] if match.start() > 0 else " "
+        after = text[match.end()] if match.end() < len(text) else " "
+        between_operands = (before.isalnum() or before in ")]}") and (after.isalnum() or after in "([{\\-+")
+        return match.group() if between_operands or (before.isspace() and after.isspace()) else ""
+
+    return _ASTERISKS.sub(keep, text)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -102,8 +125,22 @@ def _score(text: str, gold: Any) -> float | None:
     predicted = extract_answer(text)
     if predicted is None or len(predicted) > MAX_ANSWER_CHARS:
         return 0.0
-    if _UNSAFE.search(predicted) or _UNSAFE.search(gold_answer):
+    if not (_RISKY.search(predicted) or _RISKY.search(gold_answer)):
+        return compare_answers(predicted, gold_answer)
+    from .isolated import TIMED_OUT, shared_scorer
+
+    scorer = shared_scorer()
+    score = scorer.score(predicted, gold_answer)
+    if score is TIMED_OUT:
+        logger.warning("math_accuracy: comparing %r with gold %r took over %.0f s (the child was killed); compared "
+                       "them as strings instead", predicted[:100], gold_answer[:100], scorer.timeout_s)  # fmt: skip
         return float(_squash(predicted) == _squash(gold_answer))
+    return score
+
+
+def compare_answers(predicted: str, gold_answer: str) -> float | None:
+    """math-verify's verdict on two extracted answers: 1.0 equal, 0.0 not, ``None`` for an unparseable gold. A
+    prediction math-verify cannot parse is compared with the gold as a whitespace-free string."""
     gold_parsed = _parse(gold_answer)
     if not gold_parsed:
         return None
@@ -112,7 +149,7 @@ def _score(text: str, gold: Any) -> float | None:
         return float(_squash(predicted) == _squash(gold_answer))
     from math_verify import verify
 
-    return float(verify(gold_parsed, predicted_parsed, timeout_seconds=_timeout(5)))
+    return float(verify(gold_parsed, predicted_parsed, timeout_seconds=_timeout(CAS_TIMEOUT_S)))
 
 
 def _parse(answer: str) -> list[Any]:
@@ -122,12 +159,15 @@ def _parse(answer: str) -> list[Any]:
     # math-verify's default normalization (units, malformed_operators and nits on: \frac12, \sqrt2, "5 cm"); a
     # NormalizationConfig(units=True) of our own had turned the other two off
     config = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=True)
-    return parse(f"${answer}$", extraction_config=[config], fallback_mode="no_fallback", parsing_timeout=_timeout(5))
+    answer = _PYTHON_POWER.sub(r"^{\1}", answer)  # 2**10 as LaTeX; "2^10" would read as 2^1 followed by 0
+    timeout = _timeout(CAS_TIMEOUT_S)
+    return parse(f"${answer}$", extraction_config=[config], fallback_mode="no_fallback", parsing_timeout=timeout)
 
 
 def _timeout(seconds: int) -> int | None:
     """math-verify times out with ``signal.alarm``, which only works in the main thread; elsewhere we pass ``None``
-    (and silence its warning) and rely on the combiner's per-reward timeout plus the ``_UNSAFE`` screen instead."""
+    (and silence its warning): answers that could take unbounded time go to the killable child (``isolated.py``),
+    where this runs in the main thread; the rest rely on the combiner's per-reward timeout."""
     if threading.current_thread() is threading.main_thread():
         return seconds
     logging.getLogger("math_verify.parser").setLevel(logging.ERROR)

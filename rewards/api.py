@@ -45,8 +45,10 @@ class RewardSignatureError(RewardLoadError, ValueError):
 def completion_text(completion: Any) -> str:
     """Text of one completion (or prompt), whether a plain string or a TRL conversational message list.
 
-    For a message list, TRL's completion is the assistant turn(s) it generated; we join the ``content`` of every
-    message, which for the usual single-message completion is just that message.
+    For a message list that has ``assistant`` messages (a completion), only their text is used: in a tool-using
+    completion the ``tool`` messages are the tools' output, not the model's answer, and must not be graded as it.
+    A list without assistant messages (a prompt) joins every message. ``content`` may be ``None`` (an assistant turn
+    that only calls a tool) or a list of parts (``{"type": "text", "text": ...}``); non-text parts are skipped.
 
     >>> completion_text("plain")
     'plain'
@@ -54,14 +56,31 @@ def completion_text(completion: Any) -> str:
     'hi'
     >>> completion_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}])
     'Be brief.\\n2+2?'
+    >>> completion_text([{"role": "assistant", "content": None, "tool_calls": [{"name": "calc"}]},
+    ...                  {"role": "tool", "content": "4"}, {"role": "assistant", "content": "It is 4."}])
+    'It is 4.'
     """
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
-        return str(completion.get("content", ""))
+        return _content_text(completion.get("content"))
     if isinstance(completion, (list, tuple)):
-        return "\n".join(completion_text(message) for message in completion)
+        said = [m for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+        texts = [completion_text(message) for message in (said or completion)]
+        return "\n".join(text for text in texts if text)
     raise TypeError(f"expected a string or a list of {{'role', 'content'}} messages, got {type(completion).__name__}")
+
+
+def _content_text(content: Any) -> str:
+    """A message's ``content``: a string, ``None`` (no text), or a list of typed parts of which the text ones count."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = [p.get("text") if isinstance(p, dict) else p for p in content]
+        return "\n".join(p for p in parts if isinstance(p, str) and p)
+    return str(content)
 
 
 def last_user_text(prompt: Any) -> str:

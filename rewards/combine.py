@@ -123,7 +123,7 @@ class RewardCombiner:
             if isinstance(column, (list, tuple)) and len(column) != n:
                 raise ValueError(f"column {key!r} has {len(column)} values for {n} completions")
         batch = (list(prompts), list(completions), completion_ids, columns)
-        threads = {name: _start(fn, batch, self.timeouts[name]) for name, fn in self.fns.items()}
+        threads = {name: _Call(fn, batch, self.timeouts[name]) for name, fn in self.fns.items()}
         components: dict[str, list[float | None]] = {}
         component_weight: dict[str, float] = {}
         failures: list[RewardFailure] = []
@@ -154,23 +154,37 @@ class RewardCombiner:
             if getattr(_unwrap(self.fns[name]), "requires_full_batch", False) or n == 1:
                 failure = RewardFailure(name, "exception", _describe(out), None if n > 1 else 0, _show(batch, 0))
                 return {name: [self.error_value] * n}, [failure]
-            return self._per_sample(name, batch)
+            return self._per_sample(name, batch, call, out)
         try:
             values = _validate(name, out, n)
         except ValueError as e:
             return {name: [self.error_value] * n}, [RewardFailure(name, _kind(e), str(e), None, _show(batch, 0))]
         return self._drop_infinite(name, values, batch, 0)
 
-    def _per_sample(self, name: str, batch: tuple) -> tuple[dict[str, list[float | None]], list[RewardFailure]]:
-        """Re-run a reward that raised on the batch one sample at a time, to find and blame only the bad samples."""
+    def _per_sample(
+        self, name: str, batch: tuple, call: _Call, batch_error: BaseException
+    ) -> tuple[dict[str, list[float | None]], list[RewardFailure]]:
+        """Re-run a reward that raised on the batch one sample at a time, to find and blame only the bad samples.
+
+        The retry spends what is left of the reward's one time budget (counted from the batch call's start); the
+        samples it cannot reach in time are timeout failures, not new threads. A failed sample gets
+        ``error_value`` once, in the ``name`` column (a dict reward's own columns are ``None`` there), exactly as
+        a failed batch does; so a dict reward with three keys is not penalised three times. When every sample
+        succeeds alone, the batch's exception is still reported (values kept): something in the batch call broke.
+        """
         prompts, completions, completion_ids, columns = batch
+        n = len(completions)
         columns_out: dict[str, list[float | None]] = {}
+        failed = [False] * n
         failures: list[RewardFailure] = []
-        deadline = None if self.timeouts[name] is None else time.monotonic() + self.timeouts[name]
-        for i in range(len(completions)):
-            row = _row(batch, i)
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out = _start(self.fns[name], row, remaining).result()
+        for i in range(n):
+            remaining = call.remaining()
+            if remaining is not None and remaining <= 0:
+                message = f"not scored: the {self.timeouts[name]}s budget ran out during the per-sample retry"
+                failures.append(RewardFailure(name, "timeout", message, i, _show(batch, i)))
+                failed[i] = True
+                continue
+            out = _Call(self.fns[name], _row(batch, i), remaining).result()
             try:
                 if out is _TIMEOUT:
                     raise TimeoutError(f"no result within the {self.timeouts[name]}s budget (per-sample retry)")
@@ -180,11 +194,18 @@ class RewardCombiner:
             except BaseException as e:  # noqa: BLE001 - every failure becomes a report, never a crash
                 kind = "timeout" if isinstance(e, TimeoutError) else _kind(e) if isinstance(e, ValueError) else None
                 failures.append(RewardFailure(name, kind or "exception", _describe(e), i, _show(batch, i)))
-                values = {name: [self.error_value]}
+                failed[i] = True
+                continue
             values, infinite = self._drop_infinite(name, values, batch, i)
             failures += infinite
             for key, column in values.items():
-                columns_out.setdefault(key, [self.error_value] * len(completions))[i] = column[0]
+                columns_out.setdefault(key, [None] * n)[i] = column[0]
+        if not columns_out or (any(failed) and self.error_value is not None):
+            penalty = [self.error_value if bad else None for bad in failed]
+            columns_out[name] = [a if b is None else b for a, b in zip(penalty, columns_out.get(name, [None] * n))]
+        if not any(f.kind == "exception" for f in failures):
+            message = f"{_describe(batch_error)}; raised on the whole batch, yet no sample raised alone (values kept)"
+            failures.append(RewardFailure(name, "exception", message, None, _show(batch, 0)))
         return columns_out, failures
 
     def _drop_infinite(
@@ -241,7 +262,10 @@ class _Call:
     (its thread lingers until it returns; sandboxed rewards are killed by the sandbox's own wall clock)."""
 
     def __init__(self, fn: RewardFn, batch: tuple, timeout_s: float | None) -> None:
-        self.fn, self.batch, self.timeout_s = fn, batch, timeout_s
+        self.fn, self.batch = fn, batch
+        # the budget counts from the start, not from when someone waits: rewards collected after a slow one must
+        # not get its time on top of their own
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.value: Any = _MISSING
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"reward-{reward_name(fn)}")
         self.thread.start()
@@ -256,13 +280,13 @@ class _Call:
             e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
             self.value = e
 
+    def remaining(self) -> float | None:
+        """Seconds left of the budget (``None``: no limit)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
     def result(self) -> Any:
-        self.thread.join(self.timeout_s)
+        self.thread.join(self.remaining())
         return _TIMEOUT if self.thread.is_alive() else self.value
-
-
-def _start(fn: RewardFn, batch: tuple, timeout_s: float | None) -> _Call:
-    return _Call(fn, batch, timeout_s)
 
 
 def _accepted_kwargs(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:

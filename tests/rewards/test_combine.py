@@ -5,7 +5,15 @@ import logging
 import time
 
 import pytest
-from dsalign.rewards import RewardCombiner, RewardError, RewardLoadError, RewardSpec, combine_rewards, load_reward
+from dsalign.rewards import (
+    RewardCombiner,
+    RewardError,
+    RewardLoadError,
+    RewardSpec,
+    combine_rewards,
+    completion_text,
+    load_reward,
+)
 
 CONVERSATIONAL = [
     [{"role": "assistant", "content": "<think>\nreasoning\n</think>\nThe answer is \\boxed{\\frac{1}{3}}"}],
@@ -168,3 +176,79 @@ def test_verl_compute_score_is_adapted(tmp_path):
     assert out.components["compute_score"] == [1.0, 0.0, 1.0] and out.rewards == [2.0, 0.0, 2.0]
     missing = combined(["p"], ["4"])  # no ground truth column: a contained failure naming what is needed
     assert missing.failures and "needs a ground truth per sample" in missing.failures[0].message
+
+
+def test_timeouts_count_from_the_reward_start_not_from_the_wait():
+    """Rewards run in parallel and are collected in order: one collected after a slow reward must not get the slow
+    one's time on top of its own budget."""
+    def slow_2s(completions, **kw):
+        time.sleep(2.0)
+        return [1.0] * len(completions)
+
+    def slow_3s(completions, **kw):
+        time.sleep(3.0)
+        return [1.0] * len(completions)
+
+    combiner = RewardCombiner([RewardSpec(slow_2s, timeout_s=5.0), RewardSpec(slow_3s, timeout_s=2.5)])
+    out = combiner(["p"], ["x"])
+    assert out.components["slow_2s"] == [1.0]
+    assert out.components["slow_3s"] == [None]  # started with slow_2s: its 2.5 s ran out before its 3 s of work
+    assert [(f.reward, f.kind) for f in out.failures] == [("slow_3s", "timeout")]
+
+
+def test_per_sample_retry_spends_the_same_budget_and_starts_no_thread_after_it():
+    calls = []
+
+    def fails_on_batches(completions, **kw):
+        calls.append(len(completions))
+        if len(completions) > 1:
+            raise RuntimeError(f"batch of {len(completions)}")
+        time.sleep(0.4)
+        return [1.0]
+
+    start = time.monotonic()
+    out = RewardCombiner([RewardSpec(fails_on_batches, timeout_s=1.0)])(["p"] * 6, ["x"] * 6)
+    assert time.monotonic() - start < 1.6, "the retry got a fresh budget"
+    scored = [v for v in out.components["fails_on_batches"] if v is not None]
+    assert 1 <= len(scored) <= 3 and calls[0] == 6 and len(calls) <= 1 + len(scored) + 1
+    timeouts = [f.sample_index for f in out.failures if f.kind == "timeout"]
+    assert len(timeouts) == 6 - len(scored)
+
+
+def test_batch_exception_is_reported_when_every_sample_succeeds_alone():
+    def batch_only_bug(completions, **kw):
+        if len(completions) > 1:
+            raise RuntimeError("cannot handle batches")
+        return [1.0]
+
+    out = RewardCombiner([batch_only_bug])(["p"] * 3, ["a", "b", "c"])
+    assert out.components["batch_only_bug"] == [1.0, 1.0, 1.0]  # values kept
+    assert len(out.failures) == 1 and out.failures[0].sample_index is None
+    assert "cannot handle batches" in str(out.failures[0]) and out.metrics["errors/total"] == 1.0
+    with pytest.raises(RewardError, match="cannot handle batches"):
+        RewardCombiner([batch_only_bug], strict=True)(["p"] * 3, ["a", "b", "c"])
+
+
+def test_dict_reward_failing_on_one_sample_is_penalised_once():
+    def two_parts(completions, **kw):
+        if any(c == "bad" for c in completions):
+            raise ValueError("bad sample")
+        return {"a": [1.0] * len(completions), "b": [1.0] * len(completions)}
+
+    out = RewardCombiner([two_parts], error_value=-1.0)(["p"] * 3, ["ok", "bad", "ok"])
+    assert out.rewards == [2.0, -1.0, 2.0]
+    assert out.components["two_parts/a"] == [1.0, None, 1.0] and out.components["two_parts/b"] == [1.0, None, 1.0]
+    assert out.components["two_parts"] == [None, -1.0, None]
+    lenient = RewardCombiner([two_parts])(["p"] * 3, ["ok", "bad", "ok"])
+    assert lenient.rewards == [2.0, None, 2.0] and set(lenient.components) == {"two_parts/a", "two_parts/b"}
+
+
+def test_tool_messages_and_empty_content_are_not_the_answer():
+    completion = [
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "calc", "arguments": "6*7"}}]},
+        {"role": "tool", "content": "The answer is 42."},
+        {"role": "assistant", "content": [{"type": "text", "text": "So it is \\boxed{41}."}]},
+    ]
+    out = combine_rewards(["math_accuracy"], ["q"], [completion], answer=["42"])
+    assert out.rewards == [0.0]  # graded on what the model said, not on the tool's output
+    assert completion_text(completion) == "So it is \\boxed{41}."

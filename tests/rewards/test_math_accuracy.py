@@ -1,9 +1,12 @@
 """Acceptance 2: math_accuracy on a table of answers, and proof that model text never reaches eval."""
 
 import builtins
+import threading
+import time
 
 import pytest
 from dsalign.rewards import extract_answer, math_accuracy
+from dsalign.rewards.isolated import TIMED_OUT, IsolatedScorer
 
 # (completion, gold, expected reward)
 CASES = [
@@ -56,8 +59,17 @@ CASES = [
     ("The answer is __import__('os').getcwd()", "0", 0.0),
     (r"\boxed{eval('1+1')}", "2", 0.0),
     (r"\boxed{exec(\"import os\")}", "2", 0.0),
-    (r"\boxed{10^{10^{10}}}", "5", 0.0),  # power tower: screened, compared as text (no minutes-long sympy)
+    # answers sympy would take unbounded time on: compared in the killable child process
+    (r"\boxed{10^{10^{10}}}", "5", 0.0),
     (r"\boxed{99999!}", "5", 0.0),
+    (r"\boxed{5!}", "120", 1.0),
+    (r"\boxed{\binom{5}{2}}", "10", 1.0),
+    # markdown emphasis is not part of the answer; Python's ** is a power
+    ("The answer is **42**.", "42", 1.0),
+    ("**Answer:** 42", "42", 1.0),
+    ("So it is *7*", "7", 1.0),
+    (r"\boxed{2**10}", "1024", 1.0),
+    (r"\boxed{2 * 3}", "6", 1.0),
     ("\\boxed{" + "1+" * 400 + "1}", "401", 0.0),  # over the answer length cap
 ]
 
@@ -101,3 +113,37 @@ def test_extract_answer_priorities():
     assert extract_answer(r"answer is 3, so \boxed{4}") == "4"
     assert extract_answer("The answer is 3. Then 5 more.") == "3"
     assert extract_answer("no digits here") is None
+
+
+def test_unbounded_comparison_is_killed_and_the_scorer_recovers():
+    """A comparison that overruns its wall clock kills the child (it cannot block this process: sympy's bignum work
+    holds the GIL) and the next comparison starts a fresh one."""
+    scorer = IsolatedScorer(timeout_s=0.5)
+    try:
+        start = time.monotonic()
+        assert scorer.score(r"10^{9999 \cdot 9999}", "7") is TIMED_OUT
+        assert time.monotonic() - start < 5
+        assert scorer.score("2^{10}", "1024") == 1.0
+        assert scorer.restarts == 2
+    finally:
+        scorer.close()
+
+
+def test_slow_answers_do_not_stall_other_threads():
+    """While a huge power is being compared, this process's other threads (the trainer's) keep running."""
+    beats, done = [], threading.Event()
+
+    def heartbeat():
+        while not done.is_set():
+            beats.append(time.monotonic())
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    assert math_accuracy(["q"], [r"\boxed{10^{9999 \cdot 9999}}"], answer=["7"]) == [0.0]
+    elapsed = time.monotonic() - start
+    done.set()
+    thread.join()
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert max(gaps) < 0.5, f"a thread stalled for {max(gaps):.2f} s during a {elapsed:.1f} s comparison"

@@ -1,0 +1,152 @@
+"""Answer comparison in a child process that can be killed, for answers whose CAS work has no bound.
+
+sympy evaluates integer powers, factorials and binomials eagerly: ``10^{9999 \\cdot 9999}`` or ``(10^{9})!`` makes
+CPython compute a number with hundreds of millions of digits inside one C call that holds the GIL. In the training
+process that freezes every thread, the trainer's included, and no timeout can fire (a thread cannot be stopped and
+``signal.alarm`` is only checked between bytecodes). So ``math_accuracy`` sends every answer that has a power, a
+factorial, a binomial, a sum/product/integral or a limit here: one long-lived ``python -m
+dsalign.rewards.isolated`` child per process scores one pair at a time and is killed, and restarted on the next
+call, when a pair overruns its wall clock. Plain answers (``42``, ``\\frac{3}{4}``, ``x+1``) stay in process.
+
+The protocol is one JSON object per line each way: ``{"predicted", "gold"}`` in, ``{"score"}`` or ``{"error"}`` out,
+on a private copy of the child's stdout (anything a library prints goes to stderr instead).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+
+TIMED_OUT = object()
+STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine
+
+
+class IsolatedScorer:
+    """A lazily started child that runs :func:`dsalign.rewards.accuracy.compare_answers`; thread-safe (one pair at
+    a time). :meth:`score` returns the child's score, or :data:`TIMED_OUT` after killing a child that overran."""
+
+    def __init__(self, timeout_s: float = 20.0) -> None:
+        self.timeout_s = timeout_s
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def score(self, predicted: str, gold: str) -> float | None | object:
+        with self._lock:
+            request = json.dumps({"predicted": predicted, "gold": gold}).encode() + b"\n"
+            try:
+                proc = self._send(request)
+            except BrokenPipeError:  # the child died since the last call (killed from outside): start another
+                self._kill()
+                proc = self._send(request)
+            line = _read_line(proc.stdout.fileno(), time.monotonic() + self.timeout_s)
+            if line is None:  # overran (or died): kill it so the next call starts a fresh one
+                self._kill()
+                return TIMED_OUT
+            reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"answer comparison failed in the isolated scorer: {reply['error']}")
+        return reply["score"]
+
+    def _send(self, request: bytes) -> subprocess.Popen:
+        proc = self._start()
+        proc.stdin.write(request)
+        proc.stdin.flush()
+        return proc
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        if self._proc is not None:
+            self._kill()
+        # the child must import the same dsalign and math-verify as this process, installed or not
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "dsalign.rewards.isolated"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a Ctrl-C on the terminal is for the trainer, not for this child
+        )
+        self.restarts += 1
+        # the child says when it has imported sympy and warmed up (about a second), so that the per-pair clock
+        # measures comparisons, not start-up
+        ready = _read_line(self._proc.stdout.fileno(), time.monotonic() + STARTUP_TIMEOUT_S)
+        if ready is None or json.loads(ready) != {"ready": True}:
+            self._kill()
+            raise RuntimeError(f"the isolated answer scorer did not start within {STARTUP_TIMEOUT_S} s "
+                               f"(got {ready!r}); its stderr is this process's")  # fmt: skip
+        return self._proc
+
+    def _kill(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._proc = None
+
+
+def _read_line(fd: int, deadline: float) -> bytes | None:
+    """One line from ``fd`` by the deadline, or ``None`` (time is up, or the child closed its end)."""
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            return b"".join(chunks)
+
+
+_SCORER: IsolatedScorer | None = None
+_SCORER_LOCK = threading.Lock()
+
+
+def shared_scorer() -> IsolatedScorer:
+    """The process-wide scorer (one child per process, started on first use)."""
+    global _SCORER
+    with _SCORER_LOCK:
+        if _SCORER is None:
+            _SCORER = IsolatedScorer()
+        return _SCORER
+
+
+def _serve() -> None:
+    """The child's loop. It runs in its main thread, so math-verify's own ``signal.alarm`` timeouts work here too."""
+    from dsalign.rewards.accuracy import compare_answers
+
+    protocol = os.fdopen(os.dup(1), "w")
+    sys.stdout = sys.stderr  # a stray print must not corrupt the protocol
+    compare_answers("2^{10}", "1024")  # imports math-verify and sympy's LaTeX parser before saying ready
+    protocol.write(json.dumps({"ready": True}) + "\n")
+    protocol.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = {"score": compare_answers(request["predicted"], request["gold"])}
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it there
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        protocol.write(json.dumps(reply) + "\n")
+        protocol.flush()
+
+
+if __name__ == "__main__":
+    _serve()
