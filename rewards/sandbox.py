@@ -5,11 +5,13 @@ Layers, outermost first (see docs/REWARDS.md for the full table of what is and i
 1. ``subprocess`` with ``start_new_session=True`` and a ``preexec_fn`` that sets rlimits (CPU seconds, address
    space, file size, process count, open files) and lowers the priority, so the limits bind every process the code
    starts. A wall clock in the parent kills the whole process group with ``os.killpg`` on timeout.
-2. Linux namespaces via ``unshare``: a new network namespace (only a downed loopback, so no socket reaches
-   anything), a PID namespace (when its first process dies the kernel kills every process left in it, even ones
-   that left our process group with ``setsid``), a mount namespace with fresh size-capped tmpfs over the world-writable
-   directories (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``) so nothing written survives the run, plus IPC
-   and UTS namespaces.
+2. Linux namespaces via ``unshare``: a new network namespace (only a downed loopback, so no IP socket reaches
+   anything, nor an abstract unix socket), a PID namespace (when its first process dies the kernel kills every
+   process left in it, even ones that left our process group with ``setsid``), a mount namespace with fresh
+   size-capped tmpfs over the world-writable directories (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``) so
+   nothing written survives the run, and over ``/run`` (and a real ``/var/run``): unix sockets are files, which a
+   network namespace does not hide, and that is where host daemons (docker, dbus, databases) keep theirs. A
+   world-accessible socket elsewhere on the host filesystem stays reachable. Plus IPC and UTS namespaces.
 3. A throwaway unprivileged uid (when we run as root): ``RLIMIT_NPROC`` is not enforced for root, so without
    dropping privileges a fork bomb would be bounded by nothing but the wall clock. A random high uid also means
    the code owns no file on the host and can only read what is world-readable.
@@ -35,15 +37,21 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-# Inside the namespaces this runs as root (pid 1): mount private tmpfs over every world-writable directory, make
-# the working directory, then run the code as the throwaway uid. It does not `exec` the code so that pid 1 stays a
-# root process the code cannot signal; pid 1's exit tears the namespace down. Arguments arrive as $1.. only.
+# Inside the namespaces this runs as root (pid 1): mount private tmpfs over every world-writable directory and over
+# /run, where host daemons keep their unix sockets (a fresh /run hides the host's /run/lock mount too, so it is
+# recreated world-writable inside), make the working directory, then run the code as the throwaway uid. It does
+# not `exec` the code so that pid 1 stays a root process the code cannot signal; pid 1's exit tears the namespace
+# down. Arguments arrive as $1.. only.
 _NAMESPACE_SCRIPT = r"""
 set -e
 uid="$1"; tmpfs_kb="$2"; shift 2
-for d in /tmp /var/tmp /dev/shm /run/lock; do
+for d in /tmp /var/tmp /dev/shm; do
   if [ -d "$d" ]; then mount -t tmpfs -o "size=${tmpfs_kb}k,mode=1777,nosuid,nodev" tmpfs "$d"; fi
 done
+for d in /run /var/run; do
+  if [ -d "$d" ] && [ ! -L "$d" ]; then mount -t tmpfs -o "size=${tmpfs_kb}k,mode=755,nosuid,nodev" tmpfs "$d"; fi
+done
+if [ -d /run ]; then mkdir -m 1777 /run/lock; fi
 mkdir -m 700 /tmp/work
 if [ "$uid" != "-" ]; then chown "$uid:$uid" /tmp/work; fi
 cd /tmp/work

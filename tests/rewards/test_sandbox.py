@@ -1,7 +1,9 @@
 """Acceptance 3: hostile programs are contained or denied, return within their limit, and leave nothing behind."""
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 
 import pytest
@@ -141,3 +143,32 @@ def test_refuses_without_network_isolation_unless_opted_in(monkeypatch):
     monkeypatch.setenv("DSALIGN_TEST_SECRET", "hunter2")
     result = run_python("import os\nprint(os.environ.get('DSALIGN_TEST_SECRET'))", LIMITS, allow_network=True)
     assert result.stdout.strip() == "None" and result.isolation == "none"
+
+
+@needs_namespaces
+def test_unix_socket_under_run_is_unreachable():
+    """A host daemon's socket under /run (docker, dbus, postgres) is a path, not a network address: the network
+    namespace does not hide it, the private tmpfs over /run does."""
+    if os.geteuid() != 0 or not os.access("/run", os.W_OK):
+        pytest.skip("needs root and a writable /run to plant a host socket there")
+    host_dir = tempfile.mkdtemp(prefix="dsalign-test-", dir="/run")
+    try:
+        os.chmod(host_dir, 0o755)
+        path = os.path.join(host_dir, "sock")
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            os.chmod(path, 0o777)
+            server.listen(8)  # room for the unaccepted host and sandbox connections: a full backlog blocks
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(path)  # the host can connect, and the socket is world-accessible
+            paths = [path, "/var/run" + path[len("/run") :]]
+            code = (
+                f"import os, socket\nfor path in {paths!r}:\n    s = socket.socket(socket.AF_UNIX)\n"
+                "    try:\n        s.connect(path)\n        print('connected')\n"
+                "    except OSError as e:\n        print('denied', type(e).__name__)\n"
+                "open('/run/lock/x', 'w').write('x')\nprint(sorted(os.listdir('/run')))\n"
+            )
+            result = run(code)
+    finally:
+        shutil.rmtree(host_dir)
+    assert result.stdout.splitlines() == ["denied FileNotFoundError"] * 2 + ["['lock']"], result.stderr
