@@ -104,8 +104,9 @@ def describe_value(value: Any, limit: int = 60) -> str:
 def validate_messages(messages: Any, where: str = "conversation") -> list[dict[str, Any]]:
     """Check roles, contents and turn order; return the messages with ``reasoning_content`` always present.
 
-    Rules: a list of ``{"role", "content"}`` dicts; ``system`` only first; at least one assistant turn;
-    every assistant turn follows a user turn. ``where`` prefixes the error (e.g. ``"data.jsonl line 4"``).
+    Rules: a list of ``{"role", "content"}`` dicts; ``system`` only first; every assistant turn follows a user
+    turn. Prompts pass through here too, so an assistant turn is not required (``tokenize_conversation`` requires
+    one). ``where`` prefixes the error (e.g. ``"data.jsonl line 4"``).
     """
     if not isinstance(messages, list) or not messages:
         got = describe_value(messages)
@@ -197,6 +198,8 @@ def tokenize_conversation(
     ``max_length`` truncates on the right; a conversation left with no assistant token is refused.
     """
     msgs = validate_messages(messages, where)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ConversationError(f"{where}: no assistant turn to learn from")
     kw = {"thinking": thinking, "chat_template": chat_template, "where": where}
     full = _encode(tokenizer, render(tokenizer, msgs, **kw))
     mask = [0] * len(full)

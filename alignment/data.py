@@ -177,6 +177,30 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return rows
 
 
+def _starts_with_bracket(path: Path) -> bool:
+    """Whether the file's first non-blank character is ``[`` (a JSON array, which no JSON-lines row can start)."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
+def _read_json_array(path: Path) -> list[tuple[str, Any]]:
+    """A ``.json`` file holding one array of row objects (``datasets``' other JSON layout); rows are ``row i``. The
+    whole file is one document, so a syntax error is the file's, named with its line and column."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        raise DataError(f"{path}: a JSON array that does not parse ({e.msg} at {where})") from None
+    return [(f"row {i + 1}", row) for i, row in enumerate(rows)]  # normalize_row refuses a non-object row
+
+
 def _hub_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
@@ -194,12 +218,17 @@ def _read_table(cfg: DataConfig) -> tuple[str, list[tuple[str, Any]]]:
     path = Path(cfg.path)
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix == ".json" and _starts_with_bracket(path):
+            return str(path), _read_json_array(path)
         if suffix in (".jsonl", ".json"):
             return str(path), _read_jsonl(path)
         if suffix == ".parquet":
             ds = _read_parquet(path)
         else:
-            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json (JSON lines) or .parquet")
+            raise DataError(
+                f"{path}: unsupported file type {suffix!r}; use .jsonl, .json (JSON lines or one array of objects) or "
+                ".parquet"
+            )
     elif path.is_dir():
         try:
             ds = datasets.load_from_disk(str(path))

@@ -75,6 +75,8 @@ def split_reasoning(completion: str) -> tuple[str, str] | None:
     if completion.count(THINK_CLOSE) != 1 or completion.count(THINK_OPEN) > 1:
         return None
     head, answer = completion.split(THINK_CLOSE)
+    if THINK_OPEN in answer:
+        return None
     if THINK_OPEN in head:
         before, head = head.split(THINK_OPEN)
         if before.strip():
@@ -140,7 +142,7 @@ def filter_traces(traces: Iterable[dict[str, Any]], cfg: TraceFilterConfig) -> t
         passing, correct = [], 0
         for idx, t in group:
             reward = t["reward"]
-            if reward is None or reward < cfg.min_reward:
+            if reward is None or not math.isfinite(reward) or reward < cfg.min_reward:  # NaN compares False
                 stats.incorrect += 1
                 continue
             correct += 1
@@ -221,10 +223,14 @@ def topk_kl(student_logits_XV: Tensor, teacher_topk_ids_XK: Tensor, teacher_topk
     picked = torch.gather(logits, -1, teacher_topk_ids_XK.long())
     if direction == "forward":
         logq = picked - torch.logsumexp(logits, dim=-1, keepdim=True)
-        return (logp_t.exp() * (logp_t - logq)).sum(-1)
+        # a teacher entry of probability 0 (log-prob -inf, e.g. a masked token) contributes 0, not 0 * -inf = NaN
+        return torch.where(logp_t > -math.inf, logp_t.exp() * (logp_t - logq), 0.0).sum(-1)
     if direction == "reverse":
         logq = torch.log_softmax(picked, dim=-1)
-        return (logq.exp() * (logq - logp_t)).sum(-1)
+        # where the teacher gives probability 0 the reverse KL is unbounded; floor its log-prob at fp32's smallest
+        # normal so the loss stays finite and still pushes the student's mass off such tokens
+        floor = math.log(torch.finfo(torch.float32).tiny)
+        return (logq.exp() * (logq - logp_t.clamp_min(floor))).sum(-1)
     raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
 
 

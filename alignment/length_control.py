@@ -1,8 +1,9 @@
 """Length and style targets carried in the prompt (budget-conditioned prompts, L1-style; Aggarwal & Welleck 2025).
 
 A target is sampled per row, written into the system turn as an instruction ("Think for at most 512 tokens."), and
-kept as dataset columns (``length_budget``, ``style``) so that the reward functions -- which receive every dataset
-column as a keyword argument (SPEC section 8) -- can score ``|len - budget|`` or style adherence. Sampling is
+kept as dataset columns (``length_target``, ``style``) so that the reward functions -- which receive every dataset
+column as a keyword argument (SPEC section 8) -- can score ``|len - budget|`` (the built-in ``target_length`` reads
+``length_target``, as do the pipelines' budget prompts) or style adherence. Sampling is
 deterministic per (seed, row index), so a resumed run sees the same targets.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import datasets
 
-BUDGET_COLUMN = "length_budget"
+BUDGET_COLUMN = "length_target"  # the column rewards.length.target_length reads
 STYLE_COLUMN = "style"
 
 
@@ -60,7 +61,10 @@ def with_system_instruction(messages: list[dict[str, Any]], instruction: str) ->
 
 
 def apply_target(row: dict[str, Any], budget: int | None, style: str | None, cfg: LengthControlConfig) -> dict:
-    """Return ``row`` with the instruction in its prompt and the ``length_budget`` / ``style`` columns set."""
+    """Return ``row`` with the instruction in its prompt and the ``length_target`` / ``style`` columns set.
+
+    A string prompt becomes a one-message conversation whether or not the row got a target, so that every row of a
+    dataset has the same prompt type (a column mixing strings and message lists cannot be stored)."""
     parts = []
     if budget is not None:
         parts.append(cfg.budget_template.format(budget=budget))
@@ -68,10 +72,9 @@ def apply_target(row: dict[str, Any], budget: int | None, style: str | None, cfg
         parts.append(cfg.style_template.format(style=style))
     out = dict(row)
     prompt = row[cfg.prompt_field]
-    if parts:
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt, "reasoning_content": None}]
-        out[cfg.prompt_field] = with_system_instruction(prompt, " ".join(parts))
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt, "reasoning_content": None}]
+    out[cfg.prompt_field] = with_system_instruction(prompt, " ".join(parts)) if parts else prompt
     out[BUDGET_COLUMN] = budget
     out[STYLE_COLUMN] = style
     return out

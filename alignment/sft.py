@@ -48,6 +48,8 @@ def build_sft_examples(
     for i, row in enumerate(rows):
         where = f"row {i + 1}" + (f" (prompt_id {row['prompt_id']})" if row.get("prompt_id") else "")
         try:
+            if cfg.messages_field not in row:
+                raise ConversationError(f"{where}: no {cfg.messages_field!r} field (fields: {sorted(row)})")
             conv = tokenize_conversation(
                 tokenizer, row[cfg.messages_field], thinking=cfg.thinking, max_length=cfg.max_length, where=where
             )

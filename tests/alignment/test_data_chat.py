@@ -158,3 +158,31 @@ def test_sft_examples_count_truncated_conversations(tokenizer, caplog):
     caplog.clear()
     build_sft_examples(rows, tokenizer, SFTConfig(max_length=full))
     assert "were cut" not in caplog.text
+
+
+def test_json_array_file_is_read_and_a_broken_one_is_named(tmp_path):
+    rows = [{"id": "q1", "prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+    good = tmp_path / "prompts.json"
+    good.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    ds, report = load_prompts(str(good))
+    assert ds["answer"] == ["4", "6"] and report.num_invalid == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"prompt": "a", "answer": "1"},\n  {"prompt": "b" "answer": "2"}\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.json: a JSON array that does not parse \(.* line 3"):
+        load_prompts(str(bad))
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text('[{"prompt": "a", "answer": "1"}, 7]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"mixed.json: row 2: .*expected a JSON object, got int"):
+        load_prompts(str(mixed))
+
+
+def test_missing_messages_field_and_no_assistant_turn_are_named(tokenizer):
+    from dsalign.alignment.sft import SFTConfig, build_sft_examples
+
+    rows = [{"messages": CONV}, {"conversation": CONV, "prompt_id": "c2"}, {"messages": CONV[:1]}]
+    with pytest.raises(ConversationError, match=r"row 2 \(prompt_id c2\): no 'messages' field \(fields: \["):
+        build_sft_examples(rows, tokenizer, SFTConfig())
+    examples, skipped = build_sft_examples(rows, tokenizer, SFTConfig(skip_invalid=True))
+    assert len(examples) == 1 and skipped == 2
+    with pytest.raises(ConversationError, match="row 3: no assistant turn to learn from"):
+        tokenize_conversation(tokenizer, CONV[:1], where="row 3")

@@ -142,18 +142,18 @@ def test_length_targets_in_system_turn_and_columns():
     )
     cfg = LengthControlConfig(budgets=[256, 1024], styles=["concise"], seed=3)
     out = add_length_targets(ds, cfg)
-    assert out["length_budget"] == [sample_target(cfg, 0)[0], sample_target(cfg, 1)[0]]
-    assert set(out["length_budget"]) <= {256, 1024} and out["style"] == ["concise", "concise"]
-    b0, b1 = out["length_budget"]
+    assert out["length_target"] == [sample_target(cfg, 0)[0], sample_target(cfg, 1)[0]]
+    assert set(out["length_target"]) <= {256, 1024} and out["style"] == ["concise", "concise"]
+    b0, b1 = out["length_target"]
     assert out[0]["prompt"][0]["content"] == f"Be exact.\n\nThink for at most {b0} tokens. Answer in a concise style."
     assert out[1]["prompt"][0] == {
         "role": "system",
         "content": f"Think for at most {b1} tokens. Answer in a concise style.",
         "reasoning_content": None,
     }
-    assert add_length_targets(ds, cfg)["length_budget"] == out["length_budget"]  # deterministic
+    assert add_length_targets(ds, cfg)["length_target"] == out["length_target"]  # deterministic
     none = add_length_targets(ds, LengthControlConfig(probability=0.0))
-    assert none["length_budget"] == [None, None] and none["prompt"] == ds["prompt"]
+    assert none["length_target"] == [None, None] and none["prompt"] == ds["prompt"]
     many = [sample_target(LengthControlConfig(budgets=[1, 2, 3, 4]), i)[0] for i in range(40)]
     assert set(many) == {1, 2, 3, 4}
 
@@ -258,3 +258,41 @@ def test_chunked_head_matches_one_chunk(direction):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_length_targets_feed_target_length_and_mix_with_untargeted_string_prompts():
+    """The budget column is the one ``target_length`` reads, and string prompts become conversations on every row,
+    picked or not (a prompt column mixing strings and message lists cannot be stored)."""
+    from dsalign.rewards import target_length
+
+    cfg = LengthControlConfig(budgets=[4], probability=0.5, seed=0)
+    picked = [sample_target(cfg, i)[0] is not None for i in range(8)]
+    assert any(picked) and not all(picked)
+    ds = datasets.Dataset.from_list([{"prompt": f"question {i}", "answer": str(i)} for i in range(8)])
+    out = add_length_targets(ds, cfg)
+    assert all(isinstance(p, list) and p[-1]["content"] == f"question {i}" for i, p in enumerate(out["prompt"]))
+    assert [t is not None for t in out["length_target"]] == picked
+    rewards = target_length(out["prompt"], ["abcd"] * 8, **{"length_target": out["length_target"]})
+    assert rewards == [1.0 if p else None for p in picked]
+
+
+def test_topk_distill_with_a_zero_probability_teacher_entry():
+    """A teacher top-k log-prob of -inf (a masked token) adds nothing to the forward KL and a large but finite,
+    gradient-carrying term to the reverse KL (it is unbounded in exact arithmetic)."""
+    student = torch.zeros(1, 1, 3, requires_grad=True)
+    ids = torch.tensor([[[0, 1, 2]]])
+    teacher = torch.tensor([[[math.log(0.5), math.log(0.5), -math.inf]]])
+    mask = torch.ones(1, 1)
+    fwd, _ = topk_distill_loss(student, ids, teacher, mask, "forward")
+    assert fwd.item() == pytest.approx(math.log(1.5))  # 2 * 1/2 ln((1/2) / (1/3))
+    fwd.backward()
+    assert torch.isfinite(student.grad).all()
+    rev, _ = topk_distill_loss(student, ids, teacher, mask, "reverse")
+    assert math.isfinite(rev.item()) and rev.item() > 20
+
+
+def test_filter_counts_nan_rewards_as_incorrect_and_split_refuses_a_late_think():
+    rows, stats = filter_traces([_trace("p", math.nan, WF.format(4)), _trace("p", 0.0, WF.format(5))],
+                                TraceFilterConfig(min_reward=1.0))  # fmt: skip
+    assert rows == [] and stats.incorrect == 2
+    assert split_reasoning("reasoning</think>answer <think>") is None
