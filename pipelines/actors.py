@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -160,17 +162,34 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
 
 @ray.remote(num_cpus=1)
 def prepare_tokenizer(run_cfg: dict) -> str:
-    """The run's tokenizer directory: ``tokenizer: demo`` trains one locally (once, then reused)."""
+    return demo_tokenizer_dir(run_cfg)
+
+
+def demo_tokenizer_dir(run_cfg: dict) -> str:
+    """The run's tokenizer directory. ``tokenizer: demo`` trains one locally from the task's texts and keeps it in
+    ``output_dir/tokenizer`` with the task settings it was made from (``task.json``); a run whose task differs
+    (another ``max_value`` adds number tokens and moves ids) trains a new one instead of reusing it, so the run uses
+    the tokenizer that preflight checked its checkpoints against."""
     from .demo_tokenizer import save_tokenizer, task_tokenizer
 
     run = from_dict(RunConfig, run_cfg)
     if run.tokenizer != "demo":
         return str(Path(run.tokenizer).resolve())
     out = Path(run.output_dir) / "tokenizer"
-    if not (out / "tokenizer.json").is_file():
-        tmp = out.with_name("tokenizer.tmp")
-        save_tokenizer(task_tokenizer(run.task), tmp)
-        tmp.replace(out)
+    stamp = json.dumps(to_dict(run.task), sort_keys=True)
+    made_from = out / "task.json"
+    if (out / "tokenizer.json").is_file() and made_from.is_file() and made_from.read_text() == stamp:
+        return str(out.resolve())
+    tmp, old = out.with_name("tokenizer.tmp"), out.with_name("tokenizer.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    save_tokenizer(task_tokenizer(run.task), tmp)
+    (tmp / "task.json").write_text(stamp)
+    if out.exists():
+        print(f"[run] {out}: made for other task settings (or by an older version); training a new one", flush=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return str(out.resolve())
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 
@@ -77,12 +79,32 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _working_dir(path):
+    """``contextlib.chdir`` (Python 3.11+), for 3.10."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _submit(args: argparse.Namespace) -> int:
     from dsalign.pipelines import jobs
     from dsalign.pipelines.config import load_config
     from dsalign.pipelines.preflight import preflight
+    from dsalign.pipelines.schema import ConfigError
 
-    preflight(load_config(args.config, args.set))  # fail here, not on the cluster
+    # fail here, not on the cluster; and check what the job will see: it runs in its working dir, so the config's
+    # relative paths resolve there, not in this shell's directory
+    root, rel = jobs.job_paths(args.config, args.working_dir)
+    with _working_dir(root):
+        try:
+            preflight(load_config(rel, args.set))
+        except ConfigError as e:
+            raise ConfigError(f"{e}\n(relative paths are checked from {root}, the job's working directory, where the "
+                              "job runs; see --working-dir)") from e  # fmt: skip
     job_id = jobs.submit(args.config, args.address, args.working_dir, args.set, args.resume)
     print(job_id)
     if args.wait:
@@ -169,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="sampling seed (the same for every checkpoint)")
     ev.add_argument("--reward", default=None, help="what accuracy averages: a built-in name, pkg.module:fn or "
                     "file.py:fn (default math_accuracy)")  # fmt: skip
-    ev.add_argument("--length-target", type=int, default=None, help="evaluate on budget prompts of N tokens")
+    ev.add_argument("--length-target", type=_positive_int, default=None,
+                    help="evaluate on budget prompts of N tokens")  # fmt: skip
     ev.add_argument("--batch-size", type=_positive_int, default=None, help="decode slots (eval.max_batch_size)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any run-config key, e.g. --set eval.reward.params.max_length=100")  # fmt: skip

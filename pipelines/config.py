@@ -6,6 +6,7 @@ directory, or an earlier stage's output), its data, rewards, hyperparameters, re
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from .demo_task import AdditionTask
-from .schema import ConfigError, apply_overrides, from_dict
+from .schema import ConfigError, YamlLoader, apply_overrides, from_dict
 
 STAGE_KINDS = ("sft", "grpo", "distill")
 SYNTHETIC_ROWS = 512  # rows a synthetic data source generates unless num_rows says otherwise
@@ -179,6 +180,13 @@ class LoraConfig:
         metadata={"help": "MLA projections that get adapters"},
     )
     experts: bool = field(default=False, metadata={"help": "also adapt the stacked routed experts"})
+
+    def __post_init__(self) -> None:
+        _expect(self, "r", lambda v: v >= 1, "a rank >= 1")
+        _expect(self, "alpha", lambda v: v > 0, "> 0 (the adapters' scale alpha / r)")
+        _expect(self, "dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)")
+        _expect(self, "target_modules", lambda v: bool(v) or self.experts,
+                "at least one module name (or experts: true)")  # fmt: skip
 
 
 @dataclass
@@ -429,6 +437,16 @@ class RunConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
+        dirs: dict[Path, str] = {}
+        for stage in self.stages:
+            if stage.name in RESERVED_NAMES or stage.name.endswith(".png"):
+                raise ConfigError(f"stage name {stage.name!r} is taken by a file of the run directory; pick another")
+            where = Path(os.path.abspath(self.stage_dir(stage)))
+            for other_dir, other in dirs.items():
+                if where == other_dir or other_dir in where.parents or where in other_dir.parents:
+                    raise ConfigError(f"stages {other!r} and {stage.name!r} write to overlapping directories "
+                                      f"({other_dir} and {where}); give each its own output_dir")  # fmt: skip
+            dirs[where] = stage.name
         for i, stage in enumerate(self.stages):
             sources = [stage.model] + ([stage.distill.teacher] if stage.kind == "distill" else [])
             for src in sources:
@@ -441,15 +459,22 @@ class RunConfig:
         return Path(stage.output_dir) if stage.output_dir else Path(self.output_dir) / stage.name
 
 
+# what the driver writes at the top of the run directory (and each plot, NAME.png), where a stage named so would put
+# its own directory
+RESERVED_NAMES = ("report.md", "run_state.json", "config.resolved.json", "tokenizer", "tokenizer.tmp", "tokenizer.old")
+
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # what ``dsalign demo`` runs
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+class _StrictLoader(YamlLoader):
+    """``YamlLoader`` that refuses a key given twice in one mapping (PyYAML would keep the last silently). Keys
+    brought in by a merge (``<<: *defaults``) may be overridden, as YAML intends."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 continue  # unhashable or odd keys: PyYAML's own construction reports them

@@ -9,6 +9,7 @@ defaults), with the flags below overriding its keys; ``--output`` keeps every sa
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +36,12 @@ def eval_config(args: Any):
         where = str(DEMO_CONFIG if args.config == "demo" else args.config)
         data = read_config_data(where)
     ev = data.setdefault("eval", {})
+    if ev is None:  # "eval:" with nothing after it
+        ev = data["eval"] = {}
+    if not isinstance(ev, dict):
+        from .schema import ConfigError
+
+        raise ConfigError(f"{where}: eval: expected a mapping, got {type(ev).__name__} {ev!r}")
     for flag, key in EVAL_FLAGS.items():
         if getattr(args, flag, None) is not None:
             ev[key] = getattr(args, flag)
@@ -105,7 +112,9 @@ def run_eval(args: Any, out: IO[str] | None = None) -> int:
         write_text_atomic(Path(args.output), "".join(json.dumps(r) + "\n" for r in records))
     if args.json:
         for row in table:
-            out.write(json.dumps({k: v for k, v in row.items() if k not in ("#", "vs")}) + "\n")
+            # strict JSON: a NaN (the standard error of one prompt) is written as null
+            plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            out.write(json.dumps({k: v for k, v in plain.items() if k not in ("#", "vs")}) + "\n")
     else:
         out.write(format_table([{k: v for k, v in r.items() if not k.startswith("delta")} for r in table]) + "\n")
         if len(table) > 1:

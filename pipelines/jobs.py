@@ -26,7 +26,22 @@ def _client(address: str):
 
     if "://" not in address:
         address = f"http://{address}"
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as e:  # ray's own ConnectionError subclasses the builtin
+        raise ValueError(f"cannot reach a Ray job server at {address} ({str(e).splitlines()[0]}); give the "
+                         "head node's dashboard address, e.g. http://HEAD:8265") from None  # fmt: skip
+
+
+def job_paths(config: str | Path, working_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """``(root, config relative to it)``: the directory Ray packages and runs the job in (default: the config's
+    directory), where the config's relative paths (data files, checkpoints, output_dir) resolve on the cluster."""
+    config = Path(config).resolve()
+    root = Path(working_dir).resolve() if working_dir else config.parent
+    try:
+        return root, config.relative_to(root)
+    except ValueError as e:
+        raise ValueError(f"config {config} is not inside the job's working dir {root}") from e
 
 
 def submit(
@@ -37,12 +52,7 @@ def submit(
     resume: bool = False,
 ) -> str:
     """Submit ``dsalign run CONFIG`` as a Ray Job; returns the job id."""
-    config = Path(config).resolve()
-    root = Path(working_dir).resolve() if working_dir else config.parent
-    try:
-        rel = config.relative_to(root)
-    except ValueError as e:
-        raise ValueError(f"config {config} is not inside the job's working dir {root}") from e
+    root, rel = job_paths(config, working_dir)
     args = ["python", "-m", "dsalign.pipelines.cli", "run", str(rel)]
     if resume:
         args.append("--resume")

@@ -313,10 +313,16 @@ def preflight(cfg: RunConfig) -> None:
         _check_eval_file(cfg, problems)
     if cfg.eval.enabled:
         _check_reward(cfg.eval.reward, "eval.reward", problems)
-    out = Path(cfg.output_dir)
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        problems.append(f"output_dir: {out} is not writable")
+    for key, out in [("output_dir", Path(cfg.output_dir))] + [
+        (f"stages[{i}].output_dir", Path(s.output_dir)) for i, s in enumerate(cfg.stages) if s.output_dir
+    ]:
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            problems.append(f"{key}: {out} cannot be a directory: {blocker} is a file")
+            continue
+        probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+        if not os.access(probe, os.W_OK):
+            problems.append(f"{key}: {out} is not writable")
     if not any(p.startswith("tokenizer:") for p in problems):
         _check_vocabulary(cfg, problems)
     if problems:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PLOTTED = {
     "reward": "reward (mean)",
@@ -32,6 +35,7 @@ class MetricsLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.path = self.dir / "metrics.jsonl"
+        _drop_torn_tail(self.path)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -53,6 +57,22 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a killed process left unfinished (no newline), so that the next row does not run into it
+    and make the file unreadable. Every complete row stays."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: dropped an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - keep)
+        f.truncate(keep)
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
@@ -61,8 +81,10 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every row of a ``metrics.jsonl``, in the order logged; a malformed line is an error naming file and line."""
+def read_metrics(path: str | Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every row of a ``metrics.jsonl``, in the order logged. A malformed line (an interrupted write, a hand edit)
+    is skipped with a warning naming file and line, and appended to ``problems`` when given: the report at the end of
+    a run must not fail over one lost row of curves."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -71,9 +93,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not a JSON object ({e.msg})") from e
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("expected a JSON object with an integer 'step'")
+        except ValueError as e:  # JSONDecodeError is one
+            problem = f"{path}:{i}: skipped a malformed metrics line ({e})"
+            log.warning("%s", problem)
+            if problems is not None:
+                problems.append(problem)
+            continue
+        rows.append(row)
     return rows
 
 
@@ -92,7 +121,8 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    per_stage = {name: latest_per_step(read_metrics(d / "metrics.jsonl")) for name, d in stage_dirs.items()}
+    problems: list[str] = []
+    per_stage = {name: latest_per_step(read_metrics(d / "metrics.jsonl", problems)) for name, d in stage_dirs.items()}
     lines = [f"# {title}", "", "## Held-out evaluation", ""]
     if eval_rows:
         cols = list(eval_rows[0])
@@ -100,14 +130,15 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
         lines += ["| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |" for r in eval_rows]
     lines += data_section(stage_dirs)
     lines += ["", "## Training curves", ""]
+    lines += [f"- {p}" for p in problems] + ([""] if problems else [])
     for key, label in PLOTTED.items():
         series = {s: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for s, rows in per_stage.items()}
         series = {s: v for s, v in series.items() if v}
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        for stage, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
+        for stage, pts in series.items():  # a lone point needs a marker: a line through one point draws nothing
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage, marker="o" if len(pts) == 1 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.legend()

@@ -32,18 +32,30 @@ class RunState:
     finished: dict[str, str] = field(default_factory=dict)  # stage name -> final HF checkpoint dir
     evals: list[dict[str, Any]] = field(default_factory=list)
     per_prompt: dict[str, list[float]] = field(default_factory=dict)  # eval label -> accuracy per held-out prompt
+    # stages this run has started (their directories hold this run's state); None: a state file from before this
+    # was recorded, where every stage directory is taken to be this run's
+    started: list[str] | None = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> RunState:
         if not path.is_file():
             return cls()
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        except ValueError as e:  # JSONDecodeError is one
+            raise ValueError(f"{path}: cannot resume from this run state ({e}); it is written atomically, so it was "
+                             "changed by hand: fix it, or start afresh without --resume") from None  # fmt: skip
         return cls(finished=data.get("finished", {}), evals=data.get("evals", []),
-                   per_prompt=data.get("per_prompt", {}))  # fmt: skip
+                   per_prompt=data.get("per_prompt", {}), started=data.get("started"))  # fmt: skip
 
     def save(self, path: Path) -> None:
-        data = {"finished": self.finished, "evals": self.evals, "per_prompt": self.per_prompt}
+        data = {"finished": self.finished, "evals": self.evals, "per_prompt": self.per_prompt, "started": self.started}
         write_text_atomic(path, json.dumps(data, indent=2))
+
+    def has_started(self, stage: str) -> bool:
+        return self.started is None or stage in self.started
 
 
 def worker_env() -> dict[str, str]:
@@ -105,11 +117,13 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         if not Path(path).is_dir():  # its output was deleted since: run that stage (and its evals) again
             print(f"[run] stage {name}: output {path} is missing; it will run again", flush=True)
             del state.finished[name]
-            state.evals = [e for e in state.evals if not str(e["stage"]).startswith(name)]
-            state.per_prompt = {k: v for k, v in state.per_prompt.items() if not k.startswith(name)}
+            labels = {name, f"{name} (budget prompts)"}  # its own rows, not those of a stage sharing a prefix
+            state.evals = [e for e in state.evals if str(e["stage"]) not in labels]
+            state.per_prompt = {k: v for k, v in state.per_prompt.items() if k not in labels}
     if not resume and state_path.exists():
         state_path.unlink()
     resolved, resolved_text = out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2)
+    changed: list[str] = []
     if resume and resolved.is_file():
         changed = config_changes(json.loads(resolved.read_text()), json.loads(resolved_text))
         if changed:
@@ -142,15 +156,19 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
               flush=True)  # fmt: skip
     if not state.evals:
         evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], initial_label(cfg))
+    labels = comparison_labels(cfg)
     for stage in cfg.stages:
         if stage.name in state.finished:
-            log.info("stage %s already finished: %s", stage.name, state.finished[stage.name])
+            ignored = [c for c in changed if c.startswith(f"stages[{cfg.stages.index(stage)}].")]
+            print(f"[run] stage {stage.name}: finished earlier ({state.finished[stage.name]}); not run again"
+                  + (f", so these changes do not apply to it: {'; '.join(ignored)} (delete its final/ directory to "
+                     "run it again with them)" if ignored else ""), flush=True)  # fmt: skip
             continue
-        vs = comparison_label(stage, cfg)
+        vs = labels[stage.name]
         if vs not in state.per_prompt and not comparison_source(stage).from_stage:
             evaluate(resolve_sources(cfg, stage, state)["teacher" if stage.kind == "distill" else "model"], vs)
         print(f"[run] stage {stage.name} ({stage.kind}) starting", flush=True)
-        ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress)
+        ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress, state_path)
         state.finished[stage.name] = ckpt
         state.save(state_path)
         evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name, vs=vs)
@@ -200,13 +218,34 @@ def comparison_source(stage: StageConfig) -> ModelSource:
 def comparison_label(stage: StageConfig, cfg: RunConfig) -> str:
     """The evaluation row of ``comparison_source``: an earlier stage's, the run's first (the same source as the
     first stage's model), or its own (a checkpoint or preset the run evaluates before the stage)."""
-    src = comparison_source(stage)
-    if src.from_stage:
-        return src.from_stage
-    if src == cfg.stages[0].model:
-        return initial_label(cfg)
-    role = "teacher" if stage.kind == "distill" else "start"
-    return f"{role} ({_checkpoint_name(src.checkpoint) if src.checkpoint else src.preset})"
+    return comparison_labels(cfg)[stage.name]
+
+
+def comparison_labels(cfg: RunConfig) -> dict[str, str]:
+    """``comparison_label`` of every stage. A label names a source by its preset or the last two parts of its
+    checkpoint path, which two different sources can share (one preset with other overrides; ``a/sft/final`` and
+    ``b/sft/final``): a later source whose label is taken gets `` #2``, `` #3``, ... so that each source is
+    evaluated under its own row and a ``vs`` never compares with another model's accuracy."""
+    first = cfg.stages[0].model
+    owner: dict[str, ModelSource | None] = {s.name: None for s in cfg.stages}  # a stage's own row: its output
+    owner[initial_label(cfg)] = first
+    labels = {}
+    for stage in cfg.stages:
+        src = comparison_source(stage)
+        if src.from_stage:
+            labels[stage.name] = src.from_stage
+            continue
+        if src == first:
+            labels[stage.name] = initial_label(cfg)
+            continue
+        role = "teacher" if stage.kind == "distill" else "start"
+        base = f"{role} ({_checkpoint_name(src.checkpoint) if src.checkpoint else src.preset})"
+        label, k = base, 2
+        while label in owner and owner[label] != src:
+            label, k = f"{base} #{k}", k + 1
+        owner[label] = src
+        labels[stage.name] = label
+    return labels
 
 
 def clustered_se(per_prompt: list[float]) -> float:
@@ -260,7 +299,8 @@ def clear_stage_state(stage_dir: Path) -> list[str]:
 
 
 def run_stage_with_retries(
-    cfg: RunConfig, stage: StageConfig, state: RunState, tokenizer_dir: str, resume: bool, progress: bool
+    cfg: RunConfig, stage: StageConfig, state: RunState, tokenizer_dir: str, resume: bool, progress: bool,
+    state_path: Path | None = None,
 ) -> str:
     """Run one stage in fresh actors; when an actor dies or raises, report it and retry from the checkpoint."""
     import ray
@@ -269,12 +309,21 @@ def run_stage_with_retries(
     from . import actors
 
     attempts = stage.retries + 1
-    if not resume:
+    # a stage this run has not started yet starts afresh even under --resume: what its directory holds is an
+    # earlier run's (e.g. this run was interrupted in an earlier stage), and continuing from it would hand that run's
+    # weights on as this run's
+    fresh = not resume or not state.has_started(stage.name)
+    if fresh:
         clear_stage_state(cfg.stage_dir(stage))
+    if state.started is not None and stage.name not in state.started:
+        state.started.append(stage.name)
+        if state_path is not None:
+            state.save(state_path)
     for attempt in range(1, attempts + 1):
         sources = resolve_sources(cfg, stage, state)
         try:
-            return actors.run_stage(cfg, stage, sources, tokenizer_dir, resume=resume or attempt > 1, attempt=attempt)
+            return actors.run_stage(cfg, stage, sources, tokenizer_dir, resume=not fresh or attempt > 1,
+                                    attempt=attempt)  # fmt: skip
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, actors.StageWorkerError) as e:
             step = actors.last_checkpoint_step(cfg.stage_dir(stage))
             what = "its worker process died" if isinstance(e, ray.exceptions.RayActorError) else "it raised"

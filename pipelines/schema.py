@@ -155,17 +155,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2's floats: ``1e-6`` and ``2E5`` are numbers (YAML 1.1, PyYAML's default, needs
+    a dot and reads them as strings, so ``lr: 1e-6`` would fail a float field and pass an untyped one as text).
+    Config files and ``--set`` values are read with it, so the two read every value alike."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _parse_scalar(raw: str) -> Any:
-    """YAML scalar parsing, plus numbers YAML 1.1 leaves as strings (``2e-5`` has no dot)."""
+    """A ``--set`` value, read as the same value in a config file would be (:class:`YamlLoader`)."""
     if raw == "":
         return ""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    return yaml.load(raw, Loader=YamlLoader)
 
 
 def _list_index(node: list, key: str, where: str) -> int:

@@ -480,3 +480,48 @@ def test_a_key_given_twice_or_a_non_utf8_file_is_refused(tmp_path):
     path.write_bytes(b"name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stages.sft.training.lora={dropout: 1.5}", r"stages\[0\]\.training\.lora: dropout: expected a probability"),
+        ("stages.sft.training.lora={r: 0}", r"stages\[0\]\.training\.lora: r: expected a rank >= 1"),
+        ("stages.sft.training.lora={alpha: 0}", r"stages\[0\]\.training\.lora: alpha: expected > 0"),
+        ("stages.sft.training.lora={target_modules: []}", r"lora: target_modules: expected at least one module"),
+        ("stages.grpo.output_dir=runs/tiny/sft", r"stages 'sft' and 'grpo' write to overlapping directories"),
+        ("stages.grpo.output_dir=runs/tiny/sft/inner", r"stages 'sft' and 'grpo' write to overlapping directories"),
+        ("stages.sft.name=report.md", r"stage name 'report.md' is taken by a file of the run directory"),
+    ],
+)
+def test_lora_values_and_clashing_stage_directories_fail_on_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [override] + (["stages.1.model.from_stage=report.md"] if "name=" in override else []))
+
+
+def test_yaml_merge_keys_and_exponent_floats_read_alike_in_files_and_overrides(tmp_path):
+    """Anchors with ``<<`` merges are YAML and work; ``1e-6`` is a number in a file's untyped blocks (model
+    overrides, reward params) as in ``--set``, where ``name=1e3`` stays what the file would make of it."""
+    text = TINY.read_text().replace("data: {synthetic: addition, num_rows: 64, seed: 1}",
+                                    "data: &rows {synthetic: addition, num_rows: 64, seed: 1}", 1)  # fmt: skip
+    text = text.replace("data: {synthetic: addition, num_rows: 64, seed: 2}", "data: {<<: *rows, seed: 2}", 1)
+    text = text.replace("model: {preset: tiny}", "model: {preset: tiny, overrides: {rms_norm_eps: 1e-6}}", 1)
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    cfg = load_config(path, ["stages.grpo.rewards.0.params={max_length: 1e2}"])
+    assert cfg.stages[1].data.num_rows == 64 and cfg.stages[1].data.seed == 2  # its own value over the merged one
+    assert cfg.stages[0].model.overrides == {"rms_norm_eps": 1e-6}
+    assert cfg.stages[1].rewards[0].params == {"max_length": 100.0}
+    with pytest.raises(ConfigError, match=r"name: expected a string, got float 1000\.0"):
+        load_config(path, ["stages.sft.name=1e3"])
+
+
+def test_an_output_dir_under_a_file_fails_preflight(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    data = _tiny(tmp_path)
+    data["output_dir"] = str(tmp_path / "afile")
+    data["stages"][1]["output_dir"] = str(tmp_path / "afile" / "grpo")
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    assert f"output_dir: {tmp_path / 'afile'} cannot be a directory: {tmp_path / 'afile'} is a file" in str(err.value)
+    assert "stages[1].output_dir:" in str(err.value)

@@ -80,3 +80,23 @@ def test_eval_reports_every_input_problem_before_loading(checkpoints, capsys, tm
     code, _, err = _eval(capsys, m0, "--config", str(bad))  # read as `dsalign run` reads configs
     assert code == 2 and f"{bad}: not valid YAML" in err
     assert not (tmp_path / "out.jsonl").exists()  # nothing written by a refused run
+
+
+def test_eval_refuses_a_negative_length_target_and_a_non_mapping_eval_block(checkpoints, capsys, tmp_path):
+    root, (m0, _), prompts = checkpoints
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", m0, "--length-target", "-3"])
+    assert exit_.value.code == 2 and "--length-target: expected a positive integer, got -3" in capsys.readouterr().err
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("name: x\noutput_dir: .\nstages: []\neval: [1, 2]\n")
+    code, _, err = _eval(capsys, m0, "--config", str(listed), "--samples", "2")
+    assert code == 2 and f"{listed}: eval: expected a mapping, got list [1, 2]" in err
+
+
+def test_eval_json_is_strict_json_with_one_prompt(checkpoints, capsys, tmp_path):
+    root, (m0, _), prompts = checkpoints
+    one = tmp_path / "one.jsonl"
+    one.write_text(prompts.read_text().splitlines()[0] + "\n")
+    code, text, _ = _eval(capsys, m0, "--prompts", str(one), "--samples", "1", "--max-new-tokens", "4", "--json")
+    row = json.loads(text.splitlines()[0], parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert code == 0 and row["acc_se"] is None  # the standard error of one prompt is undefined

@@ -28,11 +28,37 @@ def test_resumed_steps_plot_the_run_that_went_on(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_malformed_metrics_line_names_file_and_line(tmp_path):
+def test_malformed_metrics_line_is_skipped_and_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"step": 1}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON object"):
-        read_metrics(path)
+    path.write_text(json.dumps({"step": 1}) + "\n{not json\n" + json.dumps({"step": 2}) + "\n")
+    problems = []
+    assert [r["step"] for r in read_metrics(path, problems)] == [1, 2]
+    assert len(problems) == 1 and "metrics.jsonl:2: skipped a malformed metrics line" in problems[0]
+
+
+def test_a_torn_last_line_is_cut_before_a_resumed_run_appends(tmp_path):
+    """A run killed mid-write leaves a line without its newline; the resumed logger must not glue its first row to
+    it (the report at the end of the run read the glued line as malformed and failed)."""
+    stage = tmp_path / "grpo"
+    stage.mkdir()
+    (stage / "metrics.jsonl").write_text(json.dumps({"stage": "grpo", "step": 1, "loss": 1.0}) + '\n{"stage": "gr')
+    resumed = MetricsLogger(stage, "grpo", tensorboard=False, resumed_at=1)
+    resumed.log(2, {"loss": 0.5})
+    problems = []
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl", problems)] == [1, 2] and not problems
+    report = write_report(tmp_path, {"grpo": stage}, [], "t")
+    assert "skipped" not in report.read_text()
+
+
+def test_a_stage_with_one_logged_step_is_plotted(tmp_path):
+    import matplotlib.image
+
+    stage = tmp_path / "sft"
+    MetricsLogger(stage, "sft", tensorboard=False).log(1, {"loss": 2.0})
+    write_report(tmp_path, {"sft": stage}, [], "t")
+    pixels = matplotlib.image.imread(tmp_path / "loss.png")[..., :3]
+    blue = ((pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.3)).sum()  # matplotlib's first colour, C0
+    assert blue > 100, f"the lone point is not drawn ({blue} blue pixels, the legend alone has ~50)"
 
 
 def test_fresh_start_clears_only_resumable_state(tmp_path, capsys):

@@ -87,3 +87,27 @@ def test_dsalign_settings_reach_ray_workers_and_jobs(monkeypatch, tmp_path):
     (tmp_path / "run.yaml").write_text(TINY.read_text())
     assert jobs.submit(tmp_path / "run.yaml", "127.0.0.1:8265") == "job-1"
     assert seen["job"]["env_vars"] == {"DSALIGN_CPU_GEMM": "torch"}
+
+
+def test_submit_checks_paths_where_the_job_runs_and_names_an_unreachable_address(tmp_path, monkeypatch, capsys):
+    """The job runs in the config's directory (its working dir), so preflight resolves the config's relative paths
+    there, whatever this shell's directory; an address nobody answers on is a clear error, not a traceback."""
+    from dsalign.pipelines.cli import main
+
+    data = yaml.safe_load(TINY.read_text())
+    data["stages"] = data["stages"][1:2]
+    data["stages"][0].update(model={"preset": "tiny"}, data={"path": "prompts.jsonl"})
+    data["output_dir"] = "out"
+    job = tmp_path / "project" / "configs"
+    job.mkdir(parents=True)
+    (job / "run.yaml").write_text(yaml.safe_dump(data))
+    (job / "prompts.jsonl").write_text(json.dumps({"prompt": "What is 1+2?", "answer": "3"}) + "\n")
+    monkeypatch.chdir(tmp_path / "project")
+    assert main(["submit", "configs/run.yaml", "--address", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.jsonl does not exist" not in err  # found next to the config, where the job will look
+    assert "cannot reach a Ray job server at http://127.0.0.1:1" in err
+    (job / "prompts.jsonl").rename(tmp_path / "project" / "prompts.jsonl")  # only in this shell's directory
+    assert main(["submit", "configs/run.yaml", "--address", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "prompts.jsonl does not exist" in err and f"checked from {job}, the job's working directory" in err
