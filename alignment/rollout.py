@@ -24,6 +24,7 @@ Shape legend: B slots, T tokens per step, D hidden, V vocabulary.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -193,7 +194,14 @@ class RolloutEngine:
             if self.tokenizer is None:
                 raise ValueError(f"{where}: a string prompt needs a tokenizer (pass tokenizer= or token ids)")
             ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        elif isinstance(prompt, (list, tuple)) or (isinstance(prompt, Tensor) and prompt.dim() == 1):
+        elif isinstance(prompt, Tensor) and prompt.dim() == 1:
+            if prompt.is_floating_point() or prompt.dtype == torch.bool:
+                raise TypeError(f"{where}: token ids must be integers, got a {prompt.dtype} tensor")
+            ids = [int(t) for t in prompt]
+        elif isinstance(prompt, (list, tuple)):
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            if bad:
+                raise TypeError(f"{where}: token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
             ids = [int(t) for t in prompt]
         else:
             raise TypeError(f"{where}: a prompt is a string or a list of token ids, got {type(prompt).__name__}")
@@ -222,6 +230,8 @@ class RolloutEngine:
         ``params`` is one ``SamplingParams`` for all prompts or one per prompt. ``on_token(request, sample, ids)``
         is called with each sequence's newly committed token ids (streaming).
         """
+        if not prompts:
+            return []
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -272,7 +282,9 @@ class RolloutEngine:
         """Fill free slots with samples of already-prefilled prompts, prefilling more prompts as needed."""
         need = len(free) - sum(params[r].n - p.next_sample for r, p in stash.items())
         batch = []
-        while waiting and (need > 0 or not batch) and len(batch) < self.max_batch_size:
+        # prefill only what the free slots need beyond the samples already waiting in the stash: a stashed prompt
+        # holds its scratch cache until its last sample is admitted
+        while waiting and need > 0 and len(batch) < self.max_batch_size:
             r = waiting.popleft()
             batch.append(r)
             need -= params[r].n
@@ -316,9 +328,12 @@ class RolloutEngine:
             mask[i, : lens[i]] = True
         self.last_stats.prefill_tokens += sum(lens)
         scratch = self._new_cache(len(batch), P)
-        out = self.model(x, attention_mask=mask.long(), cache=scratch)
+        # only each prompt's last position needs logits: the head over all [B, P] positions would materialize
+        # B x P x vocab floats (GBs at a 129k vocabulary) for B rows of them
+        out = self.model(x, attention_mask=mask.long(), cache=scratch, return_logits=False)
         last = torch.tensor(lens, device=self.device) - 1
         rows = torch.arange(len(batch), device=self.device)
+        logits_BV = self.model.lm_head(out.hidden[rows, last])
         hidden = self._mtp_input_hidden(out)
         if self.speculative and P > 1:
             pos = torch.arange(P, device=self.device)[None].expand(len(batch), P)
@@ -326,8 +341,9 @@ class RolloutEngine:
             nxt = torch.nn.functional.pad(x[:, 1:], (0, 1))
             attn = build_attention_mask(pos, valid, None)
             self.model.mtp[0](hidden, self.model.embed_tokens(nxt), self.model.rotary(pos), attn, valid, scratch, pos)
+        last_hidden = hidden[rows, last]  # a copy: the stash must not keep the whole [B, P, D] alive
         for i, r in enumerate(batch):
-            stash[r] = _Prefilled(scratch, i, out.logits[rows[i], last[i]], hidden[rows[i], last[i]])
+            stash[r] = _Prefilled(scratch, i, logits_BV[i], last_hidden[i])
 
     def _mtp_input_hidden(self, out) -> Tensor:
         return out.hidden if self.cfg.mtp_hidden == "post_norm" else out.hidden_pre

@@ -85,7 +85,9 @@ class SamplingParams:
                     raise TypeError(f"invalid SamplingParams: stop_token_ids must be ints, got {t!r}")
 
     def sample_seed(self, sample_index: int) -> int | None:
-        return None if self.seed is None else self.seed * 1000003 + sample_index
+        """Sample ``sample_index``'s generator seed, in ``[0, 2**63)`` (``torch.Generator.manual_seed`` refuses
+        2**64 and up, which ``seed * 1000003`` reaches for seeds the pipelines derive from a run seed of 185)."""
+        return None if self.seed is None else (self.seed * 1000003 + sample_index) % 2**63
 
 
 def policy_logprobs(logits_BV: Tensor, temperature_B: Tensor, tokens_B: Tensor) -> Tensor:

@@ -434,6 +434,7 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig, metadata={"help": "where the run's actors run"})
 
     def __post_init__(self) -> None:
+        _expect(self, "seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63) (torch's seed range)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")

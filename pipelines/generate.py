@@ -113,12 +113,18 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
             raise ValueError(f"{where}: expected an object with exactly one of {', '.join(PROMPT_KEYS)}, got "
                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")  # fmt: skip
         prompt = row[given[0]]
+        if given[0] == "prompt_ids" and not isinstance(prompt, list):
+            raise ValueError(f"{where}: prompt_ids must be a list of token ids, got {type(prompt).__name__}")
         if given[0] == "prompt":  # a chat prompt, as in the pipelines' prompt files: a string is one user turn
             if isinstance(prompt, str):
                 prompt = [{"role": "user", "content": prompt}] if prompt else prompt
             if isinstance(prompt, list):
                 if engine.tokenizer is None:
                     raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
+                odd = next((m for m in prompt if not isinstance(m, dict)), None)
+                if odd is not None:
+                    raise ValueError(f"{where}: a chat prompt is a list of {{role, content}} messages, got an item "
+                                     f"{odd!r} ({type(odd).__name__})")  # fmt: skip
                 messages = [{"reasoning_content": None, **m} for m in prompt]
                 prompt = tokenize_prompt(engine.tokenizer, messages, chat_template=engine.tokenizer.chat_template,
                                          where=where)  # fmt: skip
@@ -191,15 +197,23 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text, "reasoning_content": None})
         tok = self.engine.tokenizer
         shown, tokens = "", []
+        stops = self.params.stop_strings
+        # a stop string is cut from the reply, so nothing that may still turn out to start one is shown early: the
+        # last len(longest stop) - 1 characters wait until more text (or the end) decides
+        hold = max(map(len, stops), default=1) - 1
 
         def on_token(_r: int, _s: int, ids: list[int]) -> None:
             nonlocal shown
             tokens.extend(ids)
             now = tok.decode(tokens, skip_special_tokens=True)
-            if stream is not None and now.startswith(shown) and not now.endswith("\ufffd"):
-                stream.write(now[len(shown) :])
+            if stream is None or now.endswith("\ufffd"):
+                return
+            cut = min((now.index(s) for s in stops if s in now), default=None)
+            visible = now[:cut] if cut is not None else now[: len(now) - hold]
+            if visible.startswith(shown) and len(visible) > len(shown):
+                stream.write(visible[len(shown) :])
                 stream.flush()
-                shown = now
+                shown = visible
 
         try:
             reply = self.engine.generate([self.prompt_ids()], self.params, on_token=on_token)[0].text

@@ -492,6 +492,7 @@ def test_a_key_given_twice_or_a_non_utf8_file_is_refused(tmp_path):
         ("stages.grpo.output_dir=runs/tiny/sft", r"stages 'sft' and 'grpo' write to overlapping directories"),
         ("stages.grpo.output_dir=runs/tiny/sft/inner", r"stages 'sft' and 'grpo' write to overlapping directories"),
         ("stages.sft.name=report.md", r"stage name 'report.md' is taken by a file of the run directory"),
+        ("seed=-1", r"seed: expected an integer in \[0, 2\*\*63\)"),
     ],
 )
 def test_lora_values_and_clashing_stage_directories_fail_on_load(override, message):

@@ -183,3 +183,33 @@ def test_unreadable_config_or_tokenizer_is_named(tmp_path, checkpoint, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     with pytest.raises(PreflightError, match=f"tokenizer: {bad_tok}: the tokenizer does not load"):
         preflight(load_config(tmp_path / "run.yaml"))
+
+
+def test_chat_with_a_stop_string_never_shows_it(checkpoint):
+    """Streaming holds back text that may start a stop string, so the terminal shows the reply exactly once."""
+    engine = load_engine(checkpoint, need_tokenizer=True, max_batch_size=1)
+    base = ChatSession(engine, SamplingParams(max_new_tokens=12, temperature=0)).send("hello", stream=io.StringIO())
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
+    assert len(stop) == 3
+    stream = io.StringIO()
+    reply = ChatSession(engine, SamplingParams(max_new_tokens=12, temperature=0, stop=[stop])).send("hello", stream)
+    assert stop not in reply and base.startswith(reply)
+    assert stream.getvalue() == reply + "\n"
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt_ids": [3.9, 4.2]}, r"line 1: token ids must be integers, got 3\.9 \(float\)"),
+        ({"prompt_ids": "12"}, r"line 1: prompt_ids must be a list of token ids, got str"),
+        ({"prompt_ids": [True, 5]}, r"line 1: token ids must be integers, got True \(bool\)"),
+        ({"prompt": ["hi"]}, r"line 1: a chat prompt is a list of \{role, content\} messages, got an item 'hi'"),
+    ],
+)
+def test_generate_refuses_malformed_prompt_rows(checkpoint, tmp_path, row, message):
+    from dsalign.pipelines.generate import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises((TypeError, ValueError), match=message):
+        read_prompts(path, load_engine(checkpoint, need_tokenizer=True, max_batch_size=1))

@@ -205,3 +205,52 @@ def test_cache_is_sized_to_what_the_call_can_reach():
     assert engine.cache.num_layers == model.cfg.num_hidden_layers + 1  # the MTP block's latent too
     engine.generate([[3]], SamplingParams(max_new_tokens=2, temperature=0))
     assert engine.cache.max_len == 15  # kept, not shrunk
+
+
+def test_large_seeds_sample_and_reproduce():
+    """The pipelines derive request seeds as (run seed * 100_003 + iteration) * 1_000_003 + prompt; from a run seed
+    of 185 on, seed * 1_000_003 once more passed 2**64 and torch.Generator refused it."""
+    model = tiny_model()
+    prompt = _prompts(model.cfg.vocab_size)[1]
+    engine = RolloutEngine(model, max_batch_size=2, max_len=64)
+    for seed in ((185 * 100_003 + 0) * 1_000_003 + 3, 2**45, 2**70):
+        sp = SamplingParams(max_new_tokens=4, temperature=1.0, n=2, seed=seed, ignore_eos=True)
+        first, again = engine.generate([prompt], sp), engine.generate([prompt], sp)
+        assert [c.token_ids for c in first] == [c.token_ids for c in again]
+        assert 0 <= sp.sample_seed(1) < 2**63
+
+
+def test_prefill_only_what_free_slots_need_and_keep_only_last_positions():
+    """A prompt is prefilled when its samples are needed (not on every admission), and a stashed prompt keeps
+    [V] logits and [D] hidden, not its prefill batch's [B, P, V] logits."""
+    model = tiny_model(seed=1)
+    prompts = _prompts(model.cfg.vocab_size, lens=(8,) * 12)
+    params = [SamplingParams(max_new_tokens=3 + i % 5, n=3, temperature=1.0, seed=i, ignore_eos=True)
+              for i in range(12)]  # fmt: skip
+    engine = RolloutEngine(model, max_batch_size=4, max_len=64)
+    peak, pinned = [0], [0]
+    admit = engine._admit
+
+    def watched(free, slots, waiting, stash, ids, params, done):
+        admit(free, slots, waiting, stash, ids, params, done)
+        peak[0] = max(peak[0], len(stash))
+        for pre in stash.values():
+            for t in (pre.logits_V, pre.hidden_D):
+                pinned[0] = max(pinned[0], t.untyped_storage().nbytes())
+
+    engine._admit = watched
+    out = engine.generate(prompts, params)
+    assert len(out) == 36
+    assert peak[0] <= 2  # 4 slots never wait on samples of more than 2 prompts of 3 samples each
+    assert pinned[0] <= 2 * model.cfg.vocab_size * 4  # one prefill batch's [B <= 2, V] logits at most
+
+
+def test_empty_request_list_and_non_integer_ids():
+    engine = RolloutEngine(tiny_model(), max_batch_size=2, max_len=16)
+    assert engine.generate([]) == []
+    with pytest.raises(TypeError, match=r"prompt 0: token ids must be integers, got 3\.9 \(float\)"):
+        engine.generate([[3.9, 4]])
+    with pytest.raises(TypeError, match=r"token ids must be integers, got True \(bool\)"):
+        engine.generate([[True, 4]])
+    with pytest.raises(TypeError, match=r"token ids must be integers, got a torch.float32 tensor"):
+        engine.generate([torch.tensor([3.0, 4.0])])
