@@ -411,19 +411,33 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ plain decode
     def _step(self, slots: list[_Seq | None], done: list[Completion]) -> None:
-        live = [i for i, s in enumerate(slots) if s is not None]
-        x = torch.tensor([[s.tokens[-1] if s is not None else 0] for s in slots], device=self.device)
-        valid = torch.tensor([[int(s is not None)] for s in slots], device=self.device)
-        logits = self.model(x, attention_mask=valid, cache=self.cache).logits[:, 0]
-        seqs = [slots[i] for i in live]
-        idx = torch.tensor(live, device=self.device)
+        n = self._compact(slots)
+        seqs = slots[:n]
+        x = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        cache = self.cache if n == len(slots) else self.cache.first_rows(n)
+        logits = self.model(x, cache=cache).logits[:, 0]
         knobs = self._knobs(seqs)
-        probs = sampling_probs(logits[idx], *knobs)
+        probs = sampling_probs(logits, *knobs)
         toks = draw(probs, self._uniforms(seqs))
-        lps = policy_logprobs(logits[idx], knobs[0], toks).tolist()
-        for j, (i, tok) in enumerate(zip(live, toks.tolist())):
-            self._append(slots[i], [tok], [lps[j]], done)
+        lps = policy_logprobs(logits, knobs[0], toks).tolist()
+        for i, tok in enumerate(toks.tolist()):
+            self._append(slots[i], [tok], [lps[i]], done)
             self._free_if_done(slots, i)
+
+    def _compact(self, slots: list[_Seq | None]) -> int:
+        """Move the live sequences into the lowest slots (their cache rows with them) and return how many there
+        are, so that a decode step runs only the rows holding a sequence: as sequences finish at different lengths
+        the step shrinks instead of carrying empty rows through every layer. A sequence's tokens, seed stream and
+        cached latents move unchanged, so what it samples does not depend on where it sits."""
+        live = [i for i, s in enumerate(slots) if s is not None]
+        n = len(live)
+        holes = [i for i in range(n) if slots[i] is None]
+        movers = [i for i in live if i >= n]
+        for dst, src in zip(holes, movers):
+            self.cache.copy_rows(self.cache, src, dst, int(self.cache.lengths[src]))
+            slots[dst], slots[src] = slots[src], None
+            self.cache.reset([src])
+        return n
 
     def _free_if_done(self, slots: list[_Seq | None], i: int) -> None:
         if slots[i] is not None and slots[i].finish is not None:

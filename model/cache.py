@@ -8,6 +8,8 @@ Shape legend: L layers, B sequences (slots), S max cached tokens, C kv_lora_rank
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .config import ModelConfig
@@ -94,6 +96,17 @@ class LatentCache:
         """Every storage tensor, each laid out ``[L, B, S, ...]`` (what ``copy_rows`` moves)."""
         return [self.data]
 
+    _BUFFERS = ("data",)  # the attributes ``buffers`` returns, in order
+
+    def first_rows(self, n: int) -> LatentCache:
+        """A cache over rows ``0 .. n-1`` sharing this one's memory: what it writes, and the lengths it advances,
+        land here. Lets a decode step run only the rows that hold sequences (see ``RolloutEngine._compact``)."""
+        view = copy.copy(self)
+        for name in self._BUFFERS:
+            setattr(view, name, getattr(self, name)[:, :n])
+        view.lengths = self.lengths[:n]
+        return view
+
     def copy_rows(self, src: LatentCache, src_row: int, dst_row: int, length: int) -> None:
         """Copy the first ``length`` cached positions of ``src``'s row into this cache's row (same cache type);
         sets the row's length. Used to share one prompt prefill between several samples."""
@@ -149,6 +162,8 @@ class FP8LatentCache(LatentCache):
     def bytes_per_token(self) -> int:
         per_layer = sum(b.shape[-1] * b.element_size() for b in self.buffers())
         return self.num_layers * per_layer
+
+    _BUFFERS = ("c_kv", "scale", "k_pe")
 
     def buffers(self) -> list[torch.Tensor]:
         return [self.c_kv, self.scale, self.k_pe]

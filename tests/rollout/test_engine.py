@@ -254,3 +254,32 @@ def test_empty_request_list_and_non_integer_ids():
         engine.generate([[True, 4]])
     with pytest.raises(TypeError, match=r"token ids must be integers, got a torch.float32 tensor"):
         engine.generate([torch.tensor([3.0, 4.0])])
+
+
+def test_decode_steps_run_only_live_rows_and_outputs_do_not_move():
+    """As sequences finish, the live ones move to the lowest slots (cache rows with them) and a step runs only
+    those rows; each completion equals the same seeded request generated alone."""
+    model = tiny_model()
+    prompts = _prompts(model.cfg.vocab_size)
+    params = [SamplingParams(max_new_tokens=m, temperature=1.0, seed=7 + i, ignore_eos=True)
+              for i, m in enumerate((2, 9, 4, 12, 6))]  # fmt: skip
+    engine = RolloutEngine(model, max_batch_size=5, max_len=64)
+    rows = []
+    forward = model.forward
+
+    def recording(x, *args, **kwargs):
+        if kwargs.get("cache") is not None and kwargs["cache"].lengths.any():
+            rows.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    model.forward = recording
+    try:
+        out = engine.generate(prompts, params)
+    finally:
+        del model.forward
+    assert rows == sorted(rows, reverse=True) and rows[0] == 5 and rows[-1] == 1  # the step shrinks as rows finish
+    assert len(rows) == 11  # the longest request's 11 decode steps (its first token comes from the prefill)
+    for c, p, prompt in zip(out, params, prompts):
+        alone = RolloutEngine(model, max_batch_size=1, max_len=64).generate([prompt], p)[0]
+        assert c.token_ids == alone.token_ids and len(c.token_ids) == p.max_new_tokens
+        torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs), rtol=0, atol=1e-5)
