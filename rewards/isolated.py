@@ -36,7 +36,7 @@ class IsolatedScorer:
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        atexit.register(self.close)
+        atexit.register(self._kill_at_exit)
 
     def score(self, predicted: str, gold: str) -> float | None | object:
         with self._lock:
@@ -64,6 +64,14 @@ class IsolatedScorer:
     def close(self) -> None:
         with self._lock:
             self._kill()
+
+    def _kill_at_exit(self) -> None:
+        """At interpreter exit, without the lock: an abandoned reward thread may hold it while it waits on the child
+        (up to ``timeout_s``). A child busy in a long computation would not notice its stdin closing, so it is killed
+        rather than left to finish."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _start(self) -> subprocess.Popen:
         if self._proc is not None and self._proc.poll() is None:

@@ -147,3 +147,21 @@ def test_slow_answers_do_not_stall_other_threads():
     thread.join()
     gaps = [b - a for a, b in zip(beats, beats[1:])]
     assert max(gaps) < 0.5, f"a thread stalled for {max(gaps):.2f} s during a {elapsed:.1f} s comparison"
+
+
+def test_exit_kills_a_busy_child_without_waiting_for_its_lock():
+    """At interpreter exit an abandoned reward thread may still hold the scorer's lock while it waits on a long
+    comparison: the exit hook kills the child at once instead of blocking (or leaving it computing)."""
+    scorer = IsolatedScorer(timeout_s=30)
+    assert scorer.score("2^{3}", "8") == 1.0  # the child is up
+    results = []
+    busy = threading.Thread(target=lambda: results.append(scorer.score(r"10^{9999 \cdot 9999}", "7")), daemon=True)
+    busy.start()
+    time.sleep(0.5)  # the busy thread holds the lock, waiting on the child
+    proc = scorer._proc
+    start = time.monotonic()
+    scorer._kill_at_exit()
+    assert proc.wait(timeout=5) != 0 and time.monotonic() - start < 5
+    busy.join(timeout=10)
+    assert results == [TIMED_OUT]  # its wait ended with the child
+    scorer.close()
