@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,6 +33,7 @@ from dsalign.model import save_checkpoint as save_hf_checkpoint
 from .distributed import full_model_for_export, gathered_parameters
 from .step import Runner
 
+_ASIDE_PREFIX = ".old-"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 
@@ -77,12 +79,15 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
+    found: dict[int, Path] = {}
+    aside: dict[int, Path] = {}
     for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
+        m = _STEP_DIR.match(child.name.removeprefix(_ASIDE_PREFIX))
         if m and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
+            (aside if child.name.startswith(_ASIDE_PREFIX) else found)[int(m.group(1))] = child
+    # a re-save of step X moves step_X aside, then renames its new copy in: a crash between the two leaves only the
+    # aside copy, which is still a complete checkpoint of step X
+    return sorted({**aside, **found}.items())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -125,8 +130,14 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
     tmp = root / _shared_tmp_name(step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by a crashed save
+        for stale in root.glob(".tmp-step_*"):  # left by a crashed save
             shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob(f"{_ASIDE_PREFIX}step_*"):  # a crashed re-save: the old copy is the checkpoint
+            original = root / old.name.removeprefix(_ASIDE_PREFIX)
+            if original.exists() or not (old / STATE_FILE).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, original)
         tmp.mkdir()
     _barrier()
     try:
@@ -142,9 +153,12 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         _barrier()
         if rank == 0:
             meta = {"step": step, "world_size": world, "ep_size": _ep_size(runner), "format": 1}
-            (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            with open(tmp / STATE_FILE, "w") as f:  # flushed to disk before the rename publishes the directory
+                f.write(json.dumps(meta, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             _fsync_dir(tmp)
-            aside = root / f".old-step_{step:08d}"
+            aside = root / f"{_ASIDE_PREFIX}step_{step:08d}"
             if final.exists():  # re-saving the same step: moved aside, deleted once the new copy is in place
                 shutil.rmtree(aside, ignore_errors=True)
                 os.rename(final, aside)
@@ -185,7 +199,11 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
         if latest is None:
             raise FileNotFoundError(f"no complete checkpoint (step_XXXXXXXX/{STATE_FILE}) under {path}")
         path = latest
-    meta = json.loads((path / STATE_FILE).read_text())
+    try:
+        meta = json.loads((path / STATE_FILE).read_text())
+    except ValueError as e:
+        raise ValueError(f"{path / STATE_FILE}: damaged ({e}); delete {path} to resume from the checkpoint before "
+                         "it") from None  # fmt: skip
     rank, world = _rank_world()
     if meta["world_size"] != world:
         raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}; "
@@ -193,7 +211,12 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
     if meta.get("ep_size", _ep_size(runner)) != _ep_size(runner):  # (older checkpoints do not say)
         raise ValueError(f"checkpoint {path} was written with ep_size {meta['ep_size']} (its expert shards), this "
                          f"run uses ep_size {_ep_size(runner)}; resume with the same ep_size")  # fmt: skip
-    payload = torch.load(path / f"rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+    shard = path / f"rank{rank:05d}.pt"
+    try:
+        payload = torch.load(shard, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise RuntimeError(f"{shard}: cannot be read ({type(e).__name__}: {e}); delete {path} to resume from the "
+                           "checkpoint before it") from e  # fmt: skip
     with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: loaded into full weights, re-partitioned
         runner.model.load_state_dict(payload["model"])
     runner.load_state_dict(payload["runner"])

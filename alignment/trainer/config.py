@@ -6,6 +6,7 @@ precision, distribution and checkpoints.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -58,6 +59,23 @@ class TrainerConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"TrainerConfig: {msg}")
 
+        for name in ("lr", "weight_decay", "beta1", "beta2", "eps", "min_lr_ratio", "grad_clip", "bias_update_gamma",
+                     "mtp_lambda"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+        for name in ("micro_batches", "zero_stage", "ep_size", "keep_last", "total_steps", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                bad(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if self.lr <= 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            bad(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            bad(f"need eps > 0 and weight_decay >= 0, got {self.eps} and {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:  # below 0 the cosine's tail would be gradient ascent
+            bad(f"min_lr_ratio must be in [0, 1] (the final lr as a fraction of lr), got {self.min_lr_ratio}")
         if self.moment_dtype not in ("fp32", "bf16"):
             bad(f"moment_dtype must be 'fp32' or 'bf16', got {self.moment_dtype!r}")
         if self.compute_dtype not in ("fp32", "bf16"):

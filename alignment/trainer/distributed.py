@@ -216,6 +216,10 @@ class DeepSpeedRunner:
             # (GRPO, distillation) would otherwise step the optimizer inside the accumulation and not scale the loss
             world = self.engine.dp_world_size * self.engine.train_micro_batch_size_per_gpu()
             self.engine.set_train_batch_size(num_micro * world)
+        # the boundary is this step's last micro-batch, said explicitly: DeepSpeed's own rule, (micro_steps + 1) %
+        # accumulation == 0 over a counter that runs across steps, puts it mid-step once the count has changed
+        # (2, then 3 micro-batches: the update came after the first micro-batch of the second step)
+        self.engine.set_gradient_accumulation_boundary(micro_index == num_micro - 1)
         self.engine.backward(loss)
         if micro_index < num_micro - 1:
             self.engine.step()

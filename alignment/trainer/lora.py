@@ -111,9 +111,14 @@ def merged_state_dict(model: Transformer) -> dict[str, Any]:
 
 def merge_lora(lora_model: Any) -> Transformer:
     """Fold ``B A * alpha / r`` into the base weights and remove the adapter modules; returns the plain model."""
+    from .step import refresh_fp8_weights
+
     model = lora_model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(True)
+    # peft folds the delta in through .data, which moves neither a weight's version counter nor its address: the
+    # FP8 copies of the merged weights would keep serving the base weights to every later forward
+    refresh_fp8_weights(model)
     return model
 
 

@@ -2,9 +2,10 @@
 
 Usage: python _dist_worker.py RANK WORLD PORT OUT_DIR EP_SIZE ZERO_STAGE [MODE] [lora]
 MODE: "straight" (default, STEPS steps), "save" (2 steps, then a training checkpoint in OUT_DIR/ckpt, then exit),
-"resume" (load OUT_DIR/ckpt, run the remaining steps), "uneven" (each rank's rows as one micro-batch per row, with
-very different numbers of targets (``uneven_batch``), the micro-batch count set after the runner is built, as the
-GRPO stage does). ``lora``: train LoRA adapters (``LORA``) instead.
+"resume" (load OUT_DIR/ckpt, run the remaining steps), "uneven" (each rank's rows as one micro-batch per row, both
+rows in one in the second step, with very different numbers of targets (``uneven_batch``), the micro-batch count set
+after the runner is built and changing between steps, as the GRPO stage's may). ``lora``: train LoRA adapters
+(``LORA``) instead.
 """
 
 import json
@@ -90,7 +91,10 @@ def main() -> None:
     for step in range(first, last):
         if uneven:
             mine = {k: v[rank * per : (rank + 1) * per] for k, v in uneven_batch(step, model.cfg.vocab_size).items()}
-            micro = [{k: v[i : i + 1] for k, v in mine.items()} for i in range(per)]
+            # 2, 1, 2 micro-batches: DeepSpeed's step counter runs across steps, so a count that changes once the
+            # counter is past zero misplaces its accumulation boundary unless the runner sets it
+            rows = per if step == 1 else 1
+            micro = [{k: v[i : i + rows] for k, v in mine.items()} for i in range(0, per, rows)]
             cfg.micro_batches = len(micro)  # after build_runner, as the GRPO stage learns its count
             history.append(train_step(runner, micro, loss_fn, cfg))
             continue

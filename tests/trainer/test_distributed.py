@@ -100,9 +100,10 @@ def test_lora_two_ranks_match_single_process(tmp_path, launch_workers, ep_size):
 @pytest.mark.distributed
 @pytest.mark.parametrize("ep_size", [1, 2], ids=["dp2_zero2", "ep2_zero2"])
 def test_uneven_micro_batches_match_one_full_batch(tmp_path, launch_workers, ep_size):
-    """Two ranks, each with two one-row micro-batches holding 2 / 15 and 4 / 11 targets, the micro-batch count set
-    after DeepSpeed was built (as the GRPO stage does): the same parameters as one process taking the whole batch
-    as one micro-batch, i.e. one optimizer step per train_step and the token mean over the global batch."""
+    """Two ranks, each with two one-row micro-batches holding 2 / 15 and 4 / 11 targets (one two-row micro-batch in
+    the second step), the micro-batch count set after DeepSpeed was built and changing between steps (as the GRPO
+    stage's may): the same parameters as one process taking the whole batch as one micro-batch, i.e. one optimizer
+    step per train_step, at its end, and the token mean over the global batch."""
     from dsalign.alignment.trainer import LocalRunner, lm_loss_fn, prepare_model, train_step
 
     cfg = case.trainer_config(uneven=True)

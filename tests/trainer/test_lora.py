@@ -118,3 +118,26 @@ def test_merged_state_dict_without_a_model_copy(experts):
     assert adapted and all(k.endswith(targets) for k in adapted), sorted(adapted)
     assert changed == adapted
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model itself is untouched
+
+
+def test_merge_under_fp8_refreshes_the_quantized_weights():
+    """peft merges through ``.data`` (no version bump, same storage): the FP8 copies quantized from the base weights
+    must not keep serving the merged model's forwards."""
+    from dsalign.alignment.trainer.lora import merge_lora
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(fp8=True)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    lora = apply_lora(model, LoraSettings(r=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # as after training
+        model(ids)  # fills the FP8 caches from the base weights
+    merged = merge_lora(lora).eval()
+    fresh = Transformer(cfg).eval()
+    fresh.load_state_dict(merged.state_dict())
+    with torch.no_grad():
+        got, want = merged(ids).logits, fresh(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

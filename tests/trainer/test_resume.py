@@ -118,3 +118,39 @@ def test_resume_with_another_ep_size_is_refused(tmp_path):
     other.cfg.ep_size = 2  # as a run with experts sharded two ways would be
     with pytest.raises(ValueError, match=r"written with ep_size 1 \(its expert shards\), this run uses ep_size 2"):
         load_training_checkpoint(tmp_path, other)
+
+
+def test_a_crash_between_the_renames_of_a_resave_keeps_that_step(tmp_path, monkeypatch):
+    """Re-saving step X moves step_X aside, then renames the new copy in; dying between the two must leave step X
+    resumable (from the aside copy) and the next save must restore it, not delete it as debris."""
+    runner = _small_runner(0)
+    save_training_checkpoint(tmp_path, 2, runner, {"cursor": 2})
+    save_training_checkpoint(tmp_path, 4, runner, {"cursor": 4})
+    real_rename = ckpt_mod.os.rename
+
+    def dying_rename(src, dst):
+        real_rename(src, dst)
+        if ".old-step_" in str(dst):
+            raise KeyboardInterrupt("simulated crash between the renames")
+
+    monkeypatch.setattr(ckpt_mod.os, "rename", dying_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_checkpoint(tmp_path, 4, runner, {"cursor": 4})
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+    assert load_training_checkpoint(tmp_path, _small_runner(1)) == (4, {"cursor": 4})
+    save_training_checkpoint(tmp_path, 3, runner, {"cursor": 3})  # a rewound run: step 4 goes, as a future
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    save_training_checkpoint(tmp_path, 4, runner, {"cursor": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003", "step_00000004"]
+
+
+def test_a_damaged_checkpoint_names_its_file(tmp_path):
+    runner = _small_runner(0)
+    path = save_training_checkpoint(tmp_path, 1, runner)
+    (path / "rank00000.pt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match=r"rank00000\.pt: cannot be read .*delete .*step_00000001 to resume"):
+        load_training_checkpoint(tmp_path, _small_runner(1))
+    (path / ckpt_mod.STATE_FILE).write_text("")
+    with pytest.raises(ValueError, match=rf"{ckpt_mod.STATE_FILE}: damaged"):
+        load_training_checkpoint(path, _small_runner(1))

@@ -125,6 +125,23 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainerConfig(moment_dtype="fp16")
 
 
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"min_lr_ratio": -0.5}, r"min_lr_ratio must be in \[0, 1\]"),  # the cosine's tail would ascend
+        ({"min_lr_ratio": 3.0}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"beta2": 1.5}, r"beta1 and beta2 must be in \[0, 1\)"),
+        ({"lr": -1e-3}, r"lr must be > 0"),
+        ({"lr": "1e-5"}, r"lr must be a finite number, got str '1e-5'"),  # YAML 1.1 reads 1e-5 as a string
+        ({"eps": 0.0}, r"need eps > 0"),
+        ({"total_steps": 10.5}, r"total_steps must be an integer, got float"),
+    ],
+)
+def test_config_names_a_bad_optimizer_value(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig.from_dict(values)
+
+
 def test_activation_checkpointing_gives_the_same_step():
     plain, r1 = _run(2)
     recomputed, r2 = _run(2, activation_checkpointing=True)
