@@ -102,8 +102,10 @@ if HAS_TRITON:
         pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
         pid_n = (pid % (GROUP_M * num_n)) // group_size
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 row/column offsets: an operand past 2**31 elements (the wgrad's x^T at K x ~117k tokens) would
+        # overflow int32 offset * stride products
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
@@ -217,7 +219,9 @@ class FP8WeightCache:
         self.refreshes = 0
 
     def get(self, weight: torch.Tensor, pow2: bool = False, backend: str = "auto") -> QuantizedWeight:
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device, pow2, backend)
+        # an inference tensor (made under torch.inference_mode) has no version counter and cannot change in place
+        version = -1 if weight.is_inference() else weight._version
+        key = (weight.data_ptr(), version, weight.dtype, tuple(weight.shape), weight.device, pow2, backend)
         if key != self._key:
             with torch.no_grad():
                 self._key, self._value = key, self._quantize(weight.detach(), pow2, backend)

@@ -152,6 +152,16 @@ def _check_and_plan(who: str, hidden_ND: torch.Tensor, weight_VD: torch.Tensor, 
     return chunk_rows, torch.promote_types(hidden_ND.dtype, weight_VD.dtype)
 
 
+def _check_targets(target_N: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every target is a class id or ``ignore_index``, as ``F.cross_entropy`` insists: a -1 (another padding
+    convention) would otherwise index the last vocabulary entry and train on it silently."""
+    bad_N = (target_N != ignore_index) & ((target_N < 0) | (target_N >= vocab))
+    if bool(bad_N.any()):
+        i = int(bad_N.nonzero()[0, 0])
+        raise ValueError(f"fused_linear_cross_entropy: target[{i}] = {int(target_N[i])} is outside [0, {vocab}) and is "
+                         f"not ignore_index ({ignore_index})")  # fmt: skip
+
+
 def fused_linear_cross_entropy(
     hidden_ND: torch.Tensor,
     weight_VD: torch.Tensor,
@@ -180,6 +190,7 @@ def fused_linear_cross_entropy(
                                                 chunk_rows)  # fmt: skip
     if hidden_ND.shape[0] == 0:
         return (hidden_ND.sum() + weight_VD.sum()).float() * 0.0
+    _check_targets(target_N, weight_VD.shape[0], ignore_index)
     return _FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, target_N, ignore_index, float(logit_scale), reduction,
                                           chunk_rows, compute_dtype, torch.is_grad_enabled())  # fmt: skip
 

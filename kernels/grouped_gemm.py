@@ -27,7 +27,7 @@ from dsalign.kernels.quant import BLOCK, dequantize_ref, quantize_act, quantize_
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from dsalign.kernels.quant import _round_to_e4m3, _scale_from_amax
+    from dsalign.kernels.quant import _clamp_e4m3, _nan_amax, _round_to_e4m3, _scale_from_amax
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,10 +157,10 @@ if HAS_TRITON:
             if FP8:
                 dyt = dyt.to(tl.float32)
                 x = x.to(tl.float32)
-                s_dy = _scale_from_amax(tl.max(tl.abs(dyt), axis=1), POW2)
-                s_x = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)
-                dyt_q = _round_to_e4m3(tl.minimum(tl.maximum(dyt / s_dy[:, None], -448.0), 448.0))
-                x_q = _round_to_e4m3(tl.minimum(tl.maximum(x / s_x[None, :], -448.0), 448.0))
+                s_dy = _scale_from_amax(_nan_amax(dyt, 1), POW2)
+                s_x = _scale_from_amax(_nan_amax(x, 0), POW2)
+                dyt_q = _round_to_e4m3(_clamp_e4m3(dyt / s_dy[:, None]))
+                x_q = _round_to_e4m3(_clamp_e4m3(x / s_x[None, :]))
                 part = tl.dot(dyt_q.to(tl.float8e4nv), x_q.to(tl.float8e4nv))
                 acc += part * s_dy[:, None] * s_x[None, :]
             else:

@@ -53,6 +53,16 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+def _aligned16(*tensors: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned data and strides (e.g. an fp32 hidden or intermediate size that
+    is a multiple of 4); the padded ``bmm`` takes any shape."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(stride != 1 and (stride * size) % 16 for stride in t.stride()):
+            return False
+    return True
+
+
 def grouped_mm_padded(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Grouped GEMM through one padded ``bmm``: rows of group e (contiguous in ``x``) times ``w[e]``.
 
@@ -61,7 +71,9 @@ def grouped_mm_padded(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.T
     num_groups = w_EKO.shape[0]
     n_rows = x_NK.shape[0]
     if n_rows == 0:
-        return x_NK.new_zeros(0, w_EKO.shape[-1])
+        # a 0-row product, not new_zeros: the result must stay in the autograd graph. Under expert parallelism a
+        # rank whose experts got no rows still has to run the all-to-all backward its peers are waiting in
+        return x_NK @ w_EKO[0]
     counts_list = counts_E.tolist()
     cap = max(counts_list)
     starts = torch.cumsum(counts_E, 0) - counts_E
@@ -94,7 +106,7 @@ def grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) 
     if rows and cpu_gemm.use_onednn(x_NK, w_EOK, per_group, in_features, out_features):
         return cpu_gemm.grouped_mm(x_NK, w_EOK, counts_E)
     w_EKO = w_EOK.transpose(1, 2)
-    if _grouped_mm_supported(x_NK.device, x_NK.dtype) and rows > 0:
+    if _grouped_mm_supported(x_NK.device, x_NK.dtype) and rows > 0 and _aligned16(x_NK, w_EKO):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x_NK, w_EKO, offs=offs))
     return grouped_mm_padded(x_NK, w_EKO, counts_E)

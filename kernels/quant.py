@@ -41,7 +41,8 @@ def _pow2_round_up(scale: torch.Tensor) -> torch.Tensor:
     mantissa then leaves 2**ceil(log2(s)). No log2/exp2 approximations, so torch and Triton agree bit for bit.
     """
     bits = scale.float().contiguous().view(torch.int32)
-    return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    rounded = ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+    return torch.where(scale.isfinite(), rounded, scale)  # the bit trick maps inf and NaN to 0: keep them
 
 
 def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
@@ -150,10 +151,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _scale_from_amax(amax, POW2: tl.constexpr):
-        s = tl.maximum(amax, 1e-4) / 448.0
+        # NaN and inf pass through (tl.maximum is maxnum: it would turn a NaN amax into 1e-4, a finite scale), so
+        # a non-finite input stays non-finite after dequantization, as in the torch reference
+        s = tl.where(amax != amax, amax, tl.maximum(amax, 1e-4)) / 448.0
         if POW2:
-            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+            up = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+            s = tl.where(s < 3.0e38, up, s)  # the bit trick maps inf and NaN to 0
         return s
+
+    @triton.jit
+    def _nan_amax(x, axis: tl.constexpr):
+        """``max |x|`` along ``axis``, NaN if any element is NaN (``tl.max`` skips NaN)."""
+        amax = tl.max(tl.abs(x), axis=axis)
+        has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
+        return tl.where(has_nan, float("nan"), amax)
+
+    @triton.jit
+    def _clamp_e4m3(v):
+        """Clamp to e4m3's finite range, keeping NaN (maxnum/minnum would turn it into -448)."""
+        return tl.where(v != v, v, tl.minimum(tl.maximum(v, -448.0), 448.0))
 
     @triton.jit
     def _quant_tile_kernel(
@@ -167,19 +183,21 @@ if HAS_TRITON:
         """
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: offsets past 2**31 elements
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)
-        row_amax = tl.max(tl.abs(x), axis=1)
+        row_amax = _nan_amax(x, 1)
         if TILE_ROWS == 1:
             s = _scale_from_amax(row_amax, POW2)
-            q = _round_to_e4m3(tl.minimum(tl.maximum(x / s[:, None], -448.0), 448.0))
+            q = _round_to_e4m3(_clamp_e4m3(x / s[:, None]))
             tl.store(s_ptr + rows * stride_sm + pid_k, s, mask=rows < M)
         else:
-            s = _scale_from_amax(tl.max(row_amax, axis=0), POW2)
-            q = _round_to_e4m3(tl.minimum(tl.maximum(x / s, -448.0), 448.0))
+            tile_amax = tl.max(row_amax, axis=0)
+            tile_nan = tl.max((row_amax != row_amax).to(tl.int32), axis=0) > 0
+            s = _scale_from_amax(tl.where(tile_nan, float("nan"), tile_amax), POW2)
+            q = _round_to_e4m3(_clamp_e4m3(x / s))
             tl.store(s_ptr + pid_m * stride_sm + pid_k, s)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
 
@@ -188,7 +206,7 @@ if HAS_TRITON:
         q_ptr, s_ptr, y_ptr, M, K, stride_sm,
         SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)
         q = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)

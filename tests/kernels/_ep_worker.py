@@ -1,6 +1,6 @@
 """One rank of the EP=2 test (launched by test_ep.py as a subprocess): runs ep_moe_forward + backward on gloo.
 
-Usage: python _ep_worker.py RANK WORLD PORT OUT_DIR
+Usage: python _ep_worker.py RANK WORLD PORT OUT_DIR [starve]
 """
 
 import os
@@ -19,12 +19,13 @@ def full_weights() -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up, down
 
 
-def make_case(rank: int) -> dict[str, torch.Tensor]:
+def make_case(rank: int, starve: bool = False) -> dict[str, torch.Tensor]:
     """Uneven loads: expert 0 hot, expert 4 never chosen, rank 1's tokens all go to rank 0's experts (so rank 1
-    sends nothing to itself and receives rows only from rank 0)."""
+    sends nothing to itself and receives rows only from rank 0). ``starve``: every token of both ranks goes to rank
+    0's experts, so rank 1's experts get no rows at all (its backward must still join the all-to-alls)."""
     g = torch.Generator().manual_seed(100 + rank)
     n = 13 if rank == 0 else 9
-    allowed = torch.tensor([0, 1, 2, 3, 5]) if rank == 0 else torch.tensor([0, 1, 2])
+    allowed = torch.tensor([0, 1, 2, 3, 5]) if rank == 0 and not starve else torch.tensor([0, 1, 2])
     idx = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(n)])
     idx[: n // 2, 0] = 0
     idx[: n // 2, 1] = torch.where(idx[: n // 2, 1] == 0, 1, idx[: n // 2, 1])
@@ -40,9 +41,10 @@ def main() -> None:
     from dsalign.kernels.ep import ep_moe_forward
 
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    starve = len(sys.argv) > 5 and sys.argv[5] == "starve"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    case = make_case(rank)
+    case = make_case(rank, starve)
     gate_up, down = full_weights()
     n_local = E // world
     local_gate_up = gate_up[rank * n_local : (rank + 1) * n_local].clone().requires_grad_()

@@ -155,3 +155,32 @@ def test_weight_cache_refreshes_only_on_change():
     cache = FP8WeightCache()
     q1 = cache.get(lin.weight, pow2=True)
     assert cache.get(lin.weight, pow2=True) is q1
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_triton_gemm_reads_rows_past_2_pow_31_elements(device):
+    """Row offsets are int64: in int32, ``row * stride`` wrapped for an operand past 2**31 elements (a wgrad's x^T at
+    18432 x ~117k tokens) and read before the buffer. A strided view over a lazily allocated buffer puts row 2 at
+    element 2**31 without touching 2 GB."""
+    from dsalign.kernels.quant import quantize_act, quantize_weight
+
+    torch.manual_seed(0)
+    rows, k, n, stride = 3, 128, 16, 2**30
+    buf = torch.empty((rows - 1) * stride + k, dtype=torch.uint8, device=device)
+    a_q, a_s = quantize_act(torch.randn(rows, k, device=device), backend="torch")
+    view = buf.as_strided((rows, k), (stride, 1)).view(torch.float8_e4m3fn)
+    view.copy_(a_q)
+    b_q, b_s = quantize_weight(torch.randn(n, k, device=device), backend="torch")
+    want = fp8_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.float32)
+    got = fp8_gemm(view, a_s, b_q, b_s, out_dtype=torch.float32, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_fp8_linear_runs_on_inference_tensors():
+    """Weights made under ``torch.inference_mode`` have no version counter; the FP8 weight cache keys on it."""
+    from dsalign.model import ModelConfig, Transformer
+
+    with torch.inference_mode():
+        model = Transformer(ModelConfig.preset("tiny").replace(fp8=True)).eval()
+        logits = model(torch.randint(0, 256, (1, 6))).logits
+    assert logits.isfinite().all()

@@ -128,3 +128,13 @@ def test_logprobs_and_entropy_match_reference(n, d, v, chunk, temperature, grads
     ref = run(lambda hh, ww: linear_logprobs_ref(hh, ww, y, **kw))
     for g, r, what in zip(got, ref, ("logp", "entropy", "grad hidden", "grad weight")):
         assert _rel(g, r) < 1e-5, what
+
+
+def test_fused_ce_refuses_targets_outside_the_vocabulary():
+    """-1 (another padding convention than ignore_index -100) would index the last class; F.cross_entropy refuses
+    it and so does the fused loss."""
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"target\[2\] = -1 is outside \[0, 10\) and is not ignore_index \(-100\)"):
+        fused_linear_cross_entropy(hidden, weight, torch.tensor([1, -100, -1, 3]))
+    with pytest.raises(ValueError, match=r"target\[0\] = 10 is outside"):
+        fused_linear_cross_entropy(hidden, weight, torch.tensor([10, 1, 2, 3]))

@@ -124,3 +124,17 @@ def test_moe_experts_fp8_cpu_path_close_to_bf16():
     y8 = moe_experts_forward(x, idx, wts, gate_up, down, fp8=True, backend="torch")
     y = moe_experts_reference(x, idx, wts, gate_up, down)
     assert 0 < _rel(y8, y) < 0.06
+
+
+@pytest.mark.parametrize("hidden, inter", [(64, 30), (30, 16), (18, 10)])
+def test_moe_with_sizes_torch_grouped_mm_refuses(hidden, inter):
+    """``torch._grouped_mm`` wants 16-byte aligned strides (fp32 sizes that are multiples of 4); other sizes take the
+    padded bmm instead of raising ``strides should be multiple of 16 bytes``."""
+    torch.manual_seed(0)
+    n, e, k = 6, 4, 2
+    x = torch.randn(n, hidden)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    w = torch.rand(n, k)
+    gate_up, down = torch.randn(e, 2 * inter, hidden) * 0.1, torch.randn(e, hidden, inter) * 0.1
+    want = moe_experts_reference(x.double(), idx, w.double(), gate_up.double(), down.double())
+    torch.testing.assert_close(moe_experts_forward(x, idx, w, gate_up, down).double(), want, rtol=1e-5, atol=1e-6)

@@ -128,3 +128,20 @@ def test_dequantize_triton(device, block_rows, shape, dtype, atol, rtol):
     q, s = (quantize_act_ref if block_rows == 1 else quantize_weight_ref)(x)
     y = dequantize(q, s, block_rows, dtype=dtype, backend="triton")
     torch.testing.assert_close(y, dequantize_ref(q, s, block_rows, dtype=dtype), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_quantizers_keep_non_finite_inputs_non_finite(device, pow2):
+    """A NaN (or inf) in a tile must not come back finite: tl.max / tl.maximum skip NaN, which made the NaN -448
+    (or -amax after dequantization) and an inf -inf, hiding the overflow from every check downstream."""
+    x = torch.ones(4, 256, device=device)
+    x[0, 3], x[1, 5], x[2, 200] = float("nan"), float("inf"), float("-inf")
+    for quantize, block_rows in ((quantize_act, 1), (quantize_weight, 128)):
+        q, s = quantize(x, pow2=pow2, backend="triton")
+        q_ref, s_ref = (quantize_act_ref if block_rows == 1 else quantize_weight_ref)(x, pow2=pow2)
+        got, want = dequantize_ref(q, s, block_rows), dequantize_ref(q_ref, s_ref, block_rows)
+        assert torch.equal(got.isfinite(), want.isfinite()), (quantize.__name__, got.isfinite().sum())
+        assert not got[0, 3].isfinite() and not got[1, 5].isfinite() and not got[2, 200].isfinite()
+        if block_rows == 1:  # 1 x 128 tiles: the clean row is untouched (a 128 x 128 block shares the damage)
+            assert torch.equal(got[3], want[3]) and got[3].isfinite().all()
