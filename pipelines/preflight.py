@@ -253,11 +253,26 @@ def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> No
     if not rows:
         problems.append(f"{where}.data.path: {path} has no usable rows")
         return
+    _check_rows_per_round(stage, where, len(rows), problems)
     if stage.kind != "sft" and any(e.fn == "math_accuracy" for e in stage.rewards):
         missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
         if missing:
             problems.append(f"{where}.data.path: {len(missing)} of {len(rows)} rows have no 'answer' for the stage's "
                             f"math_accuracy reward (first: {', '.join(missing[:3])})")  # fmt: skip
+
+
+def _check_rows_per_round(stage: StageConfig, where: str, usable: int, problems: list[str]) -> None:
+    """A GRPO iteration (an on-policy distillation step) takes its prompts from the stage's rows without repeats:
+    with fewer rows than it asks for, every round would train on fewer groups than configured, silently."""
+    if stage.kind == "grpo":
+        key, per_round = "grpo.prompts_per_iter", stage.grpo.prompts_per_iter
+    elif stage.on_policy_distill:
+        key, per_round = "distill.on_policy.prompts_per_step", stage.distill.on_policy.prompts_per_step
+    else:
+        return
+    if usable < per_round:
+        problems.append(f"{where}.{key}: {per_round} prompts per round, but the stage's data has {usable} usable "
+                        f"rows; lower {key} or give the stage more rows")  # fmt: skip
 
 
 def _check_reward(entry: RewardEntry, where: str, problems: list[str]) -> None:
@@ -296,6 +311,8 @@ def preflight(cfg: RunConfig) -> None:
             _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
         if stage.kind == "grpo":
             _check_algorithm_names(stage, where, problems)
+        if stage.data.synthetic is not None:
+            _check_rows_per_round(stage, where, stage.data.num_rows, problems)
         if stage.data.synthetic is not None and stage.data.num_rows and cfg.eval.path is None:
             distinct = cfg.task.num_distinct()
             if stage.data.num_rows + cfg.eval.num_prompts > distinct:

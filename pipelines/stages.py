@@ -118,6 +118,18 @@ def training_prompts(run: RunConfig, data: DataSource, summary_dir: Path | None 
     return rows
 
 
+def enough_rows(rows: list[dict[str, Any]], per_round: int, key: str) -> list[dict[str, Any]]:
+    """``rows``, if a round's ``per_round`` prompts fit in them: with fewer, every round would train on fewer groups
+    than configured without a word (and workers would get unequal shares, so their collectives would not pair up).
+    Preflight checks this too; here it covers rows that ``skip_invalid`` dropped since."""
+    from dsalign.alignment.data import DataError
+
+    if len(rows) < per_round:
+        raise DataError(f"{key} is {per_round} prompts per round but the stage has {len(rows)} usable rows; lower "
+                        f"{key} to at most {len(rows)} or give the stage more rows")  # fmt: skip
+    return rows
+
+
 def stage_file_rows(data: DataSource, schema: str):
     """A stage's data file as rows of ``schema`` ("prompt" or "conversation") with the loader's ``LoadReport``: the
     stage's ``skip_invalid`` (and how to set it, in the error), its first ``num_rows``, its ``length_target``."""
@@ -733,7 +745,8 @@ def run_grpo(env: StageEnv) -> Path:
     p = env.stage.grpo
     device = stage_device(env.stage)
     model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device)
-    rows = training_prompts(env.run, env.stage.data, summary_dir(env))
+    rows = enough_rows(training_prompts(env.run, env.stage.data, summary_dir(env)), p.prompts_per_iter,
+                       "grpo.prompts_per_iter")  # fmt: skip
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
                          bias_update_gamma=p.bias_update_gamma)  # fmt: skip
@@ -855,7 +868,8 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    rows = training_prompts(env.run, env.stage.data, summary_dir(env))
+    rows = enough_rows(training_prompts(env.run, env.stage.data, summary_dir(env)), op.prompts_per_step,
+                       "distill.on_policy.prompts_per_step")  # fmt: skip
     scorer = (env.reward_pool or build_combiner(env.stage.rewards)) if env.stage.rewards else None
     cfg = trainer_config(op.optim, op.steps, env.run, env.stage, mtp_lambda=0.0)
     torch.manual_seed(env.run.seed)

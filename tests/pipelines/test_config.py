@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,8 @@ def test_preflight_reads_every_stage_data_file(tmp_path):
     assert any(p.startswith("stages[3] (length).data.path: ") and "convos.jsonl: line 1" in p for p in problems)
     # the same files, fixed: SFT skips its bad row when told to (counted), GRPO's rows have answers
     data["stages"][0]["data"]["skip_invalid"] = True
-    data["stages"][1]["data"] = {"path": jsonl("ok.jsonl", [{"prompt": "1+1?", "answer": "2"}])}
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(4)]  # a GRPO round takes 4 prompts
+    data["stages"][1]["data"] = {"path": jsonl("ok.jsonl", rows)}
     data["stages"][2]["data"] = data["stages"][3]["data"] = {"path": str(tmp_path / "ok.jsonl")}
     preflight(load_config(_write(tmp_path, data)))
 
@@ -526,3 +528,27 @@ def test_an_output_dir_under_a_file_fails_preflight(tmp_path):
         preflight(load_config(_write(tmp_path, data)))
     assert f"output_dir: {tmp_path / 'afile'} cannot be a directory: {tmp_path / 'afile'} is a file" in str(err.value)
     assert "stages[1].output_dir:" in str(err.value)
+
+
+def test_more_prompts_per_round_than_rows_fails_preflight(tmp_path):
+    """A GRPO iteration samples its prompts without repeats: with fewer rows, every iteration trained on fewer groups
+    than configured (dynamic sampling even reported no shortfall) and workers got unequal shares."""
+    data = _tiny(tmp_path)
+    data["stages"][1]["data"] = {"synthetic": "addition", "num_rows": 3}
+    prompts = tmp_path / "two.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(2)))
+    data["stages"][3]["data"] = {"path": str(prompts)}
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    text = str(err.value)
+    assert "stages[1] (grpo).grpo.prompts_per_iter: 4 prompts per round, but the stage's data has 3 usable rows" in text
+    assert "stages[3] (length).grpo.prompts_per_iter: 4 prompts per round, but the stage's data has 2 usable" in text
+
+
+def test_a_stage_refuses_fewer_rows_than_a_round_needs():
+    from dsalign.alignment.data import DataError
+    from dsalign.pipelines.stages import enough_rows
+
+    assert enough_rows([{}] * 4, 4, "grpo.prompts_per_iter") == [{}] * 4
+    with pytest.raises(DataError, match=r"grpo.prompts_per_iter is 16 prompts per round but the stage has 5 usable"):
+        enough_rows([{}] * 5, 16, "grpo.prompts_per_iter")

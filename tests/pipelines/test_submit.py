@@ -101,7 +101,8 @@ def test_submit_checks_paths_where_the_job_runs_and_names_an_unreachable_address
     job = tmp_path / "project" / "configs"
     job.mkdir(parents=True)
     (job / "run.yaml").write_text(yaml.safe_dump(data))
-    (job / "prompts.jsonl").write_text(json.dumps({"prompt": "What is 1+2?", "answer": "3"}) + "\n")
+    rows = [{"prompt": f"What is {i}+2?", "answer": str(i + 2)} for i in range(4)]  # a round takes 4 prompts
+    (job / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.chdir(tmp_path / "project")
     assert main(["submit", "configs/run.yaml", "--address", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
