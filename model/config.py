@@ -153,6 +153,26 @@ class ModelConfig:
         return scale
 
     # ------------------------------------------------------------------ validation
+    def _check_node_and_group_limits(self, nodes: int, m: int, per_group: int, bad) -> None:
+        """Node-limited then group-limited routing must leave at least ``num_experts_per_tok`` experts: each limit
+        masks experts to -inf, and a top-k over fewer finite experts silently takes masked ones (breaking both
+        limits). With nested partitions the worst case is known: groups inside nodes keep min(topk_group, groups
+        in the kept nodes) whole groups; nodes inside groups keep min(topk_group, route_max_nodes) whole nodes (a
+        group scores its top-2 experts, so a node needs 2 of them for its group to score finite)."""
+        e, k = self.n_routed_experts, self.num_experts_per_tok
+        if self.n_group % nodes == 0:
+            surviving = min(self.topk_group, m * (self.n_group // nodes)) * per_group
+        elif nodes % self.n_group == 0:
+            if e // nodes < 2:
+                bad(f"group-limited routing inside nodes needs >= 2 experts per node, got {e // nodes}")
+            surviving = min(self.topk_group, m) * (e // nodes)
+        else:
+            bad(f"node-limited and group-limited routing need nested partitions: n_group={self.n_group} and "
+                f"route_num_nodes={nodes} must divide one another")  # fmt: skip
+        if surviving < k:
+            bad(f"node limit (route_max_nodes={m} of {nodes}) then group limit (topk_group={self.topk_group} of "
+                f"{self.n_group}) can leave {surviving} experts for num_experts_per_tok={k}")  # fmt: skip
+
     def validate(self) -> None:
         """Fail early, naming the field, on values the architecture cannot run."""
 
@@ -203,6 +223,8 @@ class ModelConfig:
                     bad(f"route_num_nodes={nodes} must divide n_routed_experts and 1 <= route_max_nodes={m} <= it")
                 if self.num_experts_per_tok % m:
                     bad(f"num_experts_per_tok ({self.num_experts_per_tok}) must be divisible by route_max_nodes={m}")
+                if self.topk_group < self.n_group:
+                    self._check_node_and_group_limits(nodes, m, per_group, bad)
         if self.scoring_func != "sigmoid":
             bad(f"scoring_func {self.scoring_func!r} not supported (DeepSeek-V3 uses 'sigmoid')")
         if self.topk_method != "noaux_tc":

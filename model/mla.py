@@ -70,6 +70,12 @@ class DocumentLayout:
     prefix_rows: bool
 
 
+# The latent norms' epsilon is fixed, whatever rms_norm_eps says: DeepSeek's reference code and transformers' model
+# build them with the default 1e-6 and apply rms_norm_eps only to the layer and final norms. A checkpoint trained with
+# another rms_norm_eps (e.g. 1e-5) is reproduced only this way.
+LATENT_NORM_EPS = 1e-6
+
+
 def _bucket_classes(class_sizes: list[tuple[int, int]]) -> list[int]:
     """Split ascending length classes ``(count, longest)`` into contiguous groups of least total cost
     ``sum(count * longest^2 + BUCKET_OVERHEAD)``; returns each class's group number (dynamic programming over the
@@ -166,12 +172,12 @@ class MLA(nn.Module):
             self.q_proj = make_linear(cfg, cfg.hidden_size, self.n_heads * qk_dim)
         else:
             self.q_a_proj = make_linear(cfg, cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = make_linear(cfg, cfg.q_lora_rank, self.n_heads * qk_dim)
         self.kv_a_proj_with_mqa = make_linear(
             cfg, cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias
         )
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = make_linear(cfg, cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
         self.o_proj = make_linear(cfg, self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
 

@@ -49,6 +49,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` casts buffers too; the bias stays fp32 (as transformers keeps it): in bf16,
+        updates of gamma = 0.001 to a bias near 1 round away entirely."""
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.is_floating_point() and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (topk_idx [N, K], topk_weight [N, K] fp32, scores [N, E] fp32 unbiased sigmoid)."""
         cfg = self.cfg

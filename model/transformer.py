@@ -176,8 +176,14 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         valid_BT = None if attention_mask is None else attention_mask.bool()
         if position_ids is None:
-            start = cache.lengths[:, None] if cache is not None else 0
-            position_ids = start + torch.arange(T, device=input_ids.device)[None].expand(B, T)
+            if cache is not None and valid_BT is not None:
+                # real tokens take consecutive positions after what the row has cached, wherever padding sits: with
+                # left padding, arange positions would write a row's tokens past its cached length (the next step
+                # then overwrites them and attends to slots never written)
+                position_ids = cache.lengths[:, None] + (valid_BT.long().cumsum(dim=1) - 1).clamp(min=0)
+            else:
+                start = cache.lengths[:, None] if cache is not None else 0
+                position_ids = start + torch.arange(T, device=input_ids.device)[None].expand(B, T)
         if cache is not None:
             if absorbed is None:
                 absorbed = bool(cache.lengths.any())

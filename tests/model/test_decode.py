@@ -81,3 +81,27 @@ def test_cache_rejects_positions_past_its_end():
         assert "max_len=4" in str(e)
     else:
         raise AssertionError("writing 5 tokens into a 4-token cache must fail")
+
+
+def test_left_padded_prefill_then_decode_matches_each_row_alone():
+    """Without position_ids, a cached forward places each row's real tokens right after what it has cached, wherever
+    the padding sits: arange positions put a left-padded row's tokens past its cached length, and the next decode
+    step overwrote one of them and attended to slots never written."""
+    torch.manual_seed(0)
+    cfg = tiny(rope_scaling=YARN)
+    model = Transformer(cfg).eval()
+    lens, width = [6, 3], 6
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    mask = torch.zeros(2, width, dtype=torch.long)
+    prompt = torch.zeros(2, width, dtype=torch.long)
+    for b, n in enumerate(lens):
+        mask[b, width - n :], prompt[b, width - n :] = 1, x[b, :n]
+    with torch.no_grad():
+        alone = [model(x[b : b + 1, : lens[b] + 2]).logits[0] for b in range(2)]
+        cache = LatentCache(cfg, 2, 16)
+        out = model(prompt, attention_mask=mask, cache=cache)
+        step = model(torch.stack([x[b, lens[b]] for b in range(2)])[:, None], cache=cache)
+    assert cache.lengths.tolist() == [n + 1 for n in lens]
+    for b, n in enumerate(lens):
+        torch.testing.assert_close(out.logits[b, -1], alone[b][n - 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step.logits[b, 0], alone[b][n], atol=1e-5, rtol=1e-5)

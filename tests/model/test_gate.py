@@ -62,6 +62,30 @@ def test_node_limited_routing_caps_nodes_per_token():
     assert min(nodes_per_token) >= 1
 
 
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        (dict(n_routed_experts=12, n_group=3, topk_group=1, num_experts_per_tok=3, route_num_nodes=4,
+              route_max_nodes=1), "need nested partitions"),  # nodes straddle groups
+        (dict(n_routed_experts=12, n_group=2, topk_group=1, num_experts_per_tok=4, route_num_nodes=4,
+              route_max_nodes=2), "can leave 3 experts for num_experts_per_tok=4"),
+    ],
+)  # fmt: skip
+def test_node_and_group_limits_that_can_starve_the_top_k_are_refused(limits, message):
+    """Each limit masks experts to -inf; with fewer than K finite experts left, top-k took masked ones (245 of 500
+    tokens broke both limits in the review's repro)."""
+    with pytest.raises(ValueError, match=message):
+        tiny(**limits)
+
+
+def test_nested_node_and_group_limits_hold_together():
+    gate, cfg = _gate(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, route_num_nodes=2,
+                      route_max_nodes=1)  # fmt: skip  (two groups of 4 per node)
+    idx, _, _ = gate(torch.randn(300, cfg.hidden_size))
+    assert max(len(set((row // 8).tolist())) for row in idx) == 1  # one node
+    assert max(len(set((row // 4).tolist())) for row in idx) <= 2  # at most two groups
+
+
 def _balance(scores_BTE, idx_BTK, valid_BT=None, segment_ids_BT=None, alpha=1e-4):
     B, T, E = scores_BTE.shape
     seq_N, S = token_sequences(valid_BT, segment_ids_BT, B, T, scores_BTE.device)
@@ -169,3 +193,14 @@ def test_moe_counts_ignore_padding_and_grouped_equals_loop():
     ref = moe_experts_reference(x.reshape(-1, cfg.hidden_size), idx, w, moe.experts.gate_up_proj, moe.experts.down_proj)
     ref = ref + moe.shared_experts(x.reshape(-1, cfg.hidden_size))
     assert torch.allclose(y.reshape(-1, cfg.hidden_size), ref, atol=1e-5)
+
+
+def test_router_bias_stays_fp32_when_the_model_is_cast():
+    model = Transformer(tiny()).to(torch.bfloat16)
+    biases = [b for name, b in model.named_buffers() if name.endswith("e_score_correction_bias")]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    biases[0].add_(1.0)
+    for _ in range(3):
+        biases[0].add_(0.001)  # bias_update_delta's step; in bf16 each would round away from 1.0
+    assert biases[0][0].item() == pytest.approx(1.003, abs=1e-6)

@@ -15,6 +15,8 @@ CASES = {
     "yarn-half-split": dict(rope_scaling=YARN, rope_interleave=False),
     "no-q-lora": dict(q_lora_rank=None, rope_interleave=True),
     "plain-rope-half-split": dict(rope_interleave=False),
+    # the latent norms keep eps 1e-6 whatever rms_norm_eps is (as transformers and DeepSeek's code build them)
+    "rms-eps-1e-2": dict(rms_norm_eps=1e-2),
 }
 
 
