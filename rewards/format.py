@@ -21,11 +21,21 @@ def think_format(
 ) -> list[float]:
     """1.0 for ``<think>reasoning</think>answer`` with one think block and a non-empty answer, else 0.0.
 
+    A prompt whose text ends with ``<think>`` (R1's template with thinking on, ``alignment.chat`` with
+    ``thinking=True``) has opened the block already: its completion is ``reasoning</think>answer``.
+
     >>> think_format([""] * 4, ["<think>a</think>b", "<think>a</think>  ", "b<think>a</think>c",
     ...                         "<think>a</think><think>x</think>b"])
     [1.0, 0.0, 0.0, 0.0]
+    >>> think_format(["<｜User｜>2+3?<｜Assistant｜><think>\\n"], ["2 plus 3 is 5\\n</think>\\n\\nThe answer is 5."])
+    [1.0]
     """
-    return [_well_formed(completion_text(c)) for c in completions]
+    return [_well_formed(_opened(p) + completion_text(c)) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _opened(prompt: Any) -> str:
+    """``"<think>"`` when a string prompt ends inside an opened think block (its completion starts mid-block)."""
+    return "<think>" if isinstance(prompt, str) and prompt.rstrip().endswith("<think>") else ""
 
 
 def _well_formed(text: str) -> float:

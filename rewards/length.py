@@ -100,9 +100,13 @@ def kimi_length(
     >>> kimi_length(["q"] * 3, ["x" * 10, "x" * 20, "x" * 30], correct=[1, 1, 0])
     [0.5, 0.0, -0.5]
     """
+    n = len(completions)
+    for name, column in (("correct", correct), ("group_ids", group_ids)):
+        if column is not None and len(column) != n:
+            raise ValueError(f"kimi_length: column {name!r} has {len(column)} values for {n} completions")
     if correct is None:
         correct = math_accuracy(prompts, completions, completion_ids, **columns)
-    keys = group_ids if group_ids is not None else [repr(p) for p in prompts]
+    keys = [repr(g) for g in group_ids] if group_ids is not None else [repr(p) for p in prompts]
     lengths = completion_lengths(completions, completion_ids)
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):

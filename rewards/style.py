@@ -17,10 +17,20 @@ from typing import Any
 from .api import completion_text, last_user_text, register_reward
 
 _MARKDOWN = re.compile(
-    r"^\s{0,3}#{1,6}\s|\*\*[^*\n]+\*\*|__[^_\n]+__|^\s*[-*+]\s+\S|^\s*\d+\.\s+\S|^```|^\s*\|.*\|\s*$|\[[^\]\n]+\]\([^)\n]+\)",
+    r"^\s{0,3}#{1,6}\s"  # header
+    r"|(?<![\w*])(\*\*|__)(?=\S)[^*_\n]+?(?<=\S)\1(?![\w*])"  # bold, not x**2 + y**2 or a ** 2
+    r"|^\s*[-*+]\s+\S|^\s*\d+\.\s+\S"  # list items
+    r"|^\s{0,3}```"  # code fence (up to 3 spaces of indentation, as CommonMark)
+    r"|^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)+\|?\s*$"  # a table's delimiter row
+    r"|^\s*\|[^|\n]*\|[^|\n]*\|"  # a row of two or more cells (an absolute value |a - b| has one)
+    r"|\[[^\]\n]+\]\([^)\n]+\)",  # link
     re.MULTILINE,
 )
-_NOT_PROSE = re.compile(r"```.*?```|\$\$.*?\$\$|\$[^$]*\$|\\[a-zA-Z]+|`[^`]*`|<[^>]+>", re.DOTALL)
+# Math and code are not prose. Inline math is pandoc's: $ then a non-space, a closing $ after a non-space and not
+# followed by a digit, on one line, so the text between two amounts ("$2 ... $18") stays prose. Only real tags go.
+_NOT_PROSE = re.compile(
+    r"```.*?```|\$\$.*?\$\$|\$(?=\S)[^$\n]*?(?<=\S)\$(?!\d)|\\[a-zA-Z]+|`[^`\n]*`|</?[A-Za-z][\w-]*>", re.DOTALL
+)
 _SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "CYRILLIC", "GREEK", "ARABIC", "HEBREW", "DEVANAGARI", "THAI")
 
 
@@ -90,10 +100,19 @@ def language_consistency(
 
 
 def _consistency(prompt: str, completion: str) -> float | None:
-    weight = {"CJK": 3, "HIRAGANA": 3, "KATAKANA": 3, "HANGUL": 2}
+    weight = {"CJK": 3, "HIRAGANA": 3, "KATAKANA": 3, "HANGUL": 2, "JAPANESE": 3}
     prompt_counts, completion_counts = script_counts(prompt), script_counts(completion)
     if not prompt_counts or not completion_counts:
         return None
+    if prompt_counts["HIRAGANA"] or prompt_counts["KATAKANA"]:  # Japanese writes kanji and kana together
+        prompt_counts, completion_counts = _japanese(prompt_counts), _japanese(completion_counts)
     target = max(prompt_counts, key=lambda s: prompt_counts[s] * weight.get(s, 1))
     weighted = {s: n * weight.get(s, 1) for s, n in completion_counts.items()}
     return round(weighted.get(target, 0) / sum(weighted.values()), 4)
+
+
+def _japanese(counts: Counter) -> Counter:
+    """Kanji (CJK), hiragana and katakana counted as one script, for a Japanese prompt."""
+    merged = Counter({s: n for s, n in counts.items() if s not in ("CJK", "HIRAGANA", "KATAKANA")})
+    merged["JAPANESE"] = counts["CJK"] + counts["HIRAGANA"] + counts["KATAKANA"]
+    return +merged

@@ -91,3 +91,52 @@ def test_stop_properly_penalizes_truncated_completions():
     assert stop_properly(["p"] * 3, ["a", "b", "c"], finish_reason=["length", "stop", None]) == [-1.0, 0.0, None]
     with pytest.raises(ValueError, match="needs a 'finish_reason' column"):
         stop_properly(["p"], ["a"])
+
+
+def test_think_format_when_the_prompt_opened_the_think_block():
+    """R1's template (and ours with thinking=True) ends the generation prompt with <think>: the completion is
+    reasoning</think>answer, which scored 0 on every sample."""
+    prompt = "<｜User｜>2+3?<｜Assistant｜><think>\n"
+    assert think_format([prompt, prompt], ["2 plus 3 is 5\n</think>\n\nThe answer is 5.", "no tags, 5"]) == [1.0, 0.0]
+    assert think_format(["2+3?"], ["2 plus 3 is 5\n</think>\n\n5"]) == [0.0]  # the prompt did not open it
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, expected",
+    [
+        ("日本の首都はどこですか", "日本の首都は東京です", 1.0),  # kanji and kana are one language
+        ("What does she earn?", "She earns $2 per egg, 所以她每天赚的钱是 9 times $2 = $18", 0.4131),  # $ amounts
+        ("Is x big?", "if x < 5 那么我们知道 y > 2 so yes", 0.3333),  # comparisons, not tags
+        ("What is 2+2?", "It is $4$ and $x^2$ here.", 1.0),  # real inline math is still skipped
+    ],
+)
+def test_language_consistency_cases(prompt, completion, expected):
+    from dsalign.rewards import language_consistency
+
+    assert language_consistency([prompt], [completion]) == [pytest.approx(expected, abs=1e-3)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a ** 2 + b ** 2 = c ** 2", False),
+        ("x**2 + y**2 = 25", False),
+        ("The distance is\n|a - b|\nunits.", False),
+        ("  ```python\nprint(1)\n  ```", True),
+        ("This is **important**.", True),
+        ("| a | b |\n|---|---|\n| 1 | 2 |", True),
+    ],
+)
+def test_markdown_detection_cases(text, expected):
+    from dsalign.rewards.style import uses_markdown
+
+    assert uses_markdown(text) is expected
+
+
+def test_kimi_length_names_a_column_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"column 'group_ids' has 2 values for 4 completions"):
+        kimi_length(["q"] * 4, ["a", "bb", "ccc", "dddd"], correct=[1, 1, 0, 0], group_ids=[0, 0])
+    with pytest.raises(ValueError, match=r"column 'correct' has 3 values for 4 completions"):
+        kimi_length(["q"] * 4, ["a", "bb", "ccc", "dddd"], correct=[1, 1, 0])
+    out = kimi_length(["q"] * 2, ["a", "bbb"], correct=[1, 1], group_ids=[[0], [0]])  # unhashable ids group by repr
+    assert out == [0.5, -0.5]
