@@ -66,7 +66,9 @@ def main() -> None:
                 saved = cpu_gemm.MIN_MACS, cpu_gemm.MIN_ROWS
                 cpu_gemm.MIN_MACS = cpu_gemm.MIN_ROWS = 0  # time oneDNN itself, also where the size rule says torch
                 try:
-                    ours = _time(lambda a=a, b=b: cpu_gemm.mm(a, b), args.repeats)
+                    # contiguous, as torch.mm returns it: oneDNN may hand back a transposed view (K < N weight
+                    # gradients), which the step then copies (_Linear.backward, the parameter's .grad)
+                    ours = _time(lambda a=a, b=b: cpu_gemm.mm(a, b).contiguous(), args.repeats)
                     err_ours = float((cpu_gemm.mm(a, b).double() - ref).abs().max() / ref.abs().max())
                 finally:
                     cpu_gemm.MIN_MACS, cpu_gemm.MIN_ROWS = saved
