@@ -194,9 +194,7 @@ if HAS_TRITON:
             q = _round_to_e4m3(_clamp_e4m3(x / s[:, None]))
             tl.store(s_ptr + rows * stride_sm + pid_k, s, mask=rows < M)
         else:
-            tile_amax = tl.max(row_amax, axis=0)
-            tile_nan = tl.max((row_amax != row_amax).to(tl.int32), axis=0) > 0
-            s = _scale_from_amax(tl.where(tile_nan, float("nan"), tile_amax), POW2)
+            s = _scale_from_amax(_nan_amax(row_amax, 0), POW2)
             q = _round_to_e4m3(_clamp_e4m3(x / s))
             tl.store(s_ptr + pid_m * stride_sm + pid_k, s)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)

@@ -172,8 +172,7 @@ class RewardCombiner:
         a failed batch does; so a dict reward with three keys is not penalised three times. When every sample
         succeeds alone, the batch's exception is still reported (values kept): something in the batch call broke.
         """
-        prompts, completions, completion_ids, columns = batch
-        n = len(completions)
+        n = len(batch[1])
         columns_out: dict[str, list[float | None]] = {}
         failed = [False] * n
         failures: list[RewardFailure] = []
@@ -201,8 +200,9 @@ class RewardCombiner:
             for key, column in values.items():
                 columns_out.setdefault(key, [None] * n)[i] = column[0]
         if not columns_out or (any(failed) and self.error_value is not None):
-            penalty = [self.error_value if bad else None for bad in failed]
-            columns_out[name] = [a if b is None else b for a, b in zip(penalty, columns_out.get(name, [None] * n))]
+            column = columns_out.setdefault(name, [None] * n)
+            for i in (i for i, bad in enumerate(failed) if bad):
+                column[i] = self.error_value
         if not any(f.kind == "exception" for f in failures):
             message = f"{_describe(batch_error)}; raised on the whole batch, yet no sample raised alone (values kept)"
             failures.append(RewardFailure(name, "exception", message, None, _show(batch, 0)))
