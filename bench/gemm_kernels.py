@@ -6,6 +6,10 @@ Measurements (throughput, higher is better; ratio = ours / baseline):
   fp8_gemm_vs_bf16_*      our block-scaled FP8 GEMM (pre-quantized operands) vs a bf16 ``torch.matmul``
   fp8_gemm_vs_scaled_mm_* the same vs ``torch._scaled_mm`` with per-tensor scales (the coarse FP8 recipe)
   moe_grouped_vs_loop_*   ``moe_experts_forward`` (grouped GEMMs) vs ``moe_experts_reference`` (per-expert loop)
+CUDA only:
+  fp8_gemm_auto_vs_pointer_kernel_*      the dispatched kernel (TMA on Hopper) vs the pointer-arithmetic kernel
+  moe_grouped_fp8_vs_loop_*              the FP8 grouped experts (weights quantized once, as cached) vs the bf16 loop
+  moe_grouped_triton_vs_torch_grouped_mm_*  our bf16 Triton grouped GEMM vs ``torch._grouped_mm``
 On CUDA the FP8 GEMM is the Triton kernel; on CPU it is the torch emulation (dequantize + fp32 matmul), so CPU
 figures only show the overhead of that emulation, not FP8 speed. The last lines are one JSON object per measurement.
 """
@@ -58,6 +62,9 @@ def gemm_rows(m: int, n: int, k: int, device: str, reps: int, unit_scale: float,
         return torch._scaled_mm(xt_q, w_col, scale_a=xt_s, scale_b=wt_s, out_dtype=torch.bfloat16)
 
     rows = [dict(metric=f"fp8_gemm_vs_bf16_{m}x{n}x{k}", ours=ours, baseline=bf16, unit=unit)]
+    if device == "cuda":  # the two Triton kernels side by side (auto picks TMA on Hopper for aligned operands)
+        pointer = flops / bench_ms(lambda: fp8_gemm(x_q, x_s, w_q, w_s, kernel="pointer"), reps) / 1e-3 / unit_scale
+        rows.append(dict(metric=f"fp8_gemm_auto_vs_pointer_kernel_{m}x{n}x{k}", ours=ours, baseline=pointer, unit=unit))
     try:
         scaled = flops / bench_ms(scaled_mm, reps) / 1e-3 / unit_scale
         rows.append(dict(metric=f"fp8_gemm_vs_scaled_mm_pertensor_{m}x{n}x{k}", ours=ours, baseline=scaled, unit=unit))
@@ -66,18 +73,41 @@ def gemm_rows(m: int, n: int, k: int, device: str, reps: int, unit_scale: float,
     return rows
 
 
-def moe_row(n: int, h: int, i: int, e: int, k: int, device: str, reps: int, dtype: torch.dtype) -> dict:
+def moe_rows(n: int, h: int, i: int, e: int, k: int, device: str, reps: int, dtype: torch.dtype) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(n, h, device=device, dtype=dtype)
     idx = torch.rand(n, e, device=device).topk(k, dim=1).indices
     wts = torch.rand(n, k, device=device, dtype=dtype)
     gate_up = torch.randn(e, 2 * i, h, device=device, dtype=dtype) * h**-0.5
     down = torch.randn(e, h, i, device=device, dtype=dtype) * i**-0.5
+    shape = f"N{n}_H{h}_I{i}_E{e}_K{k}"
     ours = bench_ms(lambda: moe_experts_forward(x, idx, wts, gate_up, down), reps)
     loop = bench_ms(lambda: moe_experts_reference(x, idx, wts, gate_up, down), reps)
     # report throughput (tokens/s) so that higher is better like the GEMM rows
-    return dict(metric=f"moe_grouped_vs_loop_N{n}_H{h}_I{i}_E{e}_K{k}", ours=n / ours * 1e3, baseline=n / loop * 1e3,
-                unit="tokens/s")  # fmt: skip
+    rows = [dict(metric=f"moe_grouped_vs_loop_{shape}", ours=n / ours * 1e3, baseline=n / loop * 1e3, unit="tokens/s")]
+    if device == "cuda":
+        from dsalign.kernels.grouped_gemm import ExpertWeightCache
+
+        caches = (ExpertWeightCache(), ExpertWeightCache())  # as the layer holds them: weights quantized once
+        fp8 = bench_ms(lambda: moe_experts_forward(x, idx, wts, gate_up, down, fp8=True, caches=caches), reps)
+        rows.append(dict(metric=f"moe_grouped_fp8_vs_loop_{shape}", ours=n / fp8 * 1e3, baseline=n / loop * 1e3,
+                         unit="tokens/s"))  # fmt: skip
+        try:  # torch's own grouped GEMM (CUTLASS) for the bf16 path, as a reference point for our Triton kernel
+            torch_mm = bench_ms(lambda: moe_experts_forward(x, idx, wts, gate_up, down, backend="torch"), reps)
+            rows.append(dict(metric=f"moe_grouped_triton_vs_torch_grouped_mm_{shape}", ours=n / ours * 1e3,
+                             baseline=n / torch_mm * 1e3, unit="tokens/s"))  # fmt: skip
+        except (RuntimeError, NotImplementedError) as err:
+            print(f"torch grouped path unavailable: {err}")
+    return rows
+
+
+def _print_tuned_configs() -> None:
+    from dsalign.kernels import fp8_gemm as mod
+
+    for name in ("_fp8_gemm_tma_kernel", "_fp8_gemm_kernel"):
+        tuner = getattr(mod, name)
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            print(f"autotuned {name} key={key}: {cfg}")
 
 
 def main() -> None:
@@ -88,12 +118,13 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name()}")
         for m, n, k in [(4096, 4096, 4096), (4096, 4096, 7168), (4096, 7168, 2048)]:  # cube; V3 gate_up; V3 down
             rows += gemm_rows(m, n, k, device, reps=50, unit_scale=1e12, unit="TFLOPS")
-        rows.append(moe_row(4096, 7168, 2048, 32, 8, device, reps=10, dtype=torch.bfloat16))
+        rows += moe_rows(4096, 7168, 2048, 32, 8, device, reps=10, dtype=torch.bfloat16)
+        _print_tuned_configs()
     else:
         print(f"device: CPU, {torch.get_num_threads()} threads (FP8 GEMM = torch emulation, not a speed claim)")
         for m, n, k in [(512, 512, 512), (256, 512, 896)]:  # small cube; V3 expert gate_up shape / 8
             rows += gemm_rows(m, n, k, device, reps=5, unit_scale=1e9, unit="GFLOPS")
-        rows.append(moe_row(512, 256, 128, 32, 4, device, reps=5, dtype=torch.float32))
+        rows += moe_rows(512, 256, 128, 32, 4, device, reps=5, dtype=torch.float32)
     for r in rows:
         r["ratio"] = r["ours"] / r["baseline"]
         r["ours"], r["baseline"], r["ratio"] = round(r["ours"], 3), round(r["baseline"], 3), round(r["ratio"], 3)

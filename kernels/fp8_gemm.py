@@ -83,10 +83,20 @@ if HAS_TRITON:
             ]
         ]
 
-    @triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "B_SCALE_ROWS"])
+    def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+        """Skip tiles far larger than the problem (decode-sized M, narrow N): fewer configs to compile and time."""
+        m, n = named_args["M_BUCKET"], named_args["N"]
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m) and c.kwargs["BLOCK_N"] <= max(128, n)]
+        return keep or configs[:1]
+
+    @triton.autotune(
+        configs=_gemm_configs(),
+        key=["M_BUCKET", "N", "K", "B_SCALE_ROWS"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )
     @triton.jit
     def _fp8_gemm_kernel(
-        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET,
         stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_asm, stride_ask, stride_bsn, stride_bsk,
         B_SCALE_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -127,6 +137,73 @@ if HAS_TRITON:
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    def _tma_configs() -> list:
+        """Tile shapes for the TMA kernel; the pre-hook gives the host descriptors the chosen block shapes."""
+        if triton_interpret():
+            shapes = [(64, 64, 4, 1)]
+        else:
+            shapes = [
+                (128, 128, 8, 3),
+                (128, 128, 8, 4),
+                (128, 128, 4, 4),
+                (64, 128, 4, 4),
+                (64, 128, 4, 5),
+                (128, 256, 8, 3),
+                (256, 128, 8, 3),
+                (64, 256, 4, 3),
+            ]
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes
+            )
+            for bm, bn, w, s in shapes
+        ]
+
+    def _tma_block_shapes(nargs: dict) -> None:
+        nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+        nargs["c_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+
+    @triton.autotune(
+        configs=_tma_configs(),
+        key=["M_BUCKET", "N", "K", "B_SCALE_ROWS", "OUT_DTYPE"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )
+    @triton.jit
+    def _fp8_gemm_tma_kernel(
+        a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, M_BUCKET,
+        stride_asm, stride_ask, stride_bsn, stride_bsk,
+        B_SCALE_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """The same GEMM with A, B and C moved by the tensor-memory-accelerator (Hopper's bulk copies): tiles arrive
+        in shared memory without address arithmetic in the loop, out-of-bounds reads come back as zeros and
+        out-of-bounds writes are dropped, so the loop carries no masks. Needs K-contiguous, 16-byte aligned A and B."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
+        bs_ptrs = bs_ptr + (offs_n // B_SCALE_ROWS).to(tl.int64) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([m0, kb * BLOCK_K])
+            b = b_desc.load([n0, kb * BLOCK_K])
+            a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+            b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
+        c_desc.store([m0, n0], acc.to(OUT_DTYPE))
+
 
 def _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows) -> tuple[int, int, int]:
     if a_fp8.dim() != 2 or b_fp8.dim() != 2 or a_fp8.shape[1] != b_fp8.shape[1]:
@@ -145,6 +222,45 @@ def _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows) -> tuple[int,
     return m, n, k
 
 
+KERNELS = ("auto", "tma", "pointer")
+
+
+def _tma_eligible(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need a contiguous last dim, 16-byte aligned base and row strides, and under 2**31 rows."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * size) % 16 or max(t.shape) >= 2**31:
+            return False
+    return True
+
+
+def _use_tma(a_fp8: torch.Tensor, b_fp8: torch.Tensor, c: torch.Tensor, kernel: str) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"fp8_gemm: kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "pointer":
+        return False
+    eligible = _tma_eligible(a_fp8, b_fp8, c)
+    if kernel == "tma":
+        if not eligible:
+            raise ValueError(
+                "fp8_gemm: kernel='tma' needs K-contiguous A and B and a row-major C with 16-byte aligned rows; got "
+                f"strides {a_fp8.stride()}, {b_fp8.stride()}, {c.stride()} (use kernel='auto' or 'pointer')"
+            )
+        return True
+    # auto: the bulk-copy engine exists from Hopper (sm_90) on; the interpreter runs the pointer kernel by default
+    return eligible and c.is_cuda and torch.cuda.get_device_capability(c.device)[0] >= 9
+
+
+def _m_bucket(m: int) -> int:
+    """Autotuning key for the row count: the next power of two (at least 16), so that rollout's ever-changing batch
+    sizes reuse a handful of tuned configs instead of re-benchmarking every config for every new M. Only a key: the
+    kernels never read it."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
 def fp8_gemm(
     a_fp8: torch.Tensor,
     a_scale: torch.Tensor,
@@ -153,6 +269,7 @@ def fp8_gemm(
     b_block_rows: int = BLOCK,
     out_dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``C = (A * a_scale) @ (B * b_scale)^T`` with fp8 A [M, K], B [N, K] and fp32 scales; any M, N, K.
 
@@ -161,6 +278,8 @@ def fp8_gemm(
         b_fp8: [N, K] e4m3 (any strides); b_scale: [ceil(N/b_block_rows), ceil(K/128)] fp32.
         b_block_rows: 128 for weight blocks, 1 for 1x128 tiles.
         out_dtype: bf16 or fp32 output.
+        kernel: which Triton kernel: "tma" (bulk tensor copies, Hopper and later, aligned K-contiguous operands),
+            "pointer" (any strides, any GPU) or "auto" (TMA where it can run on CUDA, else pointer).
     """
     m, n, k = _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows)
     if out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
@@ -176,8 +295,21 @@ def fp8_gemm(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    if _use_tma(a_fp8, b_fp8, c, kernel):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # placeholder block shapes: the autotuner's pre-hook sets the chosen config's before each launch
+        a_desc = TensorDescriptor.from_tensor(a_fp8, [BLOCK, BLOCK])
+        b_desc = TensorDescriptor.from_tensor(b_fp8, [BLOCK, BLOCK])
+        c_desc = TensorDescriptor.from_tensor(c, [BLOCK, BLOCK])
+        _fp8_gemm_tma_kernel[grid](
+            a_desc, b_desc, c_desc, a_scale, b_scale, m, n, k, _m_bucket(m),
+            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+            B_SCALE_ROWS=b_block_rows, BLOCK_K=BLOCK, OUT_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]),
+        )  # fmt: skip
+        return c
     _fp8_gemm_kernel[grid](
-        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k,
+        a_fp8, b_fp8, c, a_scale, b_scale, m, n, k, _m_bucket(m),
         a_fp8.stride(0), a_fp8.stride(1), b_fp8.stride(0), b_fp8.stride(1), c.stride(0), c.stride(1),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         B_SCALE_ROWS=b_block_rows, BLOCK_K=BLOCK,

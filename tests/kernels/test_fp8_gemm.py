@@ -31,11 +31,36 @@ def _row_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
 def test_fp8_gemm_triton_matches_ref(device, m, n, k, b_block_rows, out_dtype, rtol):
     """Same fp8 inputs: the kernel and the reference differ only in fp32 summation order (and bf16 rounding)."""
+    _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, "pointer")
+
+
+# the TMA kernel needs 16-byte aligned rows: K a multiple of 16, N of 8 (bf16 C) or 4 (fp32 C); edges still partial
+TMA_SHAPES = [(128, 128, 256), (67, 136, 272), (16, 8, 304), (1, 200, 128), (300, 264, 640)]
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("m, n, k", TMA_SHAPES)
+@pytest.mark.parametrize("b_block_rows", [128, 1])
+@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_fp8_gemm_tma_kernel_matches_ref(device, m, n, k, b_block_rows, out_dtype, rtol):
+    _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, "tma")
+
+
+def test_fp8_gemm_tma_refuses_unaligned_operands():
+    a_q, a_s = quantize_act_ref(torch.randn(4, 200))
+    b_q, b_s = quantize_weight_ref(torch.randn(8, 200))  # 200 fp8 bytes per row: not a multiple of 16
+    with pytest.raises(ValueError, match="kernel='tma' needs K-contiguous"):
+        fp8_gemm(a_q, a_s, b_q, b_s, backend="triton", kernel="tma")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fp8_gemm(a_q, a_s, b_q, b_s, backend="triton", kernel="cutlass")
+
+
+def _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, kernel):
     torch.manual_seed(0)
     a_q, a_s = quantize_act_ref(torch.randn(m, k, device=device))
     quant_b = quantize_weight_ref if b_block_rows == 128 else quantize_act_ref
     b_q, b_s = quant_b(torch.randn(n, k, device=device))
-    c = fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows, out_dtype=out_dtype, backend="triton")
+    c = fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows, out_dtype=out_dtype, backend="triton", kernel=kernel)
     ref = fp8_gemm_ref(a_q, a_s, b_q, b_s, b_block_rows, out_dtype=torch.float32)
     assert c.dtype == out_dtype and c.shape == (m, n)
     # elementwise, relative to the magnitude of the summed terms (C itself can cancel to ~0)
