@@ -138,7 +138,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible outputs)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, reproducible (generate: prompt i samples with seed*1000003+i)")  # fmt: skip
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")

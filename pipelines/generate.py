@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -146,7 +147,10 @@ def run_generate(args: Any, out: IO[str] | None = None) -> int:
         device=getattr(args, "device", None),
     )
     prompts = read_prompts(args.prompts, engine)
-    completions = engine.generate(prompts, _sampling_params(args, n=args.n))
+    params = _sampling_params(args, n=args.n)
+    if args.seed is not None:  # one seed per prompt (as the pipelines' rollouts derive them), not one for all
+        params = [replace(params, seed=args.seed * 1_000_003 + i) for i in range(len(prompts))]
+    completions = engine.generate(prompts, params)
     rows = []
     for c in completions:
         row = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
 import select
 import subprocess
 import sys
@@ -79,8 +80,8 @@ class IsolatedScorer:
         if self._proc is not None:
             self._kill()
         # the child must import the same dsalign and math-verify as this process, installed or not
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._proc = subprocess.Popen(
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), _PARENT_ENV: str(os.getpid())}
+        self._proc = _SPAWNER.popen(
             [sys.executable, "-m", "dsalign.rewards.isolated"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -124,6 +125,67 @@ def _read_line(fd: int, deadline: float) -> bytes | None:
             return b"".join(chunks)
 
 
+_PARENT_ENV = "DSALIGN_ISOLATED_PARENT_PID"
+
+
+class _Spawner:
+    """Starts the children from one long-lived thread.
+
+    A child asks Linux to SIGKILL it when its parent dies (``PR_SET_PDEATHSIG``), so that a trainer killed with
+    SIGKILL (a Ray actor's end, OOM) does not leave a child computing a huge number for hours. The kernel sends that
+    signal when the *thread* that forked the child ends, and reward threads come and go; so every child is forked
+    from this one daemon thread, which ends only with the process.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # first use, or a fork of this process
+                self._requests = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._serve, name="dsalign-scorer-spawner", daemon=True)
+                self._thread.start()
+            requests = self._requests
+        box: dict = {}
+        done = threading.Event()
+        requests.put((args, kwargs, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    def _serve(self) -> None:
+        requests = self._requests
+        while True:
+            args, kwargs, box, done = requests.get()
+            try:
+                box["proc"] = subprocess.Popen(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
+                box["error"] = e
+            finally:
+                done.set()
+
+
+_SPAWNER = _Spawner()
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): be SIGKILLed when the parent dies, and exit now if it already has."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere a child whose parent was SIGKILLed ends only when its current comparison does
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    parent = os.environ.get(_PARENT_ENV)
+    if parent is not None and os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
 _SCORER: IsolatedScorer | None = None
 _SCORER_LOCK = threading.Lock()
 
@@ -139,6 +201,7 @@ def shared_scorer() -> IsolatedScorer:
 
 def _serve() -> None:
     """The child's loop. It runs in its main thread, so math-verify's own ``signal.alarm`` timeouts work here too."""
+    _die_with_parent()
     from dsalign.rewards.accuracy import compare_answers
 
     protocol = os.fdopen(os.dup(1), "w")

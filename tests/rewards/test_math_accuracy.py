@@ -1,6 +1,10 @@
 """Acceptance 2: math_accuracy on a table of answers, and proof that model text never reaches eval."""
 
 import builtins
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -165,3 +169,63 @@ def test_exit_kills_a_busy_child_without_waiting_for_its_lock():
     busy.join(timeout=10)
     assert results == [TIMED_OUT]  # its wait ended with the child
     scorer.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_child_dies_with_a_sigkilled_parent(tmp_path):
+    """A trainer killed with SIGKILL (a Ray actor's end, the OOM killer) runs no exit hook; its scorer child, busy in a
+    computation that holds the GIL, must still not outlive it. The child is started from a thread that has ended by
+    the time the parent dies (the kernel's parent-death signal follows the forking thread, so the scorer forks from
+    a long-lived thread of its own)."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import threading\n"
+        "from dsalign.rewards.isolated import IsolatedScorer\n"
+        "scorer = IsolatedScorer(timeout_s=600)\n"
+        "starter = threading.Thread(target=lambda: scorer.score('2^{3}', '8'))\n"
+        "starter.start(); starter.join()  # the thread that asked for the child is gone\n"
+        "print(scorer._proc.pid, flush=True)\n"
+        "scorer.score(r'10^{9999 \\cdot 9999}', '7')  # the child computes for a very long time\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = -1
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)  # the child is inside the huge power now, until math-verify's own 3 s timeout
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 1.0  # well before that timeout would end the comparison anyway
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child), "the scorer child outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_child_outlives_the_thread_that_started_it():
+    """The parent-death signal must follow the process, not the reward thread that first asked for a score."""
+    scorer = IsolatedScorer(timeout_s=30)
+    try:
+        starter = threading.Thread(target=lambda: scorer.score("2^{3}", "8"))
+        starter.start()
+        starter.join()
+        proc = scorer._proc
+        time.sleep(0.5)
+        assert proc.poll() is None, f"the child died with its starting thread (exit {proc.returncode})"
+        assert scorer.score("2^{10}", "1024") == 1.0 and scorer.restarts == 1
+    finally:
+        scorer.close()
+
+
+def _alive(pid: int) -> bool:
+    """A live process, not a zombie (an orphan waits for init to reap it, or for nobody in a container without one)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -127,6 +127,21 @@ def test_generate_command_matches_engine(tmp_path, checkpoint, capsys):
     assert "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_generate_seed_gives_each_prompt_its_own_stream(tmp_path, checkpoint):
+    """--seed S: reproducible, and identical prompts still sample independently (seed S * 1000003 + line index, as
+    the pipelines' rollouts derive per-prompt seeds); one shared seed made every prompt draw the same random stream."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_ids": [5, 6, 7]}) + "\n" + json.dumps({"prompt_ids": [5, 6, 7]}) + "\n")
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}.jsonl"
+        args = ["generate", "--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(out)]
+        assert main([*args, "--device", "cpu", "--seed", "7", "--max-new-tokens", "24", "--temperature", "1.5"]) == 0
+        outs.append([json.loads(line)["token_ids"] for line in out.read_text().splitlines()])
+    assert outs[0] == outs[1]  # reproducible
+    assert outs[0][0] != outs[0][1]  # the same prompt twice: two different samples
+
+
 def test_chat_is_multi_turn_and_streams(checkpoint):
     engine = load_engine(checkpoint, need_tokenizer=True, max_batch_size=1)
     session = ChatSession(engine, SamplingParams(max_new_tokens=5, temperature=0))
