@@ -2,8 +2,8 @@
 # The CUDA checks of the kernels issue in one go, for a machine with a GPU (no network needed):
 #   1. bench/gemm_kernels.py: FP8 GEMM TFLOPS (4096^3, DeepSeek-V3 expert shapes) vs bf16 matmul and _scaled_mm,
 #      grouped experts vs a per-expert loop;
-#   2. the gpu-marked tests: every Triton kernel on CUDA against its torch reference, and the model, an FP8 training
-#      step and rollout log-probs on CUDA (tests/model/test_cuda.py);
+#   2. the gpu-marked tests: the model, an FP8 training step and rollout log-probs on CUDA (tests/model/test_cuda.py),
+#      and every Triton kernel on CUDA against its torch reference (tests/kernels);
 #   3. bench/fp8_train.py: FP8 vs bf16 training of the tiny model on the GPU.
 # Usage: bash bench/gpu_checks.sh [LOG_DIR]      (logs default to ./gpu_checks)
 # Works from a plain checkout: without an installed dsalign, it links the folders into a temporary namespace
@@ -31,7 +31,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to LOG/NAME
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)"
     tail -n "${TAIL:-40}" "$LOG/$name.log"
 }
-step gemm_kernels "${BENCH_S:-240}" python3 bench/gemm_kernels.py
-step gpu_tests "${TEST_S:-300}" python3 -m pytest -m gpu tests/kernels tests/model/test_cuda.py -q -s -rs \
-    -p no:cacheprovider --timeout 240
-step fp8_train "${TRAIN_S:-150}" python3 bench/fp8_train.py --steps 200
+# the model on CUDA first (the broadest check), then every kernel case; tests run one tile config per kernel
+# (tests/conftest.py sets DSALIGN_AUTOTUNE=0), the benchmark tunes them all
+step model_tests "${MODEL_S:-150}" python3 -m pytest -m gpu tests/model/test_cuda.py -q -s -rs -p no:cacheprovider \
+    --timeout 120
+step gemm_kernels "${BENCH_S:-200}" python3 bench/gemm_kernels.py
+step kernel_tests "${TEST_S:-240}" python3 -m pytest -m gpu tests/kernels -q -rs -p no:cacheprovider --timeout 120
+step fp8_train "${TRAIN_S:-120}" env DSALIGN_AUTOTUNE=0 python3 bench/fp8_train.py --steps 200

@@ -118,7 +118,8 @@ def ep_moe_forward(
     y_back = y_rows.index_select(0, inverse)
     y_sorted = all_to_all(y_back, recv_splits, send_splits, group)
 
-    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(y_sorted.dtype)
-    out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=y_sorted.dtype, device=x_NH.device)
-    out = out.index_add(0, token_of_row, y_sorted * weight_sorted[:, None])
+    acc_dtype = torch.promote_types(y_sorted.dtype, x_NH.dtype)  # bf16 experts under autocast: sum in fp32
+    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(acc_dtype)
+    out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=acc_dtype, device=x_NH.device)
+    out = out.index_add(0, token_of_row, y_sorted.to(acc_dtype) * weight_sorted[:, None])
     return out.to(x_NH.dtype)

@@ -159,8 +159,8 @@ if HAS_TRITON:
                 x = x.to(tl.float32)
                 s_dy = _scale_from_amax(_nan_amax(dyt, 1), POW2)
                 s_x = _scale_from_amax(_nan_amax(x, 0), POW2)
-                dyt_q = _round_to_e4m3(_clamp_e4m3(dyt / s_dy[:, None]))
-                x_q = _round_to_e4m3(_clamp_e4m3(x / s_x[None, :]))
+                dyt_q = _round_to_e4m3(_clamp_e4m3(tl.math.div_rn(dyt, s_dy[:, None])))
+                x_q = _round_to_e4m3(_clamp_e4m3(tl.math.div_rn(x, s_x[None, :])))
                 part = tl.dot(dyt_q.to(tl.float8e4nv), x_q.to(tl.float8e4nv))
                 acc += part * s_dy[:, None] * s_x[None, :]
             else:
@@ -248,6 +248,9 @@ def _grouped_wgrad_triton(dy_RO, x_RK, counts_E, fp8: bool, pow2: bool) -> torch
         dy_RO.stride(0), dy_RO.stride(1), x_RK.stride(0), x_RK.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         FP8=fp8, POW2=pow2, DOT_PREC=_dot_precision(x_RK), UPCAST=_upcast(x_RK),
         BLOCK_R=BLOCK if fp8 else 64, BLOCK_O=bo, BLOCK_K=bk,
+        # sm_90 (ptxas): 4 warps spill the FP8 variant's on-the-fly quantization (255 registers), and 3 stages of fp32
+        # tiles need 216 of 227 KB shared memory; 8 warps and 2 stages leave both with room
+        num_warps=4 if triton_interpret() else 8, num_stages=1 if triton_interpret() else 2,
     )  # fmt: skip
     return dw
 
@@ -321,6 +324,12 @@ def grouped_gemm(
             f"{tuple(w_EOK.shape)}, {tuple(counts_E.shape)}"
         )
     triton_path = use_triton(x_RK, backend)
+    device_type = x_RK.device.type
+    if not fp8 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # autocast does not reach inside our Functions: cast here, as it casts nn.Linear's operands (the casts are
+        # differentiable, so fp32 master weights still receive fp32 gradients); FP8 quantizes from any dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        x_RK, w_EOK = x_RK.to(dtype), w_EOK.to(dtype)
     if not fp8 and not triton_path:
         from dsalign.kernels.moe import grouped_mm
 

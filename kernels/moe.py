@@ -173,9 +173,10 @@ def moe_experts_forward(
     order, token_of_row, counts_E = permute_by_expert(topk_idx_NK, gate_up_proj.shape[0])
     x_sorted = x_NH.index_select(0, token_of_row)
     y_sorted = swiglu_experts(x_sorted, gate_up_proj, down_proj, counts_E, fp8=fp8, backend=backend, caches=caches)
-    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(y_sorted.dtype)
-    out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=y_sorted.dtype, device=x_NH.device)
-    out.index_add_(0, token_of_row, y_sorted * weight_sorted[:, None])
+    acc_dtype = torch.promote_types(y_sorted.dtype, x_NH.dtype)  # bf16 experts under autocast: sum in fp32
+    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(acc_dtype)
+    out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=acc_dtype, device=x_NH.device)
+    out.index_add_(0, token_of_row, y_sorted.to(acc_dtype) * weight_sorted[:, None])
     return out.to(x_NH.dtype)
 
 

@@ -153,7 +153,8 @@ if HAS_TRITON:
     def _scale_from_amax(amax, POW2: tl.constexpr):
         # NaN and inf pass through (tl.maximum is maxnum: it would turn a NaN amax into 1e-4, a finite scale), so
         # a non-finite input stays non-finite after dequantization, as in the torch reference
-        s = tl.where(amax != amax, amax, tl.maximum(amax, 1e-4)) / 448.0
+        # div_rn: correctly rounded like torch's division (Triton's plain `/` compiles to div.full.f32, <= 2 ulp)
+        s = tl.math.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, 1e-4)), 448.0)
         if POW2:
             up = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
             s = tl.where(s < 3.0e38, up, s)  # the bit trick maps inf and NaN to 0
@@ -183,19 +184,21 @@ if HAS_TRITON:
         """
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: offsets past 2**31 elements
-        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        # int64 rows and columns: offsets past 2**31 elements, e.g. the wgrad's x.t() (column stride = features)
+        # with tokens x features >= 2**31, where an int32 col * stride product wraps
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask = (rows[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)
         row_amax = _nan_amax(x, 1)
         if TILE_ROWS == 1:
             s = _scale_from_amax(row_amax, POW2)
-            q = _round_to_e4m3(_clamp_e4m3(x / s[:, None]))
+            q = _round_to_e4m3(_clamp_e4m3(tl.math.div_rn(x, s[:, None])))
             tl.store(s_ptr + rows * stride_sm + pid_k, s, mask=rows < M)
         else:
             s = _scale_from_amax(_nan_amax(row_amax, 0), POW2)
-            q = _round_to_e4m3(_clamp_e4m3(x / s))
+            q = _round_to_e4m3(_clamp_e4m3(tl.math.div_rn(x, s)))
             tl.store(s_ptr + pid_m * stride_sm + pid_k, s)
         tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
 
@@ -227,6 +230,7 @@ def _quantize_triton(x: torch.Tensor, block: int, pow2: bool, tile_rows: int, ro
     _quant_tile_kernel[grid](
         x, q, scale, m, k, x.stride(0), x.stride(1), scale.stride(0),
         TILE_ROWS=tile_rows, BLOCK_M=rows_per_prog, BLOCK_K=block, POW2=pow2,
+        num_warps=8 if rows_per_prog >= 128 else 4,  # a 128x128 weight tile on 4 warps spills registers (sm_90)
     )  # fmt: skip
     return q, scale
 

@@ -6,6 +6,7 @@ I moe_intermediate_size, G groups.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,13 @@ def limit_to_groups(scores_NE: torch.Tensor, n_groups: int, keep: int, per_group
     return grouped.masked_fill(~kept_NG[..., None], float("-inf")).view(n, e)
 
 
+def _autocast_off(device_type: str):
+    """A context that turns autocast off where it is on (a no-op elsewhere, e.g. on meta tensors)."""
+    if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Gate(nn.Module):
     """Sigmoid router. ``e_score_correction_bias`` (fp32 buffer) only chooses experts; weights use unbiased scores."""
 
@@ -60,7 +68,8 @@ class Gate(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (topk_idx [N, K], topk_weight [N, K] fp32, scores [N, E] fp32 unbiased sigmoid)."""
         cfg = self.cfg
-        scores_NE = torch.sigmoid(x_ND.float() @ self.weight.float().t())
+        with _autocast_off(x_ND.device.type):  # autocast would run this matmul in bf16 despite the .float() casts
+            scores_NE = torch.sigmoid(x_ND.float() @ self.weight.float().t())
         choice_NE = scores_NE + self.e_score_correction_bias.float()
         if cfg.route_num_nodes is not None:
             per_node = cfg.num_experts_per_tok // cfg.route_max_nodes

@@ -140,6 +140,11 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
         problems.append(
             f"{where}.rollout_workers: {res.rollout_workers} set, but mode is {res.mode!r}; set mode: split"
         )
+    if res.num_workers > 1 and 0 < res.gpus_per_worker < 1:
+        problems.append(
+            f"{where}: num_workers {res.num_workers} with gpus_per_worker {res.gpus_per_worker:g} lets Ray put two "
+            "trainer ranks on one GPU, which NCCL refuses (duplicate GPU in one group); use gpus_per_worker: 1 (or 0)"
+        )
     if res.reward_workers and stage.kind == "sft":
         problems.append(f"{where}.reward_workers: an sft stage scores no rewards; remove reward_workers")
     layout = stage_layout(res, stage.kind)

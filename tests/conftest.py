@@ -12,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One config per autotuned kernel: on CUDA every new test shape would otherwise compile and time them all (minutes);
+# the kernels' results do not depend on the tile config, and bench/gemm_kernels.py tunes for real.
+os.environ.setdefault("DSALIGN_AUTOTUNE", "0")
 
 
 @pytest.fixture

@@ -49,6 +49,10 @@ def init_distributed(backend: str | None = None) -> None:
             raise RuntimeError(f"init_distributed: environment variables {missing} are not set; launch with torchrun "
                                "or create the process group first (e.g. from a Ray worker)")  # fmt: skip
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            # torchrun starts one process per GPU of a node: each must use its own (else every rank lands on
+            # cuda:0 and NCCL refuses the duplicate device); a Ray worker sees only its GPU and LOCAL_RANK 0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend)
     import deepspeed
 

@@ -17,6 +17,16 @@ from triton_cases import triton_devices
 SHAPES = [(128, 128, 256), (67, 130, 257), (16, 1, 300), (1, 200, 128)]
 
 
+def _fp32_rtol(device: str) -> float:
+    """Tolerance of an fp32-output FP8 GEMM against the exact reference, relative to sum |a||b|.
+
+    Under the interpreter each fp8 x fp8 product is exact in fp32 and only the fp32 summation order differs: 1e-5.
+    Hopper's fp8 tensor cores accumulate inside each instruction with ~14 bits (DeepSeek-V3 section 3.3.2: the reason
+    the recipe promotes to fp32 every 128 of K); simulated, that leaves up to ~1.1e-4 of the magnitude per 128-wide
+    chunk, so CUDA gets 2^-11 (4.9e-4), still 16x tighter than one bf16 ulp."""
+    return 2.0**-11 if device == "cuda" else 1e-5
+
+
 def _rel_fro(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -28,9 +38,9 @@ def _row_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("m, n, k", SHAPES)
 @pytest.mark.parametrize("b_block_rows", [128, 1])
-@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, None), (torch.bfloat16, 2**-7)])
 def test_fp8_gemm_triton_matches_ref(device, m, n, k, b_block_rows, out_dtype, rtol):
-    """Same fp8 inputs: the kernel and the reference differ only in fp32 summation order (and bf16 rounding)."""
+    """Same fp8 inputs: the kernel and the reference differ only in accumulation (``_fp32_rtol``) and bf16 rounding."""
     _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, "pointer")
 
 
@@ -41,7 +51,7 @@ TMA_SHAPES = [(128, 128, 256), (67, 136, 272), (16, 8, 304), (1, 200, 128), (300
 @pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("m, n, k", TMA_SHAPES)
 @pytest.mark.parametrize("b_block_rows", [128, 1])
-@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, None), (torch.bfloat16, 2**-7)])
 def test_fp8_gemm_tma_kernel_matches_ref(device, m, n, k, b_block_rows, out_dtype, rtol):
     _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, "tma")
 
@@ -56,6 +66,7 @@ def test_fp8_gemm_tma_refuses_unaligned_operands():
 
 
 def _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, kernel):
+    rtol = _fp32_rtol(device) if rtol is None else rtol
     torch.manual_seed(0)
     a_q, a_s = quantize_act_ref(torch.randn(m, k, device=device))
     quant_b = quantize_weight_ref if b_block_rows == 128 else quantize_act_ref
@@ -121,9 +132,12 @@ LINEAR_SHAPES = [((2, 33, 257), 130), ((64, 128), 256), ((5, 1, 130), 1)]
 
 @pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("x_shape, n", LINEAR_SHAPES)
-@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, None), (torch.bfloat16, 2e-2)])
 def test_fp8_linear_triton_matches_torch_path(device, x_shape, n, dtype, rtol):
-    """FP8Linear through Triton equals the torch-reference path: outputs and x / weight / bias gradients."""
+    """FP8Linear through Triton equals the torch-reference path: outputs and x / weight / bias gradients. fp32:
+    1e-4 under the interpreter, 1e-3 on CUDA (the tensor cores' reduced-precision fp8 accumulation, see
+    ``_fp32_rtol``, and an fp32 output feeding the next quantization can round the other way)."""
+    rtol = rtol or (1e-3 if device == "cuda" else 1e-4)
     torch.manual_seed(0)
     k = x_shape[-1]
     x = torch.randn(x_shape, device=device, dtype=dtype)
@@ -198,7 +212,8 @@ def test_triton_gemm_reads_rows_past_2_pow_31_elements(device):
     b_q, b_s = quantize_weight(torch.randn(n, k, device=device), backend="torch")
     want = fp8_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.float32)
     got = fp8_gemm(view, a_s, b_q, b_s, out_dtype=torch.float32, backend="triton")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    mag = dequantize_ref(a_q, a_s, 1).abs() @ dequantize_ref(b_q, b_s, 128).abs().t()
+    assert ((got - want).abs() <= _fp32_rtol(device) * mag + 1e-6).all()
 
 
 def test_fp8_linear_runs_on_inference_tensors():

@@ -138,3 +138,31 @@ def test_moe_with_sizes_torch_grouped_mm_refuses(hidden, inter):
     gate_up, down = torch.randn(e, 2 * inter, hidden) * 0.1, torch.randn(e, hidden, inter) * 0.1
     want = moe_experts_reference(x.double(), idx, w.double(), gate_up.double(), down.double())
     torch.testing.assert_close(moe_experts_forward(x, idx, w, gate_up, down).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_grouped_experts_follow_autocast(device, backend):
+    """Under bf16 autocast the expert GEMMs run in bf16 like autocast's nn.Linear (they used to stay fp32: on CUDA
+    that meant fp32 dots on CUDA cores beside bf16 tensor-core layers), the fp32 master weights still get fp32
+    gradients, and the top-k combine sums in fp32 (output in x's dtype)."""
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 11, 3], device=device)
+    x = torch.randn(19, 64, device=device, requires_grad=True)
+    w = (torch.randn(4, 48, 64, device=device) * 0.1).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = grouped_gemm(x, w, counts, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    want = grouped_gemm_loop_ref(x.detach(), w.detach(), counts)
+    assert ((y.float() - want).norm() / want.norm()).item() < 1e-2  # bf16 operands
+    n, e, k = 12, 4, 2
+    idx = torch.rand(n, e, device=device).topk(k, dim=1).indices
+    wts = torch.rand(n, k, device=device)
+    gu, dn = torch.randn(e, 32, 64, device=device) * 0.1, torch.randn(e, 64, 16, device=device) * 0.1
+    xs = torch.randn(n, 64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = moe_experts_forward(xs, idx, wts, gu, dn, backend=backend)
+    ref = moe_experts_reference(xs, idx, wts, gu, dn)
+    assert out.dtype == torch.float32 and ((out - ref).norm() / ref.norm()).item() < 1e-2

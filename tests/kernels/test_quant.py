@@ -146,3 +146,20 @@ def test_triton_quantizers_keep_non_finite_inputs_non_finite(device, pow2):
         assert not got[0, 3].isfinite() and not got[1, 5].isfinite() and not got[2, 200].isfinite()
         if block_rows == 1:  # 1 x 128 tiles: the clean row is untouched (a 128 x 128 block shares the damage)
             assert torch.equal(got[3], want[3]) and got[3].isfinite().all()
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_quantize_act_reads_columns_past_2_pow_31_elements(device):
+    """The FP8 wgrad quantizes ``x.t()``, whose column stride is the feature count: with tokens x features >= 2**31
+    an int32 ``col * stride`` wrapped and read before the buffer. A transposed view over a lazily allocated buffer
+    (4 GB of address space, three touched pages) puts column 2 at element 2**31."""
+    cols, rows, stride = 3, 16, 2**30
+    buf = torch.empty((cols - 1) * stride + rows, dtype=torch.bfloat16, device=device)
+    data = torch.randn(cols, rows, device=device).to(torch.bfloat16)
+    base = buf.as_strided((cols, rows), (stride, 1))
+    base.copy_(data)
+    x = base.t()  # [16, 3], strides (1, 2**30)
+    q, s = quantize_act(x, backend="triton")
+    q_ref, s_ref = quantize_act_ref(data.t())
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

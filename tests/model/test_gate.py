@@ -204,3 +204,16 @@ def test_router_bias_stays_fp32_when_the_model_is_cast():
     for _ in range(3):
         biases[0].add_(0.001)  # bias_update_delta's step; in bf16 each would round away from 1.0
     assert biases[0][0].item() == pytest.approx(1.003, abs=1e-6)
+
+
+def test_router_stays_fp32_under_autocast():
+    """bf16 autocast (compute_dtype bf16, rollout under autocast) must not move the routing matmul to bf16: its
+    error (~2e-3 on the scores) exceeds the bias updates (gamma 1e-3) that balance the experts."""
+    gate, cfg = _gate()
+    x = torch.randn(64, cfg.hidden_size)
+    want_idx, want_w, want_scores = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w, scores = gate(x)
+    assert scores.dtype == torch.float32 and w.dtype == torch.float32
+    torch.testing.assert_close(scores, want_scores, rtol=0, atol=1e-6)
+    assert torch.equal(idx, want_idx)

@@ -225,6 +225,16 @@ def test_resource_combinations_that_cannot_work_fail_preflight(tmp_path):
     preflight(load_config(_write(tmp_path, fits)))  # fractional CPUs: 1 + 0.5 + 0.5 fits
 
 
+def test_fractional_gpus_for_several_trainer_ranks_fail_preflight(tmp_path):
+    """Two NCCL ranks of one group on one GPU (Ray packs fractional GPUs together) fail inside NCCL, far from the
+    config; preflight names the keys instead."""
+    data = _tiny(tmp_path, num_workers=2, gpus_per_worker=0.5)
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(_write(tmp_path, data)))
+    assert "stages[1] (grpo).resources: num_workers 2 with gpus_per_worker 0.5 lets Ray put two trainer ranks on " \
+        "one GPU" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("resources", "message"),
     [

@@ -125,3 +125,29 @@ def test_token_weighted_metrics_over_ranks(launch_workers):
     results = [json.loads(line.split("RESULT ", 1)[1]) for out in outputs for line in out.splitlines()
                if line.startswith("RESULT ")]  # fmt: skip
     assert results == [{"diff_max": 0.5, "kl": 2.0}] * 3  # (3 x 1.0 + 1 x 5.0) / 4 tokens
+
+
+def test_init_distributed_pins_each_nccl_rank_to_its_local_gpu(monkeypatch):
+    """torchrun starts one process per GPU: with NCCL each must select cuda:LOCAL_RANK before the group forms (every
+    rank on cuda:0 is a duplicate device to NCCL). Checked without a GPU by recording the calls."""
+    import types
+
+    import torch.distributed as dist
+    from dsalign.alignment.trainer import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    fake_ds = types.SimpleNamespace(init_distributed=lambda **kw: calls.append(("deepspeed", kw["dist_backend"])))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    distributed.init_distributed()
+    assert calls == [("set_device", 2), ("init", "nccl"), ("deepspeed", "nccl")]
