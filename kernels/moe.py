@@ -124,7 +124,8 @@ def permute_by_expert(topk_idx_NK: torch.Tensor, num_experts: int) -> tuple[torc
     flat = topk_idx_NK.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of_row = order // topk_idx_NK.shape[-1]
-    counts_E = torch.bincount(flat, minlength=num_experts)
+    # index_add rather than bincount: bincount sizes its output from the data, a host sync on CUDA
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     return order, token_of_row, counts_E
 
 

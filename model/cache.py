@@ -43,8 +43,25 @@ class LatentCache:
         self.num_layers = cfg.num_hidden_layers if num_layers is None else num_layers
         self.max_len = max_len
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._plan: tuple | None = None
+
+    def plan_writes(self, position_ids_BT: torch.Tensor | None, valid_BT: torch.Tensor | None = None) -> None:
+        """Compute the write slots of one forward once (``Transformer.forward`` calls this before its layers and
+        clears it after): every layer writes the same tokens, and each computation has two host syncs on CUDA
+        (``nonzero``, the bounds check), i.e. two per layer per decode step without the plan."""
+        self._plan = None
+        if position_ids_BT is not None:
+            self._plan = (position_ids_BT, valid_BT, self._compute_slots(position_ids_BT, valid_BT))
 
     def _slots(
+        self, position_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan = getattr(self, "_plan", None)
+        if plan is not None and plan[0] is position_ids_BT and plan[1] is valid_BT:
+            return plan[2]
+        return self._compute_slots(position_ids_BT, valid_BT)
+
+    def _compute_slots(
         self, position_ids_BT: torch.Tensor, valid_BT: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(batch index, token index, cache position) of every token to write; padding tokens are left out."""

@@ -255,7 +255,10 @@ class MLA(nn.Module):
             # Plain causal, short: query blocks skip most of the masked half (kernels/causal_attention.py).
             q, k, v = q_BHTK.contiguous(), k_BHSK.contiguous(), v_BHSV.contiguous()
             return blocked_causal_attention(q, k, v, self.scale)
-        pad = k_BHSK.shape[-1] - self.v_dim if on_cpu else 0
+        # CUDA's flash kernel (half precision, no explicit mask) also wants equal head dims; without it SDPA falls
+        # back to the memory-efficient kernel
+        flash_cuda = q_BHTK.is_cuda and mask_BTS is None and q_BHTK.dtype in (torch.bfloat16, torch.float16)
+        pad = k_BHSK.shape[-1] - self.v_dim if on_cpu or flash_cuda else 0
         if pad > 0:
             # CPU SDPA has a flash kernel only for equal q/k/v head dims; otherwise it takes the math path, which
             # materializes [B, H, T, S] scores and computes the masked half of causal attention too. Zero columns

@@ -180,9 +180,11 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         E = self.cfg.n_routed_experts
-        with torch.no_grad():
-            hits = topk_idx_NK if valid_BT is None else topk_idx_NK[valid_BT.reshape(-1)]
-            counts_E = torch.bincount(hits.reshape(-1), minlength=E).float()
+        with torch.no_grad():  # index_add, not bincount + boolean indexing: no host sync on CUDA
+            hits = torch.ones_like(topk_idx_NK, dtype=torch.float32)
+            if valid_BT is not None:
+                hits = hits * valid_BT.reshape(-1, 1)
+            counts_E = torch.zeros(E, device=x_BTD.device).index_add_(0, topk_idx_NK.reshape(-1), hits.reshape(-1))
         alpha = self.cfg.aux_loss_alpha if self.cfg.seq_aux else 0.0
         if alpha > 0 and torch.is_grad_enabled():
             if sequences is None:

@@ -211,10 +211,16 @@ class Transformer(nn.Module):
 
         h = self.embed_tokens(input_ids)
         stats: list[RouterStats] = []
-        for layer in self.layers:
-            h, s = self._run_layer(layer, h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
-            if s is not None:
-                stats.append(s)
+        if cache is not None:
+            cache.plan_writes(position_ids, valid_BT)  # every layer writes the same slots: find them once
+        try:
+            for layer in self.layers:
+                h, s = self._run_layer(layer, h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
+                if s is not None:
+                    stats.append(s)
+        finally:
+            if cache is not None:
+                cache.plan_writes(None)
         hidden_pre = h
         hidden = self.norm(h)
         keep = slice(-num_logits_to_keep, None) if num_logits_to_keep > 0 else slice(None)

@@ -105,3 +105,28 @@ def test_left_padded_prefill_then_decode_matches_each_row_alone():
     for b, n in enumerate(lens):
         torch.testing.assert_close(out.logits[b, -1], alone[b][n - 1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step.logits[b, 0], alone[b][n], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_write_slots_are_found_once_per_forward(monkeypatch):
+    """Every layer writes the same tokens: the slots (a ``nonzero`` and a bounds check, two host syncs on CUDA) are
+    computed once per forward, not once per layer, for both cache layouts (the decode tests above check the
+    results)."""
+    from dsalign.model import FP8LatentCache
+
+    cfg = tiny()
+    assert cfg.num_hidden_layers > 1
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    calls = []
+    original = LatentCache._compute_slots
+    monkeypatch.setattr(LatentCache, "_compute_slots", lambda self, *a: calls.append(1) or original(self, *a))
+    x = torch.randint(0, cfg.vocab_size, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    for kind in (LatentCache, FP8LatentCache):
+        cache = kind(cfg, batch_size=2, max_len=16)
+        with torch.no_grad():
+            model(x, attention_mask=mask, cache=cache)
+            assert len(calls) == 1
+            model(x[:, -1:], attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)
+        assert len(calls) == 2
+        calls.clear()
