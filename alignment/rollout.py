@@ -24,6 +24,7 @@ Shape legend: B slots, T tokens per step, D hidden, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import time
 from collections import deque
@@ -99,6 +100,73 @@ class _Seq:
     stop_reason: int | str | None = None
 
 
+class _EPLockstep:
+    """Keeps the ranks of an expert-parallel group running forwards in step while they generate.
+
+    Every MoE layer of an expert-sharded model exchanges tokens with ``all_to_all`` over the group, so each rank
+    must run as many forwards of each kind (main model, MTP module: they hold different numbers of MoE layers) as
+    the others, in the same order. But each rank decodes its own prompts, and its number of forwards follows its
+    own completions' lengths (and, with dynamic sampling, its number of ``generate`` calls). So before each forward
+    the group agrees (one ``all_reduce(MIN)`` of a kind code) on which kind runs next: the ranks that want that kind
+    run theirs, the others run the same kind on one dummy token and ask again; a rank with nothing left to run
+    (``drain``) keeps serving dummies until every rank is done.
+    """
+
+    MODEL, MTP, IDLE = 0, 1, 2
+
+    def __init__(self, model: Transformer, group, device: torch.device):
+        self.model, self.group = model, group
+        # NCCL reduces device tensors, gloo CPU ones
+        backend = torch.distributed.get_backend(group)
+        self.device = device if backend == "nccl" else torch.device("cpu")
+        self.deferred = 0  # > 0 inside ``phase()``: drain at its end, not after each generate call
+        self.dummy_forwards = 0
+
+    @staticmethod
+    def for_model(model: Transformer, device: torch.device) -> _EPLockstep | None:
+        from dsalign.model.moe import GroupedExperts
+
+        groups = {id(m.ep_group): m.ep_group for m in model.modules() if isinstance(m, GroupedExperts) and
+                  m.ep_group is not None}  # fmt: skip
+        if not groups:
+            return None
+        if len(groups) > 1:
+            raise ValueError("RolloutEngine: the model's MoE layers use different expert-parallel groups")
+        group = next(iter(groups.values()))
+        return _EPLockstep(model, group, device) if torch.distributed.get_world_size(group) > 1 else None
+
+    def _agree(self, want: int) -> int:
+        t = torch.tensor([want], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+    def run(self, kind: int, forward: Callable[[], Any]) -> Any:
+        while (turn := self._agree(kind)) != kind:
+            self._dummy(turn)
+        return forward()
+
+    def drain(self) -> None:
+        was_training = self.model.training  # between generate calls a colocated trainer may hold it in train mode
+        self.model.eval()
+        try:
+            while (turn := self._agree(self.IDLE)) != self.IDLE:
+                self._dummy(turn)
+        finally:
+            self.model.train(was_training)
+
+    def _dummy(self, kind: int) -> None:
+        """One forward of ``kind`` on a single token, output discarded: it only takes part in the collectives."""
+        self.dummy_forwards += 1
+        device = next(self.model.parameters()).device
+        x = torch.zeros(1, 1, dtype=torch.long, device=device)
+        if kind == self.MODEL:
+            self.model(x, return_logits=False, compute_mtp=False)
+            return
+        pos = torch.zeros(1, 1, dtype=torch.long, device=device)
+        h = torch.zeros(1, 1, self.model.cfg.hidden_size, dtype=next(self.model.parameters()).dtype, device=device)
+        self.model.mtp[0](h, self.model.embed_tokens(x), self.model.rotary(pos), None, None)
+
+
 class RolloutEngine:
     """Generate completions for batches of prompts with ``model`` (kept in eval mode, updated in place).
 
@@ -139,6 +207,30 @@ class RolloutEngine:
         eos = self.cfg.eos_token_id
         self.default_stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.last_stats = GenerationStats()
+        # expert-sharded model (colocated with an EP trainer): forwards run in step across the EP group
+        self._lockstep = _EPLockstep.for_model(model, self.device)
+
+    def _forward(self, kind: int, forward: Callable[[], Any]) -> Any:
+        return forward() if self._lockstep is None else self._lockstep.run(kind, forward)
+
+    @contextlib.contextmanager
+    def ep_phase(self):
+        """With an expert-sharded model, a span of ``generate`` calls after which the EP group meets: use it when
+        ranks may call ``generate`` a different number of times (dynamic sampling), since each call's end would
+        otherwise wait for the other ranks' matching call. A no-op without expert parallelism."""
+        if self._lockstep is None:
+            yield
+            return
+        self._lockstep.deferred += 1
+        try:
+            yield
+        except BaseException:
+            self._lockstep.deferred -= 1
+            raise  # the group is broken anyway: the stage fails and retries from its checkpoint
+        self._lockstep.deferred -= 1
+        if not self._lockstep.deferred:
+            with torch.inference_mode():
+                self._lockstep.drain()
 
     def _new_cache(self, batch: int, length: int, device: torch.device | str | None = None) -> LatentCache:
         kind = FP8LatentCache if self.fp8_cache else LatentCache
@@ -231,6 +323,7 @@ class RolloutEngine:
         is called with each sequence's newly committed token ids (streaming).
         """
         if not prompts:
+            self._finish_ep()  # this rank has nothing to decode; the others may
             return []
         if isinstance(params, SamplingParams) or params is None:
             params = [params or SamplingParams()] * len(prompts)
@@ -244,9 +337,15 @@ class RolloutEngine:
         was_training = self.model.training  # a colocated trainer may have switched the shared model to train mode
         self.model.eval()
         try:
-            return self._run(ids, params, on_token)
+            out = self._run(ids, params, on_token)
+            self._finish_ep()
+            return out
         finally:
             self.model.train(was_training)
+
+    def _finish_ep(self) -> None:
+        if self._lockstep is not None and not self._lockstep.deferred:
+            self._lockstep.drain()
 
     def _run(self, ids: list[list[int]], params: Sequence[SamplingParams], on_token) -> list[Completion]:
         self._ensure_cache(ids, params)
@@ -330,7 +429,9 @@ class RolloutEngine:
         scratch = self._new_cache(len(batch), P)
         # only each prompt's last position needs logits: the head over all [B, P] positions would materialize
         # B x P x vocab floats (GBs at a 129k vocabulary) for B rows of them
-        out = self.model(x, attention_mask=mask.long(), cache=scratch, return_logits=False)
+        out = self._forward(
+            _EPLockstep.MODEL, lambda: self.model(x, attention_mask=mask.long(), cache=scratch, return_logits=False)
+        )
         last = torch.tensor(lens, device=self.device) - 1
         rows = torch.arange(len(batch), device=self.device)
         logits_BV = self.model.lm_head(out.hidden[rows, last])
@@ -340,7 +441,8 @@ class RolloutEngine:
             valid = mask & (pos < last[:, None])
             nxt = torch.nn.functional.pad(x[:, 1:], (0, 1))
             attn = build_attention_mask(pos, valid, None)
-            self.model.mtp[0](hidden, self.model.embed_tokens(nxt), self.model.rotary(pos), attn, valid, scratch, pos)
+            mtp, emb, rope = self.model.mtp[0], self.model.embed_tokens(nxt), self.model.rotary(pos)
+            self._forward(_EPLockstep.MTP, lambda: mtp(hidden, emb, rope, attn, valid, scratch, pos))
         last_hidden = hidden[rows, last]  # a copy: the stash must not keep the whole [B, P, D] alive
         for i, r in enumerate(batch):
             stash[r] = _Prefilled(scratch, i, logits_BV[i], last_hidden[i])
@@ -415,7 +517,7 @@ class RolloutEngine:
         seqs = slots[:n]
         x = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         cache = self.cache if n == len(slots) else self.cache.first_rows(n)
-        logits = self.model(x, cache=cache).logits[:, 0]
+        logits = self._forward(_EPLockstep.MODEL, lambda: self.model(x, cache=cache)).logits[:, 0]
         knobs = self._knobs(seqs)
         probs = sampling_probs(logits, *knobs)
         toks = draw(probs, self._uniforms(seqs))
@@ -453,7 +555,9 @@ class RolloutEngine:
         mask = build_attention_mask(pos_BT, key_positions_S=torch.arange(upto, device=self.device))
         emb = self.model.embed_tokens(next_ids_BT)
         rope = self.model.rotary(pos_BT)
-        h, _ = module(h_BTD, emb, rope, mask, valid_BT, self.cache, pos_BT, absorbed=True)
+        h, _ = self._forward(
+            _EPLockstep.MTP, lambda: module(h_BTD, emb, rope, mask, valid_BT, self.cache, pos_BT, absorbed=True)
+        )
         rows = torch.arange(h.shape[0], device=self.device)
         return self.model.lm_head(module.norm(h[rows, pick_B]))
 
@@ -487,7 +591,10 @@ class RolloutEngine:
         valid = torch.tensor([[s is not None] * 2 for s in slots], device=self.device)
         start = self.cache.lengths.clone()
         pos = start[:, None] + torch.arange(2, device=self.device)[None]
-        out = self.model(x, attention_mask=valid.long(), position_ids=pos, cache=self.cache, absorbed=True)
+        out = self._forward(
+            _EPLockstep.MODEL,
+            lambda: self.model(x, attention_mask=valid.long(), position_ids=pos, cache=self.cache, absorbed=True),
+        )
         logits = out.logits[idx]  # [b, 2, V]
         knobs = self._knobs(seqs)
         p0 = sampling_probs(logits[:, 0], *knobs)

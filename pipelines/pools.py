@@ -20,6 +20,7 @@ stage's trainer workers, which call them like the in-process objects they replac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -89,6 +90,10 @@ class RolloutPool:
 
     def __init__(self, workers: list[Any]):
         self.workers = workers
+
+    def ep_phase(self) -> contextlib.AbstractContextManager:
+        """Rollout workers hold whole (unsharded) models: nothing to keep in step (``LocalRollout.ep_phase``)."""
+        return contextlib.nullcontext()
 
     def push_weights(self, state: dict, verify: bool) -> list[str | None]:
         """Broadcast ``state`` (name -> CPU tensor) to every worker; returns their digests (``None`` without verify)."""

@@ -7,7 +7,6 @@ checkpoint paths, so a stage can be retried from its last checkpoint after an ac
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -21,8 +20,6 @@ from .jobs import dsalign_settings
 from .preflight import preflight
 from .report import format_table, write_report, write_text_atomic
 from .schema import to_dict
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -332,10 +329,10 @@ def run_stage_with_retries(
                 detail = detail.splitlines()[0]
             at = f"last checkpoint: step {step}" if step is not None else "no checkpoint yet"
             msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} ({at}): {detail}"
-            log.error(msg)
-            print(msg, flush=True)
             if isinstance(getattr(e, "cause", None), DataError):  # the same input fails the same way again
                 raise StageFailed(msg + "; not retried: the stage's input is at fault") from e
             if attempt == attempts:
                 raise StageFailed(msg + f"; no retries left (stage retries={stage.retries})") from e
+            # once: the final failure is reported by whoever catches StageFailed (the CLI prints it)
+            print(msg + "; retrying from " + ("the last checkpoint" if step is not None else "the start"), flush=True)
     raise AssertionError("unreachable")

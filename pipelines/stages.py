@@ -424,6 +424,11 @@ class LocalRollout:
         with self.autocast():
             return rollout(self.engine, self.tokenizer, rows, n, temperature, max_new_tokens, seed, top_p, row_ids)
 
+    def ep_phase(self) -> contextlib.AbstractContextManager:
+        """With an expert-sharded model: the span of ``generate`` calls after which the ranks meet (each rank's
+        number of calls may differ, e.g. under dynamic sampling); see ``RolloutEngine.ep_phase``."""
+        return self.engine.ep_phase()
+
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and raw bytes (sorted by name): equal digests mean the two
@@ -695,28 +700,61 @@ def sync_rollout_weights(pool, runner, verify: bool) -> dict[str, Any]:
     return out
 
 
-def _mean_present(values: list[float | None]) -> float:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else math.nan
-
-
-def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float) -> dict[str, Any]:
-    """The step's logged scalars: the trainer's, plus length, generation speed and expert load, and (when the
-    samples were ``scored``) reward (means over the samples a reward scored), reward failures and unscorable share."""
-    metrics.update(
-        response_length=sum(len(c.token_ids) for c in comps) / len(comps),
-        generate_s=gen_s,
-        tokens_per_s=sum(len(c.token_ids) for c in comps) / max(gen_s, 1e-9),
-    )
+def _rollout_tallies(comps, scored, gen_s: float, sampling: dict[str, Any]) -> dict[str, Any]:
+    """This rank's sums and counts behind the logged rollout metrics (combined over ranks by ``grpo_metrics``)."""
+    t: dict[str, Any] = {"tokens": sum(len(c.token_ids) for c in comps), "completions": len(comps),
+                         "generate_s": gen_s, "sampling": dict(sampling)}  # fmt: skip
     if scored is not None:
+
+        def tally(values):
+            present = [v for v in values if v is not None]
+            return [float(sum(present)), len(present)]
+
+        t.update(reward=tally(scored.rewards), unscorable=sum(v is None for v in scored.rewards),
+                 scored=len(scored.rewards), reward_errors=scored.metrics.get("errors/total", 0.0),
+                 components={k: tally(v) for k, v in scored.components.items()})  # fmt: skip
+    return t
+
+
+def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float,
+                 sampling: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The step's logged scalars: the trainer's, plus length, generation speed and expert load, and (when the
+    samples were ``scored``) reward (means over the samples a reward scored), reward failures and unscorable share.
+
+    Collective with several trainer ranks: each holds only its share of the samples, so the sums and counts of
+    every rank are combined (lengths and rewards are means over all samples, ``tokens_per_s`` the group's tokens
+    over the slowest rank's generation time, failures and dynamic-sampling counts add up, ``rounds`` the most any
+    rank needed)."""
+    mine = _rollout_tallies(comps, scored, gen_s, sampling or {})
+    ranks = [mine]
+    if rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        ranks = [None] * rank_world()[1]
+        dist.all_gather_object(ranks, mine)
+    tokens, count = sum(t["tokens"] for t in ranks), sum(t["completions"] for t in ranks)
+    gen = max(t["generate_s"] for t in ranks)
+    metrics.update(response_length=tokens / count if count else math.nan, generate_s=gen,
+                   tokens_per_s=tokens / max(gen, 1e-9))  # fmt: skip
+    if scored is not None:
+
+        def mean(pairs):
+            total, n = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+            return total / n if n else math.nan
+
+        scored_total = sum(t["scored"] for t in ranks)
+        names = sorted({k for t in ranks for k in t["components"]})
         metrics.update(
-            reward=_mean_present(scored.rewards),
-            unscorable_frac=sum(v is None for v in scored.rewards) / len(scored.rewards),
-            reward_errors=scored.metrics.get("errors/total", 0.0),
-            **{f"reward/{k}": _mean_present(v) for k, v in scored.components.items()},
+            reward=mean([t["reward"] for t in ranks]),
+            unscorable_frac=sum(t["unscorable"] for t in ranks) / scored_total if scored_total else math.nan,
+            reward_errors=sum(t["reward_errors"] for t in ranks),
+            **{f"reward/{k}": mean([t["components"][k] for t in ranks if k in t["components"]]) for k in names},
         )
-        if "math_accuracy" in scored.components:
+        if "math_accuracy" in names:
             metrics["accuracy"] = metrics["reward/math_accuracy"]
+    for key in sorted({k for t in ranks for k in t["sampling"]}):
+        values = [t["sampling"][key] for t in ranks if key in t["sampling"]]
+        metrics[key] = max(values) if key.endswith("/rounds") else sum(values)
     loads = [v for k, v in metrics.items() if k.startswith("load_max_mean/")]
     if loads:
         metrics["expert_load_max_over_mean"] = max(loads)
@@ -771,8 +809,9 @@ def run_grpo(env: StageEnv) -> Path:
         sync = {}
         if env.rollout_pool is not None:
             sync = sync_rollout_weights(env.rollout_pool, runner, env.stage.resources.verify_weight_sync)
-        prompt_ids, comps, scored, gen_s, sampling = sample_iteration(generator, scorer, env.tokenizer, rows, p,
-                                                                      env.run.seed, it)  # fmt: skip
+        with generator.ep_phase():  # expert-parallel colocated decoding: ranks may sample a different number of rounds
+            prompt_ids, comps, scored, gen_s, sampling = sample_iteration(generator, scorer, env.tokenizer, rows, p,
+                                                                          env.run.seed, it)  # fmt: skip
         batch = to_device(make_rl_batch(env.tokenizer, prompt_ids, comps, scored.rewards, p.group_size, p), device)
         if p.kl_beta > 0:
             ref = model if reference is None else reference  # LoRA: the policy with its adapters off
@@ -787,7 +826,7 @@ def run_grpo(env: StageEnv) -> Path:
             correction = token_weighted_metrics(correction, correction.pop("rollout_tokens"))  # all ranks
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
-        loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s), **sampling, **sync, **correction})
+        loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s, sampling), **sync, **correction})
     return finish_stage(env, loop, runner, lora)
 
 
@@ -824,10 +863,13 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
 
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(stage_device(env.stage)).eval()
-    rows = training_prompts(env.run, env.stage.data, summary_dir(env))[rank::world]
+    every = training_prompts(env.run, env.stage.data, summary_dir(env))
+    row_ids = list(range(rank, len(every), world))
+    rows = [every[i] for i in row_ids]
     engine = rollout_engine(teacher, env.tokenizer, d.max_batch_size)
+    # seeds by each prompt's place in the whole list: the traces do not depend on how many ranks share them out
     _, comps = rollout(engine, env.tokenizer, rows, d.samples_per_prompt, d.temperature, d.max_new_tokens,
-                       seed=env.run.seed + 31 + rank)  # fmt: skip
+                       seed=env.run.seed + 31, row_ids=row_ids)  # fmt: skip
     texts = completion_texts(env.tokenizer, comps)
     k = d.samples_per_prompt
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
@@ -846,6 +888,13 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
         }  # fmt: skip
         for i in range(len(comps))
     ]
+
+
+def interleave_shares(shares: list[list], per_prompt: int) -> list:
+    """Rank ``r`` took prompts ``r, r + world, ...`` and returned ``per_prompt`` items for each: put them back in
+    the prompts' order, as one rank would have produced them."""
+    world, total = len(shares), sum(len(s) for s in shares) // per_prompt
+    return [shares[g % world][(g // world) * per_prompt + t] for g in range(total) for t in range(per_prompt)]
 
 
 def run_on_policy_distill(env: StageEnv) -> Path:
@@ -927,7 +976,7 @@ def run_distill(env: StageEnv) -> Path:
         if world > 1:  # every rank sampled its share of the prompts; rank 0 filters and writes the dataset
             gathered: list = [None] * world
             dist.all_gather_object(gathered, traces)
-            traces = [t for part in gathered for t in part]
+            traces = interleave_shares(gathered, d.samples_per_prompt)
         if rank == 0:
             rules = TraceFilterConfig(min_reward=d.min_reward, keep=d.keep, require_well_formed=d.require_well_formed,
                                       max_tokens=d.max_new_tokens)  # fmt: skip

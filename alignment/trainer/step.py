@@ -248,25 +248,50 @@ def token_weighted_metrics(metrics: dict[str, float], tokens: int, group: Any = 
     return out
 
 
-def average_metrics(per_micro: Sequence[dict[str, float]], group: Any) -> dict[str, float]:
-    """Mean of each metric over the micro-batches of every data-parallel rank that report it (keys must match
-    across ranks). A metric a micro-batch leaves out or reports as NaN (a loss with nothing to measure there, e.g. a
-    GRPO micro-batch whose completions are all masked) does not count; with no value anywhere it is NaN."""
+def average_metrics(per_micro: Sequence[dict[str, float]], group: Any,
+                    weights: Sequence[float] | None = None) -> dict[str, float]:  # fmt: skip
+    """The step's value of each metric over the micro-batches of every data-parallel rank that report it (keys
+    must match across ranks): ``*_max`` keys the maximum, ``*tokens`` keys (counts) the sum, the others the mean
+    weighted by ``weights`` (each micro-batch's share of the step's objective, ``micro_batch_shares``: so the
+    logged loss is the objective the gradient follows, whatever the micro-batches' and ranks' token counts;
+    equal weights by default). A metric a micro-batch leaves out or reports as NaN (a loss with nothing to measure
+    there, e.g. a GRPO micro-batch whose completions are all masked) does not count; with no value anywhere it is
+    NaN."""
+    weights = [1.0] * len(per_micro) if weights is None else list(weights)
     keys = sorted(set().union(*per_micro)) if per_micro else []
-    values = [[m[k] for m in per_micro if k in m and not math.isnan(m[k])] for k in keys]
-    local = torch.tensor([[sum(v), len(v)] for v in values], dtype=torch.float64).reshape(len(keys), 2)
+    rows = []  # per key: weighted sum, weight, plain sum, count; and the maximum
+    peaks = []
+    for k in keys:
+        present = [(m[k], w) for m, w in zip(per_micro, weights) if k in m and not math.isnan(m[k])]
+        rows.append([sum(v * w for v, w in present), sum(w for _, w in present), sum(v for v, _ in present),
+                     len(present)])  # fmt: skip
+        peaks.append(max((v for v, _ in present), default=-math.inf))
+    local = torch.tensor(rows, dtype=torch.float64).reshape(len(keys), 4)
+    peak = torch.tensor(peaks, dtype=torch.float64)
     if group is not None and dist.is_initialized() and keys:
-        local = local.to(collective_device(group))
+        local, peak = local.to(collective_device(group)), peak.to(collective_device(group))
         dist.all_reduce(local, group=group)
-        local = local.cpu()
-    means = torch.where(local[:, 1] > 0, local[:, 0] / local[:, 1].clamp(min=1), torch.full_like(local[:, 0], math.nan))
-    return dict(zip(keys, means.tolist()))
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        local, peak = local.cpu(), peak.cpu()
+    out = {}
+    for i, k in enumerate(keys):
+        wsum, wtot, total, count = local[i].tolist()
+        if count == 0:
+            out[k] = math.nan
+        elif k.endswith("_max"):
+            out[k] = float(peak[i])
+        elif k.endswith("tokens"):
+            out[k] = total
+        else:
+            out[k] = wsum / wtot if wtot > 0 else total / count
+    return out
 
 
 def train_step(runner: Runner, micro_batches: Sequence[Any], loss_fn: LossFn, cfg: TrainerConfig,
                tracker: ExpertLoadTracker | None = None) -> dict[str, float]:  # fmt: skip
     """One optimizer step over ``micro_batches`` (this rank's share of the global batch). Returns metrics:
-    ``loss`` (mean over micro-batches and ranks), the loss function's metrics, ``grad_norm``, ``lr`` (the one
+    ``loss`` (over micro-batches and ranks, each weighted by its share of the objective), the loss function's metrics
+    (likewise; see ``average_metrics``), ``grad_norm``, ``lr`` (the one
     used), and per-layer ``load_max_mean/<layer>`` of the step's global expert counts."""
     if len(micro_batches) != cfg.micro_batches:
         raise ValueError(f"train_step got {len(micro_batches)} micro-batches, TrainerConfig.micro_batches is "
@@ -283,7 +308,7 @@ def train_step(runner: Runner, micro_batches: Sequence[Any], loss_fn: LossFn, cf
     refresh_fp8_weights(runner.model)
     counts_LE = reduce_expert_counts(tracker.take(), runner.dp_group)
     update_router_bias(runner.model, counts_LE, cfg)
-    metrics = average_metrics(per_micro, runner.dp_group)
+    metrics = average_metrics(per_micro, runner.dp_group, shares)
     metrics.update(grad_norm=grad_norm, lr=lr, **expert_load_metrics(counts_LE))
     return metrics
 

@@ -118,6 +118,12 @@ def test_step_metrics_skip_micro_batches_with_nothing_in_the_loss():
     assert abs(metrics["ratio_mean"] - 1.0) < 1e-5 and abs(metrics["ratio_max"] - 1.0) < 1e-5
     avg = average_metrics([{"a": 1.0, "b": math.nan}, {"a": 3.0}, {"a": math.nan, "c": 2.0}], None)
     assert avg["a"] == 2.0 and math.isnan(avg["b"]) and avg["c"] == 2.0
+    # the logged loss is the objective: micro-batches weighted by their share (tokens) of it; maxima stay maxima and
+    # token counts add up (two micro-batches of 10 and 30 tokens are 40 tokens, not 20)
+    per_micro = [{"loss": 1.0, "ratio_max": 1.5, "target_tokens": 10.0}, {"loss": 4.0, "ratio_max": 1.2,
+                                                                           "target_tokens": 30.0}]  # fmt: skip
+    avg = average_metrics(per_micro, None, weights=[0.5, 1.5])
+    assert avg == {"loss": 3.25, "ratio_max": 1.5, "target_tokens": 40.0}
 
 
 def test_rollout_is_weights_by_hand():

@@ -46,6 +46,23 @@ def test_grpo_metrics_average_what_was_scored_and_count_failures():
     assert math.isnan(grpo_metrics({}, _comps(1), none, gen_s=1.0)["reward"])
 
 
+@pytest.mark.distributed
+def test_grpo_metrics_pool_every_ranks_samples(launch_workers):
+    """With several trainer ranks each holds a share of the samples: the logged length, rewards and counts are
+    over all of them (rank 0 alone logged only its own share), identical on every rank."""
+    import json
+    import pathlib
+
+    script = str(pathlib.Path(__file__).with_name("_metrics_worker.py"))
+    outs = [json.loads(out.split("METRICS ", 1)[1].splitlines()[0]) for out in launch_workers(script, 2, [], 120)]
+    assert outs[0] == outs[1]
+    m = outs[0]
+    assert m["response_length"] == 16 / 4 and m["generate_s"] == 4.0 and m["tokens_per_s"] == 16 / 4.0
+    assert m["reward"] == 1.5 / 3 and m["accuracy"] == 2.0 / 3 and m["unscorable_frac"] == 1 / 4
+    assert m["reward_errors"] == 3.0
+    assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/groups_dropped"] == 4
+
+
 class _FakeGenerator:
     """Completions whose token is the prompt's row value; records which positions were generated."""
 
@@ -156,3 +173,14 @@ def test_dr_grpo_normaliser_is_the_completion_budget():
         aggregate_loss(per_token, mb["completion_mask"], cfg.agg, cfg.norm_length).backward()
         weights.append(per_token.grad[mb["completion_mask"] > 0].unique().tolist())
     assert weights == [[1 / (2 * 16)], [1 / (2 * 16)]]
+
+
+def test_interleave_shares_restores_the_prompts_order():
+    """Trace distillation with several ranks: rank r samples prompts r, r + world, ...; the gathered traces go back
+    into the prompts' order (they used to be concatenated rank by rank, so the SFT data depended on num_workers)."""
+    from dsalign.pipelines.stages import interleave_shares
+
+    k, world, prompts = 2, 3, list(range(7))  # uneven shares: 3, 2, 2 prompts
+    shares = [[(g, t) for g in prompts[r::world] for t in range(k)] for r in range(world)]
+    assert interleave_shares(shares, k) == [(g, t) for g in prompts for t in range(k)]
+    assert interleave_shares([[(0, 0)], []], 1) == [(0, 0)]

@@ -283,3 +283,19 @@ def test_decode_steps_run_only_live_rows_and_outputs_do_not_move():
         alone = RolloutEngine(model, max_batch_size=1, max_len=64).generate([prompt], p)[0]
         assert c.token_ids == alone.token_ids and len(c.token_ids) == p.max_new_tokens
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("speculative", [False, True])
+def test_expert_parallel_ranks_generate_unequal_work_in_step(launch_workers, speculative):
+    """Colocated GRPO with ep_size > 1: every rank decodes its own prompts through the expert-sharded model, whose
+    MoE layers all-to-all with the other ranks. Ranks with different completion lengths (and, under dynamic
+    sampling, different numbers of generate calls) must neither hang nor change their results: each rank's
+    completions equal the unsharded model's (tokens exactly, log-probs within 1e-4)."""
+    import pathlib
+
+    script = str(pathlib.Path(__file__).with_name("_ep_worker.py"))
+    outputs = launch_workers(script, 2, ["1" if speculative else "0"], timeout=240)
+    assert all("ok" in out for out in outputs), outputs
+    dummies = [int(out.rsplit("dummy forwards", 1)[1]) for out in outputs]
+    assert dummies[1] > 0  # rank 1 (less work) kept serving rank 0's forwards
