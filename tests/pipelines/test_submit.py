@@ -65,6 +65,8 @@ def test_dsalign_settings_reach_ray_workers_and_jobs(monkeypatch, tmp_path):
     from dsalign.pipelines import jobs, runner
     from dsalign.pipelines.config import load_config
 
+    for name in [k for k in os.environ if k.startswith("DSALIGN_")]:  # e.g. the suite's DSALIGN_AUTOTUNE
+        monkeypatch.delenv(name)
     monkeypatch.setenv("DSALIGN_CPU_GEMM", "torch")
     seen = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
