@@ -76,6 +76,10 @@ def test_exhausted_retries_fail_clearly(tmp_path, local_ray, monkeypatch):
     expected = r"stage 'sft' attempt 1/1 failed: its worker process died \(last checkpoint: step 2\).*no retries left"
     with pytest.raises(StageFailed, match=expected):
         run(_sft_only(tmp_path, "noretry", retries=0))
+    # the report of what ran is written anyway: the title says why the run stopped, the curves reach the failure
+    report = (tmp_path / "noretry" / "report.md").read_text()
+    assert "(stopped: stage 'sft' attempt 1/1 failed: its worker process died" in report
+    assert "## Training curves" in report and (tmp_path / "noretry" / "loss.png").is_file()
 
 
 def test_lora_sft_stage_exports_merged_weights_and_leaves_the_rest(tmp_path, local_ray):
