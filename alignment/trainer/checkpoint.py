@@ -5,7 +5,8 @@ Layout under a checkpoint root::
     step_00000005/
         trainer_state.json      step, world size, EP size (written by rank 0)
         rank00000.pt            this rank's model state (incl. router biases and its expert shard), optimizer and
-                                scheduler state (ZeRO partition under DeepSpeed), RNG states, data position
+                                scheduler state (ZeRO partition under DeepSpeed), RNG states, data position; under
+                                ZeRO-3 only rank 0's file holds the (gathered) parameters, the others their buffers
         rank00001.pt            ...
 
 Atomicity: every rank writes into ``.tmp-step_00000005-<id>/``; after a barrier rank 0 fsyncs and renames it to
@@ -141,8 +142,13 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         tmp.mkdir()
     _barrier()
     try:
-        with gathered_parameters(runner.model):  # ZeRO-3: full weights (every rank holds the same copy)
-            model_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+        # ZeRO-3: every rank holds the same full parameters inside the gather, so only rank 0 writes them (N copies
+        # would cost N times the disk; loading re-partitions rank 0's copy); buffers (router biases) are not
+        # partitioned and every rank keeps its own. Otherwise each rank's state is its own (its expert shard).
+        zero3 = any(hasattr(p, "ds_id") for p in runner.model.parameters())
+        params = {name for name, _ in runner.model.named_parameters()} if zero3 and rank != 0 else set()
+        with gathered_parameters(runner.model):
+            model_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items() if k not in params}
         payload = {
             "model": model_state,
             "runner": runner.state_dict(),
@@ -217,8 +223,16 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise RuntimeError(f"{shard}: cannot be read ({type(e).__name__}: {e}); delete {path} to resume from the "
                            "checkpoint before it") from e  # fmt: skip
-    with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: loaded into full weights, re-partitioned
-        runner.model.load_state_dict(payload["model"])
+    zero3 = any(hasattr(p, "ds_id") for p in runner.model.parameters())
+    with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: rank 0's parameters, re-partitioned to all
+        if zero3 and rank != 0:  # this rank's file holds its buffers only (see save_training_checkpoint)
+            missing, unexpected = runner.model.load_state_dict(payload["model"], strict=False)
+            params = {name for name, _ in runner.model.named_parameters()}
+            if unexpected or set(missing) - params:
+                raise ValueError(f"{shard}: does not match the model (missing {sorted(set(missing) - params)[:5]}, "
+                                 f"unexpected {unexpected[:5]})")  # fmt: skip
+        else:
+            runner.model.load_state_dict(payload["model"])
     runner.load_state_dict(payload["runner"])
     set_rng_state(payload["rng"])
     return int(meta["step"]), payload["data_state"]

@@ -69,6 +69,12 @@ def test_resume_is_exact(tmp_path, launch_workers, ep_size, zero_stage):
     for mode in ("straight", "save", "resume"):
         _launch(launch_workers, tmp_path, ep_size, mode, zero_stage=zero_stage)
         assert (tmp_path / f"params_{mode}.pt").exists() == (mode != "save")
+        if mode == "save":  # ZeRO-3 ranks hold the same gathered parameters: only rank 0 stores them
+            (step_dir,) = (tmp_path / "ckpt").glob("step_*")
+            shards = [torch.load(step_dir / f"rank{r:05d}.pt", weights_only=False)["model"] for r in (0, 1)]
+            assert "embed_tokens.weight" in shards[0]
+            assert ("embed_tokens.weight" in shards[1]) == (zero_stage != 3)
+            assert any(k.endswith("e_score_correction_bias") for k in shards[1])  # buffers: every rank's own
     straight, resumed = torch.load(tmp_path / "params_straight.pt"), torch.load(tmp_path / "params_resume.pt")
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k
