@@ -331,6 +331,15 @@ class QuantizedWeight:
     s: torch.Tensor  # [ceil(N/128), ceil(K/128)] fp32 ([E, ...] for stacked experts)
     q_t: torch.Tensor | None = None  # [K, N] e4m3, contiguous (K-major operand for dgrad)
     s_t: torch.Tensor | None = None
+    deq: dict | None = None  # dtype -> the dequantized weight, for code that reads the weight (absorbed MLA decode)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the FP8 GEMMs apply (``q * s`` per 128x128 block), made once per quantization."""
+        if self.deq is None:
+            self.deq = {}
+        if dtype not in self.deq:
+            self.deq[dtype] = dequantize_ref(self.q, self.s, BLOCK, BLOCK, dtype)
+        return self.deq[dtype]
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.q_t is None:

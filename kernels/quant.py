@@ -47,7 +47,10 @@ def _pow2_round_up(scale: torch.Tensor) -> torch.Tensor:
 
 def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """``s = max(amax, 1e-4) / 448`` in fp32, optionally rounded up to a power of two."""
-    scale = amax.float().clamp_min(AMAX_EPS) / FP8_MAX
+    amax = amax.float().clamp_min(AMAX_EPS)
+    # a tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal (not correctly rounded),
+    # which puts ~half the scales 1 ulp off the Triton quantizers' correctly rounded division
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return _pow2_round_up(scale) if pow2 else scale
 
 

@@ -51,11 +51,18 @@ def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: boo
 
 def applied_weight(linear: nn.Module) -> torch.Tensor:
     """The weight a linear layer applies, for code that reads it instead of calling the layer (the absorbed MLA
-    decode folds ``kv_b_proj`` into its attention): ``linear.weight``, plus the deltas of active, unmerged LoRA
+    decode folds ``kv_b_proj`` into its attention): ``linear.weight`` (an ``FP8Linear``'s dequantized fp8 copy, the
+    weight its GEMMs apply, so FP8 decoding matches FP8 training), plus the deltas of active, unmerged LoRA
     adapters when peft has wrapped the layer (``alignment/trainer/lora.py``), so decoding sees what training does.
     The delta ``scale * B @ A`` is recomputed per call: one pass over a weight-sized tensor, kept simple over a
     cache that would have to notice every optimizer step."""
-    weight = linear.weight
+    from dsalign.kernels.fp8_gemm import FP8Linear
+
+    base = getattr(linear, "base_layer", linear)  # peft wraps the layer
+    if isinstance(base, FP8Linear):  # the FP8 GEMM applies the fp8 weight: so must code that reads it
+        weight = base.fp8_cache.get(base.weight, pow2=base.pow2, backend=base.backend).dequantized(base.weight.dtype)
+    else:
+        weight = linear.weight
     if hasattr(linear, "get_delta_weight") and not linear.merged and not linear.disable_adapters:
         for name in linear.active_adapters:
             if name in linear.lora_A:

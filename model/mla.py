@@ -211,7 +211,7 @@ class MLA(nn.Module):
         q_nope, q_pe = self._queries(x_BTD, cos, sin)
         c_kv, k_pe = self._latents(x_BTD, cos, sin)
         if cache is not None:
-            cache.write(self.layer_idx, c_kv, k_pe, position_ids_BT, valid_BT)
+            cache.write(self.layer_idx, self._as_kv_b_input(c_kv), k_pe, position_ids_BT, valid_BT)
             if absorbed:
                 c_kv, k_pe = cache.read(self.layer_idx, mask_BTS.shape[-1])
                 c_kv, k_pe = c_kv.to(x_BTD.dtype), k_pe.to(x_BTD.dtype)
@@ -220,6 +220,20 @@ class MLA(nn.Module):
         else:
             o_BTHV = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask_BTS)
         return self.o_proj(o_BTHV.reshape(*x_BTD.shape[:2], self.n_heads * self.v_dim))
+
+    def _as_kv_b_input(self, c_kv_BTC: torch.Tensor) -> torch.Tensor:
+        """The latent as ``kv_b_proj`` sees it. An FP8 ``kv_b_proj`` quantizes its input in 1x128 tiles per token;
+        the absorbed decode multiplies the cached latent directly, so the cache keeps it quantized-dequantized the
+        same way (per token, so independent of what else is cached): decoding then computes the training
+        forward's FP8 math, up to fp32 summation order, and rollout log-probs match training's."""
+        from dsalign.kernels.fp8_gemm import FP8Linear
+        from dsalign.kernels.quant import dequantize, quantize_act
+
+        base = getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)
+        if not isinstance(base, FP8Linear):
+            return c_kv_BTC
+        q, s = quantize_act(c_kv_BTC.reshape(-1, c_kv_BTC.shape[-1]), pow2=base.pow2, backend=base.backend)
+        return dequantize(q, s, 1, backend=base.backend).view(c_kv_BTC.shape).to(c_kv_BTC.dtype)
 
     def _attend_naive(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
         B, S = c_kv_BSC.shape[:2]

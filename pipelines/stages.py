@@ -424,10 +424,14 @@ class LocalRollout:
         with self.autocast():
             return rollout(self.engine, self.tokenizer, rows, n, temperature, max_new_tokens, seed, top_p, row_ids)
 
-    def ep_phase(self) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def ep_phase(self):
         """With an expert-sharded model: the span of ``generate`` calls after which the ranks meet (each rank's
-        number of calls may differ, e.g. under dynamic sampling); see ``RolloutEngine.ep_phase``."""
-        return self.engine.ep_phase()
+        number of calls may differ, e.g. under dynamic sampling); see ``RolloutEngine.ep_phase``. Entered under the
+        trainer's autocast like ``generate``: the dummy forwards that keep a finished rank in step must exchange
+        the same dtypes as the other ranks' real ones (bf16 experts under autocast)."""
+        with self.autocast(), self.engine.ep_phase():
+            yield
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

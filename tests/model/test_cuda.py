@@ -45,11 +45,14 @@ def test_fp32_model_on_cuda_matches_transformers(tmp_path):
 
 def test_fp8_training_step_on_cuda_matches_cpu_emulation():
     """FP8 forward + backward on CUDA (Triton quantizers, FP8 GEMMs, FP8 grouped experts) against the CPU torch
-    emulation of the same recipe. The quantizers agree bit for bit; the GEMMs differ in fp32 summation order, which
-    can move an activation across an e4m3 rounding boundary downstream, hence relative (not bitwise) tolerances:
-    1% on logits, loss and all gradients together, against ~5% for FP8 vs fp32 (checked: the tolerance means
-    something)."""
-    cfg = tiny(fp8=True)
+    emulation of the same recipe. The quantizers agree bit for bit; the GEMMs differ in accumulation (Hopper's fp8
+    tensor cores add with ~14 bits inside each 128-wide chunk), which can move an activation across an e4m3 rounding
+    boundary downstream, hence relative (not bitwise) tolerances: 1% on logits, loss and all gradients together,
+    against ~5% for FP8 vs fp32 (checked: the tolerance means something). Dense layers: with MoE layers such
+    differences flip near-tied expert choices of a random model (seen on an H200: 3% on logits, 32% on one router
+    gradient), which measures the router's margins, not the kernels; the expert kernels are compared alone in
+    tests/kernels."""
+    cfg = tiny(fp8=True, first_k_dense_replace=3)
     torch.manual_seed(0)
     cpu = Transformer(cfg).train()
     gpu = Transformer(cfg).train()
@@ -84,8 +87,10 @@ def test_fp8_training_step_on_cuda_matches_cpu_emulation():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_rollout_logprobs_match_training_forward_on_cuda(fp8):
     """The promise of one model code path: sampled tokens' log-probs from the engine (cached, batched decode) equal
-    the training forward's on the same sequences. fp32: <= 1e-4; FP8: <= 2e-2 (decode's absorbed attention rounds
-    differently, and e4m3 activation tiles can round either way on such a difference)."""
+    the training forward's on the same sequences. fp32: <= 1e-4. FP8: <= 1e-2: the absorbed decode applies the same
+    dequantized fp8 weight and quantized latent as the training forward (on CPU they agree to 2e-6), but there the
+    forward's kv_b GEMM accumulates fp8 products with the tensor cores' reduced precision while decode's einsums
+    are fp32, and such differences can move later e4m3 roundings."""
     from dsalign.alignment.rollout import RolloutEngine
     from dsalign.alignment.sampling_params import SamplingParams
 
@@ -107,4 +112,4 @@ def test_rollout_logprobs_match_training_forward_on_cuda(fp8):
             want = torch.log_softmax(logits[P - 1 : P + L - 1], dim=-1).gather(1, tok)[:, 0].cpu()
             worst = max(worst, (want - torch.tensor(c.logprobs)).abs().max().item())
     print(f"rollout vs training log-probs on CUDA (fp8={fp8}): worst |d logp| = {worst:.2e}")
-    assert worst <= (2e-2 if fp8 else 1e-4)
+    assert worst <= (1e-2 if fp8 else 1e-4)

@@ -184,3 +184,25 @@ def test_interleave_shares_restores_the_prompts_order():
     shares = [[(g, t) for g in prompts[r::world] for t in range(k)] for r in range(world)]
     assert interleave_shares(shares, k) == [(g, t) for g in prompts for t in range(k)]
     assert interleave_shares([[(0, 0)], []], 1) == [(0, 0)]
+
+
+def test_local_rollout_phase_runs_under_the_trainers_autocast():
+    """The drain at the end of an EP phase runs dummy forwards that must exchange the same dtypes as the other
+    ranks' real forwards, which run under the trainer's autocast (bf16 experts): the phase is entered under it too
+    (outside it, a bf16 rank met an fp32 rank in the combine all-to-all: gloo aborted on the size mismatch)."""
+    import contextlib
+
+    from dsalign.pipelines.stages import LocalRollout
+
+    seen = []
+
+    class Engine:
+        @contextlib.contextmanager
+        def ep_phase(self):
+            yield
+            seen.append(torch.is_autocast_enabled("cpu"))  # where the drain runs
+
+    rollout = LocalRollout(Engine(), tokenizer=None, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    with rollout.ep_phase():
+        pass
+    assert seen == [True]

@@ -51,6 +51,13 @@ def main() -> None:
         out = ep.generate(prompts[:2], SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True))
         want = ref.generate(prompts[:2], SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True))
         assert [c.token_ids for c in out] == [c.token_ids for c in want]
+    # under bf16 autocast (the trainer's compute_dtype bf16) the experts exchange bf16: a rank's dummy forwards must
+    # too, so the whole phase runs under it, as LocalRollout.ep_phase enters it (results differ from fp32: only
+    # completion and lengths are checked)
+    with torch.autocast("cpu", dtype=torch.bfloat16), ep.ep_phase():
+        for n_new in ((25,) if rank == 0 else (2, 3)):
+            out = ep.generate(prompts[:2], SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True))
+            assert [len(c.token_ids) for c in out] == [n_new, n_new]
     print(f"rank {rank}: ok, worst |d logp| {worst:.1e}, dummy forwards {ep._lockstep.dummy_forwards}")
     dist.destroy_process_group()
 
