@@ -302,6 +302,20 @@ def quantize_experts(w_EOK: torch.Tensor, pow2: bool = False, backend: str = "au
     return QuantizedWeight(torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs]))
 
 
+def _torch_grouped_mm_wins(x_RK: torch.Tensor, w_EOK: torch.Tensor) -> bool:
+    """On CUDA, torch's own grouped GEMM (CUTLASS) where it runs: bf16 with 16-byte aligned strides. On an H200 it
+    ran the DeepSeek-V3 expert shapes 1.47x faster than our Triton bf16 kernel (docs/PERFORMANCE.md); fp32 (not
+    supported there) and FP8 (block scales) stay on Triton."""
+    from dsalign.kernels.moe import _aligned16, _grouped_mm_supported
+
+    return (
+        x_RK.is_cuda
+        and x_RK.dtype == torch.bfloat16
+        and _grouped_mm_supported(x_RK.device, x_RK.dtype)
+        and _aligned16(x_RK, w_EOK.transpose(1, 2))
+    )
+
+
 def grouped_gemm(
     x_RK: torch.Tensor,
     w_EOK: torch.Tensor,
@@ -316,7 +330,8 @@ def grouped_gemm(
     Args:
         x_RK: [R, K] rows grouped by expert; w_EOK: [E, O, K]; counts_E: [E] rows per expert (sum R).
         fp8: FP8 fwd/dgrad/wgrad (DeepSeek-V3 tiling); cache: reuse the experts' fp8 copy across calls.
-        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+        backend: "auto" (CUDA: torch's grouped GEMM for aligned bf16, Triton otherwise; CPU: torch), "triton" or
+            "torch".
     """
     if x_RK.dim() != 2 or w_EOK.dim() != 3 or x_RK.shape[1] != w_EOK.shape[2] or counts_E.numel() != w_EOK.shape[0]:
         raise ValueError(
@@ -330,7 +345,7 @@ def grouped_gemm(
         # differentiable, so fp32 master weights still receive fp32 gradients); FP8 quantizes from any dtype
         dtype = torch.get_autocast_dtype(device_type)
         x_RK, w_EOK = x_RK.to(dtype), w_EOK.to(dtype)
-    if not fp8 and not triton_path:
+    if not fp8 and (not triton_path or (backend == "auto" and _torch_grouped_mm_wins(x_RK, w_EOK))):
         from dsalign.kernels.moe import grouped_mm
 
         return grouped_mm(x_RK, w_EOK, counts_E)
