@@ -140,8 +140,9 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """SwiGLU over rows already grouped by expert: ``down(silu(gate x) * up x)`` with one grouped GEMM each.
 
-    ``fp8``: FP8 grouped GEMMs (DeepSeek-V3 tiling); ``backend``: "auto" (CUDA: Triton, or torch's grouped GEMM for aligned bf16; CPU: torch), "triton",
-    "torch"; ``caches``: (gate_up, down) fp8 weight caches owned by the layer, so generation does not requantize.
+    ``fp8``: FP8 grouped GEMMs (DeepSeek-V3 tiling); ``backend``: "auto" (CUDA: Triton, or torch's grouped GEMM
+    for aligned bf16; CPU: torch), "triton", "torch"; ``caches``: (gate_up, down) fp8 weight caches owned by the
+    layer, so generation does not requantize.
     """
     cache_gu, cache_down = caches if caches is not None else (None, None)
     gate_up = grouped_gemm(x_NH, gate_up_proj, counts_E, fp8=fp8, cache=cache_gu, backend=backend)
