@@ -23,6 +23,7 @@ import torch
 from dsalign.kernels._backend import HAS_TRITON, triton_interpret, use_triton
 from dsalign.kernels.fp8_gemm import FP8WeightCache, QuantizedWeight
 from dsalign.kernels.quant import BLOCK, dequantize_ref, quantize_act, quantize_weight, scale_from_amax
+from torch.utils.weak import WeakIdKeyDictionary
 
 if HAS_TRITON:
     import triton
@@ -302,6 +303,25 @@ def quantize_experts(w_EOK: torch.Tensor, pow2: bool = False, backend: str = "au
     return QuantizedWeight(torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs]))
 
 
+_CAST_CACHE = WeakIdKeyDictionary()  # tensor -> (key, cast copy); by identity (tensors compare elementwise)
+
+
+def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` in the autocast dtype. With gradients the cast is part of the graph (as autocast casts ``nn.Linear``
+    weights once per region); without (rollout under the trainer's autocast) the copy is kept per weight and
+    version, so a decode step does not copy every expert stack again: only an optimizer step (a new version) does."""
+    if w.dtype == dtype:
+        return w
+    if torch.is_grad_enabled() and w.requires_grad:
+        return w.to(dtype)
+    key = (w.data_ptr(), -1 if w.is_inference() else w._version, dtype)
+    hit = _CAST_CACHE.get(w)
+    if hit is None or hit[0] != key:
+        hit = (key, w.detach().to(dtype))
+        _CAST_CACHE[w] = hit
+    return hit[1]
+
+
 def _torch_grouped_mm_wins(x_RK: torch.Tensor, w_EOK: torch.Tensor) -> bool:
     """On CUDA, torch's own grouped GEMM (CUTLASS) where it runs: bf16 with 16-byte aligned strides. On an H200 it
     ran the DeepSeek-V3 expert shapes 1.47x faster than our Triton bf16 kernel (docs/PERFORMANCE.md); fp32 (not
@@ -344,7 +364,7 @@ def grouped_gemm(
         # autocast does not reach inside our Functions: cast here, as it casts nn.Linear's operands (the casts are
         # differentiable, so fp32 master weights still receive fp32 gradients); FP8 quantizes from any dtype
         dtype = torch.get_autocast_dtype(device_type)
-        x_RK, w_EOK = x_RK.to(dtype), w_EOK.to(dtype)
+        x_RK, w_EOK = x_RK.to(dtype), autocast_weight(w_EOK, dtype)
     if not fp8 and (not triton_path or (backend == "auto" and _torch_grouped_mm_wins(x_RK, w_EOK))):
         from dsalign.kernels.moe import grouped_mm
 

@@ -185,3 +185,20 @@ def test_bf16_grouped_gemm_auto_on_cuda_matches_loop():
     gxr, gwr = torch.autograd.grad(yr, (xr, wr), dy.float())
     for got, want in ((y, yr), (gx, gxr), (gw, gwr)):
         assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_autocast_weight_copy_is_reused_until_the_weight_changes():
+    """Rollout under the trainer's bf16 autocast: without gradients the experts' bf16 copy is made once per weight
+    version (a decode step used to copy every expert stack again); with gradients the cast stays in the graph."""
+    from dsalign.kernels.grouped_gemm import autocast_weight
+
+    w = torch.randn(4, 8, 16, requires_grad=True)
+    with torch.no_grad():
+        first = autocast_weight(w, torch.bfloat16)
+        assert autocast_weight(w, torch.bfloat16) is first and first.dtype == torch.bfloat16
+        w.add_(1.0)  # an optimizer step
+        second = autocast_weight(w, torch.bfloat16)
+    assert second is not first and torch.equal(second, (w.detach() + 0).to(torch.bfloat16))
+    cast = autocast_weight(w, torch.bfloat16)  # grad mode: a differentiable cast
+    assert cast.requires_grad and cast.grad_fn is not None
+    assert autocast_weight(cast, torch.bfloat16) is cast
