@@ -243,13 +243,14 @@ def _use_tma(a_fp8: torch.Tensor, b_fp8: torch.Tensor, c: torch.Tensor, kernel: 
             )
         return True
     # auto: the bulk-copy engine exists from Hopper (sm_90) on; the interpreter runs the pointer kernel by default
-    return eligible and c.is_cuda and _has_tma(c.device.index if c.device.index is not None else -1)
+    if not (eligible and c.is_cuda):
+        return False
+    return _has_tma(c.device.index if c.device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
 def _has_tma(device_index: int) -> bool:
-    index = torch.cuda.current_device() if device_index < 0 else device_index
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _m_bucket(m: int) -> int:
