@@ -272,6 +272,9 @@ class RolloutEngine:
             if dst.shape != value.shape:
                 raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, model has {tuple(dst.shape)}")
             dst.copy_(value.detach())
+        from dsalign.kernels.grouped_gemm import clear_autocast_weights
+
+        clear_autocast_weights()
         for module in self.model.modules():
             for attr in ("fp8_cache", "caches"):
                 caches = getattr(module, attr, None)

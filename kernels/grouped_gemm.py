@@ -309,7 +309,8 @@ _CAST_CACHE = WeakIdKeyDictionary()  # tensor -> (key, cast copy); by identity (
 def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w`` in the autocast dtype. With gradients the cast is part of the graph (as autocast casts ``nn.Linear``
     weights once per region); without (rollout under the trainer's autocast) the copy is kept per weight and
-    version, so a decode step does not copy every expert stack again: only an optimizer step (a new version) does."""
+    version, so a decode step does not copy every expert stack again: only a weight update does (a new version, or
+    ``clear_autocast_weights``, which the trainer calls after each optimizer step)."""
     if w.dtype == dtype:
         return w
     if torch.is_grad_enabled() and w.requires_grad:
@@ -320,6 +321,12 @@ def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         hit = (key, w.detach().to(dtype))
         _CAST_CACHE[w] = hit
     return hit[1]
+
+
+def clear_autocast_weights() -> None:
+    """Drop every cached autocast copy (``autocast_weight``): call after an optimizer step, since fused AdamW and
+    ZeRO update weights without moving the version counter the cache keys on."""
+    _CAST_CACHE.clear()
 
 
 def _torch_grouped_mm_wins(x_RK: torch.Tensor, w_EOK: torch.Tensor) -> bool:

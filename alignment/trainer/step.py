@@ -181,7 +181,11 @@ def refresh_fp8_weights(model: nn.Module) -> None:
     The FP8 caches (``FP8Linear.fp8_cache``, the experts' ``fp8_caches``) requantize when a weight's version counter
     moves, but not every in-place update moves it: torch's fused AdamW and ZeRO's copies through ``.data`` do not,
     and a stale copy silently trains against old weights. Invalidating after each step is cheap and always right.
+    The experts' cached autocast copies (bf16 rollout under the trainer's autocast) are dropped for the same reason.
     """
+    from dsalign.kernels.grouped_gemm import clear_autocast_weights
+
+    clear_autocast_weights()
     for module in model.modules():
         cache = getattr(module, "fp8_cache", None)
         if cache is not None:
