@@ -86,6 +86,19 @@ if HAS_TRITON:
             for bm, bn, w, s in (shapes if _autotune() else shapes[:1])
         ]
 
+    @triton.jit
+    def _tile_of_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of this program, in grouped launch order: GROUP_M row tiles share the same B
+        columns while those are hot in L2."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        first_m = pid // (GROUP_M * num_n) * GROUP_M
+        group_size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        return pid_m, pid_n
+
     def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
         """Skip tiles far larger than the problem (decode-sized M, narrow N): fewer configs to compile and time."""
         m, n = named_args["M_BUCKET"], named_args["N"]
@@ -105,15 +118,7 @@ if HAS_TRITON:
         B_SCALE_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        # grouped launch order: GROUP_M row-tiles share the same B columns while they are hot in L2
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         # int64 row/column offsets: an operand past 2**31 elements (the wgrad's x^T at K x ~117k tokens) would
         # overflow int32 offset * stride products
@@ -174,14 +179,7 @@ if HAS_TRITON:
         """The same GEMM with A, B and C moved by the tensor-memory-accelerator (Hopper's bulk copies): tiles arrive
         in shared memory without address arithmetic in the loop, out-of-bounds reads come back as zeros and
         out-of-bounds writes are dropped, so the loop carries no masks. Needs K-contiguous, 16-byte aligned A and B."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-        pid_n = (pid % (GROUP_M * num_n)) // group_size
+        pid_m, pid_n = _tile_of_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)
