@@ -345,6 +345,9 @@ class RolloutEngine:
             return out
         finally:
             self.model.train(was_training)
+            from dsalign.kernels.grouped_gemm import clear_autocast_weights
+
+            clear_autocast_weights()  # the experts' autocast copies served this call's decode steps
 
     def _finish_ep(self) -> None:
         if self._lockstep is not None and not self._lockstep.deferred:

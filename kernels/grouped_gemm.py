@@ -307,13 +307,16 @@ _CAST_CACHE = WeakIdKeyDictionary()  # tensor -> (key, cast copy); by identity (
 
 
 def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w`` in the autocast dtype. With gradients the cast is part of the graph (as autocast casts ``nn.Linear``
-    weights once per region); without (rollout under the trainer's autocast) the copy is kept per weight and
-    version, so a decode step does not copy every expert stack again: only a weight update does (a new version, or
-    ``clear_autocast_weights``, which the trainer calls after each optimizer step)."""
+    """``w`` in the autocast dtype. With gradients enabled a fresh cast (part of the graph, as autocast casts
+    ``nn.Linear`` weights); without (rollout under the trainer's autocast) the copy is kept per weight and version,
+    so a decode step does not copy every expert stack again. ``clear_autocast_weights`` drops the copies: the
+    engine at the end of each ``generate`` (they would otherwise sit through the training step's peak memory) and
+    the trainer after each optimizer step (fused AdamW does not move the version counter)."""
     if w.dtype == dtype:
         return w
-    if torch.is_grad_enabled() and w.requires_grad:
+    if torch.is_grad_enabled() or hasattr(w, "ds_id"):
+        # training forward: a fresh cast (a copy cached under inference mode cannot be saved for backward, even for
+        # frozen experts under LoRA); ZeRO-3 weights are gathered per forward: nothing to keep
         return w.to(dtype)
     key = (w.data_ptr(), -1 if w.is_inference() else w._version, dtype)
     hit = _CAST_CACHE.get(w)

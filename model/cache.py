@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from dsalign.kernels.quant import scale_from_amax
 
 from .config import ModelConfig
 
@@ -161,6 +162,9 @@ class FP8LatentCache(LatentCache):
     ):
         self._init_dims(cfg, batch_size, max_len, num_layers, device)
         self.tile = min(128, self.kv_lora_rank)
+        # an FP8 model with power-of-two scales caches latents already quantized that way (MLA._as_kv_b_input):
+        # the same scale rule re-quantizes them exactly, amax/448 would round them a second time
+        self.pow2 = bool(cfg.fp8 and cfg.fp8_pow2_scales)
         if self.kv_lora_rank % self.tile:
             raise ValueError(f"FP8LatentCache: kv_lora_rank={self.kv_lora_rank} is not a multiple of 128")
         shape = (self.num_layers, batch_size, max_len)
@@ -188,7 +192,7 @@ class FP8LatentCache(LatentCache):
     def write(self, layer, c_kv_BTC, k_pe_BTR, position_ids_BT, valid_BT=None) -> None:
         b_idx, t_idx, pos = self._slots(position_ids_BT, valid_BT)
         c_NGt = c_kv_BTC[b_idx, t_idx].float().unflatten(-1, (-1, self.tile))
-        scale_NG = c_NGt.abs().amax(dim=-1).clamp(min=1e-4) / self.FP8_MAX
+        scale_NG = scale_from_amax(c_NGt.abs().amax(dim=-1), self.pow2)
         self.c_kv[layer, b_idx, pos] = (c_NGt / scale_NG[..., None]).to(torch.float8_e4m3fn).flatten(-2)
         self.scale[layer, b_idx, pos] = scale_NG
         self.k_pe[layer, b_idx, pos] = k_pe_BTR[b_idx, t_idx].to(torch.bfloat16)

@@ -146,7 +146,9 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         # would cost N times the disk; loading re-partitions rank 0's copy); buffers (router biases) are not
         # partitioned and every rank keeps its own. Otherwise each rank's state is its own (its expert shard).
         zero3 = any(hasattr(p, "ds_id") for p in runner.model.parameters())
-        params = {name for name, _ in runner.model.named_parameters()} if zero3 and rank != 0 else set()
+        params = set()
+        if zero3 and rank != 0:  # every name of every parameter, tied ones (embedding / head) included
+            params = {name for name, _ in runner.model.named_parameters(remove_duplicate=False)}
         with gathered_parameters(runner.model):
             model_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items() if k not in params}
         payload = {
@@ -227,13 +229,16 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
     with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: rank 0's parameters, re-partitioned to all
         if zero3 and rank != 0:  # this rank's file holds its buffers only (see save_training_checkpoint)
             missing, unexpected = runner.model.load_state_dict(payload["model"], strict=False)
-            params = {name for name, _ in runner.model.named_parameters()}
+            params = {name for name, _ in runner.model.named_parameters(remove_duplicate=False)}
             if unexpected or set(missing) - params:
                 raise ValueError(f"{shard}: does not match the model (missing {sorted(set(missing) - params)[:5]}, "
                                  f"unexpected {unexpected[:5]})")  # fmt: skip
         else:
             runner.model.load_state_dict(payload["model"])
     runner.load_state_dict(payload["runner"])
+    from .step import refresh_fp8_weights
+
+    refresh_fp8_weights(runner.model)  # restores through .data do not move the version counters the caches key on
     set_rng_state(payload["rng"])
     return int(meta["step"]), payload["data_state"]
 

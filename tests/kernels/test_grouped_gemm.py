@@ -202,3 +202,9 @@ def test_autocast_weight_copy_is_reused_until_the_weight_changes():
     cast = autocast_weight(w, torch.bfloat16)  # grad mode: a differentiable cast
     assert cast.requires_grad and cast.grad_fn is not None
     assert autocast_weight(cast, torch.bfloat16) is cast
+    # a frozen weight (experts under LoRA) cached during rollout (inference mode), then a training forward: never
+    # the inference copy, which backward cannot save
+    frozen = torch.randn(4, 8, 16)
+    with torch.inference_mode():
+        assert autocast_weight(frozen, torch.bfloat16).is_inference()
+    assert not autocast_weight(frozen, torch.bfloat16).is_inference()

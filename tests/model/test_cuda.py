@@ -47,8 +47,9 @@ def test_fp32_model_on_cuda_matches_transformers(tmp_path):
 
 @contextlib.contextmanager
 def gemm_noise(rel: float, seed: int = 0):
-    """Every FP8 GEMM output times ``1 + rel * N(0, 1)``: a perturbation the size of the fp8 tensor cores'
-    accumulation error (``rel = 2**-13``), to measure how far that alone moves a model's outputs."""
+    """Every ``fp8_gemm`` output (the FP8 linears; not the grouped expert kernels) times ``1 + rel * N(0, 1)``: a
+    perturbation the size of the fp8 tensor cores' accumulation error (``rel = 2**-13``), to measure how far that
+    alone moves a model's outputs (leaving the experts out makes the yardstick, hence the bound, stricter)."""
     import dsalign.kernels.fp8_gemm as fg
 
     original, g = fg.fp8_gemm, torch.Generator().manual_seed(seed)
@@ -71,7 +72,7 @@ ACCUMULATION_NOISE = 2.0**-13  # ~14-bit accumulation inside an fp8 wgmma (DeepS
 def fp8_step_errors(device: str) -> dict[str, float]:
     """One FP8 forward + backward on ``device`` vs the CPU torch emulation, beside two yardsticks measured on the
     emulation itself: the same step with accumulation-sized noise on every FP8 GEMM, and the fp32 model."""
-    cfg = tiny(fp8=True, first_k_dense_replace=3)
+    cfg = tiny(fp8=True, first_k_dense_replace=3, num_nextn_predict_layers=0)  # no MoE anywhere (the MTP block is)
     torch.manual_seed(0)
     ref = Transformer(cfg).train()
     models = {"emulation": (ref, "cpu", 0.0), "noisy": (Transformer(cfg).train(), "cpu", ACCUMULATION_NOISE),

@@ -130,3 +130,20 @@ def test_cache_write_slots_are_found_once_per_forward(monkeypatch):
             model(x[:, -1:], attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)
         assert len(calls) == 2
         calls.clear()
+
+
+def test_fp8_cache_keeps_pow2_quantized_latents_exact():
+    """An FP8 model with power-of-two scales caches its latents quantized that way (as kv_b_proj sees them): the
+    FP8 cache re-quantizes them with the same rule, exactly (amax/448 scales rounded them a second time)."""
+    from dsalign.kernels.quant import dequantize_ref, quantize_act
+    from dsalign.model import FP8LatentCache
+
+    cfg = tiny(fp8=True, fp8_pow2_scales=True)
+    torch.manual_seed(0)
+    c = torch.randn(2, 5, cfg.kv_lora_rank)
+    q, s = quantize_act(c.reshape(-1, cfg.kv_lora_rank), pow2=True)
+    c_qdq = dequantize_ref(q, s, 1).view(c.shape)
+    cache = FP8LatentCache(cfg, batch_size=2, max_len=8)
+    cache.write(0, c_qdq, torch.zeros(2, 5, cfg.qk_rope_head_dim), torch.arange(5).expand(2, 5))
+    got, _ = cache.read(0, 5)
+    assert torch.equal(got.float(), c_qdq)
