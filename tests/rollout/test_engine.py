@@ -303,3 +303,29 @@ def test_expert_parallel_ranks_generate_unequal_work_in_step(launch_workers, spe
     assert all("ok" in out for out in outputs), outputs
     dummies = [int(out.rsplit("dummy forwards", 1)[1]) for out in outputs]
     assert dummies[1] > 0  # rank 1 (less work) kept serving rank 0's forwards
+
+
+def test_fp8_logprobs_match_training_forward_with_lora_on_kv_b():
+    """LoRA on an FP8 kv_b_proj: the absorbed decode applies (fp8 weight + adapter delta) to the quantized cached
+    latent, so the training forward feeds its adapters that latent too (they saw the raw one: 0.2 apart)."""
+    from dsalign.alignment.trainer.lora import LoraSettings, apply_lora
+
+    model = tiny_model(seed=1, fp8=True)
+    apply_lora(model, LoraSettings(r=4, alpha=8.0, target_modules=("kv_b_proj",)))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3, generator=g)  # adapters that have trained
+        model.lm_head.weight.mul_(10)
+    model.eval()
+    prompts = _prompts(model.cfg.vocab_size, seed=1)
+    sp = SamplingParams(max_new_tokens=8, temperature=0.7, seed=5, ignore_eos=True)
+    worst = 0.0
+    with torch.no_grad():
+        for c in RolloutEngine(model, max_batch_size=4, max_len=64).generate(prompts, sp):
+            logits = model(torch.tensor([c.prompt_ids + c.token_ids])).logits[0].float() / 0.7
+            P, L = len(c.prompt_ids), len(c.token_ids)
+            want = torch.log_softmax(logits[P - 1 : P + L - 1], dim=-1).gather(1, torch.tensor(c.token_ids)[:, None])
+            worst = max(worst, (want[:, 0] - torch.tensor(c.logprobs)).abs().max().item())
+    assert worst <= 1e-5, worst
