@@ -112,7 +112,7 @@ class _EPLockstep:
     (``drain``) keeps serving dummies until every rank is done.
     """
 
-    MODEL, MTP, IDLE = 0, 1, 2
+    ABORT, MODEL, MTP, IDLE = -1, 0, 1, 2
 
     def __init__(self, model: Transformer, group, device: torch.device):
         self.model, self.group = model, group
@@ -138,7 +138,16 @@ class _EPLockstep:
     def _agree(self, want: int) -> int:
         t = torch.tensor([want], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return int(t.item())
+        turn = int(t.item())
+        if turn == self.ABORT and want != self.ABORT:
+            raise RuntimeError("generate: another rank of the expert-parallel group refused its requests (its own "
+                               "error says why); this rank stops too instead of waiting for it")  # fmt: skip
+        return turn
+
+    def abort(self) -> None:
+        """Called by a rank whose requests failed validation before it ran any forward: the others, waiting to
+        agree on the next forward, raise instead of waiting for this rank until the group's timeout."""
+        self._agree(self.ABORT)
 
     def run(self, kind: int, forward: Callable[[], Any]) -> Any:
         while (turn := self._agree(kind)) != kind:
@@ -328,15 +337,12 @@ class RolloutEngine:
         if not prompts:
             self._finish_ep()  # this rank has nothing to decode; the others may
             return []
-        if isinstance(params, SamplingParams) or params is None:
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
-        for p in params:
-            if p.stop_strings and self.tokenizer is None:
-                raise ValueError("generate: stop strings need a tokenizer (pass tokenizer= to the engine)")
-            p.validate()
-        ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        try:
+            params, ids = self._validate(prompts, params)
+        except Exception:
+            if self._lockstep is not None:  # the other EP ranks would wait for this one's forwards
+                self._lockstep.abort()
+            raise
         was_training = self.model.training  # a colocated trainer may have switched the shared model to train mode
         self.model.eval()
         try:
@@ -348,6 +354,17 @@ class RolloutEngine:
             from dsalign.kernels.grouped_gemm import clear_autocast_weights
 
             clear_autocast_weights()  # the experts' autocast copies served this call's decode steps
+
+    def _validate(self, prompts, params) -> tuple[list[SamplingParams], list[list[int]]]:
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        for p in params:
+            if p.stop_strings and self.tokenizer is None:
+                raise ValueError("generate: stop strings need a tokenizer (pass tokenizer= to the engine)")
+            p.validate()
+        return params, [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
 
     def _finish_ep(self) -> None:
         if self._lockstep is not None and not self._lockstep.deferred:

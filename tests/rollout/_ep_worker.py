@@ -17,8 +17,21 @@ from dsalign.alignment.trainer.distributed import ParallelGroups, shard_experts
 from dsalign.model import ModelConfig, Transformer
 
 
+def refused_requests(rank: int, ep: RolloutEngine) -> None:
+    """Rank 1 passes a prompt longer than the context: it raises at validation, and rank 0, waiting for rank 1's
+    forwards, raises too (it used to wait until the group's timeout)."""
+    sp = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    try:
+        ep.generate([[5] * (200 if rank == 1 else 4)], sp)
+    except (ValueError, RuntimeError) as e:
+        print(f"rank {rank}: raised {type(e).__name__}: {e}")
+    else:
+        print(f"rank {rank}: no error")
+
+
 def main() -> None:
-    rank, world, port, speculative = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+    rank, world, port, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    speculative = mode == "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -26,6 +39,10 @@ def main() -> None:
     sharded = copy.deepcopy(full)
     shard_experts(sharded, ParallelGroups(ep_size=world, ep_group=dist.group.WORLD, edp_group=None, group_name="ep"))
     ep = RolloutEngine(sharded, max_batch_size=2, max_len=96, speculative=speculative)
+    if mode == "refuse":
+        refused_requests(rank, ep)
+        dist.destroy_process_group()
+        return
     ref = RolloutEngine(full, max_batch_size=2, max_len=96, speculative=speculative)
     g = torch.Generator().manual_seed(rank)
     prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (5, 9, 3)]

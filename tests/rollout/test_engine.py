@@ -329,3 +329,15 @@ def test_fp8_logprobs_match_training_forward_with_lora_on_kv_b():
             want = torch.log_softmax(logits[P - 1 : P + L - 1], dim=-1).gather(1, torch.tensor(c.token_ids)[:, None])
             worst = max(worst, (want[:, 0] - torch.tensor(c.logprobs)).abs().max().item())
     assert worst <= 1e-5, worst
+
+
+@pytest.mark.distributed
+def test_expert_parallel_rank_refusing_its_requests_stops_the_others(launch_workers):
+    """A rank whose requests fail validation tells the EP group (instead of leaving the others waiting for its
+    forwards until the process group's timeout): every rank raises promptly."""
+    import pathlib
+
+    script = str(pathlib.Path(__file__).with_name("_ep_worker.py"))
+    rank0, rank1 = launch_workers(script, 2, ["refuse"], timeout=120)
+    assert "rank 1: raised ValueError" in rank1 and "does not fit the context" in rank1
+    assert "rank 0: raised RuntimeError: generate: another rank of the expert-parallel group refused" in rank0
