@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dsalign.kernels.grouped_gemm import clear_autocast_weights, invalidate_weight_caches
 from dsalign.model import FP8LatentCache, LatentCache, Transformer, build_attention_mask
 from torch import Tensor
 
@@ -114,16 +115,16 @@ class _EPLockstep:
 
     ABORT, MODEL, MTP, IDLE = -1, 0, 1, 2
 
-    def __init__(self, model: Transformer, group, device: torch.device):
+    def __init__(self, model: Transformer, group):
+        from dsalign.alignment.trainer.step import collective_device  # an EP group exists only beside a trainer
+
         self.model, self.group = model, group
-        # NCCL reduces device tensors, gloo CPU ones
-        backend = torch.distributed.get_backend(group)
-        self.device = device if backend == "nccl" else torch.device("cpu")
+        self.device = collective_device(group)
         self.deferred = 0  # > 0 inside ``phase()``: drain at its end, not after each generate call
         self.dummy_forwards = 0
 
     @staticmethod
-    def for_model(model: Transformer, device: torch.device) -> _EPLockstep | None:
+    def for_model(model: Transformer) -> _EPLockstep | None:
         from dsalign.model.moe import GroupedExperts
 
         groups = {id(m.ep_group): m.ep_group for m in model.modules() if isinstance(m, GroupedExperts) and
@@ -133,7 +134,7 @@ class _EPLockstep:
         if len(groups) > 1:
             raise ValueError("RolloutEngine: the model's MoE layers use different expert-parallel groups")
         group = next(iter(groups.values()))
-        return _EPLockstep(model, group, device) if torch.distributed.get_world_size(group) > 1 else None
+        return _EPLockstep(model, group) if torch.distributed.get_world_size(group) > 1 else None
 
     def _agree(self, want: int) -> int:
         t = torch.tensor([want], dtype=torch.int64, device=self.device)
@@ -217,7 +218,7 @@ class RolloutEngine:
         self.default_stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.last_stats = GenerationStats()
         # expert-sharded model (colocated with an EP trainer): forwards run in step across the EP group
-        self._lockstep = _EPLockstep.for_model(model, self.device)
+        self._lockstep = _EPLockstep.for_model(model)
 
     def _forward(self, kind: int, forward: Callable[[], Any]) -> Any:
         return forward() if self._lockstep is None else self._lockstep.run(kind, forward)
@@ -281,15 +282,7 @@ class RolloutEngine:
             if dst.shape != value.shape:
                 raise ValueError(f"update_weights: {name} has shape {tuple(value.shape)}, model has {tuple(dst.shape)}")
             dst.copy_(value.detach())
-        from dsalign.kernels.grouped_gemm import clear_autocast_weights
-
-        clear_autocast_weights()
-        for module in self.model.modules():
-            for attr in ("fp8_cache", "caches"):
-                caches = getattr(module, attr, None)
-                for c in caches if isinstance(caches, (tuple, list)) else [caches]:
-                    if hasattr(c, "invalidate"):
-                        c.invalidate()
+        invalidate_weight_caches(self.model)
         return len(state_dict)
 
     # ------------------------------------------------------------------ prompts
@@ -351,8 +344,6 @@ class RolloutEngine:
             return out
         finally:
             self.model.train(was_training)
-            from dsalign.kernels.grouped_gemm import clear_autocast_weights
-
             clear_autocast_weights()  # the experts' autocast copies served this call's decode steps
 
     def _validate(self, prompts, params) -> tuple[list[SamplingParams], list[list[int]]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from dsalign.kernels.grouped_gemm import ExpertWeightCache
-from dsalign.kernels.moe import permute_by_expert, swiglu_experts
+from dsalign.kernels.moe import combine_rows, permute_by_expert, swiglu_experts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -101,7 +101,6 @@ def ep_moe_forward(
             f"ep_moe_forward: expert ids must lie in [0, {num_experts}) for EP={world} x {n_local} local experts; "
             f"got [{int(topk_idx_NK.min())}, {int(topk_idx_NK.max())}]"
         )
-    num_tokens = topk_idx_NK.shape[0]
     order, token_of_row, counts_E = permute_by_expert(topk_idx_NK, num_experts)
     counts_WL = counts_E.view(world, n_local)
     recv_WL = exchange_counts(counts_WL, group)
@@ -117,9 +116,4 @@ def ep_moe_forward(
     inverse[regroup] = torch.arange(regroup.numel(), device=regroup.device)
     y_back = y_rows.index_select(0, inverse)
     y_sorted = all_to_all(y_back, recv_splits, send_splits, group)
-
-    acc_dtype = torch.promote_types(y_sorted.dtype, x_NH.dtype)  # bf16 experts under autocast: sum in fp32
-    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(acc_dtype)
-    out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=acc_dtype, device=x_NH.device)
-    out = out.index_add(0, token_of_row, y_sorted.to(acc_dtype) * weight_sorted[:, None])
-    return out.to(x_NH.dtype)
+    return combine_rows(y_sorted, topk_weight_NK, order, token_of_row, x_NH)

@@ -332,18 +332,24 @@ def clear_autocast_weights() -> None:
     _CAST_CACHE.clear()
 
 
+def invalidate_weight_caches(model: torch.nn.Module) -> None:
+    """Drop every copy derived from ``model``'s weights: the FP8 copies (``FP8Linear.fp8_cache``, the experts'
+    ``fp8_caches``) and the experts' autocast copies. Call after any weight update: the caches key on version
+    counters, which fused AdamW and ZeRO's writes through ``.data`` do not move."""
+    clear_autocast_weights()
+    for module in model.modules():
+        cache = getattr(module, "fp8_cache", None)
+        for c in ([cache] if cache is not None else []) + list(getattr(module, "fp8_caches", None) or ()):
+            c.invalidate()
+
+
 def _torch_grouped_mm_wins(x_RK: torch.Tensor, w_EOK: torch.Tensor) -> bool:
     """On CUDA, torch's own grouped GEMM (CUTLASS) where it runs: bf16 with 16-byte aligned strides. On an H200 it
     ran the DeepSeek-V3 expert shapes 1.47x faster than our Triton bf16 kernel (docs/PERFORMANCE.md); fp32 (not
     supported there) and FP8 (block scales) stay on Triton."""
-    from dsalign.kernels.moe import _aligned16, _grouped_mm_supported
+    from dsalign.kernels.moe import torch_grouped_mm_runs
 
-    return (
-        x_RK.is_cuda
-        and x_RK.dtype == torch.bfloat16
-        and _grouped_mm_supported(x_RK.device, x_RK.dtype)
-        and _aligned16(x_RK, w_EOK.transpose(1, 2))
-    )
+    return x_RK.is_cuda and x_RK.dtype == torch.bfloat16 and torch_grouped_mm_runs(x_RK, w_EOK)
 
 
 def grouped_gemm(

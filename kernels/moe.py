@@ -63,6 +63,25 @@ def _aligned16(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def torch_grouped_mm_runs(x_NK: torch.Tensor, w_EOK: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``x @ w[e].T`` here: the backend supports the dtype, there are rows, and
+    the operands are 16-byte aligned."""
+    return x_NK.shape[0] > 0 and _grouped_mm_supported(x_NK.device, x_NK.dtype) and _aligned16(
+        x_NK, w_EOK.transpose(1, 2)
+    )
+
+
+def combine_rows(y_sorted: torch.Tensor, topk_weight_NK: torch.Tensor, order: torch.Tensor, token_of_row: torch.Tensor,
+                 x_NH: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``sum_k w_k * y_k`` per token from expert-sorted rows (``permute_by_expert``'s ``order`` / ``token_of_row``),
+    summed in fp32 when the experts ran in bf16 under autocast; returned in x's dtype."""
+    acc_dtype = torch.promote_types(y_sorted.dtype, x_NH.dtype)
+    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(acc_dtype)
+    out = torch.zeros(x_NH.shape[0], x_NH.shape[-1], dtype=acc_dtype, device=x_NH.device)
+    out.index_add_(0, token_of_row, y_sorted.to(acc_dtype) * weight_sorted[:, None])
+    return out.to(x_NH.dtype)
+
+
 def grouped_mm_padded(x_NK: torch.Tensor, w_EKO: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Grouped GEMM through one padded ``bmm``: rows of group e (contiguous in ``x``) times ``w[e]``.
 
@@ -106,7 +125,7 @@ def grouped_mm(x_NK: torch.Tensor, w_EOK: torch.Tensor, counts_E: torch.Tensor) 
     if rows and cpu_gemm.use_onednn(x_NK, w_EOK, per_group, in_features, out_features):
         return cpu_gemm.grouped_mm(x_NK, w_EOK, counts_E)
     w_EKO = w_EOK.transpose(1, 2)
-    if _grouped_mm_supported(x_NK.device, x_NK.dtype) and rows > 0 and _aligned16(x_NK, w_EKO):
+    if torch_grouped_mm_runs(x_NK, w_EOK):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x_NK, w_EKO, offs=offs))
     return grouped_mm_padded(x_NK, w_EKO, counts_E)
@@ -171,15 +190,10 @@ def moe_experts_forward(
     Returns:
         [N, H] in x's dtype; differentiable w.r.t. x, the weights and the combine weights.
     """
-    num_tokens, top_k = topk_idx_NK.shape
     order, token_of_row, counts_E = permute_by_expert(topk_idx_NK, gate_up_proj.shape[0])
     x_sorted = x_NH.index_select(0, token_of_row)
     y_sorted = swiglu_experts(x_sorted, gate_up_proj, down_proj, counts_E, fp8=fp8, backend=backend, caches=caches)
-    acc_dtype = torch.promote_types(y_sorted.dtype, x_NH.dtype)  # bf16 experts under autocast: sum in fp32
-    weight_sorted = topk_weight_NK.reshape(-1).index_select(0, order).to(acc_dtype)
-    out = torch.zeros(num_tokens, x_NH.shape[-1], dtype=acc_dtype, device=x_NH.device)
-    out.index_add_(0, token_of_row, y_sorted.to(acc_dtype) * weight_sorted[:, None])
-    return out.to(x_NH.dtype)
+    return combine_rows(y_sorted, topk_weight_NK, order, token_of_row, x_NH)
 
 
 def moe_experts_reference(

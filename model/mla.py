@@ -237,10 +237,10 @@ class MLA(nn.Module):
 
     def _attend_naive(self, q_nope, q_pe, c_kv_BSC, k_pe_BSR, mask_BTS) -> torch.Tensor:
         B, S = c_kv_BSC.shape[:2]
-        if self.kv_b_proj is not getattr(self.kv_b_proj, "base_layer", self.kv_b_proj):
-            # LoRA over kv_b_proj: its adapters see the latent as the FP8 base does (quantized-dequantized; the
+        if hasattr(self.kv_b_proj, "base_layer") and (c_in := self._as_kv_b_input(c_kv_BSC)) is not c_kv_BSC:
+            # LoRA over an FP8 kv_b_proj: its adapters see the latent as the base does (quantized-dequantized; the
             # gradient passes straight through), as the absorbed decode applies base + delta to the cached latent
-            c_kv_BSC = c_kv_BSC + (self._as_kv_b_input(c_kv_BSC) - c_kv_BSC).detach()
+            c_kv_BSC = c_kv_BSC + (c_in - c_kv_BSC).detach()
         kv_BSHK = self.kv_b_proj(c_kv_BSC).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope_BSHN, v_BSHV = kv_BSHK.split([self.nope_dim, self.v_dim], dim=-1)
         k_pe_BSHR = k_pe_BSR[:, :, None, :].expand(-1, -1, self.n_heads, -1)

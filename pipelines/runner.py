@@ -101,29 +101,6 @@ def resolve_sources(cfg: RunConfig, stage: StageConfig, state: RunState) -> dict
     return out
 
 
-def _run_stages(cfg: RunConfig, state: RunState, resume: bool, progress: bool, state_path: Path, tokenizer_dir,
-                changed: list[str], labels: dict[str, str], evaluate) -> None:  # fmt: skip
-    """Every stage in order (finished ones skipped), each followed by its evaluations."""
-    for stage in cfg.stages:
-        if stage.name in state.finished:
-            ignored = [c for c in changed if c.startswith(f"stages[{cfg.stages.index(stage)}].")]
-            print(f"[run] stage {stage.name}: finished earlier ({state.finished[stage.name]}); not run again"
-                  + (f", so these changes do not apply to it: {'; '.join(ignored)} (delete its final/ directory to "
-                     "run it again with them)" if ignored else ""), flush=True)  # fmt: skip
-            continue
-        vs = labels[stage.name]
-        if vs not in state.per_prompt and not comparison_source(stage).from_stage:
-            evaluate(resolve_sources(cfg, stage, state)["teacher" if stage.kind == "distill" else "model"], vs)
-        print(f"[run] stage {stage.name} ({stage.kind}) starting", flush=True)
-        ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress, state_path)
-        state.finished[stage.name] = ckpt
-        state.save(state_path)
-        evaluate({"checkpoint": ckpt, "overrides": {}}, stage.name, vs=vs)
-        if stage.data.length_target is not None:
-            evaluate({"checkpoint": ckpt, "overrides": {}}, f"{stage.name} (budget prompts)", stage.data.length_target,
-                     vs=vs)  # fmt: skip
-
-
 def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState:
     """Run every stage of ``cfg``; with ``resume`` finished stages are skipped and a partial one continues."""
     from . import actors
@@ -179,7 +156,24 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     labels = comparison_labels(cfg)
     stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
     try:
-        _run_stages(cfg, state, resume, progress, state_path, tokenizer_dir, changed, labels, evaluate)
+        for stage in cfg.stages:
+            if stage.name in state.finished:
+                ignored = [c for c in changed if c.startswith(f"stages[{cfg.stages.index(stage)}].")]
+                print(f"[run] stage {stage.name}: finished earlier ({state.finished[stage.name]}); not run again"
+                      + (f", so these changes do not apply to it: {'; '.join(ignored)} (delete its final/ directory "
+                         "to run it again with them)" if ignored else ""), flush=True)  # fmt: skip
+                continue
+            vs = labels[stage.name]
+            if vs not in state.per_prompt and not comparison_source(stage).from_stage:
+                evaluate(resolve_sources(cfg, stage, state)["teacher" if stage.kind == "distill" else "model"], vs)
+            print(f"[run] stage {stage.name} ({stage.kind}) starting", flush=True)
+            ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress, state_path)
+            state.finished[stage.name] = ckpt
+            state.save(state_path)
+            final = {"checkpoint": ckpt, "overrides": {}}
+            evaluate(final, stage.name, vs=vs)
+            if stage.data.length_target is not None:
+                evaluate(final, f"{stage.name} (budget prompts)", stage.data.length_target, vs=vs)
     except StageFailed as e:  # keep what the run learned: the evaluations so far, the curves up to the failure
         try:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from dsalign.model import save_checkpoint as save_hf_checkpoint
 
-from .distributed import full_model_for_export, gathered_parameters
+from .distributed import full_model_for_export, gathered_parameters, is_zero3
 from .step import Runner
 
 _ASIDE_PREFIX = ".old-"
@@ -118,6 +118,11 @@ def _shared_tmp_name(step: int) -> str:
     return name[0]
 
 
+def _parameter_names(model: torch.nn.Module) -> set[str]:
+    """Every name of every parameter, tied ones (embedding / head) under each of their names."""
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)}
+
+
 def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_state: Any = None,
                              keep_last: int = 3) -> Path:  # fmt: skip
     """Save everything needed to continue bit-exactly after ``step`` optimizer steps; returns the final path.
@@ -145,10 +150,7 @@ def save_training_checkpoint(root: str | Path, step: int, runner: Runner, data_s
         # ZeRO-3: every rank holds the same full parameters inside the gather, so only rank 0 writes them (N copies
         # would cost N times the disk; loading re-partitions rank 0's copy); buffers (router biases) are not
         # partitioned and every rank keeps its own. Otherwise each rank's state is its own (its expert shard).
-        zero3 = any(hasattr(p, "ds_id") for p in runner.model.parameters())
-        params = set()
-        if zero3 and rank != 0:  # every name of every parameter, tied ones (embedding / head) included
-            params = {name for name, _ in runner.model.named_parameters(remove_duplicate=False)}
+        params = _parameter_names(runner.model) if is_zero3(runner.model) and rank != 0 else set()
         with gathered_parameters(runner.model):
             model_state = {k: v.detach().clone() for k, v in runner.model.state_dict().items() if k not in params}
         payload = {
@@ -225,14 +227,13 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise RuntimeError(f"{shard}: cannot be read ({type(e).__name__}: {e}); delete {path} to resume from the "
                            "checkpoint before it") from e  # fmt: skip
-    zero3 = any(hasattr(p, "ds_id") for p in runner.model.parameters())
     with gathered_parameters(runner.model, modifier_rank=0):  # ZeRO-3: rank 0's parameters, re-partitioned to all
-        if zero3 and rank != 0:  # this rank's file holds its buffers only (see save_training_checkpoint)
+        if is_zero3(runner.model) and rank != 0:  # this rank's file holds its buffers only (save_training_checkpoint)
             missing, unexpected = runner.model.load_state_dict(payload["model"], strict=False)
-            params = {name for name, _ in runner.model.named_parameters(remove_duplicate=False)}
-            if unexpected or set(missing) - params:
-                raise ValueError(f"{shard}: does not match the model (missing {sorted(set(missing) - params)[:5]}, "
-                                 f"unexpected {unexpected[:5]})")  # fmt: skip
+            stray = sorted(set(missing) - _parameter_names(runner.model))
+            if unexpected or stray:
+                raise ValueError(f"{shard}: does not match the model (missing {stray[:5]}, unexpected "
+                                 f"{unexpected[:5]})")  # fmt: skip
         else:
             runner.model.load_state_dict(payload["model"])
     runner.load_state_dict(payload["runner"])

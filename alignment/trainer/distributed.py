@@ -111,6 +111,11 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
+def is_zero3(model: nn.Module) -> bool:
+    """Whether ZeRO-3 partitions ``model``'s parameters (DeepSpeed sets ``ds_id`` on them)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def gathered_parameters(model: nn.Module, modifier_rank: int | None = None) -> contextlib.AbstractContextManager:
     """Context in which ZeRO-3 partitioned parameters hold their full values (collective: every rank enters it);
     with ``modifier_rank``, that rank's in-place changes are kept and re-partitioned. A no-op without ZeRO-3."""

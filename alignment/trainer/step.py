@@ -176,22 +176,15 @@ def micro_batch_shares(micro_batches: Sequence[Any], loss_fn: LossFn, group: Any
 
 
 def refresh_fp8_weights(model: nn.Module) -> None:
-    """Drop the FP8 copies of the weights after an optimizer step.
+    """Drop the FP8 (and autocast) copies of the weights after an optimizer step.
 
-    The FP8 caches (``FP8Linear.fp8_cache``, the experts' ``fp8_caches``) requantize when a weight's version counter
-    moves, but not every in-place update moves it: torch's fused AdamW and ZeRO's copies through ``.data`` do not,
-    and a stale copy silently trains against old weights. Invalidating after each step is cheap and always right.
-    The experts' cached autocast copies (bf16 rollout under the trainer's autocast) are dropped for the same reason.
+    The caches requantize when a weight's version counter moves, but not every in-place update moves it: torch's
+    fused AdamW and ZeRO's copies through ``.data`` do not, and a stale copy silently trains against old weights.
+    Invalidating after each step is cheap and always right (``kernels.grouped_gemm.invalidate_weight_caches``).
     """
-    from dsalign.kernels.grouped_gemm import clear_autocast_weights
+    from dsalign.kernels.grouped_gemm import invalidate_weight_caches
 
-    clear_autocast_weights()
-    for module in model.modules():
-        cache = getattr(module, "fp8_cache", None)
-        if cache is not None:
-            cache.invalidate()
-        for cache in getattr(module, "fp8_caches", None) or ():
-            cache.invalidate()
+    invalidate_weight_caches(model)
 
 
 def reduce_expert_counts(counts_LE: torch.Tensor | None, group: Any) -> torch.Tensor | None:

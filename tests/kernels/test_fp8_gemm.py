@@ -35,25 +35,17 @@ def _row_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm(dim=1) / ref.norm(dim=1)).mean().item()
 
 
-@pytest.mark.parametrize("device", triton_devices())
-@pytest.mark.parametrize("m, n, k", SHAPES)
-@pytest.mark.parametrize("b_block_rows", [128, 1])
-@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, None), (torch.bfloat16, 2**-7)])
-def test_fp8_gemm_triton_matches_ref(device, m, n, k, b_block_rows, out_dtype, rtol):
-    """Same fp8 inputs: the kernel and the reference differ only in accumulation (``_fp32_rtol``) and bf16 rounding."""
-    _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, "pointer")
-
-
 # the TMA kernel needs 16-byte aligned rows: K a multiple of 16, N of 8 (bf16 C) or 4 (fp32 C); edges still partial
 TMA_SHAPES = [(128, 128, 256), (67, 136, 272), (16, 8, 304), (1, 200, 128), (300, 264, 640)]
 
 
 @pytest.mark.parametrize("device", triton_devices())
-@pytest.mark.parametrize("m, n, k", TMA_SHAPES)
+@pytest.mark.parametrize("kernel, m, n, k", [("pointer", *s) for s in SHAPES] + [("tma", *s) for s in TMA_SHAPES])
 @pytest.mark.parametrize("b_block_rows", [128, 1])
 @pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, None), (torch.bfloat16, 2**-7)])
-def test_fp8_gemm_tma_kernel_matches_ref(device, m, n, k, b_block_rows, out_dtype, rtol):
-    _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, "tma")
+def test_fp8_gemm_triton_matches_ref(device, kernel, m, n, k, b_block_rows, out_dtype, rtol):
+    """Same fp8 inputs: the kernel and the reference differ only in accumulation (``_fp32_rtol``) and bf16 rounding."""
+    _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, kernel)
 
 
 def test_fp8_gemm_tma_refuses_unaligned_operands():
