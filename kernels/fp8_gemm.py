@@ -215,7 +215,9 @@ def _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows) -> tuple[int,
     return m, n, k
 
 
-KERNELS = ("auto", "tma", "pointer")
+KERNELS = ("auto", "cublas", "tma", "pointer")
+# kernel="auto" sends products cuBLAS's blockwise recipe can run there (measured faster on an H200: PERFORMANCE.md)
+AUTO_PREFERS_CUBLAS = True
 
 
 def _tma_eligible(*tensors: torch.Tensor) -> bool:
@@ -227,9 +229,52 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def cublas_blockwise_refusal(
+    a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+) -> str | None:
+    """Why ``torch._scaled_mm``'s DeepSeek-style block scaling (cuBLAS, Hopper only) cannot run this product, or None.
+
+    That path takes exactly this recipe -- A in 1x128 tiles, B in 128x128 blocks or 1x128 tiles, promotion to fp32 per
+    128 of K (on an H200 its fp32 output matched our TMA kernel's error to 3 digits) -- on sm_90 with CUDA >= 12.9 and
+    torch >= 2.9. Its operand rules as measured on an H200 (torch 2.11, CUDA 13), kept conservative here:
+      K a multiple of 512: with 128x128 blocks and ceil(K/128) not a multiple of 4 (K = 128, 256, 384, 640) cuBLAS
+        returned WRONG results without an error (relative error 0.2 to inf), so those never reach it;
+      M a multiple of 4 (M = 1 and 17 failed with CUBLAS_STATUS_NOT_SUPPORTED; 4, 8, 100 ran); N a multiple of 128;
+      A row-major, B [N, K] K-contiguous (passed as the column-major B^T); bf16 or fp32 output.
+    """
+    (m, k), n = a_fp8.shape, b_fp8.shape[0]
+    if k % 512 or n % 128 or m % 4:
+        return f"shape M={m} N={n} K={k} (needs M % 4, N % 128, K % 512 == 0)"
+    if a_fp8.stride() != (k, 1) or b_fp8.stride() != (k, 1):
+        return f"strides A {a_fp8.stride()} B {b_fp8.stride()} (needs both row-major [*, K])"
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        return f"out_dtype {out_dtype}"
+    if b_scale.shape[0] != n and not b_scale.is_contiguous():
+        return "the 128x128 block scales are not contiguous"
+    if not a_fp8.is_cuda:
+        return "not on CUDA"
+    if torch.cuda.get_device_capability(a_fp8.device) != (9, 0):
+        return f"compute capability {torch.cuda.get_device_capability(a_fp8.device)} is not sm_90"
+    if not hasattr(torch.nn.functional, "scaled_mm"):  # the blockwise recipes arrived with it (torch 2.9)
+        return f"torch {torch.__version__} has no blockwise _scaled_mm"
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    if cuda < (12, 9):
+        return f"CUDA {torch.version.cuda} < 12.9"
+    return None
+
+
+def _fp8_gemm_cublas(a_fp8, a_scale, b_fp8, b_scale, b_block_rows, out_dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` with DeepSeek-style scales: cuBLAS wants 1x128 scale grids M-major (stride (1, M)) and
+    the 128x128 grid as its [kb, N/128] transpose, with dequantization (multiplying) scales, as ours are."""
+
+    def m_major(s: torch.Tensor) -> torch.Tensor:
+        return s if s.stride(0) == 1 else s.t().contiguous().t()
+
+    b_s = m_major(b_scale).t() if b_block_rows == 1 else b_scale.t()
+    return torch._scaled_mm(a_fp8, b_fp8.t(), m_major(a_scale), b_s, out_dtype=out_dtype)
+
+
 def _use_tma(a_fp8: torch.Tensor, b_fp8: torch.Tensor, c: torch.Tensor, kernel: str) -> bool:
-    if kernel not in KERNELS:
-        raise ValueError(f"fp8_gemm: kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "pointer":
         return False
     eligible = _tma_eligible(a_fp8, b_fp8, c)
@@ -278,19 +323,27 @@ def fp8_gemm(
         b_fp8: [N, K] e4m3 (any strides); b_scale: [ceil(N/b_block_rows), ceil(K/128)] fp32.
         b_block_rows: 128 for weight blocks, 1 for 1x128 tiles.
         out_dtype: bf16 or fp32 output.
-        kernel: which Triton kernel: "tma" (bulk tensor copies, Hopper and later, aligned K-contiguous operands),
-            "pointer" (any strides, any GPU) or "auto" (TMA where it can run on CUDA, else pointer).
+        kernel: on the GPU path, which kernel: "tma" (our Triton kernel with bulk tensor copies, Hopper and later,
+            aligned K-contiguous operands), "pointer" (our Triton kernel, any strides, any GPU), "cublas"
+            (``torch._scaled_mm``'s blockwise recipe, sm_90, see ``cublas_blockwise_refusal``) or "auto": cuBLAS
+            where it can run and ``AUTO_PREFERS_CUBLAS``, else TMA where it can run, else pointer.
     """
     m, n, k = _check_gemm_args(a_fp8, a_scale, b_fp8, b_scale, b_block_rows)
     if out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"fp8_gemm: out_dtype must be bf16/fp16/fp32, got {out_dtype}")
+    if kernel not in KERNELS:
+        raise ValueError(f"fp8_gemm: kernel must be one of {KERNELS}, got {kernel!r}")
     if not use_triton(a_fp8, backend):
         return fp8_gemm_ref(a_fp8, a_scale, b_fp8, b_scale, b_block_rows, out_dtype)
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros(m, n, dtype=out_dtype, device=a_fp8.device)
+    if kernel == "cublas" or (kernel == "auto" and AUTO_PREFERS_CUBLAS):
+        refusal = cublas_blockwise_refusal(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+        if refusal is None:
+            return _fp8_gemm_cublas(a_fp8, a_scale, b_fp8, b_scale, b_block_rows, out_dtype)
+        if kernel == "cublas":
+            raise ValueError(f"fp8_gemm: kernel='cublas' cannot run this product: {refusal}")
     c = torch.empty(m, n, dtype=out_dtype, device=a_fp8.device)
-    if m == 0 or n == 0:
-        return c
-    if k == 0:
-        return c.zero_()
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

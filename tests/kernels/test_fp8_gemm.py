@@ -48,6 +48,59 @@ def test_fp8_gemm_triton_matches_ref(device, kernel, m, n, k, b_block_rows, out_
     _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, kernel)
 
 
+# cuBLAS's blockwise recipe (sm_90): M % 4, N % 128, K % 512; the V3 expert shapes' K (2048, 7168) among them
+CUBLAS_SHAPES = [(128, 128, 512), (4, 384, 2048), (100, 256, 512), (272, 256, 7168)]
+
+
+def _cublas_refusal_on_cuda():
+    from dsalign.kernels.fp8_gemm import cublas_blockwise_refusal
+
+    a = torch.zeros(128, 512, device="cuda").to(torch.float8_e4m3fn)
+    s = torch.ones(128, 4, device="cuda")
+    return cublas_blockwise_refusal(a, s, a, torch.ones(1, 4, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("m, n, k", CUBLAS_SHAPES)
+@pytest.mark.parametrize("b_block_rows", [128, 1])
+@pytest.mark.parametrize("out_dtype, rtol", [(torch.float32, None), (torch.bfloat16, 2**-7)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_gemm_cublas_matches_ref(m, n, k, b_block_rows, out_dtype, rtol):
+    """torch._scaled_mm's blockwise path (what kernel='auto' picks on sm_90 where it can run) against the same
+    reference and tolerance as our kernels; skipped, with the reason, where that path does not exist."""
+    refusal = _cublas_refusal_on_cuda()
+    if refusal is not None:
+        pytest.skip(f"cuBLAS blockwise FP8 unavailable: {refusal}")
+    _check_triton_gemm("cuda", m, n, k, b_block_rows, out_dtype, rtol, "cublas")
+
+
+@pytest.mark.parametrize(
+    "m, n, k, why",
+    [
+        (16, 128, 512, "not on CUDA"),
+        # K = 384: ceil(K/128) = 3 is not a multiple of 4, where cuBLAS returned wrong results on an H200
+        (16, 128, 384, "shape M=16 N=128 K=384"),
+        (17, 128, 512, "shape M=17"),  # cuBLAS: not supported
+        (16, 200, 512, "shape M=16 N=200"),
+    ],
+)
+def test_fp8_gemm_cublas_refuses_clearly(m, n, k, why):
+    """kernel='cublas' names why it cannot run instead of silently taking another kernel; kernel='auto' then takes
+    ours. The shape rules keep products that cuBLAS would get wrong away from it."""
+    from dsalign.kernels.fp8_gemm import cublas_blockwise_refusal
+
+    a_q, a_s = quantize_act_ref(torch.randn(m, k))
+    b_q, b_s = quantize_weight_ref(torch.randn(n, k))
+    with pytest.raises(ValueError, match=f"kernel='cublas' cannot run this product: {why}"):
+        fp8_gemm(a_q, a_s, b_q, b_s, backend="triton", kernel="cublas")
+    if why == "not on CUDA":  # shapes it takes, but a strided B: named before the device is looked at
+        refusal = cublas_blockwise_refusal(a_q, a_s, b_q.t().contiguous().t(), b_s, torch.bfloat16)
+        assert refusal.startswith("strides A (512, 1) B (1, 128)"), refusal
+    c = fp8_gemm(a_q, a_s, b_q, b_s, backend="triton")  # auto: our kernel
+    ref = fp8_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16)
+    torch.testing.assert_close(c, ref, rtol=2**-7, atol=1e-3)
+
+
 def test_fp8_gemm_tma_refuses_unaligned_operands():
     a_q, a_s = quantize_act_ref(torch.randn(4, 200))
     b_q, b_s = quantize_weight_ref(torch.randn(8, 200))  # 200 fp8 bytes per row: not a multiple of 16
@@ -69,9 +122,9 @@ def _check_triton_gemm(device, m, n, k, b_block_rows, out_dtype, rtol, kernel):
     # elementwise, relative to the magnitude of the summed terms (C itself can cancel to ~0)
     mag = dequantize_ref(a_q, a_s, 1).abs() @ dequantize_ref(b_q, b_s, b_block_rows).abs().t()
     assert ((c.float() - ref).abs() <= rtol * mag + 1e-6).all()
-    # strided B (a transposed view) gives the same result
+    # strided B (a transposed view; auto then runs the pointer kernel) is held to the same bound
     c_t = fp8_gemm(a_q, a_s, b_q.t().contiguous().t(), b_s, b_block_rows, out_dtype=out_dtype, backend="triton")
-    torch.testing.assert_close(c_t, c)
+    assert ((c_t.float() - ref).abs() <= rtol * mag + 1e-6).all()
 
 
 def test_fp8_gemm_rejects_bad_scales():
