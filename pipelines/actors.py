@@ -25,6 +25,7 @@ from .config import RunConfig, StageConfig
 from .placement import StageLayout, in_bundle, release, reserve
 from .pools import RewardPool, RewardWorker, RolloutPool, RolloutWorker, assigned_device
 from .schema import from_dict, to_dict
+from .stages import Fault
 
 
 class StageWorkerError(RuntimeError):
@@ -73,13 +74,13 @@ class StageWorker:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
 
     def run(self, run_cfg: dict, stage_name: str, sources: dict, tokenizer_dir: str, resume: bool,
-            fault_at_step: int | None, pools: dict[str, Any]) -> str:  # fmt: skip
+            fault: Fault | None, pools: dict[str, Any]) -> str:  # fmt: skip
         from .stages import STAGE_RUNNERS, StageEnv, load_tokenizer
 
         run = from_dict(RunConfig, run_cfg)
         stage = next(s for s in run.stages if s.name == stage_name)
         env = StageEnv(run=run, stage=stage, out_dir=run.stage_dir(stage), tokenizer=load_tokenizer(tokenizer_dir),
-                       sources=sources, resume=resume, fault_at_step=fault_at_step, rollout_pool=pools.get("rollout"),
+                       sources=sources, resume=resume, fault=fault, rollout_pool=pools.get("rollout"),
                        reward_pool=pools.get("reward"))  # fmt: skip
         env.out_dir.mkdir(parents=True, exist_ok=True)
         return str(STAGE_RUNNERS[stage.kind](env))
@@ -92,13 +93,14 @@ def last_checkpoint_step(stage_dir: Path) -> int | None:
     return None if latest is None else int(latest.name.split("_")[-1])
 
 
-def _fault_step(stage: StageConfig, attempt: int) -> int | None:
-    """Testing hook: ``DSALIGN_FAULT=<stage>:<step>`` kills the stage's worker after that step, first attempt only."""
+def _fault(stage: StageConfig, attempt: int) -> Fault | None:
+    """Testing hook: ``DSALIGN_FAULT=<stage>:<step>[:raise][@<rank>]`` makes the stage's worker(s) exit (or raise)
+    after that step, first attempt only (``stages.Fault``)."""
     spec = os.environ.get("DSALIGN_FAULT")
     if not spec or attempt != 1:
         return None
-    name, _, step = spec.partition(":")
-    return int(step) if name == stage.name else None
+    name, fault = Fault.parse(spec)
+    return fault if name == stage.name else None
 
 
 def start_actors(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: str, pg: Any,
@@ -147,10 +149,10 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
     try:
         trainers, pools = start_actors(cfg, stage, sources, tokenizer_dir, pg, layout)
         actors = trainers + [w for pool in pools.values() for w in pool.workers]
-        fault = _fault_step(stage, attempt)
+        fault = _fault(stage, attempt)
         refs = [w.run.remote(to_dict(cfg), stage.name, sources, tokenizer_dir, resume, fault, pools) for w in trainers]
         try:
-            results = ray.get(refs)
+            results = ray.get(refs)  # raises on the first failed task, not after every task ended
         except ray.exceptions.RayTaskError as e:
             raise StageWorkerError(f"{type(e.cause).__name__}: {e.cause}", e.cause) from e
         return results[0]

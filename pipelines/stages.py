@@ -25,6 +25,29 @@ from .report import MetricsLogger
 HELD_OUT_SEED = 987_654
 
 
+@dataclass(frozen=True)
+class Fault:
+    """Testing hook, from ``DSALIGN_FAULT=<stage>:<step>[:raise][@<rank>]``: after step ``step``'s checkpoint the
+    worker process exits (default) or raises (``raise``: the process lives on, as after an ordinary bug), on every
+    rank or only on ``rank``."""
+
+    step: int
+    raises: bool = False
+    rank: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> tuple[str, Fault]:
+        """(stage name, fault) of a ``DSALIGN_FAULT`` value; a malformed value raises naming the expected form."""
+        body, _, rank = spec.partition("@")
+        parts = body.split(":")
+        try:
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "raise"):
+                raise ValueError
+            return parts[0], cls(int(parts[1]), len(parts) == 3, int(rank) if rank else None)
+        except ValueError:
+            raise ValueError(f"DSALIGN_FAULT={spec!r}: expected <stage>:<step>[:raise][@<rank>]") from None
+
+
 @dataclass
 class StageEnv:
     """What a stage needs besides its config; built by the worker."""
@@ -35,7 +58,7 @@ class StageEnv:
     tokenizer: Any
     sources: dict[str, Any]
     resume: bool
-    fault_at_step: int | None = None  # testing hook: the worker process dies right after this step's checkpoint
+    fault: Fault | None = None  # testing hook (``DSALIGN_FAULT``): fail right after a step's checkpoint
     rollout_pool: Any = None  # split-mode GRPO: ``pools.RolloutPool`` (None: decode with the trainer's own model)
     reward_pool: Any = None  # ``pools.RewardPool`` (None: score in this process with ``build_combiner``)
 
@@ -274,10 +297,14 @@ class StageLoop:
         if step % self.env.stage.checkpoint_every == 0 or step == self.total:
             save_training_checkpoint(self.ckpt_root, step, self.runner, data_state={"step": step},
                                      keep_last=self.env.stage.training.keep_last)  # fmt: skip
-        if self.env.fault_at_step is not None and step == self.env.fault_at_step:
+        fault = self.env.fault
+        if fault is not None and step == fault.step and fault.rank in (None, rank_world()[0]):
             import os
 
-            print(f"[{self.env.stage.name}] fault injection: worker exits after step {step}", flush=True)
+            name, rank = self.env.stage.name, rank_world()[0]
+            if fault.raises:
+                raise RuntimeError(f"[{name}] fault injection: rank {rank} raises after step {step}")
+            print(f"[{name}] fault injection: rank {rank}'s worker exits after step {step}", flush=True)
             os._exit(17)
 
     def close(self) -> None:

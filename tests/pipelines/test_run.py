@@ -71,6 +71,37 @@ def test_killed_worker_resumes_to_the_clean_result(tmp_path, local_ray, monkeypa
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.timeout(300)
+def test_one_rank_raising_fails_the_stage_at_once_and_it_resumes(tmp_path, local_ray, monkeypatch, capsys):
+    """Rank 1 of 2 raises after step 3 (its process alive) while rank 0 goes on into step 4's gradient all-reduce,
+    which rank 1 never joins: the driver acts on rank 1's error at once (``ray.get`` of the ranks' results raises on
+    the first failure; both actors are killed) and retries from the step-2 checkpoint, instead of waiting for rank 0
+    until the process group's 30-minute timeout (the test's own timeout would catch that)."""
+    import time
+
+    cfg = _sft_only(tmp_path, "rank_raises")
+    res = cfg.stages[0].resources
+    res.num_workers, res.cpus_per_worker = 2, 1.0
+    monkeypatch.setenv("DSALIGN_FAULT", "sft:3:raise@1")
+    t0 = time.monotonic()
+    state = run(cfg)
+    assert "sft" in state.finished
+    out = capsys.readouterr().out
+    assert "attempt 1/2 failed: it raised (last checkpoint: step 2): RuntimeError: [sft] fault injection: rank 1" in out
+    log = [json.loads(line) for line in (tmp_path / "rank_raises" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 3, 4, 5, 6]
+    assert time.monotonic() - t0 < 240
+
+
+def test_fault_spec_parses_and_names_its_form():
+    from dsalign.pipelines.stages import Fault
+
+    assert Fault.parse("sft:3") == ("sft", Fault(3))
+    assert Fault.parse("grpo:1:raise@1") == ("grpo", Fault(1, raises=True, rank=1))
+    with pytest.raises(ValueError, match=r"DSALIGN_FAULT='sft:x': expected <stage>:<step>\[:raise\]\[@<rank>\]"):
+        Fault.parse("sft:x")
+
+
 def test_exhausted_retries_fail_clearly(tmp_path, local_ray, monkeypatch):
     monkeypatch.setenv("DSALIGN_FAULT", "sft:3")
     expected = r"stage 'sft' attempt 1/1 failed: its worker process died \(last checkpoint: step 2\).*no retries left"
