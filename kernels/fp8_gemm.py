@@ -230,7 +230,12 @@ def _tma_eligible(*tensors: torch.Tensor) -> bool:
 
 
 def cublas_blockwise_refusal(
-    a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    b_block_rows: int = BLOCK,
 ) -> str | None:
     """Why ``torch._scaled_mm``'s DeepSeek-style block scaling (cuBLAS, Hopper only) cannot run this product, or None.
 
@@ -249,12 +254,19 @@ def cublas_blockwise_refusal(
         return f"strides A {a_fp8.stride()} B {b_fp8.stride()} (needs both row-major [*, K])"
     if out_dtype not in (torch.bfloat16, torch.float32):
         return f"out_dtype {out_dtype}"
-    if b_scale.shape[0] != n and not b_scale.is_contiguous():
+    if b_block_rows == BLOCK and not b_scale.is_contiguous():
         return "the 128x128 block scales are not contiguous"
     if not a_fp8.is_cuda:
         return "not on CUDA"
-    if torch.cuda.get_device_capability(a_fp8.device) != (9, 0):
-        return f"compute capability {torch.cuda.get_device_capability(a_fp8.device)} is not sm_90"
+    return _cublas_blockwise_device_refusal(a_fp8.device.index if a_fp8.device.index is not None else -1)
+
+
+@functools.cache
+def _cublas_blockwise_device_refusal(device_index: int) -> str | None:
+    """The device and build half of ``cublas_blockwise_refusal``, once per device (-1: the current one)."""
+    capability = torch.cuda.get_device_capability(None if device_index < 0 else device_index)
+    if capability != (9, 0):
+        return f"compute capability {capability} is not sm_90"
     if not hasattr(torch.nn.functional, "scaled_mm"):  # the blockwise recipes arrived with it (torch 2.9)
         return f"torch {torch.__version__} has no blockwise _scaled_mm"
     cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
@@ -338,7 +350,7 @@ def fp8_gemm(
     if m == 0 or n == 0 or k == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=a_fp8.device)
     if kernel == "cublas" or (kernel == "auto" and AUTO_PREFERS_CUBLAS):
-        refusal = cublas_blockwise_refusal(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+        refusal = cublas_blockwise_refusal(a_fp8, a_scale, b_fp8, b_scale, out_dtype, b_block_rows)
         if refusal is None:
             return _fp8_gemm_cublas(a_fp8, a_scale, b_fp8, b_scale, b_block_rows, out_dtype)
         if kernel == "cublas":
