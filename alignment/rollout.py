@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from dsalign.kernels.grouped_gemm import clear_autocast_weights, invalidate_weight_caches
+from dsalign.kernels.grouped_gemm import caching_autocast_weights, invalidate_weight_caches
 from dsalign.model import FP8LatentCache, LatentCache, Transformer, build_attention_mask
 from torch import Tensor
 
@@ -122,6 +122,11 @@ class _EPLockstep:
         self.device = collective_device(group)
         self.deferred = 0  # > 0 inside ``phase()``: drain at its end, not after each generate call
         self.dummy_forwards = 0
+        # True once the group needs no abort for the current failure: the ABORT was exchanged (sent or received),
+        # or an error escaped a forward (between the MoE all-to-alls, where the others wait inside a collective
+        # that an abort's all-reduce cannot meet: they are left to the process group's timeout). Reset by
+        # ``generate`` and ``ep_phase`` on entry.
+        self.settled = False
 
     @staticmethod
     def for_model(model: Transformer) -> _EPLockstep | None:
@@ -140,27 +145,39 @@ class _EPLockstep:
         t = torch.tensor([want], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
         turn = int(t.item())
+        if turn == self.ABORT:
+            self.settled = True  # every rank has seen it
         if turn == self.ABORT and want != self.ABORT:
-            raise RuntimeError("generate: another rank of the expert-parallel group refused its requests (its own "
-                               "error says why); this rank stops too instead of waiting for it")  # fmt: skip
+            raise RuntimeError("generate: another rank of the expert-parallel group failed (its own error says "
+                               "why); this rank stops too instead of waiting for it")  # fmt: skip
         return turn
 
     def abort(self) -> None:
-        """Called by a rank whose requests failed validation before it ran any forward: the others, waiting to
-        agree on the next forward, raise instead of waiting for this rank until the group's timeout."""
-        self._agree(self.ABORT)
+        """Called by a rank that fails outside a forward (its requests failed validation, its scorer raised inside an
+        ``ep_phase``, a callback raised): the others, waiting to agree on the next forward, raise instead of waiting
+        for this rank until the group's timeout. Once per failure; nothing after an error inside a forward."""
+        if not self.settled:
+            self._agree(self.ABORT)
 
     def run(self, kind: int, forward: Callable[[], Any]) -> Any:
         while (turn := self._agree(kind)) != kind:
-            self._dummy(turn)
-        return forward()
+            self._forward(lambda: self._dummy(turn))
+        return self._forward(forward)
+
+    def _forward(self, forward: Callable[[], Any]) -> Any:
+        try:
+            return forward()
+        except BaseException:
+            self.settled = True
+            raise
 
     def drain(self) -> None:
         was_training = self.model.training  # between generate calls a colocated trainer may hold it in train mode
         self.model.eval()
         try:
-            while (turn := self._agree(self.IDLE)) != self.IDLE:
-                self._dummy(turn)
+            with caching_autocast_weights():  # one cast of each expert stack for all the dummy forwards
+                while (turn := self._agree(self.IDLE)) != self.IDLE:
+                    self._forward(lambda: self._dummy(turn))
         finally:
             self.model.train(was_training)
 
@@ -232,11 +249,13 @@ class RolloutEngine:
             yield
             return
         self._lockstep.deferred += 1
+        self._lockstep.settled = False
         try:
             yield
         except BaseException:
             self._lockstep.deferred -= 1
-            raise  # the group is broken anyway: the stage fails and retries from its checkpoint
+            self._lockstep.abort()  # e.g. this rank's scorer raised between generate calls: the others raise too
+            raise
         self._lockstep.deferred -= 1
         if not self._lockstep.deferred:
             with torch.inference_mode():
@@ -327,6 +346,8 @@ class RolloutEngine:
         ``params`` is one ``SamplingParams`` for all prompts or one per prompt. ``on_token(request, sample, ids)``
         is called with each sequence's newly committed token ids (streaming).
         """
+        if self._lockstep is not None:
+            self._lockstep.settled = False
         if not prompts:
             self._finish_ep()  # this rank has nothing to decode; the others may
             return []
@@ -339,12 +360,16 @@ class RolloutEngine:
         was_training = self.model.training  # a colocated trainer may have switched the shared model to train mode
         self.model.eval()
         try:
-            out = self._run(ids, params, on_token)
+            with caching_autocast_weights():  # the experts' autocast copies serve this call's decode steps only
+                out = self._run(ids, params, on_token)
             self._finish_ep()
             return out
+        except BaseException:
+            if self._lockstep is not None and not self._lockstep.deferred:  # inside ep_phase, the phase aborts
+                self._lockstep.abort()  # a no-op after an error inside a forward
+            raise
         finally:
             self.model.train(was_training)
-            clear_autocast_weights()  # the experts' autocast copies served this call's decode steps
 
     def _validate(self, prompts, params) -> tuple[list[SamplingParams], list[list[int]]]:
         if isinstance(params, SamplingParams) or params is None:

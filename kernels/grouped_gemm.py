@@ -19,6 +19,8 @@ emulates the same quantization (dequantize, then the vectorized grouped matmul) 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from dsalign.kernels._backend import HAS_TRITON, triton_interpret, use_triton
 from dsalign.kernels.fp8_gemm import FP8WeightCache, QuantizedWeight
@@ -304,19 +306,34 @@ def quantize_experts(w_EOK: torch.Tensor, pow2: bool = False, backend: str = "au
 
 
 _CAST_CACHE = WeakIdKeyDictionary()  # tensor -> (key, cast copy); by identity (tensors compare elementwise)
+_CACHING = [0]  # depth of ``caching_autocast_weights`` blocks
+
+
+@contextlib.contextmanager
+def caching_autocast_weights():
+    """Inside: ``autocast_weight`` keeps its copies made without gradients, so the many decode steps of one
+    ``generate`` (and an EP rank's dummy forwards) cast each expert stack once; leaving the outermost block drops them,
+    so they never sit through a training step's peak memory. Outside, every forward casts afresh."""
+    _CACHING[0] += 1
+    try:
+        yield
+    finally:
+        _CACHING[0] -= 1
+        if not _CACHING[0]:
+            _CAST_CACHE.clear()
 
 
 def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w`` in the autocast dtype. With gradients enabled a fresh cast (part of the graph, as autocast casts
-    ``nn.Linear`` weights); without (rollout under the trainer's autocast) the copy is kept per weight and version,
-    so a decode step does not copy every expert stack again. ``clear_autocast_weights`` drops the copies: the
-    engine at the end of each ``generate`` (they would otherwise sit through the training step's peak memory) and
-    the trainer after each optimizer step (fused AdamW does not move the version counter)."""
+    ``nn.Linear`` weights); without, inside ``caching_autocast_weights`` (the rollout engine's decode under the
+    trainer's autocast), the copy is kept per weight and version. ``clear_autocast_weights`` also drops the copies:
+    the trainer calls it after each optimizer step (fused AdamW does not move the version counter)."""
     if w.dtype == dtype:
         return w
-    if torch.is_grad_enabled() or hasattr(w, "ds_id"):
+    if torch.is_grad_enabled() or hasattr(w, "ds_id") or not _CACHING[0]:
         # training forward: a fresh cast (a copy cached under inference mode cannot be saved for backward, even for
-        # frozen experts under LoRA); ZeRO-3 weights are gathered per forward: nothing to keep
+        # frozen experts under LoRA); ZeRO-3 weights are gathered per forward: nothing to keep; one-off no-grad
+        # forwards (a teacher's scores, the rollout correction) keep nothing either
         return w.to(dtype)
     key = (w.data_ptr(), -1 if w.is_inference() else w._version, dtype)
     hit = _CAST_CACHE.get(w)

@@ -188,23 +188,27 @@ def test_bf16_grouped_gemm_auto_on_cuda_matches_loop():
 
 
 def test_autocast_weight_copy_is_reused_until_the_weight_changes():
-    """Rollout under the trainer's bf16 autocast: without gradients the experts' bf16 copy is made once per weight
-    version (a decode step used to copy every expert stack again); with gradients the cast stays in the graph."""
-    from dsalign.kernels.grouped_gemm import autocast_weight
+    """Rollout under the trainer's bf16 autocast: without gradients, inside the engine's caching block, the experts'
+    bf16 copy is made once per weight version (a decode step used to copy every expert stack again) and dropped when
+    the block ends; outside it a fresh copy each time; with gradients the cast stays in the graph."""
+    from dsalign.kernels.grouped_gemm import _CAST_CACHE, autocast_weight, caching_autocast_weights
 
     w = torch.randn(4, 8, 16, requires_grad=True)
-    with torch.no_grad():
+    with torch.no_grad(), caching_autocast_weights():
         first = autocast_weight(w, torch.bfloat16)
         assert autocast_weight(w, torch.bfloat16) is first and first.dtype == torch.bfloat16
         w.add_(1.0)  # an optimizer step
         second = autocast_weight(w, torch.bfloat16)
     assert second is not first and torch.equal(second, (w.detach() + 0).to(torch.bfloat16))
+    assert len(_CAST_CACHE) == 0
+    with torch.no_grad():
+        assert autocast_weight(w, torch.bfloat16) is not autocast_weight(w, torch.bfloat16)
     cast = autocast_weight(w, torch.bfloat16)  # grad mode: a differentiable cast
     assert cast.requires_grad and cast.grad_fn is not None
     assert autocast_weight(cast, torch.bfloat16) is cast
     # a frozen weight (experts under LoRA) cached during rollout (inference mode), then a training forward: never
     # the inference copy, which backward cannot save
     frozen = torch.randn(4, 8, 16)
-    with torch.inference_mode():
+    with torch.inference_mode(), caching_autocast_weights():
         assert autocast_weight(frozen, torch.bfloat16).is_inference()
     assert not autocast_weight(frozen, torch.bfloat16).is_inference()

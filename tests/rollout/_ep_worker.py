@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dsalign.alignment.rollout import RolloutEngine
 from dsalign.alignment.sampling_params import SamplingParams
 from dsalign.alignment.trainer.distributed import ParallelGroups, shard_experts
+from dsalign.kernels.grouped_gemm import _CAST_CACHE
 from dsalign.model import ModelConfig, Transformer
 
 
@@ -29,6 +30,21 @@ def refused_requests(rank: int, ep: RolloutEngine) -> None:
         print(f"rank {rank}: no error")
 
 
+def failing_scorer(rank: int, ep: RolloutEngine) -> None:
+    """Rank 1 fails between generate calls inside an ``ep_phase`` (as when its reward scorer raises during dynamic
+    sampling) while rank 0 still decodes: rank 0 raises too (it used to wait until the group's timeout)."""
+    sp = SamplingParams(max_new_tokens=30 if rank == 0 else 2, temperature=0, ignore_eos=True)
+    try:
+        with ep.ep_phase():
+            ep.generate([[5, 6, 7]], sp)
+            if rank == 1:
+                raise RuntimeError("scorer failed")
+    except RuntimeError as e:
+        print(f"rank {rank}: raised RuntimeError: {e}")
+    else:
+        print(f"rank {rank}: no error")
+
+
 def main() -> None:
     rank, world, port, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     speculative = mode == "1"
@@ -39,8 +55,8 @@ def main() -> None:
     sharded = copy.deepcopy(full)
     shard_experts(sharded, ParallelGroups(ep_size=world, ep_group=dist.group.WORLD, edp_group=None, group_name="ep"))
     ep = RolloutEngine(sharded, max_batch_size=2, max_len=96, speculative=speculative)
-    if mode == "refuse":
-        refused_requests(rank, ep)
+    if mode in ("refuse", "scorer"):
+        (refused_requests if mode == "refuse" else failing_scorer)(rank, ep)
         dist.destroy_process_group()
         return
     ref = RolloutEngine(full, max_batch_size=2, max_len=96, speculative=speculative)
@@ -75,6 +91,9 @@ def main() -> None:
         for n_new in ((25,) if rank == 0 else (2, 3)):
             out = ep.generate(prompts[:2], SamplingParams(max_new_tokens=n_new, temperature=0, ignore_eos=True))
             assert [len(c.token_ids) for c in out] == [n_new, n_new]
+    # the experts' bf16 copies served the phase's decode steps and dummy forwards, and are gone after it (they would
+    # sit through the next training step's peak memory)
+    assert len(_CAST_CACHE) == 0, len(_CAST_CACHE)
     print(f"rank {rank}: ok, worst |d logp| {worst:.1e}, dummy forwards {ep._lockstep.dummy_forwards}")
     dist.destroy_process_group()
 

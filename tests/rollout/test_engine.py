@@ -340,4 +340,34 @@ def test_expert_parallel_rank_refusing_its_requests_stops_the_others(launch_work
     script = str(pathlib.Path(__file__).with_name("_ep_worker.py"))
     rank0, rank1 = launch_workers(script, 2, ["refuse"], timeout=120)
     assert "rank 1: raised ValueError" in rank1 and "does not fit the context" in rank1
-    assert "rank 0: raised RuntimeError: generate: another rank of the expert-parallel group refused" in rank0
+    assert "rank 0: raised RuntimeError: generate: another rank of the expert-parallel group failed" in rank0
+
+
+@pytest.mark.distributed
+def test_expert_parallel_rank_failing_between_generate_calls_stops_the_others(launch_workers):
+    """A rank that raises inside an ``ep_phase`` outside any forward (its scorer failed) aborts the group's
+    agreement: the rank still decoding raises at once instead of waiting for it until the group's timeout."""
+    import pathlib
+
+    script = str(pathlib.Path(__file__).with_name("_ep_worker.py"))
+    rank0, rank1 = launch_workers(script, 2, ["scorer"], timeout=120)
+    assert "rank 1: raised RuntimeError: scorer failed" in rank1
+    assert "rank 0: raised RuntimeError: generate: another rank of the expert-parallel group failed" in rank0
+
+
+def test_experts_autocast_copies_live_only_inside_generate():
+    """Under the trainer's bf16 autocast the engine's decode steps reuse one bf16 copy per expert stack; the copies
+    are dropped when generate returns, and no-grad forwards outside it (a teacher's scores, the rollout correction)
+    keep none, so none sits through a training step's peak memory."""
+    from dsalign.kernels.grouped_gemm import _CAST_CACHE
+
+    model = tiny_model()
+    engine = RolloutEngine(model, max_batch_size=2, max_len=64)
+    seen = []
+    sp = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.generate(_prompts(model.cfg.vocab_size)[:2], sp, on_token=lambda *a: seen.append(len(_CAST_CACHE)))
+        assert min(seen) > 0 and len(_CAST_CACHE) == 0
+        with torch.no_grad():
+            model(torch.tensor([_prompts(model.cfg.vocab_size)[0]]))
+        assert len(_CAST_CACHE) == 0
