@@ -143,7 +143,27 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")  # fmt: skip
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has (argparse names the flag when this raises)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device available here (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s), cuda:0..{count - 1}")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -196,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate on budget prompts of N tokens")  # fmt: skip
     ev.add_argument("--batch-size", type=_positive_int, default=None, help="decode slots (eval.max_batch_size)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any run-config key, e.g. --set eval.reward.params.max_length=100")  # fmt: skip
-    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+                    help="override any run-config key, e.g. --set eval.max_new_tokens=128; a mapping is replaced "
+                         "whole: --set 'eval.reward={fn: think_format}'")  # fmt: skip
+    ev.add_argument("--device", type=_device, default=None,
+                    help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")  # fmt: skip
     ev.add_argument("--output", default=None, help="JSONL file for every sample with its reward")
     ev.add_argument("--json", action="store_true", help="one JSON line per checkpoint instead of the table")
     ev.set_defaults(func=_eval)

@@ -27,8 +27,17 @@ class PreflightError(ConfigError):
         super().__init__("config problems found before starting:\n  - " + "\n  - ".join(problems))
 
 
+# set from the run's tokenizer when a preset is instantiated (``stages.load_source``), so not overridable
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
     if src.preset is not None:
+        taken = [k for k in TOKENIZER_FIELDS if k in src.overrides]
+        if taken:
+            problems.append(f"{where}.overrides: {taken} come from the run's tokenizer for a preset model (the "
+                            "vocabulary is sized to it, the special token ids are its own); remove them, or change "
+                            "the tokenizer")  # fmt: skip
         try:
             cfg = ModelConfig.preset(src.preset)
             if src.overrides:
@@ -41,7 +50,10 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
         if fixed:
             problems.append(f"{where}.overrides: {fixed} cannot change a checkpoint's architecture; only the runtime "
                             f"switches {list(RUNTIME_OVERRIDES)} apply to a checkpoint")  # fmt: skip
-        if not (path / "config.json").is_file():
+        if not path.is_dir():
+            problems.append(f"{where}.checkpoint: {path} " + ("is a file, not a checkpoint directory" if path.exists()
+                                                                else "does not exist"))  # fmt: skip
+        elif not (path / "config.json").is_file():
             problems.append(f"{where}.checkpoint: {path} has no config.json")
         elif not any(path.glob("*.safetensors")):
             problems.append(f"{where}.checkpoint: {path} has no *.safetensors weights")
@@ -239,31 +251,42 @@ def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
                         f"(first: {', '.join(missing[:3])})")  # fmt: skip
 
 
-def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> None:
+def _stage_columns(cfg: RunConfig, stage: StageConfig, file_rows: list[dict] | None) -> set[str] | None:
+    """The columns a stage's rewards are called with (every data column but the prompt, plus ``finish_reason``:
+    ``stages.sample_columns``), or None when its data could not be read (reported elsewhere)."""
+    from .demo_task import make_prompts
+
+    if stage.data.synthetic is not None:
+        file_rows = make_prompts(cfg.task, 1, stage.data.seed, budget=stage.data.length_target)
+    return {k for k in file_rows[0] if k != "prompt"} | {"finish_reason"} if file_rows else None
+
+
+def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> list[dict] | None:
     """A stage's data file exists and parses with the schema its kind reads (conversations for SFT, prompts for GRPO
     and distillation), keeps at least one row, and, when the stage's rewards include ``math_accuracy``, gives every
     prompt an ``answer``. The whole file is read: a bad row found here costs nothing, found by a worker it costs the
-    stages before it."""
+    stages before it. Returns the rows read (None without a file or when it failed)."""
     path = stage.data.path
     if path is None:
-        return
+        return None
     if not Path(path).exists():
         problems.append(f"{where}.data.path: {path} does not exist")
-        return
+        return None
     try:
         rows, _ = stage_file_rows(stage.data, "conversation" if stage.kind == "sft" else "prompt")
     except ValueError as e:  # DataError names the file, row and field
         problems.append(f"{where}.data.path: {e}")
-        return
+        return None
     if not rows:
         problems.append(f"{where}.data.path: {path} has no usable rows")
-        return
+        return None
     _check_rows_per_round(stage, where, len(rows), problems)
     if stage.kind != "sft" and any(e.fn == "math_accuracy" for e in stage.rewards):
         missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
         if missing:
             problems.append(f"{where}.data.path: {len(missing)} of {len(rows)} rows have no 'answer' for the stage's "
                             f"math_accuracy reward (first: {', '.join(missing[:3])})")  # fmt: skip
+    return rows
 
 
 def _check_rows_per_round(stage: StageConfig, where: str, usable: int, problems: list[str]) -> None:
@@ -280,14 +303,21 @@ def _check_rows_per_round(stage: StageConfig, where: str, usable: int, problems:
                         f"rows; lower {key} or give the stage more rows")  # fmt: skip
 
 
-def _check_reward(entry: RewardEntry, where: str, problems: list[str]) -> None:
-    """The reward spec imports and takes its ``params``."""
-    from dsalign.rewards import load_reward
+def _check_reward(entry: RewardEntry, where: str, problems: list[str], columns: set[str] | None = None) -> None:
+    """The reward spec imports and takes its ``params``; with the data's ``columns`` known, every required
+    parameter is filled by the call, a param or a column (else it would fail on every sample)."""
+    from dsalign.rewards import load_reward, unfilled_parameters
 
     try:
         load_reward(entry.fn, **entry.params)
+        unfilled = [] if columns is None else unfilled_parameters(entry.fn, entry.params, columns)
     except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
         problems.append(f"{where}.fn {entry.fn!r}: {type(e).__name__}: {e}")
+        return
+    if unfilled:
+        problems.append(f"{where}.fn {entry.fn!r}: nothing fills its required parameter(s) {unfilled}: they are "
+                        f"not in params and not columns of the data ({sorted(columns)}); set them under "
+                        "params")  # fmt: skip
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -326,11 +356,12 @@ def preflight(cfg: RunConfig) -> None:
                     f"held-out prompts exceed the {distinct} distinct problems the task can make (task: "
                     f"min_terms {cfg.task.min_terms}, max_terms {cfg.task.max_terms}, max_value {cfg.task.max_value})"
                 )
-        _check_stage_data(stage, where, problems)
+        rows = _check_stage_data(stage, where, problems)
         if stage.kind in ("grpo", "distill") and not stage.rewards and not stage.on_policy_distill:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
+        columns = _stage_columns(cfg, stage, rows) if stage.rewards and stage.kind != "sft" else None
         for j, entry in enumerate(stage.rewards):
-            _check_reward(entry, f"{where}.rewards[{j}]", problems)
+            _check_reward(entry, f"{where}.rewards[{j}]", problems, columns)
     if cfg.eval.enabled and cfg.eval.path is not None:
         _check_eval_file(cfg, problems)
     if cfg.eval.enabled:

@@ -16,6 +16,7 @@ from .api import (
     load_reward,
     register_reward,
     reward_name,
+    unfilled_parameters,
 )
 from .code import code_execution, extract_code
 from .combine import (
@@ -63,6 +64,7 @@ __all__ = [
     "sandbox_support",
     "soft_overlong",
     "stop_properly",
+    "unfilled_parameters",
     "target_length",
     "think_format",
 ]

@@ -22,7 +22,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 RewardFn = Callable[..., Any]
@@ -157,6 +157,23 @@ def load_reward(spec: str | RewardFn, **params: Any) -> RewardFn:
         bound = functools.partial(fn, **params)
         functools.update_wrapper(bound, fn)  # keeps __name__ for logging
     return from_verl(bound) if verl else bound
+
+
+def unfilled_parameters(spec: str | RewardFn, params: dict[str, Any], columns: Collection[str]) -> list[str]:
+    """Required parameters of a TRL-style reward that neither the call, its ``params`` nor the data's ``columns``
+    fill, so that it would raise on every sample. ``load_reward`` lets such parameters pass (they are most likely
+    dataset columns, unknown until data arrives); a caller that knows the columns, like the pipeline's preflight,
+    asks here. verl-style functions are called with fixed arguments: nothing to check."""
+    fn = spec if callable(spec) else _resolve(spec)
+    if is_verl_score(fn):
+        return []
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    filled = {*TRL_CALL, *params, *columns}
+    return [p.name for p in signature.parameters.values() if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in filled]  # fmt: skip
 
 
 VERL_PARAMS = ("solution_str", "ground_truth")

@@ -153,9 +153,37 @@ def test_preflight_reads_every_stage_data_file(tmp_path):
 def test_preflight_checks_checkpoint_dirs(tmp_path):
     data = _base(tmp_path)
     data["stages"][0]["model"] = {"checkpoint": str(tmp_path / "missing_ckpt")}
-    with pytest.raises(PreflightError, match="missing_ckpt has no config.json"):
+    with pytest.raises(PreflightError, match="missing_ckpt does not exist"):
+        preflight(load_config(_write(tmp_path, data)))
+    (tmp_path / "empty_ckpt").mkdir()
+    data["stages"][0]["model"] = {"checkpoint": str(tmp_path / "empty_ckpt")}
+    with pytest.raises(PreflightError, match="empty_ckpt has no config.json"):
         preflight(load_config(_write(tmp_path, data)))
     preflight(load_config(DEMO, [f"output_dir={tmp_path / 'ok'}"]))  # the demo itself passes
+
+
+def test_preflight_refuses_a_reward_whose_required_params_nothing_fills(tmp_path):
+    """``soft_overlong`` without ``max_length`` / ``cache_length`` imports fine but would raise on every sample (the
+    stage used to train with reward_errors on all of them); preflight knows the data's columns and says so."""
+    data = _base(tmp_path)
+    data["stages"][1]["rewards"] = [{"fn": "math_accuracy"}, {"fn": "soft_overlong"}]
+    expected = (r"stages\[1\] \(grpo\)\.rewards\[1\]\.fn 'soft_overlong': nothing fills its required parameter\(s\) "
+                r"\['max_length', 'cache_length'\]: they are not in params and not columns of the data "
+                r"\(\['answer', 'finish_reason', 'prompt_id'\]\)")
+    with pytest.raises(PreflightError, match=expected):
+        preflight(load_config(_write(tmp_path, data)))
+    data["stages"][1]["rewards"][1]["params"] = {"max_length": 60, "cache_length": 10}
+    preflight(load_config(_write(tmp_path, data)))
+
+
+def test_preflight_refuses_tokenizer_fields_in_a_preset_models_overrides(tmp_path):
+    """A preset's vocabulary and special token ids come from the run's tokenizer: overriding them used to pass
+    preflight and crash the stage (``replace() got multiple values for keyword argument 'vocab_size'``)."""
+    data = _base(tmp_path)
+    data["stages"][0]["model"] = {"preset": "tiny", "overrides": {"vocab_size": 100, "eos_token_id": 5}}
+    with pytest.raises(PreflightError, match=r"\.overrides: \['vocab_size', 'eos_token_id'\] come from the run's "
+                                             "tokenizer"):
+        preflight(load_config(_write(tmp_path, data)))
 
 
 def test_preflight_reads_checkpoint_headers_against_the_config(tmp_path):

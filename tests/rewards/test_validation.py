@@ -82,6 +82,19 @@ def test_unbound_named_parameters_are_taken_for_dataset_columns(user_file):
     assert load_reward(f"{user_file}:verl_unbound", method="strict")(["p"], ["x"], answer=["x"]) == [1.0]
 
 
+def test_unfilled_parameters_against_known_columns(user_file):
+    """Once the data's columns are known (the pipeline's preflight), a required parameter that neither params nor a
+    column fills is named: ``soft_overlong`` without its two params would fail on every sample."""
+    from dsalign.rewards import unfilled_parameters
+
+    assert unfilled_parameters("soft_overlong", {}, {"answer"}) == ["max_length", "cache_length"]
+    assert unfilled_parameters("soft_overlong", {"max_length": 9, "cache_length": 2}, {"answer"}) == []
+    assert unfilled_parameters(f"{user_file}:column", {}, {"answer", "prompt_id"}) == []
+    assert unfilled_parameters(f"{user_file}:column", {}, {"prompt_id"}) == ["answer"]
+    assert unfilled_parameters(f"{user_file}:withparam", {"scale": 2.0}, set()) == []
+    assert unfilled_parameters(f"{user_file}:verl_unbound", {"method": "strict"}, set()) == []  # verl: fixed call
+
+
 def test_params_may_not_bind_what_the_trainer_passes():
     with pytest.raises(RewardSignatureError, match=r"params \['completions'\] cannot be bound"):
         load_reward("think_format", completions=["x"])
