@@ -257,7 +257,8 @@ class GRPOParams:
     dynamic_sampling_max_rounds: int = field(
         default=4, metadata={"help": "sampling rounds an iteration may take to refill (then dropped groups fill in)"}
     )
-    mask_truncated: bool = field(default=True, metadata={"help": "completions cut at max_new_tokens get no loss"})
+    mask_truncated: bool = field(default=True, metadata={"help": "completions cut at max_new_tokens get no loss "
+                                                                  "(their share is logged as truncated_frac)"})
     rollout_is_cap: float | None = field(
         default=None,
         metadata={"help": "truncated importance sampling: ratio against the trainer's recomputed log-probs, tokens "

@@ -734,7 +734,8 @@ def sync_rollout_weights(pool, runner, verify: bool) -> dict[str, Any]:
 def _rollout_tallies(comps, scored, gen_s: float, sampling: dict[str, Any]) -> dict[str, Any]:
     """This rank's sums and counts behind the logged rollout metrics (combined over ranks by ``grpo_metrics``)."""
     t: dict[str, Any] = {"tokens": sum(len(c.token_ids) for c in comps), "completions": len(comps),
-                         "generate_s": gen_s, "sampling": dict(sampling)}  # fmt: skip
+                         "truncated": sum(c.finish_reason == "length" for c in comps), "generate_s": gen_s,
+                         "sampling": dict(sampling)}  # fmt: skip
     if scored is not None:
 
         def tally(values):
@@ -766,7 +767,8 @@ def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float,
     tokens, count = sum(t["tokens"] for t in ranks), sum(t["completions"] for t in ranks)
     gen = max(t["generate_s"] for t in ranks)
     metrics.update(response_length=tokens / count if count else math.nan, generate_s=gen,
-                   tokens_per_s=tokens / max(gen, 1e-9))  # fmt: skip
+                   tokens_per_s=tokens / max(gen, 1e-9),
+                   truncated_frac=sum(t["truncated"] for t in ranks) / count if count else math.nan)  # fmt: skip
     if scored is not None:
 
         def mean(pairs):
@@ -836,6 +838,7 @@ def run_grpo(env: StageEnv) -> Path:
     else:
         generator = env.rollout_pool
     loop = StageLoop(env, runner, p.iterations)
+    warned_truncated = False
     for it in range(loop.start, p.iterations):
         sync = {}
         if env.rollout_pool is not None:
@@ -857,7 +860,15 @@ def run_grpo(env: StageEnv) -> Path:
             correction = token_weighted_metrics(correction, correction.pop("rollout_tokens"))  # all ranks
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
-        loop.end_step(it + 1, {**grpo_metrics(metrics, comps, scored, gen_s, sampling), **sync, **correction})
+        step_metrics = {**grpo_metrics(metrics, comps, scored, gen_s, sampling), **sync, **correction}
+        if p.mask_truncated and step_metrics["truncated_frac"] == 1.0 and not warned_truncated:
+            warned_truncated = True  # once per stage; truncated_frac is logged every step
+            if rank_world()[0] == 0:
+                print(f"[{env.stage.name}] step {it + 1}: every completion hit grpo.max_new_tokens "
+                      f"({p.max_new_tokens}) and grpo.mask_truncated is on, so no token entered the policy loss "
+                      "(pg_loss is NaN, the update only moved the balance terms); raise max_new_tokens or set "
+                      "mask_truncated: false (truncated_frac in the metrics shows how often)", flush=True)  # fmt: skip
+        loop.end_step(it + 1, step_metrics)
     return finish_stage(env, loop, runner, lora)
 
 

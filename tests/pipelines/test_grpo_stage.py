@@ -106,3 +106,28 @@ def test_lora_kl_reference_routes_with_the_source_biases():
     assert all(torch.equal(g.e_score_correction_bias, m) for g, m in zip(policy.gates(), moved))
     stale = reference_logprobs(policy, lora, batch, 1.0)  # adapters off, current (moved) biases
     assert (stale - want).abs().max() > 1e-3
+
+
+def test_all_truncated_iteration_is_reported_not_silent(tmp_path, monkeypatch, capsys):
+    """When every completion of an iteration hits max_new_tokens under ``mask_truncated``, no token enters the
+    policy loss (pg_loss NaN): the stage says so once and logs ``truncated_frac`` every step (it used to be silent)."""
+    import dsalign.pipelines.stages as stages
+
+    original = stages.sample_iteration
+
+    def all_cut(*args, **kwargs):
+        prompt_ids, comps, scored, gen_s, sampling = original(*args, **kwargs)
+        for c in comps:
+            c.finish_reason = "length"
+        return prompt_ids, comps, scored, gen_s, sampling
+
+    monkeypatch.setattr(stages, "sample_iteration", all_cut)
+    _, log, _, _ = _grpo_stage(tmp_path, "iterations=2", "mask_truncated=true")
+    assert [r["truncated_frac"] for r in log] == [1.0, 1.0]
+    assert all(r["pg_loss"] is None or math.isnan(r["pg_loss"]) for r in log)
+    out = capsys.readouterr().out
+    assert out.count("every completion hit grpo.max_new_tokens") == 1, out
+    monkeypatch.setattr(stages, "sample_iteration", original)
+    _, log, _, _ = _grpo_stage(tmp_path / "plain", "iterations=1")
+    assert 0.0 <= log[0]["truncated_frac"] <= 1.0 and "every completion hit" not in capsys.readouterr().out
+
