@@ -161,7 +161,7 @@ def _parse_line(line: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        return _RowError("<json>", f"not valid JSON ({e.msg} at column {e.colno})")
+        return _RowError("<json>", f"not valid JSON ({e.msg}, column {e.colno})")
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:

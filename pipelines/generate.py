@@ -101,7 +101,14 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
     prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not an error
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not valid UTF-8 (byte {raw[e.start]:#04x}); save the file as "
+                         "UTF-8") from None  # fmt: skip
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {n}"

@@ -228,3 +228,16 @@ def test_generate_refuses_malformed_prompt_rows(checkpoint, tmp_path, row, messa
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises((TypeError, ValueError), match=message):
         read_prompts(path, load_engine(checkpoint, need_tokenizer=True, max_batch_size=1))
+
+
+def test_generate_names_the_line_of_bytes_that_are_not_utf8(checkpoint, tmp_path):
+    """A prompts file with invalid UTF-8 names its line (it was a bare codec error); a byte-order mark is accepted."""
+    from dsalign.pipelines.generate import read_prompts
+
+    engine = load_engine(checkpoint, need_tokenizer=True, max_batch_size=1)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt_ids": [3, 4]}\n\xff\xfe{"prompt_ids": [3]}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl line 2: not valid UTF-8 \(byte 0xff\); save the file as UTF-8"):
+        read_prompts(path, engine)
+    path.write_bytes(b'\xef\xbb\xbf{"prompt_ids": [3, 4]}\n')
+    assert read_prompts(path, engine) == [[3, 4]]
