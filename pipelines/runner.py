@@ -6,6 +6,7 @@ checkpoint paths, so a stage can be retried from its last checkpoint after an ac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ModelSource, RunConfig, StageConfig
+from .config import EvalConfig, ModelSource, RunConfig, StageConfig
 from .errors import StageFailed
 from .jobs import dsalign_settings
 from .preflight import preflight
 from .report import format_table, write_report, write_text_atomic
-from .schema import to_dict
+from .schema import from_dict, to_dict
 
 
 @dataclass
@@ -122,10 +123,20 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     resolved, resolved_text = out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2)
     changed: list[str] = []
     if resume and resolved.is_file():
-        changed = config_changes(json.loads(resolved.read_text()), json.loads(resolved_text))
+        before = json.loads(resolved.read_text())
+        changed = config_changes(before, json.loads(resolved_text))
         if changed:
             print(f"[run] --resume with a changed config ({len(changed)} keys): " + "; ".join(changed[:10])
                   + ("; ..." if len(changed) > 10 else ""), flush=True)  # fmt: skip
+        eval_changes = [c for c in changed if c.startswith("eval.")]
+        if eval_changes and state.evals and isinstance(before.get("eval"), dict):
+            # the table compares every row with the others: its evaluations all use the settings of the first
+            cfg = dataclasses.replace(cfg, eval=from_dict(EvalConfig, before["eval"]))
+            resolved_text = json.dumps(to_dict(cfg), indent=2)
+            print(f"[run] the run's {len(state.evals)} evaluations so far used the earlier eval settings, and the "
+                  f"rest keep them so that the table compares like with like: {'; '.join(eval_changes)} do not "
+                  "apply (evaluate checkpoints afresh with `dsalign eval`, or start the run afresh)",
+                  flush=True)  # fmt: skip
     write_text_atomic(resolved, resolved_text)
     ray = init_ray(cfg)
     t0 = time.time()

@@ -113,6 +113,24 @@ def test_resume_drops_only_the_rerun_stages_own_rows_and_says_what_it_skips(driv
     assert "stage grpo: finished earlier" in out and "stages[1].data.num_rows: 8 -> 16" in out
 
 
+def test_resume_keeps_the_runs_eval_settings_and_says_so(driver, tmp_path, capsys):
+    """A finished run's table was made with its eval settings; resuming with other eval keys used to print the new
+    settings above the old rows (and would have mixed the two in one table): the earlier settings stay, named."""
+    stages = [_stage("one", {"preset": "tiny"}), _stage("two", {"from_stage": "one"})]
+    data = {"name": "r", "output_dir": str(tmp_path), "eval": {"samples_per_prompt": 2}, "stages": stages}
+    driver["crash_in"] = "two"
+    with pytest.raises(StageFailed):
+        runner.run(config_from_data(data), progress=False)
+    driver["crash_in"] = None
+    capsys.readouterr()
+    state = runner.run(config_from_data({**data, "eval": {"samples_per_prompt": 3}}), resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert "eval.samples_per_prompt: 2 -> 3 do not apply" in out
+    assert "x 2 samples" in out and "x 3 samples" not in out  # the table's header
+    assert [row["stage"] for row in state.evals] == ["untrained", "one", "two"]
+    assert json.loads((tmp_path / "config.resolved.json").read_text())["eval"]["samples_per_prompt"] == 2
+
+
 def test_a_hand_damaged_run_state_is_named(tmp_path):
     path = tmp_path / "run_state.json"
     path.write_text("")
