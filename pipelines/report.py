@@ -129,6 +129,7 @@ def write_report(out_dir: str | Path, stage_dirs: dict[str, Path], eval_rows: li
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "-")) for c in cols) + " |" for r in eval_rows]
     lines += data_section(stage_dirs)
+    lines += rollout_warnings(per_stage)
     lines += ["", "## Training curves", ""]
     lines += [f"- {p}" for p in problems] + ([""] if problems else [])
     for key, label in PLOTTED.items():
@@ -167,6 +168,23 @@ def data_section(stage_dirs: dict[str, Path]) -> list[str]:
     if len(lines) == 5:
         return []
     return lines + ([""] + notes if notes else [])
+
+
+def rollout_warnings(per_stage: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Report lines for what the curves alone hide: reward calls that raised (each such sample scored by the
+    stage's error policy, not by its reward) and steps whose completions all hit ``max_new_tokens`` (with
+    ``mask_truncated``, no policy gradient). Nothing when no stage had either."""
+    rows = []
+    for name, steps in per_stage.items():
+        errors = sum(r.get("reward_errors") or 0 for r in steps)
+        cut = sum(r.get("truncated_frac") == 1.0 for r in steps)
+        if errors or cut:
+            rows.append(f"| {name} | {errors:g} | {cut} of {len(steps)} |")
+    if not rows:
+        return []
+    head = ["", "## Rollout warnings", "", "| stage | reward calls that raised (samples, all steps) | steps with every "
+            "completion cut at max_new_tokens |", "|---|---|---|"]  # fmt: skip
+    return head + rows
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -197,12 +197,15 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     ev = cfg.eval
     source = ev.path or "the synthetic task's held-out set"
     head = f"{ev.num_prompts} prompts of {source} x {ev.samples_per_prompt} samples, temperature {ev.temperature}"
-    print(f"\nHeld-out evaluation ({head}):" if ev.enabled else "\nHeld-out evaluation: off (eval.enabled: false)")
-    print(format_table(state.evals))
-    print(
-        "acc_se: standard error of accuracy, samples of a prompt clustered; vs: accuracy change on the same prompts "
-        "with its paired standard error, against the model the stage started from (a student: its teacher)"
-    )
+    if ev.enabled or state.evals:  # (rows of an earlier run with evaluation on are still shown)
+        print(f"\nHeld-out evaluation ({head}):")
+        print(format_table(state.evals))
+        print(
+            "acc_se: standard error of accuracy, samples of a prompt clustered; vs: accuracy change on the same "
+            "prompts with its paired standard error, against the model the stage started from (a student: its teacher)"
+        )
+    else:
+        print("\nHeld-out evaluation: off (eval.enabled: false)")
     print(f"\nreport: {report}   total time: {time.time() - t0:.0f}s")
     return state
 

@@ -28,6 +28,20 @@ def test_resumed_steps_plot_the_run_that_went_on(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_report_names_failed_reward_calls_and_all_truncated_steps(tmp_path):
+    """A reward that raised (its samples scored by the error policy) and steps whose completions were all cut at
+    max_new_tokens are listed: the curves alone do not show them. A clean stage adds no section."""
+    grpo, clean = tmp_path / "grpo", tmp_path / "clean"
+    log = MetricsLogger(grpo, "grpo", tensorboard=False)
+    for step, (errors, cut) in enumerate([(4.0, 1.0), (0.0, 0.5), (3.0, 1.0)], start=1):
+        log.log(step, {"reward": 0.5, "reward_errors": errors, "truncated_frac": cut})
+    ok = {"reward": 0.5, "reward_errors": 0.0, "truncated_frac": 0.2}
+    MetricsLogger(clean, "clean", tensorboard=False).log(1, ok)
+    text = write_report(tmp_path / "out", {"grpo": grpo, "clean": clean}, [], "t").read_text()
+    assert "## Rollout warnings" in text and "| grpo | 7 | 2 of 3 |" in text and "| clean |" not in text
+    assert "## Rollout warnings" not in write_report(tmp_path / "out2", {"clean": clean}, [], "t").read_text()
+
+
 def test_malformed_metrics_line_is_skipped_and_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 1}) + "\n{not json\n" + json.dumps({"step": 2}) + "\n")
