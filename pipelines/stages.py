@@ -195,7 +195,10 @@ def write_data_summary(stage_dir: Path | None, source: str, rows: list[dict], re
 
 
 def first_rows(rows: list[dict], num_rows: int | None, path: str) -> list[dict]:
-    """``rows[:num_rows]`` (None or 0: all), saying so when rows are left out."""
+    """``rows[:num_rows]`` (None or 0: all), saying so when rows are left out or fewer than asked for exist."""
+    if num_rows and num_rows > len(rows):
+        print(f"[data] {path}: num_rows is {num_rows} but the file has {len(rows)} rows; using all {len(rows)}",
+              flush=True)  # fmt: skip
     if not num_rows or num_rows >= len(rows):
         return rows
     print(f"[data] {path}: using the first {num_rows} of {len(rows)} rows (num_rows)", flush=True)
