@@ -65,6 +65,9 @@ def load_engine(
     # the model first: a bad config.json is named by our reader, not by the tokenizer's (transformers') reading of it
     model = load_checkpoint(path, device=device, dtype=getattr(torch, dtype),
                             missing_mtp="error" if speculative else "drop")  # fmt: skip
+    if max_len is not None and max_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"--max-len {max_len}: {path}'s model has max_position_embeddings "
+                         f"{model.cfg.max_position_embeddings}; positions past it were never trained")  # fmt: skip
     tokenizer = load_tokenizer(path) if any((path / f).is_file() for f in _TOKENIZER_FILES) else None
     cache = {"auto": None, "fp8": "fp8", "bf16": torch.bfloat16, "fp32": torch.float32}[cache_dtype]
     return RolloutEngine(

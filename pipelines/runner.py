@@ -110,6 +110,9 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "run_state.json"
+    if resume and not state_path.is_file():
+        print(f"[run] --resume: {out} holds no earlier run of this config (no run_state.json); starting afresh",
+              flush=True)  # fmt: skip
     state = RunState.load(state_path) if resume else RunState()
     for name, path in list(state.finished.items()):
         if not Path(path).is_dir():  # its output was deleted since: run that stage (and its evals) again

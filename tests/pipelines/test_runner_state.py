@@ -131,6 +131,14 @@ def test_resume_keeps_the_runs_eval_settings_and_says_so(driver, tmp_path, capsy
     assert json.loads((tmp_path / "config.resolved.json").read_text())["eval"]["samples_per_prompt"] == 2
 
 
+def test_resume_of_a_run_that_never_ran_says_it_starts_afresh(driver, tmp_path, capsys):
+    stages = [_stage("one", {"preset": "tiny"})]
+    cfg = config_from_data({"name": "r", "output_dir": str(tmp_path / "new"), "eval": {"enabled": False},
+                            "stages": stages})  # fmt: skip
+    runner.run(cfg, resume=True, progress=False)
+    assert "holds no earlier run of this config (no run_state.json); starting afresh" in capsys.readouterr().out
+
+
 def test_a_hand_damaged_run_state_is_named(tmp_path):
     path = tmp_path / "run_state.json"
     path.write_text("")

@@ -241,3 +241,10 @@ def test_generate_names_the_line_of_bytes_that_are_not_utf8(checkpoint, tmp_path
         read_prompts(path, engine)
     path.write_bytes(b'\xef\xbb\xbf{"prompt_ids": [3, 4]}\n')
     assert read_prompts(path, engine) == [[3, 4]]
+
+
+def test_max_len_past_the_models_positions_is_refused(checkpoint):
+    limit = load_engine(checkpoint, need_tokenizer=True, max_batch_size=1).cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"--max-len {limit + 1}: .* has max_position_embeddings {limit}"):
+        load_engine(checkpoint, need_tokenizer=True, max_batch_size=1, max_len=limit + 1)
+    assert load_engine(checkpoint, need_tokenizer=True, max_batch_size=1, max_len=limit).max_len == limit
