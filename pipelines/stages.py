@@ -156,7 +156,12 @@ def enough_rows(rows: list[dict[str, Any]], per_round: int, key: str) -> list[di
 def stage_file_rows(data: DataSource, schema: str):
     """A stage's data file as rows of ``schema`` ("prompt" or "conversation") with the loader's ``LoadReport``: the
     stage's ``skip_invalid`` (and how to set it, in the error), its first ``num_rows``, its ``length_target``."""
-    return _file_rows(data.path, schema, data.num_rows, data.length_target, data.skip_invalid, STAGE_SKIP_ADVICE)
+    rows, report = _file_rows(data.path, schema, data.num_rows, data.length_target, data.skip_invalid,
+                              STAGE_SKIP_ADVICE)  # fmt: skip
+    if data.num_rows and data.num_rows > len(rows):
+        print(f"[data] {data.path}: num_rows is {data.num_rows} but the file has {len(rows)} usable rows; using all "
+              f"{len(rows)}", flush=True)  # fmt: skip
+    return rows, report
 
 
 def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None) -> list[dict]:
@@ -195,10 +200,7 @@ def write_data_summary(stage_dir: Path | None, source: str, rows: list[dict], re
 
 
 def first_rows(rows: list[dict], num_rows: int | None, path: str) -> list[dict]:
-    """``rows[:num_rows]`` (None or 0: all), saying so when rows are left out or fewer than asked for exist."""
-    if num_rows and num_rows > len(rows):
-        print(f"[data] {path}: num_rows is {num_rows} but the file has {len(rows)} rows; using all {len(rows)}",
-              flush=True)  # fmt: skip
+    """``rows[:num_rows]`` (None or 0: all), saying so when rows are left out."""
     if not num_rows or num_rows >= len(rows):
         return rows
     print(f"[data] {path}: using the first {num_rows} of {len(rows)} rows (num_rows)", flush=True)

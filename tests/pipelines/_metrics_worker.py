@@ -16,7 +16,8 @@ def share(rank: int):
     else:
         lens, rewards, acc = [10], [0.5], [1.0]
         extra = {"dynamic_sampling/rounds": 3, "dynamic_sampling/groups_dropped": 4}
-    comps = [SimpleNamespace(token_ids=[7] * n) for n in lens]
+    cut = {10}  # rank 1's completion hit max_new_tokens: 1 of the 4 completions is truncated
+    comps = [SimpleNamespace(token_ids=[7] * n, finish_reason="length" if n in cut else "stop") for n in lens]
     scored = SimpleNamespace(rewards=rewards, components={"math_accuracy": acc}, metrics={"errors/total": rank + 1.0})
     return comps, scored, 2.0 + 2 * rank, extra
 

@@ -59,7 +59,7 @@ def test_grpo_metrics_pool_every_ranks_samples(launch_workers):
     m = outs[0]
     assert m["response_length"] == 16 / 4 and m["generate_s"] == 4.0 and m["tokens_per_s"] == 16 / 4.0
     assert m["reward"] == 1.5 / 3 and m["accuracy"] == 2.0 / 3 and m["unscorable_frac"] == 1 / 4
-    assert m["reward_errors"] == 3.0
+    assert m["reward_errors"] == 3.0 and m["truncated_frac"] == 1 / 4
     assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/groups_dropped"] == 4
 
 

@@ -127,8 +127,11 @@ def test_prompt_files_carry_the_length_budget_like_synthetic_prompts(tmp_path, c
     assert [r["prompt"][0]["role"] for r in plain] == ["user", "system"] and "length_target" not in plain[0]
     budget = prompt_file_rows(path, 1, budget=40)
     assert "p.jsonl: using the first 1 of 2 rows (num_rows)" in capsys.readouterr().out
-    assert len(prompt_file_rows(path, 5)) == 2  # more asked for than the file has: all of them, and said
-    assert "p.jsonl: num_rows is 5 but the file has 2 rows; using all 2" in capsys.readouterr().out
+    from dsalign.pipelines.stages import stage_file_rows
+
+    rows, _ = stage_file_rows(DataSource(path=path, num_rows=5), "prompt")
+    assert len(rows) == 2  # a stage asking for more rows than its file has: all of them, and said
+    assert "p.jsonl: num_rows is 5 but the file has 2 usable rows; using all 2" in capsys.readouterr().out
     assert len(budget) == 1 and budget[0]["length_target"] == 40 and budget[0]["answer"] == "5"
     assert budget[0]["prompt"][0] == {"role": "system", "content": LENGTH_INSTRUCTION.format(budget=40),
                                       "reasoning_content": None}  # fmt: skip
