@@ -302,7 +302,10 @@ def quantize_experts(w_EOK: torch.Tensor, pow2: bool = False, backend: str = "au
         q, s = quantize_weight(w_EOK.reshape(e * o, k), pow2=pow2, backend=backend)
         return QuantizedWeight(q.view(e, o, k), s.view(e, o // BLOCK, -1))
     qs = [quantize_weight(w, pow2=pow2, backend=backend) for w in w_EOK]
-    return QuantizedWeight(torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs]))
+    # autocast has no rule for float8 inputs: torch.stack of fp8 tensors under the trainer's bf16 autocast raises
+    # ("Unexpected floating ScalarType in at::autocast::prioritize"); stacking is no computation, so autocast is off
+    with torch.autocast(w_EOK.device.type, enabled=False):
+        return QuantizedWeight(torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs]))
 
 
 _CAST_CACHE = WeakIdKeyDictionary()  # tensor -> (key, cast copy); by identity (tensors compare elementwise)

@@ -118,6 +118,15 @@ def test_fp8_training_tracks_fp32():
     assert fp8[-1] == pytest.approx(base[-1], rel=0.01)
 
 
+def test_fp8_training_under_bf16_compute():
+    """FP8 GEMMs with ``compute_dtype: bf16`` (the tiny preset's expert widths are not multiples of 128, so each
+    expert's fp8 copy is quantized alone and stacked): stacking fp8 tensors under autocast raised, failing every
+    FP8 + bf16 stage."""
+    base, _ = _run(6)
+    fp8_bf16, _ = _run(6, fp8=True, compute_dtype="bf16")
+    assert fp8_bf16[-1] == pytest.approx(base[-1], rel=0.03)
+
+
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValueError, match="unknown key"):
         TrainerConfig.from_dict({"lr": 1e-4, "learning_rate": 1e-4})
