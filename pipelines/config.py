@@ -211,7 +211,11 @@ class TrainingConfig:
 class SFTParams:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step (all workers together)"})
-    max_length: int = field(default=256, metadata={"help": "tokens per conversation; longer ones are truncated"})
+    max_length: int = field(
+        default=256,
+        metadata={"help": "tokens per conversation; longer ones are truncated (one with no assistant token left is "
+                          "an error, or dropped and counted under data.skip_invalid)"},
+    )
     micro_batch_size: int | None = field(
         default=None,
         metadata={"help": "conversations per forward/backward per worker (gradient accumulation); null = all at once"},

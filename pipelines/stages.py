@@ -199,6 +199,21 @@ def write_data_summary(stage_dir: Path | None, source: str, rows: list[dict], re
     write_text_atomic(Path(stage_dir) / "data.json", json.dumps(summary, indent=1) + "\n")
 
 
+def count_skipped(stage_dir: Path | None, n: int, problem: str) -> None:
+    """Add ``n`` rows dropped after loading (``skip_invalid``) to the stage's ``data.json``, which the report lists."""
+    if stage_dir is None or not (Path(stage_dir) / "data.json").is_file():
+        return
+    from .report import write_text_atomic
+
+    path = Path(stage_dir) / "data.json"
+    summary = json.loads(path.read_text())
+    summary["rows"] -= n
+    summary["skipped_invalid"] += n
+    summary["problems"] = [*summary["problems"], problem][:6]
+    write_text_atomic(path, json.dumps(summary, indent=1) + "\n")
+    print(f"[data] {problem}", flush=True)
+
+
 def first_rows(rows: list[dict], num_rows: int | None, path: str) -> list[dict]:
     """``rows[:num_rows]`` (None or 0: all), saying so when rows are left out."""
     if not num_rows or num_rows >= len(rows):
@@ -351,12 +366,22 @@ def sft_batches(examples: list[dict], params: SFTParams, seed: int, step: int, p
 
 def run_sft_loop(env: StageEnv, model: Transformer, conversations: list[dict], params: SFTParams) -> Path:
     """Fine-tune ``model`` on conversations (assistant tokens only, plus MTP); returns the exported HF dir."""
+    from dsalign.alignment.chat import ConversationError
+    from dsalign.alignment.data import DataError
     from dsalign.alignment.sft import SFTConfig, build_sft_examples, sft_loss
     from dsalign.alignment.trainer import prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
     from dsalign.model import next_token_targets
 
-    examples, _ = build_sft_examples(conversations, env.tokenizer, SFTConfig(max_length=params.max_length))
+    data = env.stage.data
+    sft_cfg = SFTConfig(max_length=params.max_length, skip_invalid=data.skip_invalid)
+    try:
+        examples, skipped = build_sft_examples(conversations, env.tokenizer, sft_cfg)
+    except ConversationError as e:  # the same rows fail the same way again: a data error, not retried
+        raise DataError(f"{data.path or 'the stage data'}: {e}; {STAGE_SKIP_ADVICE}") from e
+    if skipped:
+        count_skipped(summary_dir(env), skipped, f"{skipped} conversations with no assistant token within "
+                      f"sft.max_length={params.max_length} (or otherwise unmaskable) were dropped")  # fmt: skip
     cfg = trainer_config(params.optim, params.steps, env.run, env.stage, mtp_lambda=params.mtp_lambda,
                          bias_update_gamma=params.bias_update_gamma)  # fmt: skip
     cfg.micro_batches = sft_micro_batches(len(examples), params)

@@ -270,6 +270,38 @@ def test_evaluation_scores_with_the_configured_reward(tmp_path, capsys):
         preflight(load_config(tiny, [*base, "eval.reward.fn=nope_pkg:fn"]))
 
 
+def test_conversation_without_assistant_tokens_inside_max_length(tmp_path):
+    """A conversation whose prompt alone fills sft.max_length has nothing to learn from: without skip_invalid the
+    stage fails with a data error naming the row (not retried: the same row fails again); with it, the row is
+    dropped and counted in data.json (it failed the stage either way)."""
+    from dsalign.alignment.data import DataError
+    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.demo_tokenizer import task_tokenizer
+    from dsalign.pipelines.stages import StageEnv, run_sft
+
+    short = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    long = [{"role": "user", "content": " ".join(["1+1+1"] * 60)}, {"role": "assistant", "content": "4"}]
+    data = _prompt_file(tmp_path / "sft.jsonl", [{"messages": short}, {"messages": long}, {"messages": short}])
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    for skip in (False, True):
+        out = tmp_path / f"out{skip}"
+        run = load_config(tiny, [f"output_dir={out}", f"stages.sft.data={{path: {data}, skip_invalid: {skip}}}",
+                                 "stages.sft.sft.steps=1", "stages.sft.sft.batch_size=2",
+                                 "stages.sft.sft.max_length=40"])  # fmt: skip
+        env = StageEnv(run=run, stage=run.stages[0], out_dir=out / "sft", tokenizer=task_tokenizer(run.task),
+                       sources={"model": {"preset": "tiny"}}, resume=False)  # fmt: skip
+        env.out_dir.mkdir(parents=True)
+        if not skip:
+            with pytest.raises(DataError, match=r"sft\.jsonl: row 2 .*no assistant token left after truncation to 40 "
+                                                r"tokens; set the stage's data.skip_invalid"):
+                run_sft(env)
+            continue
+        run_sft(env)
+        summary = json.loads((env.out_dir / "data.json").read_text())
+        assert summary["rows"] == 2 and summary["skipped_invalid"] == 1
+        assert "1 conversations with no assistant token within sft.max_length=40" in summary["problems"][-1]
+
+
 def test_skipped_rows_are_counted_in_the_stage_and_the_report(tmp_path):
     """``data.skip_invalid: true`` drops malformed rows; the stage writes how many (and the first problems) to its
     ``data.json`` and the run's report lists them, so a dropped row is never silent."""
