@@ -7,6 +7,7 @@ installed on the cluster's nodes (the same image), while the config and local da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import time
@@ -31,6 +32,25 @@ def _client(address: str):
     except ConnectionError as e:  # ray's own ConnectionError subclasses the builtin
         raise ValueError(f"cannot reach a Ray job server at {address} ({str(e).splitlines()[0]}); give the "
                          "head node's dashboard address, e.g. http://HEAD:8265") from None  # fmt: skip
+    except Exception:  # noqa: BLE001 - the server answered with an error (e.g. a missing token): named below
+        with _job_server(address, "connecting"):
+            raise
+
+
+@contextlib.contextmanager
+def _job_server(address: str, what: str):
+    """A failed request to the job server as one ``ValueError`` naming what was asked, of whom, and the server's
+    answer (unknown job id, no agent, missing token, ...), for the CLI's one-line error instead of a traceback."""
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except (RuntimeError, ConnectionError, PermissionError, RayError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if ("authenticat" in str(e).lower() or "unauthorized" in str(e).lower()) and "RAY_AUTH_MODE" not in str(e):
+            hint = "; the cluster uses Ray's token authentication: set RAY_AUTH_MODE=token and its token in this shell"
+        raise ValueError(f"{what} at the Ray job server {address}: {type(e).__name__}: {first}{hint}") from None
 
 
 def job_paths(config: str | Path, working_dir: str | Path | None = None) -> tuple[Path, Path]:
@@ -59,19 +79,23 @@ def submit(
     for ov in overrides or []:
         args += ["--set", ov]
     runtime_env = {"working_dir": str(root), "excludes": DEFAULT_EXCLUDES, "env_vars": dsalign_settings()}
-    return _client(address).submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
+    with _job_server(address, f"submitting {config}"):
+        return _client(address).submit_job(entrypoint=shlex.join(args), runtime_env=runtime_env)
 
 
 def status(job_id: str, address: str) -> str:
-    return str(_client(address).get_job_status(job_id))
+    with _job_server(address, f"status of job {job_id}"):
+        return str(_client(address).get_job_status(job_id))
 
 
 def logs(job_id: str, address: str) -> str:
-    return _client(address).get_job_logs(job_id)
+    with _job_server(address, f"logs of job {job_id}"):
+        return _client(address).get_job_logs(job_id)
 
 
 def stop(job_id: str, address: str) -> bool:
-    return bool(_client(address).stop_job(job_id))
+    with _job_server(address, f"stopping job {job_id}"):
+        return bool(_client(address).stop_job(job_id))
 
 
 def wait(job_id: str, address: str, timeout_s: float = 900.0, poll_s: float = 2.0) -> str:

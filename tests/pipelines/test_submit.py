@@ -114,3 +114,39 @@ def test_submit_checks_paths_where_the_job_runs_and_names_an_unreachable_address
     assert main(["submit", "configs/run.yaml", "--address", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert "prompts.jsonl does not exist" in err and f"checked from {job}, the job's working directory" in err
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (RuntimeError("Request failed with status code 404: Job raysubmit_x does not exist."),
+         r"status of job raysubmit_x at the Ray job server http://h:8265: RuntimeError: Request failed with status "
+         r"code 404: Job raysubmit_x does not exist\.$"),
+        ("auth", r"status of job raysubmit_x at the Ray job server http://h:8265: AuthenticationError: "
+                 r"Authentication required.*RAY_AUTH_MODE"),
+    ],
+)
+def test_job_server_errors_become_one_line(monkeypatch, capsys, error, message):
+    """The job server's answers (unknown job, missing token, no agent) reach the user as `dsalign: error: ...`
+    naming the request and the server, not as a traceback."""
+    import ray.job_submission
+    from dsalign.pipelines.cli import main
+    from ray.exceptions import AuthenticationError
+
+    if error == "auth":
+        error = AuthenticationError("Authentication required: Unauthorized: Missing authentication token")
+
+    class Client:
+        def __init__(self, address):
+            pass
+
+        def get_job_status(self, job_id):
+            raise error
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    assert main(["status", "raysubmit_x", "--address", "http://h:8265"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsalign: error: ") and "Traceback" not in err
+    import re
+
+    assert re.search(message, err.splitlines()[0]), err
