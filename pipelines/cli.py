@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as e:  # the stage's own error is in the message; Ray has already logged the worker's traceback
         print(f"dsalign: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM during a run (pipelines.runner turns it into this)
+        print("dsalign: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError) as e:
         print(f"dsalign: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +125,11 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
             state.per_prompt = {k: v for k, v in state.per_prompt.items() if k not in labels}
     if not resume and state_path.exists():
         state_path.unlink()
+    if not resume:  # an earlier run's report would pass for this run's until this one writes its own
+        from .report import PLOTTED
+
+        for stale in [out / "report.md", *(out / f"{key}.png" for key in PLOTTED)]:
+            stale.unlink(missing_ok=True)
     resolved, resolved_text = out / "config.resolved.json", json.dumps(to_dict(cfg), indent=2)
     changed: list[str] = []
     if resume and resolved.is_file():
@@ -169,6 +176,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], initial_label(cfg))
     labels = comparison_labels(cfg)
     stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
+    previous_sigterm = _interrupt_on_sigterm()
     try:
         for stage in cfg.stages:
             if stage.name in state.finished:
@@ -188,14 +196,20 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
             evaluate(final, stage.name, vs=vs)
             if stage.data.length_target is not None:
                 evaluate(final, f"{stage.name} (budget prompts)", stage.data.length_target, vs=vs)
-    except StageFailed as e:  # keep what the run learned: the evaluations so far, the curves up to the failure
+    except (StageFailed, KeyboardInterrupt) as e:  # keep what the run learned: evaluations so far, curves up to here
         try:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, KeyboardInterrupt):
+                first = "interrupted (Ctrl-C, SIGTERM or dsalign stop); --resume continues it"
+            else:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
             report = write_report(out, stage_dirs, state.evals, f"dsalign run {cfg.name} (stopped: {first})")
             print(f"[run] partial report: {report}", flush=True)
         except Exception as report_error:  # noqa: BLE001 - the stage's failure is the error to raise
             print(f"[run] no partial report: {type(report_error).__name__}: {report_error}", flush=True)
         raise
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     report = write_report(out, stage_dirs, state.evals, f"dsalign run {cfg.name}")
     ev = cfg.eval
     source = ev.path or "the synthetic task's held-out set"
@@ -211,6 +225,19 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         print("\nHeld-out evaluation: off (eval.enabled: false)")
     print(f"\nreport: {report}   total time: {time.time() - t0:.0f}s")
     return state
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (``kill``, a scheduler's preemption, ``dsalign stop`` of a Ray job) raises ``KeyboardInterrupt`` in the
+    driver, as Ctrl-C does, so the run writes its partial report before exiting (Ray's own handler aborts the
+    process). Returns the handler it replaced (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def config_changes(before: Any, after: Any, path: str = "") -> list[str]:

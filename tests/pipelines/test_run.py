@@ -179,3 +179,34 @@ def test_cli_reports_a_failed_stage_in_one_message(tmp_path, monkeypatch, capsys
     assert main(["run", str(TINY), "--set", f"output_dir={tmp_path}"]) == 1
     assert capsys.readouterr().err.strip() == (
         "dsalign: error: stage 'sft' attempt 1/1 failed: it raised (no checkpoint yet): DataError: bad rows")
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_run_with_a_partial_report(tmp_path):
+    """SIGTERM to `dsalign run` (kill, a scheduler's preemption, `dsalign stop` of a Ray job) used to abort the
+    driver in Ray's signal handler without a report; now it stops like Ctrl-C: partial report, exit code 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = _sft_only(tmp_path, "term")  # writes tmp_path / term.yaml
+    cmd = [sys.executable, "-m", "dsalign.pipelines.cli", "run", str(tmp_path / "term.yaml"),
+           "--set", "stages.sft.sft.steps=400", "--set", "eval.enabled=false"]  # fmt: skip
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while "step 2/400" not in (tmp_path / "log.txt").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-2000:]
+                time.sleep(0.5)
+            os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = (tmp_path / "log.txt").read_text()
+    assert "dsalign: interrupted" in out
+    report = (Path(cfg.output_dir) / "report.md").read_text()
+    assert report.startswith("# dsalign run") and "(stopped: interrupted" in report.splitlines()[0]
