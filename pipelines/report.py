@@ -172,18 +172,21 @@ def data_section(stage_dirs: dict[str, Path]) -> list[str]:
 
 def rollout_warnings(per_stage: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Report lines for what the curves alone hide: reward calls that raised (each such sample scored by the
-    stage's error policy, not by its reward) and steps whose completions all hit ``max_new_tokens`` (with
-    ``mask_truncated``, no policy gradient). Nothing when no stage had either."""
+    stage's error policy, not by its reward), steps whose completions all hit ``max_new_tokens`` (with
+    ``mask_truncated``, no policy gradient) and steps where no reward scored any sample (all advantages 0). Nothing
+    when no stage had any."""
     rows = []
     for name, steps in per_stage.items():
         errors = sum(r.get("reward_errors") or 0 for r in steps)
         cut = sum(r.get("truncated_frac") == 1.0 for r in steps)
-        if errors or cut:
-            rows.append(f"| {name} | {errors:g} | {cut} of {len(steps)} |")
+        unscored = sum(r.get("unscorable_frac") == 1.0 for r in steps)
+        if errors or cut or unscored:
+            rows.append(f"| {name} | {errors:g} | {cut} of {len(steps)} | {unscored} of {len(steps)} |")
     if not rows:
         return []
     head = ["", "## Rollout warnings", "", "| stage | reward calls that raised (samples, all steps) | steps with every "
-            "completion cut at max_new_tokens |", "|---|---|---|"]  # fmt: skip
+            "completion cut at max_new_tokens | steps where no reward scored any sample |",
+            "|---|---|---|---|"]  # fmt: skip
     return head + rows
 
 

@@ -868,7 +868,7 @@ def run_grpo(env: StageEnv) -> Path:
     else:
         generator = env.rollout_pool
     loop = StageLoop(env, runner, p.iterations)
-    warned_truncated = False
+    warned_truncated = warned_unscorable = False
     for it in range(loop.start, p.iterations):
         sync = {}
         if env.rollout_pool is not None:
@@ -891,6 +891,13 @@ def run_grpo(env: StageEnv) -> Path:
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
         step_metrics = {**grpo_metrics(metrics, comps, scored, gen_s, sampling), **sync, **correction}
+        if step_metrics.get("unscorable_frac") == 1.0 and not warned_unscorable:
+            warned_unscorable = True  # once per stage; unscorable_frac is logged every step
+            if rank_world()[0] == 0:
+                print(f"[{env.stage.name}] step {it + 1}: no reward scored any sample (every reward returned None or "
+                      "raised), so every advantage is 0 and the update only moved the balance terms; check the "
+                      "rewards against the data (unscorable_frac in the metrics shows how often)",
+                      flush=True)  # fmt: skip
         if p.mask_truncated and step_metrics["truncated_frac"] == 1.0 and not warned_truncated:
             warned_truncated = True  # once per stage; truncated_frac is logged every step
             if rank_world()[0] == 0:

@@ -131,3 +131,21 @@ def test_all_truncated_iteration_is_reported_not_silent(tmp_path, monkeypatch, c
     _, log, _, _ = _grpo_stage(tmp_path / "plain", "iterations=1")
     assert 0.0 <= log[0]["truncated_frac"] <= 1.0 and "every completion hit" not in capsys.readouterr().out
 
+
+
+def test_iteration_no_reward_scored_is_reported_not_silent(tmp_path, monkeypatch, capsys):
+    """Every reward returned None (or raised) on every sample: all advantages are 0 and nothing is learned; the
+    stage says so once (unscorable_frac = 1 was logged, but nothing else told the user)."""
+    import dsalign.pipelines.stages as stages
+
+    original = stages.sample_iteration
+
+    def unscored(*args, **kwargs):
+        prompt_ids, comps, scored, gen_s, sampling = original(*args, **kwargs)
+        scored.rewards = [None] * len(scored.rewards)
+        return prompt_ids, comps, scored, gen_s, sampling
+
+    monkeypatch.setattr(stages, "sample_iteration", unscored)
+    _, log, _, _ = _grpo_stage(tmp_path, "iterations=2")
+    assert [r["unscorable_frac"] for r in log] == [1.0, 1.0]
+    assert capsys.readouterr().out.count("no reward scored any sample") == 1

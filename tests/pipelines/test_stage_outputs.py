@@ -33,12 +33,12 @@ def test_report_names_failed_reward_calls_and_all_truncated_steps(tmp_path):
     max_new_tokens are listed: the curves alone do not show them. A clean stage adds no section."""
     grpo, clean = tmp_path / "grpo", tmp_path / "clean"
     log = MetricsLogger(grpo, "grpo", tensorboard=False)
-    for step, (errors, cut) in enumerate([(4.0, 1.0), (0.0, 0.5), (3.0, 1.0)], start=1):
-        log.log(step, {"reward": 0.5, "reward_errors": errors, "truncated_frac": cut})
+    for step, (errors, cut, unscored) in enumerate([(4.0, 1.0, 0.0), (0.0, 0.5, 1.0), (3.0, 1.0, 0.5)], start=1):
+        log.log(step, {"reward": 0.5, "reward_errors": errors, "truncated_frac": cut, "unscorable_frac": unscored})
     ok = {"reward": 0.5, "reward_errors": 0.0, "truncated_frac": 0.2}
     MetricsLogger(clean, "clean", tensorboard=False).log(1, ok)
     text = write_report(tmp_path / "out", {"grpo": grpo, "clean": clean}, [], "t").read_text()
-    assert "## Rollout warnings" in text and "| grpo | 7 | 2 of 3 |" in text and "| clean |" not in text
+    assert "## Rollout warnings" in text and "| grpo | 7 | 2 of 3 | 1 of 3 |" in text and "| clean |" not in text
     assert "## Rollout warnings" not in write_report(tmp_path / "out2", {"clean": clean}, [], "t").read_text()
 
 
