@@ -18,7 +18,17 @@ def _model_info(args: argparse.Namespace) -> int:
     if args.preset is not None:
         cfg, title = ModelConfig.preset(args.preset), f"preset {args.preset}"
     else:
+        from pathlib import Path
+
+        from dsalign.model import check_checkpoint
+
         cfg, title = ModelConfig.from_hf(args.checkpoint), f"checkpoint {args.checkpoint}"
+        if any(Path(args.checkpoint).glob("*.safetensors")):  # the model load_checkpoint builds (weight headers only)
+            built = check_checkpoint(args.checkpoint)
+            if built.num_nextn_predict_layers != cfg.num_nextn_predict_layers:
+                title += (f"; config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the weights have "
+                          "none (transformers' save_pretrained drops them): not counted")  # fmt: skip
+            cfg = built
     print(format_report(summarize(cfg), f"dsalign model info: {title} (built on the meta device)"))
     return 0
 
@@ -181,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="inspect models").add_subparsers(dest="model_command", required=True)
     info = model.add_parser("info", help="total and activated parameters per part")
     info.add_argument("--preset", help="named preset: tiny, small, bench, v3-671b")
-    info.add_argument("--checkpoint", help="an HF checkpoint directory (reads config.json only)")
+    info.add_argument("--checkpoint", help="an HF checkpoint directory (config.json, and the weights' headers when "
+                                           "present; no tensor is read)")
     info.set_defaults(func=_model_info)
 
     gen = sub.add_parser("generate", help="complete the prompts of a JSONL file with the rollout engine")

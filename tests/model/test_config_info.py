@@ -158,6 +158,26 @@ def test_model_info_cli_reports_671b_and_37b():
     assert 11.0 < mtp_total < 12.0  # 11.5B unique MTP parameters per the report
 
 
+def test_model_info_counts_the_mtp_a_checkpoint_has(tmp_path, capsys):
+    """transformers' save_pretrained keeps num_nextn_predict_layers in config.json but drops the MTP weights:
+    `model info` counts what load_checkpoint builds (no MTP) and says why, instead of MTP parameters that are not
+    there; a config.json alone is still read as declared."""
+    import shutil
+
+    from dsalign.pipelines.cli import main
+
+    from .conftest import hf_reference, tiny
+
+    hf_reference(tiny()).save_pretrained(tmp_path / "hf")
+    assert main(["model", "info", "--checkpoint", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "declares 1 MTP layer(s) but the weights have none" in out and "MTP modules: none" in out
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "cfg")
+    assert main(["model", "info", "--checkpoint", str(tmp_path / "cfg")]) == 0
+    assert "MTP modules total" in capsys.readouterr().out
+
+
 def test_streaming_load_peak_memory_is_about_one_model(tmp_path):
     """Load in a fresh process and compare peak RSS growth with the model's size: two copies would be >= 2x."""
     script = textwrap.dedent(
