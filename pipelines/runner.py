@@ -228,9 +228,10 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
 
 
 def _interrupt_on_sigterm():
-    """SIGTERM (``kill``, a scheduler's preemption, ``dsalign stop`` of a Ray job) raises ``KeyboardInterrupt`` in the
-    driver, as Ctrl-C does, so the run writes its partial report before exiting (Ray's own handler aborts the
-    process). Returns the handler it replaced (None off the main thread, where signals cannot be handled)."""
+    """SIGTERM (``kill``, a scheduler's preemption, ``dsalign stop`` of a Ray job, which kills after a grace period)
+    raises ``KeyboardInterrupt`` in the driver, as Ctrl-C does, so the run writes its partial report before exiting
+    (Ray's own handler aborts the process). Returns the handler it replaced (None off the main thread, where signals
+    cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
