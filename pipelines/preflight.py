@@ -309,8 +309,8 @@ def _check_reward(entry: RewardEntry, where: str, problems: list[str], columns: 
     from dsalign.rewards import load_reward, unfilled_parameters
 
     try:
-        load_reward(entry.fn, **entry.params)
-        unfilled = [] if columns is None else unfilled_parameters(entry.fn, entry.params, columns)
+        reward = load_reward(entry.fn, **entry.params)
+        unfilled = [] if columns is None else unfilled_parameters(reward, columns)
     except Exception as e:  # noqa: BLE001 - any import-time failure of user code is a config problem
         problems.append(f"{where}.fn {entry.fn!r}: {type(e).__name__}: {e}")
         return

@@ -159,19 +159,21 @@ def load_reward(spec: str | RewardFn, **params: Any) -> RewardFn:
     return from_verl(bound) if verl else bound
 
 
-def unfilled_parameters(spec: str | RewardFn, params: dict[str, Any], columns: Collection[str]) -> list[str]:
-    """Required parameters of a TRL-style reward that neither the call, its ``params`` nor the data's ``columns``
-    fill, so that it would raise on every sample. ``load_reward`` lets such parameters pass (they are most likely
-    dataset columns, unknown until data arrives); a caller that knows the columns, like the pipeline's preflight,
-    asks here. verl-style functions are called with fixed arguments: nothing to check."""
-    fn = spec if callable(spec) else _resolve(spec)
-    if is_verl_score(fn):
-        return []
+def unfilled_parameters(reward: RewardFn, columns: Collection[str]) -> list[str]:
+    """Required parameters of a reward as ``load_reward`` returned it (params bound) that neither the call nor the
+    data's ``columns`` fill, so that it would raise on every sample. ``load_reward`` lets such parameters pass (they
+    are most likely dataset columns, unknown until data arrives); a caller that knows the columns, like the
+    pipeline's preflight, asks here. verl-style functions come back wrapped in a TRL-style call: nothing to check."""
+    fn, bound = (reward.func, reward.keywords) if isinstance(reward, functools.partial) else (reward, {})
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return []
-    filled = {*TRL_CALL, *params, *columns}
+    return _unfilled(signature, {*TRL_CALL, *bound, *columns})
+
+
+def _unfilled(signature: inspect.Signature, filled: Collection[str]) -> list[str]:
+    """The required parameters a keyword call can fill that none of ``filled`` names."""
     return [p.name for p in signature.parameters.values() if p.default is p.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in filled]  # fmt: skip
 
@@ -319,7 +321,7 @@ def _check_signature(fn: RewardFn, bound: set[str], spec: Any, call: tuple[str, 
     shown = f"fn({', '.join(f'{name}=...' for name in call)}{', **columns' if columns else ''})"
     missing = [name for name in call if name not in keyword and not takes_any]
     positional = [p.name for p in parameters if p.kind is p.POSITIONAL_ONLY and p.name in required]
-    unfilled = [] if columns else [name for name in required if name in keyword and name not in {*call, *bound}]
+    unfilled = [] if columns else _unfilled(signature, {*call, *bound})
     problems = [
         f"it cannot take {missing} by keyword (no such parameters, no **kwargs)" if missing else "",
         f"its required parameter(s) {positional} are positional-only" if positional else "",

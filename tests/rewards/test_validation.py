@@ -87,12 +87,12 @@ def test_unfilled_parameters_against_known_columns(user_file):
     column fills is named: ``soft_overlong`` without its two params would fail on every sample."""
     from dsalign.rewards import unfilled_parameters
 
-    assert unfilled_parameters("soft_overlong", {}, {"answer"}) == ["max_length", "cache_length"]
-    assert unfilled_parameters("soft_overlong", {"max_length": 9, "cache_length": 2}, {"answer"}) == []
-    assert unfilled_parameters(f"{user_file}:column", {}, {"answer", "prompt_id"}) == []
-    assert unfilled_parameters(f"{user_file}:column", {}, {"prompt_id"}) == ["answer"]
-    assert unfilled_parameters(f"{user_file}:withparam", {"scale": 2.0}, set()) == []
-    assert unfilled_parameters(f"{user_file}:verl_unbound", {"method": "strict"}, set()) == []  # verl: fixed call
+    assert unfilled_parameters(load_reward("soft_overlong"), {"answer"}) == ["max_length", "cache_length"]
+    assert unfilled_parameters(load_reward("soft_overlong", max_length=9, cache_length=2), {"answer"}) == []
+    assert unfilled_parameters(load_reward(f"{user_file}:column"), {"answer", "prompt_id"}) == []
+    assert unfilled_parameters(load_reward(f"{user_file}:column"), {"prompt_id"}) == ["answer"]
+    assert unfilled_parameters(load_reward(f"{user_file}:withparam", scale=2.0), set()) == []
+    assert unfilled_parameters(load_reward(f"{user_file}:verl_unbound", method="strict"), set()) == []  # verl
 
 
 def test_params_may_not_bind_what_the_trainer_passes():
