@@ -32,15 +32,13 @@ def _client(address: str):
     except ConnectionError as e:  # ray's own ConnectionError subclasses the builtin
         raise ValueError(f"cannot reach a Ray job server at {address} ({str(e).splitlines()[0]}); give the "
                          "head node's dashboard address, e.g. http://HEAD:8265") from None  # fmt: skip
-    except Exception:  # noqa: BLE001 - the server answered with an error (e.g. a missing token): named below
-        with _job_server(address, "connecting"):
-            raise
 
 
 @contextlib.contextmanager
 def _job_server(address: str, what: str):
     """A failed request to the job server as one ``ValueError`` naming what was asked, of whom, and the server's
-    answer (unknown job id, no agent, missing token, ...), for the CLI's one-line error instead of a traceback."""
+    answer (unknown job id, no agent, missing token, ...), for the CLI's one-line error instead of a traceback.
+    Every request goes through it, the client's creation included (its first request)."""
     from ray.exceptions import RayError
 
     try:
@@ -102,12 +100,13 @@ def wait(job_id: str, address: str, timeout_s: float = 900.0, poll_s: float = 2.
     """Block until the job reaches a terminal state (or the timeout); returns the final status."""
     from ray.job_submission import JobStatus
 
-    client = _client(address)
     deadline = time.monotonic() + timeout_s
-    while True:
-        st = client.get_job_status(job_id)
-        if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(st)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {st} after {timeout_s:.0f}s")
-        time.sleep(poll_s)
+    with _job_server(address, f"waiting for job {job_id}"):
+        client = _client(address)
+        while True:
+            st = client.get_job_status(job_id)
+            if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return str(st)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {st} after {timeout_s:.0f}s")
+            time.sleep(poll_s)
