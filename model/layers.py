@@ -49,6 +49,14 @@ def make_linear(cfg: ModelConfig, in_features: int, out_features: int, bias: boo
     return Linear(in_features, out_features, bias=bias)
 
 
+def fp8_base(linear: nn.Module):
+    """The ``FP8Linear`` a linear layer runs, looking through a peft LoRA wrapper; None for any other layer."""
+    from dsalign.kernels.fp8_gemm import FP8Linear
+
+    base = getattr(linear, "base_layer", linear)  # peft wraps the layer
+    return base if isinstance(base, FP8Linear) else None
+
+
 def applied_weight(linear: nn.Module) -> torch.Tensor:
     """The weight a linear layer applies, for code that reads it instead of calling the layer (the absorbed MLA
     decode folds ``kv_b_proj`` into its attention): ``linear.weight`` (an ``FP8Linear``'s dequantized fp8 copy, the
@@ -56,10 +64,8 @@ def applied_weight(linear: nn.Module) -> torch.Tensor:
     adapters when peft has wrapped the layer (``alignment/trainer/lora.py``), so decoding sees what training does.
     The delta ``scale * B @ A`` is recomputed per call: one pass over a weight-sized tensor, kept simple over a
     cache that would have to notice every optimizer step."""
-    from dsalign.kernels.fp8_gemm import FP8Linear
-
-    base = getattr(linear, "base_layer", linear)  # peft wraps the layer
-    if isinstance(base, FP8Linear):  # the FP8 GEMM applies the fp8 weight: so must code that reads it
+    base = fp8_base(linear)
+    if base is not None:  # the FP8 GEMM applies the fp8 weight: so must code that reads it
         weight = base.fp8_cache.get(base.weight, pow2=base.pow2, backend=base.backend).dequantized(base.weight.dtype)
     else:
         weight = linear.weight

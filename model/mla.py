@@ -21,7 +21,7 @@ from torch import nn
 
 from .cache import LatentCache
 from .config import ModelConfig
-from .layers import RMSNorm, applied_weight, make_linear
+from .layers import RMSNorm, applied_weight, fp8_base, make_linear
 from .rope import apply_rope
 
 # Longest sequence for the blocked CPU attention: it keeps ~0.6 T^2 probabilities per head for the backward.
@@ -226,11 +226,10 @@ class MLA(nn.Module):
         the absorbed decode multiplies the cached latent directly, so the cache keeps it quantized-dequantized the
         same way (per token, so independent of what else is cached): decoding then computes the training
         forward's FP8 math, up to fp32 summation order, and rollout log-probs match training's."""
-        from dsalign.kernels.fp8_gemm import FP8Linear
         from dsalign.kernels.quant import dequantize, quantize_act
 
-        base = getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)
-        if not isinstance(base, FP8Linear):
+        base = fp8_base(self.kv_b_proj)
+        if base is None:
             return c_kv_BTC
         q, s = quantize_act(c_kv_BTC.reshape(-1, c_kv_BTC.shape[-1]), pow2=base.pow2, backend=base.backend)
         return dequantize(q, s, 1, backend=base.backend).view(c_kv_BTC.shape).to(c_kv_BTC.dtype)
