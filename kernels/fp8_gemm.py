@@ -258,13 +258,18 @@ def cublas_blockwise_refusal(
         return "the 128x128 block scales are not contiguous"
     if not a_fp8.is_cuda:
         return "not on CUDA"
-    return _cublas_blockwise_device_refusal(a_fp8.device.index if a_fp8.device.index is not None else -1)
+    return _cublas_blockwise_device_refusal(_device_index(a_fp8))
+
+
+def _device_index(t: torch.Tensor) -> int:
+    """The CUDA device ``t`` lives on (the current one for a bare "cuda"), for the per-device caches below."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
 def _cublas_blockwise_device_refusal(device_index: int) -> str | None:
-    """The device and build half of ``cublas_blockwise_refusal``, once per device (-1: the current one)."""
-    capability = torch.cuda.get_device_capability(None if device_index < 0 else device_index)
+    """The device and build half of ``cublas_blockwise_refusal``, once per device."""
+    capability = torch.cuda.get_device_capability(device_index)
     if capability != (9, 0):
         return f"compute capability {capability} is not sm_90"
     if not hasattr(torch.nn.functional, "scaled_mm"):  # the blockwise recipes arrived with it (torch 2.9)
@@ -300,7 +305,7 @@ def _use_tma(a_fp8: torch.Tensor, b_fp8: torch.Tensor, c: torch.Tensor, kernel: 
     # auto: the bulk-copy engine exists from Hopper (sm_90) on; the interpreter runs the pointer kernel by default
     if not (eligible and c.is_cuda):
         return False
-    return _has_tma(c.device.index if c.device.index is not None else torch.cuda.current_device())
+    return _has_tma(_device_index(c))
 
 
 @functools.cache
