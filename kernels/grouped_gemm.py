@@ -329,8 +329,8 @@ def caching_autocast_weights():
 def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w`` in the autocast dtype. With gradients enabled a fresh cast (part of the graph, as autocast casts
     ``nn.Linear`` weights); without, inside ``caching_autocast_weights`` (the rollout engine's decode under the
-    trainer's autocast), the copy is kept per weight and version. ``clear_autocast_weights`` also drops the copies:
-    the trainer calls it after each optimizer step (fused AdamW does not move the version counter)."""
+    trainer's autocast), the copy is kept per weight and version until the block ends, so no optimizer step (whose
+    fused AdamW does not move the version counter) ever finds one to invalidate."""
     if w.dtype == dtype:
         return w
     if torch.is_grad_enabled() or hasattr(w, "ds_id") or not _CACHING[0]:
@@ -346,17 +346,10 @@ def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return hit[1]
 
 
-def clear_autocast_weights() -> None:
-    """Drop every cached autocast copy (``autocast_weight``): call after an optimizer step, since fused AdamW and
-    ZeRO update weights without moving the version counter the cache keys on."""
-    _CAST_CACHE.clear()
-
-
 def invalidate_weight_caches(model: torch.nn.Module) -> None:
-    """Drop every copy derived from ``model``'s weights: the FP8 copies (``FP8Linear.fp8_cache``, the experts'
-    ``fp8_caches``) and the experts' autocast copies. Call after any weight update: the caches key on version
-    counters, which fused AdamW and ZeRO's writes through ``.data`` do not move."""
-    clear_autocast_weights()
+    """Drop the FP8 copies of ``model``'s weights (``FP8Linear.fp8_cache``, the experts' ``fp8_caches``). Call after
+    any weight update: the caches key on version counters, which fused AdamW and ZeRO's writes through ``.data`` do
+    not move. (The experts' autocast copies live only inside ``caching_autocast_weights``.)"""
     for module in model.modules():
         cache = getattr(module, "fp8_cache", None)
         for c in ([cache] if cache is not None else []) + list(getattr(module, "fp8_caches", None) or ()):

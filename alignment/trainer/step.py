@@ -176,7 +176,7 @@ def micro_batch_shares(micro_batches: Sequence[Any], loss_fn: LossFn, group: Any
 
 
 def refresh_fp8_weights(model: nn.Module) -> None:
-    """Drop the FP8 (and autocast) copies of the weights after an optimizer step.
+    """Drop the FP8 copies of the weights after an optimizer step.
 
     The caches requantize when a weight's version counter moves, but not every in-place update moves it: torch's
     fused AdamW and ZeRO's copies through ``.data`` do not, and a stale copy silently trains against old weights.
