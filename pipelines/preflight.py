@@ -16,7 +16,14 @@ from dsalign.model import ModelConfig, check_checkpoint
 from .config import ModelSource, RewardEntry, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
 from .schema import ConfigError
-from .stages import RUNTIME_OVERRIDES, lora_settings, prompt_file_rows, stage_file_rows
+from .stages import (
+    RUNTIME_OVERRIDES,
+    SAMPLE_COLUMNS,
+    data_columns,
+    lora_settings,
+    prompt_file_rows,
+    stage_file_rows,
+)
 
 
 class PreflightError(ConfigError):
@@ -258,7 +265,7 @@ def _stage_columns(cfg: RunConfig, stage: StageConfig, file_rows: list[dict] | N
 
     if stage.data.synthetic is not None:
         file_rows = make_prompts(cfg.task, 1, stage.data.seed, budget=stage.data.length_target)
-    return {k for k in file_rows[0] if k != "prompt"} | {"finish_reason"} if file_rows else None
+    return {*data_columns(file_rows[0]), *SAMPLE_COLUMNS} if file_rows else None
 
 
 def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> list[dict] | None:

@@ -505,17 +505,24 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def data_columns(row: dict) -> list[str]:
+    """The dataset columns rewards receive: every one but the prompt itself (TRL's reward convention)."""
+    return [k for k in row if k != "prompt"]
+
+
 def expand_columns(rows: list[dict], n: int) -> dict[str, list]:
     """Every dataset column except the prompt itself, repeated once per sample (TRL's reward convention)."""
-    keys = [k for k in rows[0] if k not in ("prompt",)]
-    return {k: [r.get(k) for r in rows for _ in range(n)] for k in keys}
+    return {k: [r.get(k) for r in rows for _ in range(n)] for k in data_columns(rows[0])}
+
+
+SAMPLE_COLUMNS = ("finish_reason",)  # the completions' attributes ``sample_columns`` adds to the dataset's columns
 
 
 def sample_columns(rows: list[dict], n: int, comps) -> dict[str, list]:
     """The reward columns of ``n`` completions per row: ``expand_columns`` plus each sample's ``finish_reason``
     (``stop`` or ``length``: cut at ``max_new_tokens``), which ``stop_properly`` reads and TRL-style rewards
     ignore through ``**kwargs``."""
-    return {**expand_columns(rows, n), "finish_reason": [c.finish_reason for c in comps]}
+    return {**expand_columns(rows, n), **{k: [getattr(c, k) for c in comps] for k in SAMPLE_COLUMNS}}
 
 
 def score_samples(scorer, rows: list[dict], n: int, texts: list[str], comps):
