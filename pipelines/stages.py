@@ -875,7 +875,15 @@ def run_grpo(env: StageEnv) -> Path:
     else:
         generator = env.rollout_pool
     loop = StageLoop(env, runner, p.iterations)
-    warned_truncated = warned_unscorable = False
+    # steps that train on nothing, said once per stage: metric at 1.0 -> why
+    starved = {"unscorable_frac": "no reward scored any sample (every reward returned None or raised), so every "
+               "advantage is 0 and the update only moved the balance terms; check the rewards against the data"}
+    if p.mask_truncated:
+        starved["truncated_frac"] = (f"every completion hit grpo.max_new_tokens ({p.max_new_tokens}) and "
+                                     "grpo.mask_truncated is on, so no token entered the policy loss (pg_loss is NaN, "
+                                     "the update only moved the balance terms); raise max_new_tokens or set "
+                                     "mask_truncated: false")  # fmt: skip
+    warned: set[str] = set()
     for it in range(loop.start, p.iterations):
         sync = {}
         if env.rollout_pool is not None:
@@ -898,20 +906,12 @@ def run_grpo(env: StageEnv) -> Path:
         for _ in range(p.updates_per_batch):
             metrics = train_step(runner, micro, loss_fn, cfg)
         step_metrics = {**grpo_metrics(metrics, comps, scored, gen_s, sampling), **sync, **correction}
-        if step_metrics.get("unscorable_frac") == 1.0 and not warned_unscorable:
-            warned_unscorable = True  # once per stage; unscorable_frac is logged every step
+        for key, why in starved.items():
+            if key in warned or step_metrics.get(key) != 1.0:
+                continue
+            warned.add(key)  # once per stage; the fraction is logged every step
             if rank_world()[0] == 0:
-                print(f"[{env.stage.name}] step {it + 1}: no reward scored any sample (every reward returned None or "
-                      "raised), so every advantage is 0 and the update only moved the balance terms; check the "
-                      "rewards against the data (unscorable_frac in the metrics shows how often)",
-                      flush=True)  # fmt: skip
-        if p.mask_truncated and step_metrics["truncated_frac"] == 1.0 and not warned_truncated:
-            warned_truncated = True  # once per stage; truncated_frac is logged every step
-            if rank_world()[0] == 0:
-                print(f"[{env.stage.name}] step {it + 1}: every completion hit grpo.max_new_tokens "
-                      f"({p.max_new_tokens}) and grpo.mask_truncated is on, so no token entered the policy loss "
-                      "(pg_loss is NaN, the update only moved the balance terms); raise max_new_tokens or set "
-                      "mask_truncated: false (truncated_frac in the metrics shows how often)", flush=True)  # fmt: skip
+                print(f"[{env.stage.name}] step {it + 1}: {why} ({key} in the metrics shows how often)", flush=True)
         loop.end_step(it + 1, step_metrics)
     return finish_stage(env, loop, runner, lora)
 
