@@ -19,6 +19,7 @@ from .schema import ConfigError
 from .stages import (
     RUNTIME_OVERRIDES,
     SAMPLE_COLUMNS,
+    TOKEN_ID_FIELDS,
     data_columns,
     lora_settings,
     prompt_file_rows,
@@ -34,13 +35,10 @@ class PreflightError(ConfigError):
         super().__init__("config problems found before starting:\n  - " + "\n  - ".join(problems))
 
 
-# set from the run's tokenizer when a preset is instantiated (``stages.load_source``), so not overridable
-TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
 def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
     if src.preset is not None:
-        taken = [k for k in TOKENIZER_FIELDS if k in src.overrides]
+        # set from the run's tokenizer when a preset is instantiated (``stages.load_source``), so not overridable
+        taken = [k for k in ("vocab_size", *TOKEN_ID_FIELDS) if k in src.overrides]
         if taken:
             problems.append(f"{where}.overrides: {taken} come from the run's tokenizer for a preset model (the "
                             "vocabulary is sized to it, the special token ids are its own); remove them, or change "

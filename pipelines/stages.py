@@ -90,6 +90,7 @@ def padded_vocab(tokenizer) -> int:
 
 
 RUNTIME_OVERRIDES = ("fp8", "fp8_pow2_scales")  # ModelConfig switches that apply to a loaded checkpoint
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # a preset takes these from the tokenizer
 
 
 def stage_device(stage: StageConfig) -> torch.device:
@@ -108,8 +109,7 @@ def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
     """A model from a preset (vocab sized to the tokenizer, initialized from ``seed``) or an HF checkpoint dir."""
     overrides = dict(src.get("overrides") or {})
     if src.get("preset"):
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+        ids = {k: getattr(tokenizer, k) for k in TOKEN_ID_FIELDS}
         cfg = ModelConfig.preset(src["preset"]).replace(vocab_size=padded_vocab(tokenizer), **ids, **overrides)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
