@@ -252,10 +252,11 @@ def head_chunk_rows(vocab_size: int, budget_elements: int = HEAD_CHUNK_ELEMENTS)
 def _head_inputs(model: torch.nn.Module, batch: dict[str, Tensor], keep_BT: Tensor):
     """(the model output, the head weight or None, [N, D] hidden states or, when the head weight is None (ZeRO-3),
     [N, V] logits) of the N positions predicting the tokens where ``keep_BT[:, 1:]``."""
+    from .rl import forward_inputs
     from .trainer.step import fused_head_weight
 
     head = fused_head_weight(model)
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=head is None)
+    out = model(batch["input_ids"], return_logits=head is None, **forward_inputs(batch))
     rows = keep_BT[:, 1:].bool()
     return out, head, (out.logits if head is None else out.hidden)[:, :-1][rows]
 

@@ -23,12 +23,15 @@ from .trainer.step import fused_head_weight
 
 
 def build_rl_batch(
-    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+    shared_prompts: bool = True,
 ) -> dict[str, Tensor]:
     """Right-padded ``prompt + completion`` rows.
 
     Returns ``input_ids`` [B, T], ``attention_mask`` [B, T], and ``completion_mask`` [B, T] (1 where the token at
-    that position is a completion token, i.e. where its log-prob enters the loss).
+    that position is a completion token, i.e. where its log-prob enters the loss). With ``shared_prompts`` also
+    ``prompt_group`` [B] (rows with the same prompt tokens share an id) and ``prompt_len`` [B]: the forwards of
+    ``token_logprobs`` then compute each distinct prompt once per micro-batch (``model/prompts.py``; same results).
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"build_rl_batch: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -43,15 +46,29 @@ def build_rl_batch(
         input_ids[b, :n] = torch.tensor(rows[b], dtype=torch.long)
         attention_mask[b, :n] = 1
         completion_mask[b, len(p) : n] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if shared_prompts:
+        ids: dict[tuple[int, ...], int] = {}
+        batch["prompt_group"] = torch.tensor([ids.setdefault(tuple(p), len(ids)) for p in prompt_ids], dtype=torch.long)
+        batch["prompt_len"] = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    return batch
+
+
+def forward_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a batch of ``build_rl_batch``: its attention mask and, when the batch
+    carries prompt groups, ``shared_prompts``."""
+    kw: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
+    if "prompt_group" in batch:
+        kw["shared_prompts"] = (batch["prompt_group"], batch["prompt_len"])
+    return kw
 
 
 def build_rollout_batch(
-    prompt_ids: Sequence[Sequence[int]], completions: Sequence[Any], pad_id: int
+    prompt_ids: Sequence[Sequence[int]], completions: Sequence[Any], pad_id: int, shared_prompts: bool = True
 ) -> dict[str, Tensor]:
     """``build_rl_batch`` of rollout completions (objects with ``token_ids`` and ``logprobs``; one prompt per
     completion) plus their log-probs as ``old_logp`` [B, T], aligned with the tokens (0 off the completions)."""
-    batch = build_rl_batch(prompt_ids, [c.token_ids for c in completions], pad_id)
+    batch = build_rl_batch(prompt_ids, [c.token_ids for c in completions], pad_id, shared_prompts)
     old = torch.zeros_like(batch["completion_mask"])
     for b, (p, c) in enumerate(zip(prompt_ids, completions)):
         old[b, len(p) : len(p) + len(c.token_ids)] = torch.tensor(c.logprobs, dtype=old.dtype)
@@ -77,11 +94,12 @@ def token_logprobs(
     Under ZeRO-3 the logits path runs (``trainer.step.fused_head_weight``).
     ``positions`` [B, T] (e.g. the completion mask): only those tokens' log-probs and entropies are computed, the
     rest are 0. With the fused head the head GEMMs then run over those rows only (TRL's ``logits_to_keep``: prompt
-    and padding tokens cost no vocabulary projection, forward or backward).
+    and padding tokens cost no vocabulary projection, forward or backward). A batch with ``prompt_group`` /
+    ``prompt_len`` runs each shared prompt once (``forward_inputs``).
     """
     ids = batch["input_ids"]
     head_weight = fused_head_weight(model) if fused else None
-    out = model(ids, attention_mask=batch["attention_mask"], compute_mtp=compute_mtp, return_logits=head_weight is None)
+    out = model(ids, compute_mtp=compute_mtp, return_logits=head_weight is None, **forward_inputs(batch))
     keep_N = None if positions is None else positions[:, 1:].reshape(-1).bool()
     if head_weight is not None:
         B, T = ids.shape

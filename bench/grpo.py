@@ -107,6 +107,7 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
     P, G = args.prompts, args.group
     p = GRPOParams(prompts_per_iter=P, group_size=G, max_new_tokens=args.max_new_tokens, mask_truncated=False,
                    eps_low=EPS_LOW, eps_high=EPS_HIGH, micro_batch_size=args.micro_batch or P * G,
+                   shared_prompts=not args.no_shared_prompts,
                    optim=OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, warmup_steps=0, grad_clip=GRAD_CLIP,
                                      betas=list(BETAS)))  # fmt: skip
     tok = load_tokenizer(ckpt)
@@ -281,6 +282,7 @@ def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
     flags = ["--prompts", args.prompts, "--group", args.group, "--max-new-tokens", args.max_new_tokens, "--iters",
              args.iters, "--warmup", args.warmup, "--threads", args.threads, "--micro-batch", args.micro_batch,
              "--seed", args.seed] + (["--stop-at-eos"] if args.stop_at_eos else [])  # fmt: skip
+    flags += ["--no-shared-prompts"] if args.no_shared_prompts else []
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, *map(str, flags)]
     # OpenMP reads OMP_WAIT_POLICY when torch loads it, so the side's process gets it through its environment.
     # ``default`` is the runtime's own (spin a while, then sleep), as the pipeline's workers run; ``passive`` (idle
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0 = all P*G)")
     p.add_argument("--stop-at-eos", action="store_true", help="each side stops at EOS (unequal token counts)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-shared-prompts", action="store_true",
+                   help="ours: every row recomputes its prompt in the update (grpo.shared_prompts: false)")
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="default",
                    help="both sides' OMP_WAIT_POLICY (passive: idle threads sleep, kind to shared cores but every "
                         "small op pays a wake-up; default: unset, as the pipeline's workers run); not with "

@@ -22,6 +22,7 @@ from torch import nn
 from .cache import LatentCache
 from .config import ModelConfig
 from .layers import RMSNorm, applied_weight, fp8_base, make_linear
+from .prompts import SharedPrompts
 from .rope import apply_rope
 
 # Longest sequence for the blocked CPU attention: it keeps ~0.6 T^2 probabilities per head for the backward.
@@ -247,6 +248,8 @@ class MLA(nn.Module):
         k_BSHK = torch.cat([k_nope_BSHN, k_pe_BSHR], dim=-1)
         if isinstance(mask_BTS, DocumentLayout):
             return self._attend_documents(q_BTHK, k_BSHK, v_BSHV, mask_BTS)
+        if isinstance(mask_BTS, SharedPrompts):
+            return self._attend_shared(q_BTHK, k_BSHK, v_BSHV, mask_BTS)
         q_BHTK, k_BHSK, v_BHSV = q_BTHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2)
         return self._attention(q_BHTK, k_BHSK, v_BHSV, mask_BTS).transpose(1, 2)
 
@@ -263,6 +266,26 @@ class MLA(nn.Module):
             outs.append(o_NHLV.transpose(1, 2).reshape(N * L, H, -1).index_select(0, bucket.slots_M))
         o_MHV = outs[0] if len(outs) == 1 else torch.cat(outs)
         return v_MHV.index_copy(0, layout.tokens_M, o_MHV).view(B, T, H, -1)
+
+    def _attend_shared(self, q_1MHK, k_1MHK, v_1MHV, layout: SharedPrompts) -> torch.Tensor:
+        """Attention over a ``SharedPrompts`` stream: each prompt once (plain causal), then every row's own tokens
+        against its prompt's keys and its own (``layout.mask_BLS``)."""
+        M, H = q_1MHK.shape[1:3]
+        q_MHK, k_MHK, v_MHV = q_1MHK[0], k_1MHK[0], v_1MHV[0]
+        outs = []
+        for rows, keys, slots, mask in ((layout.prompt_PL, None, layout.prompt_slots, None),
+                                        (layout.query_BL, layout.key_BS, layout.query_slots, layout.mask_BLS)):
+            if slots.numel() == 0:
+                continue
+            keys = rows if keys is None else keys
+            N, L = rows.shape
+            q = q_MHK.index_select(0, rows.reshape(-1)).view(N, L, H, -1).transpose(1, 2)
+            k, v = (x.index_select(0, keys.reshape(-1)).view(N, keys.shape[1], H, -1).transpose(1, 2)
+                    for x in (k_MHK, v_MHV))  # fmt: skip
+            o_NHLV = self._attention(q, k, v, mask)
+            outs.append(o_NHLV.transpose(1, 2).reshape(N * L, H, -1).index_select(0, slots))
+        o_MHV = outs[0] if len(outs) == 1 else torch.cat(outs)  # stream order: prompts, then the rows' own tokens
+        return o_MHV.view(1, M, H, -1)
 
     def _attention(self, q_BHTK, k_BHSK, v_BHSV, mask_BTS) -> torch.Tensor:
         """SDPA, except on CPU where torch's kernels waste work at MLA's shapes (V head dim < K head dim)."""

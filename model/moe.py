@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
+from .prompts import SharedPrompts
 
 
 @dataclass
@@ -170,15 +171,23 @@ class MoE(nn.Module):
         x_BTD: torch.Tensor,
         valid_BT: torch.Tensor | None = None,
         sequences: tuple[torch.Tensor, int] | None = None,
+        shared: SharedPrompts | None = None,
     ) -> tuple[torch.Tensor, RouterStats]:
         """``valid_BT`` marks real tokens (padding is not counted); ``sequences`` is ``token_sequences(...)`` for
-        the balance loss (default: one sequence per row; packed batches pass their samples)."""
+        the balance loss (default: one sequence per row; packed batches pass their samples). ``x_BTD`` may be a
+        ``SharedPrompts`` stream ([1, M, D]); then ``shared`` is its layout and the routing statistics are taken
+        over the batch's positions, as the plain forward of the batch would count them."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         topk_idx_NK, weight_NK, scores_NE = self.gate(x_ND)
         y_ND = self.experts(x_ND, topk_idx_NK, weight_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
+        y_BTD = y_ND.view(B, T, D)
+        if shared is not None:  # a prompt token counts once per row holding it (gathers' backward sums its grads)
+            topk_idx_NK = topk_idx_NK.index_select(0, shared.gather_BT)
+            valid_BT = shared.valid_BT
+            B, T = valid_BT.shape
         E = self.cfg.n_routed_experts
         with torch.no_grad():  # index_add, not bincount + boolean indexing: no host sync on CUDA
             hits = torch.ones_like(topk_idx_NK, dtype=torch.float32)
@@ -187,12 +196,14 @@ class MoE(nn.Module):
             counts_E = torch.zeros(E, device=x_BTD.device).index_add_(0, topk_idx_NK.reshape(-1), hits.reshape(-1))
         alpha = self.cfg.aux_loss_alpha if self.cfg.seq_aux else 0.0
         if alpha > 0 and torch.is_grad_enabled():
+            if shared is not None:
+                scores_NE = scores_NE.index_select(0, shared.gather_BT)
             if sequences is None:
                 sequences = token_sequences(valid_BT, None, B, T, x_BTD.device)
             aux = sequence_balance_loss(scores_NE, topk_idx_NK, *sequences, alpha)
         else:
             aux = x_BTD.new_zeros((), dtype=torch.float32)
-        return y_ND.view(B, T, D), RouterStats(counts_E, aux)
+        return y_BTD, RouterStats(counts_E, aux)
 
 
 def bias_update_delta(counts_LE: torch.Tensor, gamma: float, center: bool = False) -> torch.Tensor:

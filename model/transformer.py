@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, make_linear
 from .mla import MLA, DocumentLayout, document_layout
 from .moe import MoE, RouterStats, token_sequences
+from .prompts import SharedPrompts
 from .rope import RotaryEmbedding
 
 
@@ -54,7 +55,7 @@ class DecoderLayer(nn.Module):
         h_BTD = h_BTD + attn
         x = self.post_attention_layernorm(h_BTD)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(x, valid_BT, sequences)
+            y, stats = self.mlp(x, valid_BT, sequences, mask if isinstance(mask, SharedPrompts) else None)
             return h_BTD + y, stats
         return h_BTD + self.mlp(x), None
 
@@ -156,6 +157,7 @@ class Transformer(nn.Module):
         absorbed: bool | None = None,
         num_logits_to_keep: int = 0,
         return_logits: bool = True,
+        shared_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ModelOutput:
         """Full forward (training, prefill) or cached step (decode).
 
@@ -172,9 +174,19 @@ class Transformer(nn.Module):
             return_logits: False skips the output head: ``logits`` is None and the head inputs come back in
                 ``hidden`` / ``mtp_hidden`` (for losses that fuse the head with the cross-entropy, which never
                 materialize the [B, T, V] logits).
+            shared_prompts: (group [B], prompt length [B]): rows of one group begin with the same prompt, which the
+                decoder layers then compute once (``model/prompts.py``; nothing changes when every row is its own
+                group); the outputs are the plain forward's. For a full forward of right-padded rows (no cache,
+                ``segment_ids`` or ``position_ids``).
         """
         B, T = input_ids.shape
         valid_BT = None if attention_mask is None else attention_mask.bool()
+        shared = None
+        if shared_prompts is not None:
+            if cache is not None or segment_ids is not None or position_ids is not None:
+                raise ValueError("shared_prompts is for a full forward of right-padded rows; it cannot be combined "
+                                 "with a cache, segment_ids or position_ids")  # fmt: skip
+            shared = SharedPrompts.build(input_ids, valid_BT, *shared_prompts)
         if position_ids is None:
             if cache is not None and valid_BT is not None:
                 # real tokens take consecutive positions after what the row has cached, wherever padding sits: with
@@ -198,29 +210,36 @@ class Transformer(nn.Module):
                 mask = build_attention_mask(position_ids, valid_BT, segment_ids)
         elif absorbed:
             raise ValueError("the absorbed attention path needs a LatentCache")
-        elif valid_BT is None and segment_ids is None:
-            mask = None  # plain causal: SDPA's is_causal fast path
+        elif shared is not None:
+            mask = shared
         else:
             mask = self._attention_plan(position_ids, valid_BT, segment_ids)
-        rope = self.rotary(position_ids)
+        rope = self.rotary(position_ids if shared is None else shared.position_M[None])
         # packed rows: the balance loss is per sample (the MoE layers default to one sequence per row)
         sequences = None
         if segment_ids is not None and cache is None and torch.is_grad_enabled() and self.cfg.seq_aux \
                 and self.cfg.aux_loss_alpha > 0:
             sequences = token_sequences(valid_BT, segment_ids, B, T, input_ids.device)
 
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids if shared is None else input_ids.reshape(-1)[shared.stream_M][None])
         stats: list[RouterStats] = []
         if cache is not None:
             cache.plan_writes(position_ids, valid_BT)  # every layer writes the same slots: find them once
+        layer_valid = valid_BT if shared is None else None  # a stream holds real tokens only
         try:
             for layer in self.layers:
-                h, s = self._run_layer(layer, h, rope, mask, valid_BT, cache, position_ids, absorbed, sequences)
+                h, s = self._run_layer(layer, h, rope, mask, layer_valid, cache, position_ids, absorbed, sequences)
                 if s is not None:
                     stats.append(s)
         finally:
             if cache is not None:
                 cache.plan_writes(None)
+        if compute_mtp is None:
+            compute_mtp = self.training and cache is None
+        if shared is not None:  # back to the batch's rows; the MTP modules run on those
+            h = shared.to_batch(h[0])
+            if compute_mtp and len(self.mtp):
+                rope, mask = self.rotary(position_ids), self._attention_plan(position_ids, valid_BT, None)
         hidden_pre = h
         hidden = self.norm(h)
         keep = slice(-num_logits_to_keep, None) if num_logits_to_keep > 0 else slice(None)
@@ -228,8 +247,6 @@ class Transformer(nn.Module):
 
         mtp_logits: list[torch.Tensor] = []
         mtp_hidden: list[torch.Tensor] = []
-        if compute_mtp is None:
-            compute_mtp = self.training and cache is None
         if compute_mtp and len(self.mtp):
             if cache is not None:
                 raise ValueError("compute_mtp with a cache: draft through dsalign's generation engine instead")
@@ -251,9 +268,12 @@ class Transformer(nn.Module):
         return ModelOutput(logits, mtp_logits, hidden, aux, counts, hidden_pre, mtp_hidden)
 
     def _attention_plan(self, position_ids, valid_BT, segment_ids) -> DocumentLayout | torch.Tensor | None:
-        """How a padded / packed batch without a cache attends: per document (a ``DocumentLayout``); plain causal
-        (None) when rows are only right-padded and gathering would not at least halve the scores (real tokens see
-        the same keys either way, and there is no gather to pay); the mask when neither saves work."""
+        """How a batch without a cache attends: plain causal (None) without padding or packing; per document (a
+        ``DocumentLayout``) for padded / packed batches; plain causal again when rows are only right-padded and
+        gathering would not at least halve the scores (real tokens see the same keys either way, and there is no
+        gather to pay); the mask when neither saves work."""
+        if valid_BT is None and segment_ids is None:
+            return None  # SDPA's is_causal fast path
         layout = document_layout(valid_BT, segment_ids) if self.document_attention else None
         if layout is not None and layout.prefix_rows and layout.scores * 2 > valid_BT.numel() * valid_BT.shape[1]:
             return None

@@ -693,12 +693,13 @@ def sample_iteration(generator, scorer, tokenizer, rows: list[dict], p: GRPOPara
     return [g.payload[0] for g in kept], [c for g in kept for c in g.payload[1]], scored, gen_s, extra
 
 
-def rollout_batch(tokenizer, prompt_ids, comps, n: int) -> dict[str, torch.Tensor]:
+def rollout_batch(tokenizer, prompt_ids, comps, n: int, shared_prompts: bool = True) -> dict[str, torch.Tensor]:
     """Right-padded prompt + completion rows (``n`` completions per prompt, in order) with the rollout's log-probs
     of the completion tokens as ``old_logp`` (``alignment.rl.build_rollout_batch``)."""
     from dsalign.alignment.rl import build_rollout_batch
 
-    return build_rollout_batch([prompt_ids[i // n] for i in range(len(comps))], comps, tokenizer.pad_token_id)
+    return build_rollout_batch([prompt_ids[i // n] for i in range(len(comps))], comps, tokenizer.pad_token_id,
+                               shared_prompts)  # fmt: skip
 
 
 def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: int,
@@ -711,7 +712,7 @@ def make_rl_batch(tokenizer, prompt_ids, comps, rewards: list[float | None], n: 
     from dsalign.alignment.advantages import compute_advantages, group_ids_from_size
     from dsalign.alignment.sampling import mask_truncated
 
-    batch = rollout_batch(tokenizer, prompt_ids, comps, n)
+    batch = rollout_batch(tokenizer, prompt_ids, comps, n, params.shared_prompts)
     scorable = torch.tensor([v is not None for v in rewards])
     r = torch.tensor([0.0 if v is None else v for v in rewards], dtype=torch.float32)
     groups = group_ids_from_size(len(comps), n)
@@ -1026,7 +1027,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
         prompt_ids, comps = generator.generate(chunk, share, k, op.temperature, op.max_new_tokens,
                                                seed=env.run.seed * 100_003 + step)  # fmt: skip
         gen_s = time.time() - t0
-        batch = to_device(rollout_batch(env.tokenizer, prompt_ids, comps, k), device)
+        batch = to_device(rollout_batch(env.tokenizer, prompt_ids, comps, k, op.shared_prompts), device)
         student.train()
         micro = split_micro(batch, op.micro_batch_size)
         cost, tokens = 0.0, 0

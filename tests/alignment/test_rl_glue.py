@@ -168,3 +168,54 @@ def test_rollout_correction_gives_the_weighted_policy_gradient():
             assert g is None and h is None
         else:
             torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
+
+
+def _grpo_rows(seed: int = 0):
+    """3 prompts x 4 samples of random lengths: the layout a GRPO iteration builds."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[1] + torch.randint(3, 60, (n,), generator=g).tolist() for n in (6, 2, 9)]
+    rows = [p for p in prompts for _ in range(4)]
+    comps = [torch.randint(3, 60, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist() + [2]
+             for _ in rows]  # fmt: skip
+    return rows, comps
+
+
+def test_grpo_step_with_shared_prompts_equals_the_plain_step():
+    """One optimizer step (PPO-clip + balance loss + MTP term, 2 micro-batches that split a group, bias update)
+    on the batch with prompt groups (the pipeline's default) and without: same metrics and weights (fp32)."""
+    from dsalign.alignment.trainer import TrainerConfig, prepare_model, train_step
+    from dsalign.alignment.trainer.distributed import build_runner
+    from dsalign.pipelines.stages import split_micro
+
+    prompts, comps = _grpo_rows()
+    results = []
+    for shared in (True, False):
+        torch.manual_seed(0)
+        cfg = TrainerConfig(lr=1e-3, total_steps=1, warmup_steps=0, micro_batches=2, bias_update_gamma=0.01,
+                            mtp_lambda=0.3)  # fmt: skip
+        model = prepare_model(Transformer(ModelConfig.preset("tiny")), cfg)
+        batch = build_rl_batch(prompts, comps, pad_id=0, shared_prompts=shared)
+        assert ("prompt_group" in batch) == shared
+        with torch.no_grad():
+            batch["old_logp"] = token_logprobs(model.train(), batch, positions=batch["completion_mask"])[0] - 0.05
+        batch["advantages"] = torch.linspace(-1, 1, len(prompts))
+        runner = build_runner(model, cfg)
+        metrics = train_step(runner, split_micro(batch, 6), grpo_loss_fn(PolicyLossConfig(), mtp_lambda=0.3), cfg)
+        results.append((metrics, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (m_shared, w_shared), (m_plain, w_plain) = results
+    for key in ("loss", "pg_loss", "entropy", "mtp_ce_1", "clip_frac"):
+        assert m_shared[key] == pytest.approx(m_plain[key], rel=1e-5, abs=1e-7), key
+    for name, w in w_shared.items():  # Adam's step is ~lr = 1e-3 per weight, even for gradients at rounding level
+        torch.testing.assert_close(w, w_plain[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_teacher_scores_with_shared_prompts():
+    from dsalign.alignment.distill import teacher_scores
+
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig.preset("tiny")).eval()
+    prompts, comps = _grpo_rows(1)
+    shared = teacher_scores(teacher, build_rl_batch(prompts, comps, 0), top_k=4)
+    plain = teacher_scores(teacher, build_rl_batch(prompts, comps, 0, shared_prompts=False), top_k=4)
+    torch.testing.assert_close(shared["teacher_logp"], plain["teacher_logp"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared["teacher_topk_logp"], plain["teacher_topk_logp"], atol=1e-5, rtol=1e-5)

@@ -206,3 +206,12 @@ def test_local_rollout_phase_runs_under_the_trainers_autocast():
     with rollout.ep_phase():
         pass
     assert seen == [True]
+
+
+def test_shared_prompts_setting_reaches_the_batch():
+    tok = SimpleNamespace(pad_token_id=0)
+    rewards = [1.0, 0.0, 0.5, 0.25]
+    on = make_rl_batch(tok, [[1, 2], [3]], _comps(4), rewards, 2, GRPOParams(group_size=2))
+    assert on["prompt_group"].tolist() == [0, 0, 1, 1] and on["prompt_len"].tolist() == [2, 2, 1, 1]
+    off = make_rl_batch(tok, [[1, 2], [3]], _comps(4), rewards, 2, GRPOParams(group_size=2, shared_prompts=False))
+    assert "prompt_group" not in off and "prompt_len" not in off
