@@ -31,7 +31,7 @@ def build_rl_batch(
     Returns ``input_ids`` [B, T], ``attention_mask`` [B, T], and ``completion_mask`` [B, T] (1 where the token at
     that position is a completion token, i.e. where its log-prob enters the loss). With ``shared_prompts`` also
     ``prompt_group`` [B] (rows with the same prompt tokens share an id) and ``prompt_len`` [B]: the forwards of
-    ``token_logprobs`` then compute each distinct prompt once per micro-batch (``model/prompts.py``; same results).
+    ``token_logprobs`` then compute each distinct prompt once per micro-batch (``model/layout.py``; same results).
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"build_rl_batch: {len(prompt_ids)} prompts but {len(completion_ids)} completions")

@@ -9,7 +9,7 @@ completion rows through the fused head (``kernels.fused_ce.fused_linear_logprobs
 without ``positions``, which projects every position (prompt and padding too) onto the vocabulary. The gain grows
 with the head's share of the model (vocabulary x hidden) and with the prompt's share of the batch.
 (2) The batch with ``prompt_group`` / ``prompt_len`` (``build_rl_batch(shared_prompts=True)``, the pipeline's
-default): the decoder layers compute each group's prompt once (``model/prompts.py``); the baseline is the same batch
+default): the decoder layers compute each group's prompt once (``model/layout.py``); the baseline is the same batch
 without them. Both with completion positions only. The gain grows with the group size and the prompt's share.
 Each side runs forward + backward of ``mean(logp over the completion mask)``; fp32, ``torch.set_num_threads(threads)``,
 the trainer's host-memory policy on (as the trainer runs); ``rows / group`` prompts of ``--prompt-len`` random

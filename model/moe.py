@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
-from .prompts import SharedPrompts
+from .layout import SharedPrompts
 
 
 @dataclass

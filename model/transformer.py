@@ -16,9 +16,9 @@ from torch.utils.checkpoint import checkpoint
 from .cache import LatentCache
 from .config import ModelConfig
 from .layers import MLP, Linear, RMSNorm, make_linear
-from .mla import MLA, DocumentLayout, document_layout
+from .layout import DocumentLayout, SharedPrompts, document_layout
+from .mla import MLA
 from .moe import MoE, RouterStats, token_sequences
-from .prompts import SharedPrompts
 from .rope import RotaryEmbedding
 
 
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
                 ``hidden`` / ``mtp_hidden`` (for losses that fuse the head with the cross-entropy, which never
                 materialize the [B, T, V] logits).
             shared_prompts: (group [B], prompt length [B]): rows of one group begin with the same prompt, which the
-                decoder layers then compute once (``model/prompts.py``; nothing changes when every row is its own
+                decoder layers then compute once (``model/layout.py``; nothing changes when every row is its own
                 group); the outputs are the plain forward's. For a full forward of right-padded rows (no cache,
                 ``segment_ids`` or ``position_ids``).
         """

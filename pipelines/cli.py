@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 
@@ -24,7 +25,13 @@ def _model_info(args: argparse.Namespace) -> int:
 
         cfg, title = ModelConfig.from_hf(args.checkpoint), f"checkpoint {args.checkpoint}"
         if any(Path(args.checkpoint).glob("*.safetensors")):  # the model load_checkpoint builds (weight headers only)
-            built = check_checkpoint(args.checkpoint)
+            loader_log = logging.getLogger("dsalign.model.checkpoint")
+            level = loader_log.level
+            loader_log.setLevel(logging.ERROR)  # its missing-MTP warning: the title below says it once
+            try:
+                built = check_checkpoint(args.checkpoint)
+            finally:
+                loader_log.setLevel(level)
             if built.num_nextn_predict_layers != cfg.num_nextn_predict_layers:
                 title += (f"; config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the weights have "
                           "none (transformers' save_pretrained drops them): not counted")  # fmt: skip

@@ -254,8 +254,9 @@ class GRPOParams:
     updates_per_batch: int = field(default=1, metadata={"help": "optimizer steps per generated batch"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (per worker)"})
     shared_prompts: bool = field(
-        default=True, metadata={"help": "compute each prompt once per micro-batch in the update's forwards (exact: "
-                                        "same losses and gradients; false: every sample recomputes its prompt)"}
+        default=True, metadata={"help": "compute each prompt once per micro-batch in the update's forwards (same "
+                                        "losses and gradients up to rounding; with LoRA dropout a prompt token "
+                                        "draws one mask for all its samples; false: every sample recomputes it)"}
     )  # fmt: skip
     mtp_lambda: float = field(default=0.0, metadata={"help": "keep training MTP on the sampled completions (0 = off)"})
     bias_update_gamma: float = field(default=0.001, metadata={"help": "expert-bias update speed (0 = off)"})
@@ -310,8 +311,9 @@ class OnPolicyParams:
     top_k: int = field(default=32, metadata={"help": "teacher tokens per position for the topk losses"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (per worker)"})
     shared_prompts: bool = field(
-        default=True, metadata={"help": "compute each prompt once per micro-batch in the update's forwards (exact: "
-                                        "same losses and gradients; false: every sample recomputes its prompt)"}
+        default=True, metadata={"help": "compute each prompt once per micro-batch in the update's forwards (same "
+                                        "losses and gradients up to rounding; with LoRA dropout a prompt token "
+                                        "draws one mask for all its samples; false: every sample recomputes it)"}
     )  # fmt: skip
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=2), metadata={"help": "AdamW, warmup then cosine"}

@@ -158,7 +158,7 @@ def test_model_info_cli_reports_671b_and_37b():
     assert 11.0 < mtp_total < 12.0  # 11.5B unique MTP parameters per the report
 
 
-def test_model_info_counts_the_mtp_a_checkpoint_has(tmp_path, capsys):
+def test_model_info_counts_the_mtp_a_checkpoint_has(tmp_path, capsys, caplog):
     """transformers' save_pretrained keeps num_nextn_predict_layers in config.json but drops the MTP weights:
     `model info` counts what load_checkpoint builds (no MTP) and says why, instead of MTP parameters that are not
     there; a config.json alone is still read as declared."""
@@ -172,6 +172,7 @@ def test_model_info_counts_the_mtp_a_checkpoint_has(tmp_path, capsys):
     assert main(["model", "info", "--checkpoint", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out
     assert "declares 1 MTP layer(s) but the weights have none" in out and "MTP modules: none" in out
+    assert "MTP" not in caplog.text  # said once, in the title (the loader's own warning is not repeated)
     (tmp_path / "cfg").mkdir()
     shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "cfg")
     assert main(["model", "info", "--checkpoint", str(tmp_path / "cfg")]) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from dsalign.alignment.packing import pack_examples
 from dsalign.model import Transformer, causal_lm_loss
-from dsalign.model.mla import document_layout
+from dsalign.model.layout import document_layout
 
 from .conftest import tiny
 

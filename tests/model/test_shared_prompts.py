@@ -1,4 +1,4 @@
-"""Shared prompts (``model/prompts.py``): rows that repeat a prompt compute it once, with the plain forward's results.
+"""Shared prompts (``model/layout.py``): rows that repeat a prompt compute it once, with the plain forward's results.
 
 The plain forward of the same right-padded batch is the reference: real tokens' logits (main and MTP), the balance
 loss, the expert counts and every parameter's gradient must agree in fp32 (1e-5; only summation order differs).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dsalign.model import Transformer, causal_lm_loss
-from dsalign.model.prompts import SharedPrompts
+from dsalign.model.layout import SharedPrompts, document_layout
 
 from .conftest import tiny
 
@@ -111,9 +111,23 @@ def test_layout_computes_each_prompt_once():
     assert (layout.stream_M // T).tolist()[:5] == [0, 0, 0, 2, 2]  # each group's prompt from its first row
 
 
+def test_attention_costs_what_the_plain_forward_costs():
+    """A row's document is its prompt (read from the shared copy) plus its own tokens, bucketed by length as the
+    plain per-document attention buckets the rows, so a long tail of completions costs no more scores or padding
+    (no [B, Lc, Lp + Lc] mask either)."""
+    ids, mask, group, plen = _batch([[1] * 40, [1, 2, 3]], [[2, 3, 4, 5, 200], [1, 2, 3]])
+    shared = SharedPrompts.build(ids, mask, group, plen)
+    plain = document_layout(mask.bool(), None)
+    assert shared.attention.scores == plain.scores
+    assert [b.index_NL.shape for b in shared.attention.buckets] == [b.index_NL.shape for b in plain.buckets]
+    assert sorted(shared.attention.tokens_M.tolist()) == list(range(shared.stream_M.numel()))  # each output once
+
+
 def test_nothing_shared_is_the_plain_forward():
-    ids, mask, _, plen = _batch(PROMPTS, LENS)
-    assert SharedPrompts.build(ids, mask, torch.arange(ids.shape[0]), plen) is None
+    ids, mask, group, plen = _batch(PROMPTS, LENS)
+    assert SharedPrompts.build(ids, mask, torch.arange(ids.shape[0]), plen) is None  # every row its own group
+    assert SharedPrompts.build(ids, mask, group, torch.zeros_like(plen)) is None  # empty prompts: nothing to share
+    assert SharedPrompts.build(ids, mask, group.tolist(), plen.tolist()) is not None  # lists are fine
 
 
 def test_bad_groups_are_refused_naming_the_row():
@@ -132,5 +146,7 @@ def test_bad_groups_are_refused_naming_the_row():
         model(ids, attention_mask=left, shared_prompts=(group, plen))
     with pytest.raises(ValueError, match="must be \\[10\\]"):
         model(ids, attention_mask=mask, shared_prompts=(group[:3], plen))
+    with pytest.raises(ValueError, match="must be integers"):
+        model(ids, attention_mask=mask, shared_prompts=(group.float(), plen))
     with pytest.raises(ValueError, match="cannot be combined with a cache, segment_ids or position_ids"):
         model(ids, attention_mask=mask, shared_prompts=(group, plen), segment_ids=mask)
