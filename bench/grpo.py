@@ -15,7 +15,8 @@ RSS is its own) and runs ``warmup`` untimed then ``iters`` timed iterations, on 
 wall time, each iteration's process CPU time (all threads) is reported: on cores shared with other jobs it moves
 less than wall time does, so when the two disagree, the machine was busy.
   * ours: the code ``pipelines/stages.py::run_grpo`` runs: ``RolloutEngine`` colocated on the trainer's model,
-    ``make_rl_batch`` (``build_rl_batch`` + group advantages), ``grpo_loss_fn`` (PPO-clip, eps 0.2/0.28,
+    ``make_rl_batch`` (``build_rl_batch`` + group advantages; prompt groups, so the update computes each prompt once
+    as the pipeline does by default, ``--no-shared-prompts`` turns that off), ``grpo_loss_fn`` (PPO-clip, eps 0.2/0.28,
     token-mean), ``prepare_model`` + ``build_runner`` (a ``LocalRunner`` here) + ``train_step`` (AdamW, clip 1.0,
     router-bias update), rewards ``math_accuracy`` (weight 1) + ``think_format`` (0.2) through ``RewardCombiner``.
   * baseline: ``trl.GRPOTrainer`` on transformers' ``DeepseekV3ForCausalLM`` (default kernels), the same reward
