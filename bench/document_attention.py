@@ -2,7 +2,7 @@
 
     python bench/document_attention.py [--preset small] [--rounds 6] [--threads 2]
 
-A packed or padded batch without a cache attends per document by default (``model.mla.DocumentLayout``: each
+A packed or padded batch without a cache attends per document by default (``model.layout.DocumentLayout``: each
 sample's tokens gathered into a row of their own, plain causal attention); the baseline is the same model with
 ``model.document_attention = False``, which builds the ``[B, T, T]`` mask (causal & same segment & real key) and
 runs SDPA over whole rows. Two measurements, forward + backward in fp32 with the trainer's host-memory policy on:

@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, k + 1) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
         self.activation_checkpointing = False
-        self.document_attention = True  # padded / packed batches attend per document (mla.DocumentLayout)
+        self.document_attention = True  # padded / packed batches attend per document (layout.DocumentLayout)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 

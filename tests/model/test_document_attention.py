@@ -1,4 +1,4 @@
-"""Attention per document (``mla.DocumentLayout``) vs the mask path it replaces for padded and packed batches.
+"""Attention per document (``layout.DocumentLayout``) vs the mask path it replaces for padded and packed batches.
 
 The mask path (``model.document_attention = False``) builds ``build_attention_mask`` and runs SDPA over whole rows;
 per-document attention gathers each sample into its own row. Real tokens must get the same outputs and every
