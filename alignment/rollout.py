@@ -28,7 +28,7 @@ import contextlib
 import numbers
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,16 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text: str | None = None
+
+
+def completion_text(tokenizer: Any, token_ids: Sequence[int], stop_ids: Collection[int] = ()) -> str:
+    """A completion's text as generated: every token decoded, special tags such as ``<think>`` / ``</think>``
+    included (they are the reply's format, and rewards read them), except a final stop token (EOS), which only
+    ends it."""
+    ids = list(token_ids)
+    if ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 @dataclass
@@ -534,7 +544,7 @@ class RolloutEngine:
     def _completion(self, seq: _Seq) -> Completion:
         text = None
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            text = completion_text(self.tokenizer, seq.tokens, seq.stop_ids)
             if isinstance(seq.stop_reason, str) and seq.stop_reason in text:
                 text = text[: text.index(seq.stop_reason)]
         return Completion(

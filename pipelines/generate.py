@@ -207,9 +207,14 @@ class ChatSession:
         return tokenize_prompt(tok, self.messages, chat_template=getattr(tok, "chat_template", None))
 
     def send(self, text: str, stream: IO[str] | None = None) -> str:
-        """Add a user turn, stream the reply to ``stream`` as it is generated, and add the reply to the history."""
+        """Add a user turn, stream the reply to ``stream`` as it is generated, and add the reply to the history
+        (its reasoning as ``reasoning_content``, so the template renders the reply back as it was generated)."""
+        from dsalign.alignment.chat import split_reasoning
+        from dsalign.alignment.rollout import completion_text
+
         self.messages.append({"role": "user", "content": text, "reasoning_content": None})
         tok = self.engine.tokenizer
+        stop_ids = set(self.engine.default_stop_ids) | set(self.params.stop_token_ids or ())
         shown, tokens = "", []
         stops = self.params.stop_strings
         # a stop string is cut from the reply, so nothing that may still turn out to start one is shown early: the
@@ -219,7 +224,7 @@ class ChatSession:
         def on_token(_r: int, _s: int, ids: list[int]) -> None:
             nonlocal shown
             tokens.extend(ids)
-            now = tok.decode(tokens, skip_special_tokens=True)
+            now = completion_text(tok, tokens, stop_ids)  # <think> tags shown: they mark the reasoning
             if stream is None or now.endswith("\ufffd"):
                 return
             cut = min((now.index(s) for s in stops if s in now), default=None)
@@ -237,7 +242,8 @@ class ChatSession:
         if stream is not None:
             stream.write(reply[len(shown) :] if reply.startswith(shown) else "\n" + reply)
             stream.write("\n")
-        self.messages.append({"role": "assistant", "content": reply, "reasoning_content": None})
+        reasoning, answer = split_reasoning(reply)  # back into the history as the template renders a reply
+        self.messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
         return reply
 
 

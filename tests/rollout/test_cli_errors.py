@@ -248,3 +248,53 @@ def test_max_len_past_the_models_positions_is_refused(checkpoint):
     with pytest.raises(ValueError, match=rf"--max-len {limit + 1}: .* has max_position_embeddings {limit}"):
         load_engine(checkpoint, need_tokenizer=True, max_batch_size=1, max_len=limit + 1)
     assert load_engine(checkpoint, need_tokenizer=True, max_batch_size=1, max_len=limit).max_len == limit
+
+
+def _think_tokenizer():
+    from dsalign.pipelines.demo_task import AdditionTask
+    from dsalign.pipelines.demo_tokenizer import task_tokenizer
+
+    return task_tokenizer(AdditionTask())  # <think> / </think> are special tokens there, as in many tokenizers
+
+
+def test_completion_text_keeps_the_think_tags_and_drops_the_stop_token():
+    from dsalign.alignment.rollout import completion_text
+
+    tok = _think_tokenizer()
+    reply = "<think>\n1+2=3\n</think>\n\n\\boxed{3}"
+    ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) != reply  # what the engine's text was before
+    assert completion_text(tok, ids, {tok.eos_token_id}) == reply
+    assert completion_text(tok, ids[:-1], {tok.eos_token_id}) == reply  # cut by length: nothing to drop
+
+
+def test_chat_shows_the_reasoning_and_keeps_it_in_the_history():
+    """A reply ``<think>..</think>\\n\\nanswer`` is shown with its tags and goes back into the history as
+    reasoning_content + content, so the next turn's prompt renders it exactly as it was generated."""
+    from dsalign.alignment.chat import tokenize_prompt
+    from dsalign.alignment.rollout import Completion, completion_text
+
+    tok = _think_tokenizer()
+    reply = "<think>\n1+2=3\n</think>\n\n\\boxed{3}"
+    reply_ids = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompts = []
+
+    class Engine:  # the engine's contract as the session uses it, with a scripted reply
+        tokenizer, default_stop_ids = tok, frozenset({tok.eos_token_id})
+
+        def generate(self, prompt_ids, params, on_token=None):
+            prompts.append(prompt_ids[0])
+            for i in range(len(reply_ids)):
+                on_token(0, 0, reply_ids[i : i + 1])
+            return [Completion(0, 0, prompt_ids[0], reply_ids, [0.0] * len(reply_ids), "stop", tok.eos_token_id,
+                               completion_text(tok, reply_ids, self.default_stop_ids))]  # fmt: skip
+
+    session = ChatSession(Engine(), SamplingParams(max_new_tokens=20, temperature=0))
+    stream = io.StringIO()
+    assert session.send("1 + 2?", stream=stream) == reply
+    assert stream.getvalue() == reply + "\n"
+    assert session.messages[1] == {"role": "assistant", "content": "\\boxed{3}", "reasoning_content": "1+2=3"}
+    session.send("and 2 + 2?", stream=io.StringIO())
+    history = tokenize_prompt(tok, session.messages[:1], chat_template=tok.chat_template)
+    assert prompts[1][: len(history)] == history
+    assert prompts[1][len(prompts[0]) : len(prompts[0]) + len(reply_ids)] == reply_ids  # the reply as generated
