@@ -263,6 +263,8 @@ class ModelConfig:
             raw = dict(source)
         else:
             path = Path(source)
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist")
             if path.is_dir():
                 path = path / "config.json"
             where = str(path)

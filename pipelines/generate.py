@@ -124,6 +124,10 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
             raise ValueError(f"{where}: expected an object with exactly one of {', '.join(PROMPT_KEYS)}, got "
                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")  # fmt: skip
         prompt = row[given[0]]
+        if given[0] == "text" and engine.tokenizer is None:
+            raise ValueError(f"{where}: a text prompt needs the checkpoint's tokenizer, and the checkpoint has no "
+                             f"{' / '.join(_TOKENIZER_FILES)}; give prompt_ids instead, or save the tokenizer into "
+                             "the checkpoint with save_pretrained")  # fmt: skip
         if given[0] == "prompt_ids" and not isinstance(prompt, list):
             raise ValueError(f"{where}: prompt_ids must be a list of token ids, got {type(prompt).__name__}")
         if given[0] == "prompt":  # a chat prompt, as in the pipelines' prompt files: a string is one user turn
@@ -131,7 +135,9 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
                 prompt = [{"role": "user", "content": prompt}] if prompt else prompt
             if isinstance(prompt, list):
                 if engine.tokenizer is None:
-                    raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer")
+                    raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer, and the checkpoint "
+                                     f"has no {' / '.join(_TOKENIZER_FILES)}; give prompt_ids instead, or save "
+                                     "the tokenizer into the checkpoint with save_pretrained")  # fmt: skip
                 odd = next((m for m in prompt if not isinstance(m, dict)), None)
                 if odd is not None:
                     raise ValueError(f"{where}: a chat prompt is a list of {{role, content}} messages, got an item "

@@ -66,7 +66,7 @@ def test_bad_prompts_and_stop_types_are_refused():
         RolloutEngine(tiny_model(num_nextn_predict_layers=0), speculative=True)
 
 
-def test_checkpoint_directory_missing_files(tmp_path, checkpoint):
+def test_checkpoint_directory_missing_files(tmp_path, checkpoint, capsys):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_checkpoint_dir(tmp_path / "nope", need_tokenizer=False)
     (tmp_path / "empty").mkdir()
@@ -80,6 +80,12 @@ def test_checkpoint_directory_missing_files(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="tokenizer.json / tokenizer_config.json"):
         check_checkpoint_dir(only_weights, need_tokenizer=True)
     assert main(["chat", "--checkpoint", str(only_weights)]) == 2  # the CLI prints the message, exit code 2
+    for row in ({"text": "hello"}, {"prompt": "hello"}):  # generate without a tokenizer: only prompt_ids work
+        (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+        assert main(["generate", "--checkpoint", str(only_weights), "--prompts", str(tmp_path / "p.jsonl")]) == 2
+        assert "has no tokenizer.json / tokenizer_config.json; give prompt_ids instead" in capsys.readouterr().err
+    assert main(["model", "info", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     with pytest.raises(NotADirectoryError, match="is a file; give the checkpoint's directory"):
         check_checkpoint_dir(only_weights / "config.json", need_tokenizer=False)
 
