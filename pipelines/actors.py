@@ -146,6 +146,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
     except TimeoutError as e:
         raise StageWorkerError(str(e)) from e
     actors: list[Any] = []
+    interrupted = False
     try:
         trainers, pools = start_actors(cfg, stage, sources, tokenizer_dir, pg, layout)
         actors = trainers + [w for pool in pools.values() for w in pool.workers]
@@ -156,10 +157,18 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
         except ray.exceptions.RayTaskError as e:
             raise StageWorkerError(f"{type(e.cause).__name__}: {e.cause}", e.cause) from e
         return results[0]
+    except KeyboardInterrupt:
+        # Ctrl-C / SIGTERM: no Ray calls on the way out. A signal sent to the whole process group has stopped the
+        # local Ray node's own processes too, and a call into it then blocks for a minute and aborts the driver
+        # before the partial report is written; the actors end with the driver (their owner) either way, and a
+        # worker whose node is gone stops at its next step (stages.StageLoop)
+        interrupted = True
+        raise
     finally:
-        for w in actors:
-            ray.kill(w, no_restart=True)
-        release(pg)
+        if not interrupted:
+            for w in actors:
+                ray.kill(w, no_restart=True)
+            release(pg)
 
 
 @ray.remote(num_cpus=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -300,6 +301,7 @@ class StageLoop:
         if env.resume and latest_checkpoint(self.ckpt_root) is not None:
             self.start, _ = load_training_checkpoint(self.ckpt_root, runner)
             print(f"[{env.stage.name}] resumed at step {self.start}", flush=True)
+        self.parent_pid = os.getppid()  # in a Ray worker: the node's raylet, which outlives it unless the node stops
         self.logger = None
         if self.rank == 0:  # a fresh stage's directory was cleared by the driver (runner.clear_stage_state)
             self.logger = MetricsLogger(env.out_dir, env.stage.name, resumed_at=self.start if env.resume else None)
@@ -309,6 +311,13 @@ class StageLoop:
         """Log step ``step`` (1-based count of finished steps), checkpoint on schedule, honour the fault hook."""
         from dsalign.alignment.trainer import save_training_checkpoint
 
+        if os.getppid() != self.parent_pid:
+            # re-parented: the process that started this worker is gone (e.g. SIGTERM to the run's process group
+            # stopped the local Ray node with the driver); nobody will collect this stage, and carrying on would
+            # write checkpoints under a `--resume` of the same run
+            print(f"[{self.env.stage.name}] the process that started this worker is gone; stopping after step "
+                  f"{step - 1} (its last checkpoint stands)", flush=True)  # fmt: skip
+            os._exit(1)
         metrics = {**metrics, "elapsed_s": time.time() - self.t0}
         if self.logger is not None:
             self.logger.log(step, metrics)
@@ -319,8 +328,6 @@ class StageLoop:
                                      keep_last=self.env.stage.training.keep_last)  # fmt: skip
         fault = self.env.fault
         if fault is not None and step == fault.step and fault.rank in (None, rank_world()[0]):
-            import os
-
             name, rank = self.env.stage.name, rank_world()[0]
             if fault.raises:
                 raise RuntimeError(f"[{name}] fault injection: rank {rank} raises after step {step}")

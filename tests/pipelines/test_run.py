@@ -182,9 +182,13 @@ def test_cli_reports_a_failed_stage_in_one_message(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_stops_the_run_with_a_partial_report(tmp_path):
+@pytest.mark.parametrize("target", ["driver", "group"])
+def test_sigterm_stops_the_run_with_a_partial_report(tmp_path, target):
     """SIGTERM to `dsalign run` (kill, a scheduler's preemption, `dsalign stop` of a Ray job) used to abort the
-    driver in Ray's signal handler without a report; now it stops like Ctrl-C: partial report, exit code 130."""
+    driver in Ray's signal handler without a report; now it stops like Ctrl-C: partial report, exit code 130.
+    ``group``: SIGTERM to the run's whole process group (systemd, Slurm, ``kill -- -PGID``) also stops the local
+    Ray node's processes; the driver used to block a minute in a Ray call and abort without a report, and the
+    stage's worker, re-parented, trained on and wrote checkpoints."""
     import os
     import signal
     import subprocess
@@ -195,18 +199,25 @@ def test_sigterm_stops_the_run_with_a_partial_report(tmp_path):
     cmd = [sys.executable, "-m", "dsalign.pipelines.cli", "run", str(tmp_path / "term.yaml"),
            "--set", "stages.sft.sft.steps=400", "--set", "eval.enabled=false"]  # fmt: skip
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=target == "group")
         try:
             deadline = time.monotonic() + 240
             while "step 2/400" not in (tmp_path / "log.txt").read_text():
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-2000:]
                 time.sleep(0.5)
-            os.kill(proc.pid, signal.SIGTERM)
-            assert proc.wait(timeout=120) == 130
+            if target == "group":
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                os.kill(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=120) == 130, (tmp_path / "log.txt").read_text()[-2000:]
         finally:
             if proc.poll() is None:
                 proc.kill()
     out = (tmp_path / "log.txt").read_text()
     assert "dsalign: interrupted" in out
+    metrics = Path(cfg.output_dir) / "sft" / "metrics.jsonl"
+    rows = metrics.read_text().count("\n")
+    time.sleep(5)  # ~100 steps of this stage: a worker left running would add rows
+    assert metrics.read_text().count("\n") == rows, "the stage's worker outlived the run"
     report = (Path(cfg.output_dir) / "report.md").read_text()
     assert report.startswith("# dsalign run") and "(stopped: interrupted" in report.splitlines()[0]
