@@ -28,24 +28,6 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 ROLES = ("system", "user", "assistant")
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """A reply as the model writes it, ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` (the opening tag may be
-    the prompt's, under ``thinking=True``), as ``(reasoning_content, content)``: the message that the template
-    renders back into the same text, so a conversation's history holds each reply as it was generated. A reply
-    without ``</think>`` is all content.
-
-    >>> split_reasoning("<think>\\n2+2=4\\n</think>\\n\\n\\\\boxed{4}")
-    ('2+2=4', '\\\\boxed{4}')
-    >>> split_reasoning("4")
-    (None, '4')
-    """
-    if THINK_CLOSE not in text:
-        return None, text
-    head, _, tail = text.partition(THINK_CLOSE)
-    reasoning = head.removeprefix(THINK_OPEN).removeprefix("\n").removesuffix("\n")
-    return reasoning, tail.removeprefix("\n\n")
-
-
 DEEPSEEK_V3_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for m in messages -%}"

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,26 @@ class StageWorker:
         return str(STAGE_RUNNERS[stage.kind](env))
 
 
+def _local_node_down(grace_s: float = 1.0) -> bool:
+    """Whether a process of the Ray node this driver started has exited, waiting up to ``grace_s`` for one to (a
+    signal to the whole process group reaches them as it reaches the driver). False when the driver joined a running
+    cluster (it started no node processes) or Ray cannot tell; Ctrl-C alone leaves the node up (Ray starts its
+    processes with SIGINT blocked), and then costs the wait."""
+    try:
+        node = ray._private.worker.global_worker.node
+        procs = [info.process for infos in node.all_processes.values() for info in infos if info.process is not None]
+    except Exception:  # noqa: BLE001 - Ray's private API; when in doubt, clean up as usual
+        return False
+    deadline = time.monotonic() + grace_s
+    while procs:
+        if any(p.poll() is not None for p in procs):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
+
+
 def last_checkpoint_step(stage_dir: Path) -> int | None:
     from dsalign.alignment.trainer import latest_checkpoint
 
@@ -146,7 +167,7 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
     except TimeoutError as e:
         raise StageWorkerError(str(e)) from e
     actors: list[Any] = []
-    interrupted = False
+    node_down = False
     try:
         trainers, pools = start_actors(cfg, stage, sources, tokenizer_dir, pg, layout)
         actors = trainers + [w for pool in pools.values() for w in pool.workers]
@@ -158,14 +179,13 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
             raise StageWorkerError(f"{type(e.cause).__name__}: {e.cause}", e.cause) from e
         return results[0]
     except KeyboardInterrupt:
-        # Ctrl-C / SIGTERM: no Ray calls on the way out. A signal sent to the whole process group has stopped the
-        # local Ray node's own processes too, and a call into it then blocks for a minute and aborts the driver
-        # before the partial report is written; the actors end with the driver (their owner) either way, and a
-        # worker whose node is gone stops at its next step (stages.StageLoop)
-        interrupted = True
+        # a SIGTERM to the run's whole process group stops the local Ray node this driver started too; a Ray call
+        # then blocks for a minute and aborts the driver before the partial report is written. Without a node there
+        # is nothing to clean up (a worker whose node is gone stops at its next step: stages.StageLoop)
+        node_down = _local_node_down()
         raise
     finally:
-        if not interrupted:
+        if not node_down:
             for w in actors:
                 ray.kill(w, no_restart=True)
             release(pg)

@@ -213,9 +213,7 @@ class ChatSession:
         return tokenize_prompt(tok, self.messages, chat_template=getattr(tok, "chat_template", None))
 
     def send(self, text: str, stream: IO[str] | None = None) -> str:
-        """Add a user turn, stream the reply to ``stream`` as it is generated, and add the reply to the history
-        (its reasoning as ``reasoning_content``, so the template renders the reply back as it was generated)."""
-        from dsalign.alignment.chat import split_reasoning
+        """Add a user turn, stream the reply to ``stream`` as it is generated, and add the reply to the history."""
         from dsalign.alignment.rollout import completion_text
 
         self.messages.append({"role": "user", "content": text, "reasoning_content": None})
@@ -248,8 +246,9 @@ class ChatSession:
         if stream is not None:
             stream.write(reply[len(shown) :] if reply.startswith(shown) else "\n" + reply)
             stream.write("\n")
-        reasoning, answer = split_reasoning(reply)  # back into the history as the template renders a reply
-        self.messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
+        # the reply as generated, <think> block included: dsalign's template renders it back token for token; a
+        # template that drops reasoning from the history (DeepSeek-R1's) finds it there to drop
+        self.messages.append({"role": "assistant", "content": reply, "reasoning_content": None})
         return reply
 
 

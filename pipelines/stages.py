@@ -301,7 +301,7 @@ class StageLoop:
         if env.resume and latest_checkpoint(self.ckpt_root) is not None:
             self.start, _ = load_training_checkpoint(self.ckpt_root, runner)
             print(f"[{env.stage.name}] resumed at step {self.start}", flush=True)
-        self.parent_pid = os.getppid()  # in a Ray worker: the node's raylet, which outlives it unless the node stops
+        self.raylet_pid, self.parent_pid = _raylet_pid(), os.getppid()
         self.logger = None
         if self.rank == 0:  # a fresh stage's directory was cleared by the driver (runner.clear_stage_state)
             self.logger = MetricsLogger(env.out_dir, env.stage.name, resumed_at=self.start if env.resume else None)
@@ -311,12 +311,12 @@ class StageLoop:
         """Log step ``step`` (1-based count of finished steps), checkpoint on schedule, honour the fault hook."""
         from dsalign.alignment.trainer import save_training_checkpoint
 
-        if os.getppid() != self.parent_pid:
-            # re-parented: the process that started this worker is gone (e.g. SIGTERM to the run's process group
-            # stopped the local Ray node with the driver); nobody will collect this stage, and carrying on would
-            # write checkpoints under a `--resume` of the same run
-            print(f"[{self.env.stage.name}] the process that started this worker is gone; stopping after step "
-                  f"{step - 1} (its last checkpoint stands)", flush=True)  # fmt: skip
+        if self._node_gone():
+            # e.g. a SIGTERM to the run's process group stopped the local Ray node with the driver: nobody will
+            # collect this stage, and carrying on would write checkpoints under a `--resume` of the same run
+            print(f"[{self.env.stage.name}] this worker's Ray node is gone (raylet {self.raylet_pid}); stopping at "
+                  f"step {step} without logging it (the last checkpoint stands)", flush=True)  # fmt: skip
+            self.close()  # flush TensorBoard's buffered events
             os._exit(1)
         metrics = {**metrics, "elapsed_s": time.time() - self.t0}
         if self.logger is not None:
@@ -334,9 +334,34 @@ class StageLoop:
             print(f"[{name}] fault injection: rank {rank}'s worker exits after step {step}", flush=True)
             os._exit(17)
 
+    def _node_gone(self) -> bool:
+        """In a Ray worker whose raylet was visible at the start: that raylet has exited, or this process, its
+        child, was re-parented. Never outside Ray (a stage run in-process), nor where the raylet is out of sight
+        (a container's process namespace)."""
+        if self.raylet_pid is None:
+            return False
+        reparented = self.parent_pid == self.raylet_pid and os.getppid() != self.parent_pid
+        return reparented or not _pid_alive(self.raylet_pid)
+
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+
+
+def _raylet_pid() -> int | None:
+    """This Ray worker's raylet (Ray sets ``RAY_RAYLET_PID`` in its workers) when it is alive as seen from here."""
+    pid = os.environ.get("RAY_RAYLET_PID", "")
+    return int(pid) if pid.isdigit() and _pid_alive(int(pid)) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- SFT

@@ -221,3 +221,28 @@ def test_sigterm_stops_the_run_with_a_partial_report(tmp_path, target):
     assert metrics.read_text().count("\n") == rows, "the stage's worker outlived the run"
     report = (Path(cfg.output_dir) / "report.md").read_text()
     assert report.startswith("# dsalign run") and "(stopped: interrupted" in report.splitlines()[0]
+
+
+def test_stage_worker_notices_its_ray_node_is_gone(monkeypatch):
+    """``StageLoop`` stops a worker whose raylet exited (or that was re-parented away from it); never outside Ray,
+    where there is no raylet to watch (a stage run in-process, or an orphaned `nohup` script)."""
+    import os
+    import subprocess
+    import sys
+
+    from dsalign.pipelines import stages
+
+    monkeypatch.delenv("RAY_RAYLET_PID", raising=False)
+    assert stages._raylet_pid() is None
+    loop = stages.StageLoop.__new__(stages.StageLoop)  # only the watch, no stage behind it
+    loop.raylet_pid, loop.parent_pid = stages._raylet_pid(), os.getppid()
+    assert not loop._node_gone()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setenv("RAY_RAYLET_PID", str(os.getppid()))  # a live "raylet": watched
+    loop.raylet_pid = stages._raylet_pid()
+    assert loop.raylet_pid == os.getppid() and not loop._node_gone()
+    loop.raylet_pid = gone.pid  # that raylet has exited
+    assert loop._node_gone()
+    monkeypatch.setenv("RAY_RAYLET_PID", str(gone.pid))  # out of sight at the start: not watched
+    assert stages._raylet_pid() is None

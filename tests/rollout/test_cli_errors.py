@@ -275,8 +275,8 @@ def test_completion_text_keeps_the_think_tags_and_drops_the_stop_token():
 
 
 def test_chat_shows_the_reasoning_and_keeps_it_in_the_history():
-    """A reply ``<think>..</think>\\n\\nanswer`` is shown with its tags and goes back into the history as
-    reasoning_content + content, so the next turn's prompt renders it exactly as it was generated."""
+    """A reply ``<think>..</think>\\n\\nanswer`` is shown with its tags and goes back into the history as it was
+    generated: the next turn's prompt holds the reply's own tokens."""
     from dsalign.alignment.chat import tokenize_prompt
     from dsalign.alignment.rollout import Completion, completion_text
 
@@ -299,7 +299,7 @@ def test_chat_shows_the_reasoning_and_keeps_it_in_the_history():
     stream = io.StringIO()
     assert session.send("1 + 2?", stream=stream) == reply
     assert stream.getvalue() == reply + "\n"
-    assert session.messages[1] == {"role": "assistant", "content": "\\boxed{3}", "reasoning_content": "1+2=3"}
+    assert session.messages[1] == {"role": "assistant", "content": reply, "reasoning_content": None}
     session.send("and 2 + 2?", stream=io.StringIO())
     history = tokenize_prompt(tok, session.messages[:1], chat_template=tok.chat_template)
     assert prompts[1][: len(history)] == history
