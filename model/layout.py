@@ -182,8 +182,11 @@ class SharedPrompts:
     and the expert counts are the plain forward's and every shared prompt token's gradient sums its rows' (the
     gathers' backward is an index_add). In fp32 the two agree to summation order; under bf16 autocast and FP8 they
     round at different points (FP8's backward quantizes the summed gradient of a prompt token, not each row's); with
-    dropout (LoRA's) a prompt token draws one mask for all its rows. This is the shared-prefix forward of Prefix
-    Grouper (Liu et al., 2025).
+    dropout (LoRA's) a prompt token draws one mask for all its rows. The shared-prefix forward of Prefix Grouper
+    (Liu et al., 2025, arXiv 2506.05433) for the token-wise work; they also split attention so a prefix's queries
+    run once, which here would pad every row to the batch's longest prompt and completion under a mask (a first
+    version did: slower than the plain forward on long-tailed batches), while attention is a small share of a
+    layer at DeepSeek-V3's size.
 
     ``stream_M`` flat index into ``B * T`` of each stream token; ``position_M`` its position; ``gather_BT`` [B * T]
     the stream index of each batch position (0 at padding); ``valid_BT`` the batch's real tokens;
