@@ -147,6 +147,7 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
         t1 = time.perf_counter()
         return {"s": t1 - t0, "cpu_s": time.process_time() - c0, "generate_s": t_gen - t0,
                 "tokens": sum(len(c.token_ids) for c in comps), "loss": float(metrics["loss"]),
+                "prompt_tokens": G * sum(map(len, prompt_ids)),  # in the update's rows (shared prompts: 1/G of it)
                 "answers": [r["answer"] for r in it_rows]}  # fmt: skip
 
     def run() -> list[dict]:
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         per_it = [(round(i["s"], 2), round(i["generate_s"], 2), i["tokens"]) for i in r["iterations"]]
         peak = f"peak {r['peak_mib']:.0f} MiB, OMP_WAIT_POLICY {r['omp_wait_policy']} " if "peak_mib" in r else ""
         print(f"# {name:8s} (s, generate s, tokens) per iteration, warm-up first: {per_it}; {peak}({r['impl']})")
+    if "prompt_tokens" in ours["iterations"][0]:  # what sharing prompts can save in the update is their share
+        p_tok = statistics.median(i["prompt_tokens"] for i in ours["iterations"])
+        print(f"# update rows per iteration: {p_tok:.0f} prompt + {ours['tokens']:.0f} completion tokens (median)")
     shape = f"{args.preset}_P{args.prompts}xG{args.group}_new{args.max_new_tokens}_fp32_{args.threads}threads"
     if args.omp_wait_policy != "default" and not args.in_process:
         shape += f"_omp_{args.omp_wait_policy}"
