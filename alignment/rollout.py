@@ -461,8 +461,11 @@ class RolloutEngine:
         g = torch.Generator(device="cpu")
         seed = p.sample_seed(j)
         g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        stop_ids = frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else self.default_stop_ids)
-        return _Seq(r, j, prompt, p, g, stop_ids)
+        return _Seq(r, j, prompt, p, g, self.stop_ids(p))
+
+    def stop_ids(self, p: SamplingParams) -> frozenset[int]:
+        """The tokens that end a sample under ``p``: its ``stop_token_ids``, and EOS unless ``ignore_eos``."""
+        return frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else self.default_stop_ids)
 
     def _prefill(self, batch: list[int], ids: list[list[int]], stash: dict[int, _Prefilled]) -> None:
         """Naive-path prefill of a batch of prompts into a scratch cache (plus the MTP layer over positions

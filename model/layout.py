@@ -14,6 +14,7 @@ distinct token; attention per document over the stream (see the class).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -85,10 +86,22 @@ def _bucket_classes(class_sizes: list[tuple[int, int]]) -> list[int]:
     return group_of
 
 
-def _plan_buckets(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """Buckets for documents of ``counts`` tokens: (each document's bucket, documents per bucket, longest per
-    bucket). Documents are classed by ``ceil(log2(length))`` and adjacent classes merged where one call costs less
-    than two (``_bucket_classes``)."""
+class BucketPlan(NamedTuple):
+    """Each document's bucket, documents per bucket, longest document per bucket."""
+
+    bucket_of: list[int]
+    sizes: list[int]
+    longest: list[int]
+
+    @property
+    def scores(self) -> int:
+        """Score entries (per head) of attention over the buckets: ``sum(N * L^2)``."""
+        return sum(n * L * L for n, L in zip(self.sizes, self.longest))
+
+
+def _plan_buckets(counts: list[int]) -> BucketPlan:
+    """Buckets for documents of ``counts`` tokens. Documents are classed by ``ceil(log2(length))`` and adjacent
+    classes merged where one call costs less than two (``_bucket_classes``)."""
     class_N = [(n - 1).bit_length() for n in counts]  # ceil(log2(length))
     count, longest_of = {}, {}
     for n, c in zip(counts, class_N):
@@ -99,10 +112,10 @@ def _plan_buckets(counts: list[int]) -> tuple[list[int], list[int], list[int]]:
     sizes, longest = [0] * num_groups, [0] * num_groups
     for c, g in group_of_class.items():
         sizes[g], longest[g] = sizes[g] + count[c], max(longest[g], longest_of[c])
-    return [group_of_class[c] for c in class_N], sizes, longest
+    return BucketPlan([group_of_class[c] for c in class_N], sizes, longest)
 
 
-def _gather_buckets(tokens_M: torch.Tensor, counts_N: torch.Tensor, plan: tuple[list[int], list[int], list[int]],
+def _gather_buckets(tokens_M: torch.Tensor, counts_N: torch.Tensor, plan: BucketPlan,
                     emit_M: torch.Tensor | None = None) -> tuple[tuple[DocumentBucket, ...], torch.Tensor]:  # fmt: skip
     """The buckets of documents laid out one after another in ``tokens_M`` (``counts_N`` tokens each; flat token
     indices), and every bucket's output tokens concatenated. ``emit_M`` (default: all) says which document
@@ -154,12 +167,11 @@ def document_layout(valid_BT: torch.Tensor | None, segment_ids_BT: torch.Tensor 
         tokens_M = tokens_M[order_M]
     _, counts_N = torch.unique_consecutive(doc_key_M, return_counts=True)
     plan = _plan_buckets(counts_N.tolist())
-    scores = sum(n * L * L for n, L in zip(plan[1], plan[2]))
-    if scores > B * T * T:
+    if plan.scores > B * T * T:
         return None
     prefix_rows = segment_ids_BT is None and (valid_BT is None or bool((valid_BT[:, 1:] <= valid_BT[:, :-1]).all()))
     buckets, tokens_all = _gather_buckets(tokens_M, counts_N, plan)
-    return DocumentLayout(buckets, tokens_all, scores, prefix_rows)
+    return DocumentLayout(buckets, tokens_all, plan.scores, prefix_rows)
 
 
 @dataclass(frozen=True)
@@ -263,13 +275,12 @@ class SharedPrompts:
         counts_N = len_B[len_B > 0]
         plan = _plan_buckets(counts_N.tolist())
         buckets, tokens_all = _gather_buckets(doc_tokens, counts_N, plan, emit)
-        scores = sum(n * L * L for n, L in zip(plan[1], plan[2]))
 
         def dev(x: torch.Tensor) -> torch.Tensor:
             return x.to(device, non_blocking=True)
 
-        attention = DocumentLayout(tuple(DocumentBucket(dev(b.index_NL), dev(b.tokens_M), dev(b.slots_M))
-                                         for b in buckets), dev(tokens_all), scores, prefix_rows=False)  # fmt: skip
+        buckets = tuple(DocumentBucket(dev(b.index_NL), dev(b.tokens_M), dev(b.slots_M)) for b in buckets)
+        attention = DocumentLayout(buckets, dev(tokens_all), plan.scores, prefix_rows=False)
         return cls(dev(stream_M), dev(stream_M % T), dev(gather_BT), attention, dev(valid_BT), Mp)
 
     def to_batch(self, x_MX: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,12 @@ def _sampling_params(args: Any, **extra: Any):
 PROMPT_KEYS = ("prompt", "text", "prompt_ids")
 
 
+def _needs_tokenizer(where: str, what: str) -> ValueError:
+    return ValueError(f"{where}: {what} needs the checkpoint's tokenizer, and the checkpoint has no "
+                      f"{' / '.join(_TOKENIZER_FILES)}; give prompt_ids instead, or save the tokenizer into the "
+                      "checkpoint with save_pretrained")
+
+
 def read_prompts(path: str | Path, engine) -> list[list[int]]:
     """Token ids of every prompt in a JSONL file; errors name the file and line.
 
@@ -125,9 +131,7 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
                              f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")  # fmt: skip
         prompt = row[given[0]]
         if given[0] == "text" and engine.tokenizer is None:
-            raise ValueError(f"{where}: a text prompt needs the checkpoint's tokenizer, and the checkpoint has no "
-                             f"{' / '.join(_TOKENIZER_FILES)}; give prompt_ids instead, or save the tokenizer into "
-                             "the checkpoint with save_pretrained")  # fmt: skip
+            raise _needs_tokenizer(where, "a text prompt")
         if given[0] == "prompt_ids" and not isinstance(prompt, list):
             raise ValueError(f"{where}: prompt_ids must be a list of token ids, got {type(prompt).__name__}")
         if given[0] == "prompt":  # a chat prompt, as in the pipelines' prompt files: a string is one user turn
@@ -135,9 +139,7 @@ def read_prompts(path: str | Path, engine) -> list[list[int]]:
                 prompt = [{"role": "user", "content": prompt}] if prompt else prompt
             if isinstance(prompt, list):
                 if engine.tokenizer is None:
-                    raise ValueError(f"{where}: a chat prompt needs the checkpoint's tokenizer, and the checkpoint "
-                                     f"has no {' / '.join(_TOKENIZER_FILES)}; give prompt_ids instead, or save "
-                                     "the tokenizer into the checkpoint with save_pretrained")  # fmt: skip
+                    raise _needs_tokenizer(where, "a chat prompt")
                 odd = next((m for m in prompt if not isinstance(m, dict)), None)
                 if odd is not None:
                     raise ValueError(f"{where}: a chat prompt is a list of {{role, content}} messages, got an item "
@@ -218,7 +220,7 @@ class ChatSession:
 
         self.messages.append({"role": "user", "content": text, "reasoning_content": None})
         tok = self.engine.tokenizer
-        stop_ids = set(self.engine.default_stop_ids) | set(self.params.stop_token_ids or ())
+        stop_ids = self.engine.stop_ids(self.params)
         shown, tokens = "", []
         stops = self.params.stop_strings
         # a stop string is cut from the reply, so nothing that may still turn out to start one is shown early: the

@@ -287,6 +287,7 @@ def test_chat_shows_the_reasoning_and_keeps_it_in_the_history():
 
     class Engine:  # the engine's contract as the session uses it, with a scripted reply
         tokenizer, default_stop_ids = tok, frozenset({tok.eos_token_id})
+        stop_ids = RolloutEngine.stop_ids
 
         def generate(self, prompt_ids, params, on_token=None):
             prompts.append(prompt_ids[0])
