@@ -267,15 +267,16 @@ def load_checkpoint(
     return model
 
 
-def check_checkpoint(path: str | Path, missing_mtp: str = "drop") -> ModelConfig:
+def check_checkpoint(path: str | Path, missing_mtp: str = "drop", report: LoadReport | None = None) -> ModelConfig:
     """Everything ``load_checkpoint`` checks before it reads a tensor (``config.json``, every shard's header, the
     weights' keys and layers against the config), without loading any: for checks that run before a job starts.
-    Returns the config the model would be built with; raises as ``load_checkpoint`` would."""
-    model, *_ = _checked_plan(Path(path), torch.float32, missing_mtp, LoadReport())
+    Returns the config the model would be built with; raises as ``load_checkpoint`` would. With a ``report``, what
+    the loader would log (a missing-MTP decision) goes to ``report.notes`` only, for a caller that says it itself."""
+    model, *_ = _checked_plan(Path(path), torch.float32, missing_mtp, report or LoadReport(), log_notes=report is None)
     return model.cfg
 
 
-def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: LoadReport):
+def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: LoadReport, log_notes: bool = True):
     """The meta-device model and the plan that fills it: (model, key_files, plan, zero_bias, init_mtp); raises
     on a missing directory, a bad ``config.json``, unreadable shard headers or weights that do not fit the config."""
     if missing_mtp not in _MISSING_MTP:
@@ -297,7 +298,8 @@ def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: Load
         else:
             init_mtp = True
             msg += "; initializing them randomly"
-        log.warning(msg)
+        if log_notes:
+            log.warning(msg)
         report.notes.append(msg)
     model = _meta_model(cfg, dtype)
     expected = _expected_fills(model)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 
@@ -22,16 +21,11 @@ def _model_info(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from dsalign.model import check_checkpoint
+        from dsalign.model.checkpoint import LoadReport
 
         cfg, title = ModelConfig.from_hf(args.checkpoint), f"checkpoint {args.checkpoint}"
         if any(Path(args.checkpoint).glob("*.safetensors")):  # the model load_checkpoint builds (weight headers only)
-            loader_log = logging.getLogger("dsalign.model.checkpoint")
-            level = loader_log.level
-            loader_log.setLevel(logging.ERROR)  # its missing-MTP warning: the title below says it once
-            try:
-                built = check_checkpoint(args.checkpoint)
-            finally:
-                loader_log.setLevel(level)
+            built = check_checkpoint(args.checkpoint, report=LoadReport())  # its missing-MTP note: the title says it
             if built.num_nextn_predict_layers != cfg.num_nextn_predict_layers:
                 title += (f"; config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but the weights have "
                           "none (transformers' save_pretrained drops them): not counted")  # fmt: skip
