@@ -3,7 +3,9 @@
 Two row schemas:
 
 - ``prompt`` (GRPO, distillation): a ``prompt`` field, either a string or a list of chat messages ending with a
-  user turn. Strings become ``[{"role": "user", "content": ...}]`` so the column has one type. Other columns
+  user turn. Strings become ``[{"role": "user", "content": ...}]`` so the column has one type; the row's
+  ``TEXT_PROMPT`` column records that it was a string (reward functions get it back as one, TRL's "standard"
+  format, and plain-string completions with it; ``rewards.api.trl_reward_inputs``). Other columns
   (``answer``, ``ground_truth``, ``data_source``, ...) pass through untouched: reward functions receive them as
   keyword arguments (SPEC section 8).
 - ``conversation`` (SFT): a ``messages`` field, a list of ``{role, content[, reasoning_content]}`` with at least one
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 SCHEMAS = ("prompt", "conversation")
 SKIP_ADVICE = "set skip_invalid=True to drop them"
 PROMPT_TYPES = "a non-empty string or a list of messages"
+TEXT_PROMPT = "_prompt_is_text"  # True when the file's prompt was a string (internal: rewards do not receive it)
 _Located = tuple[str, dict[str, Any]]  # (where: "line 4" / "row 4", normalised row)
 
 
@@ -132,6 +135,7 @@ def normalize_row(row: Any, cfg: DataConfig, default_id: str) -> dict[str, Any]:
     out = dict(row)
     if cfg.schema == "prompt":
         out[cfg.prompt_field] = _check_prompt(row, cfg)
+        out[TEXT_PROMPT] = isinstance(row[cfg.prompt_field], str)
     else:
         out[cfg.messages_field] = _check_conversation(row, cfg)
     rid = row.get(cfg.id_field, row.get("prompt_id"))

@@ -1,7 +1,7 @@
 """One GRPO iteration of the ``small`` preset: dsalign's pipeline path vs TRL's ``GRPOTrainer``, same weights.
 
     python bench/grpo.py [--prompts 8] [--group 8] [--max-new-tokens 64] [--iters 5] [--warmup 2] [--threads 2]
-                         [--omp-wait-policy passive|active|default]
+                         [--omp-wait-policy passive|active|default] [--bf16]
 
 An iteration is what one step of the pipeline's GRPO stage does: sample G completions for each of P prompts,
 score them, and make one optimizer step on the P*G completions.
@@ -11,9 +11,12 @@ tokenizer (trained locally, saved in the HF format next to the weights, so TRL l
 the ``small`` preset sized to that tokenizer exactly as the pipeline's ``load_source`` sizes it, randomly initialized
 (seed 0) and written with ``save_checkpoint``. Each side loads that checkpoint in its own fresh process (so peak
 RSS is its own) and runs ``warmup`` untimed then ``iters`` timed iterations, on the same prompts in the same order
-(checked), in fp32 with ``torch.set_num_threads(threads)``; figures are medians over the timed iterations. Besides
-wall time, each iteration's process CPU time (all threads) is reported: on cores shared with other jobs it moves
-less than wall time does, so when the two disagree, the machine was busy.
+(checked), with ``torch.set_num_threads(threads)``, in fp32 (``--bf16``: both sides under bf16 autocast with fp32
+master weights; ours ``training.compute_dtype: bf16``, whose autocast also covers the colocated generation as in
+the pipeline; TRL ``bf16=True``, whose accelerate autocast wraps the model's forward, which ``generate`` calls too);
+figures are medians over the timed iterations. Besides wall time, each iteration's process CPU time (all threads)
+is reported: on cores shared with other jobs it moves less than wall time does, so when the two disagree, the
+machine was busy.
   * ours: the code ``pipelines/stages.py::run_grpo`` runs: ``RolloutEngine`` colocated on the trainer's model,
     ``make_rl_batch`` (``build_rl_batch`` + group advantages; prompt groups, so the update computes each prompt once
     as the pipeline does by default, ``--no-shared-prompts`` turns that off), ``grpo_loss_fn`` (PPO-clip, eps 0.2/0.28,
@@ -94,14 +97,15 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
     from dsalign.alignment.sampling_params import SamplingParams
     from dsalign.alignment.trainer import TrainerConfig, prepare_model, train_step
     from dsalign.alignment.trainer.distributed import build_runner
+    from dsalign.alignment.trainer.step import autocast_context
     from dsalign.model import load_checkpoint
     from dsalign.pipelines.config import GRPOParams, OptimConfig, RewardEntry
     from dsalign.pipelines.stages import (
         build_combiner,
         completion_texts,
-        expand_columns,
         load_tokenizer,
         make_rl_batch,
+        score_samples,
         split_micro,
     )
 
@@ -116,7 +120,7 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
     cfg = TrainerConfig(lr=p.optim.lr, weight_decay=p.optim.weight_decay, beta1=p.optim.betas[0],
                         beta2=p.optim.betas[1], warmup_steps=0, total_steps=args.warmup + args.iters,
                         grad_clip=p.optim.grad_clip, mtp_lambda=p.mtp_lambda, bias_update_gamma=p.bias_update_gamma,
-                        seed=args.seed)  # fmt: skip
+                        seed=args.seed, compute_dtype="bf16" if args.bf16 else "fp32")  # fmt: skip
     loss_cfg = PolicyLossConfig(policy_loss=p.policy_loss, eps_low=p.eps_low, eps_high=p.eps_high, agg=p.loss_agg,
                                 kl_beta=p.kl_beta)  # fmt: skip
     loss_fn = grpo_loss_fn(loss_cfg, temperature=p.temperature, mtp_lambda=p.mtp_lambda)
@@ -134,11 +138,11 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
         params = [SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, n=G,
                                  seed=args.seed * 1_000_003 + it * P + i, ignore_eos=not args.stop_at_eos)
                   for i in range(len(it_rows))]  # fmt: skip
-        comps = engine.generate(prompt_ids, params)
+        with autocast_context(cfg, torch.device("cpu")):  # stages.LocalRollout: the update's precision
+            comps = engine.generate(prompt_ids, params)
         t_gen = time.perf_counter()
         texts = completion_texts(tok, comps)
-        scored = combiner([r["prompt"] for r in it_rows for _ in range(G)], texts, [c.token_ids for c in comps],
-                          **expand_columns(it_rows, G))  # fmt: skip
+        scored = score_samples(combiner, it_rows, G, texts, comps)  # TRL's call, as stages.run_grpo makes it
         batch = make_rl_batch(tok, prompt_ids, comps, scored.rewards, G, p)
         model.train()
         micro = split_micro(batch, p.micro_batch_size)
@@ -186,7 +190,7 @@ def _baseline(ckpt: str, args: argparse.Namespace, rows: list[dict]):
     funcs[0] = counted(funcs[0])
     out_dir = tempfile.mkdtemp(prefix="trl_", dir=os.path.dirname(ckpt))  # removed with the checkpoint
     config = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False, use_vllm=False,
+        output_dir=out_dir, use_cpu=True, bf16=args.bf16, fp16=False, activation_checkpointing=False, use_vllm=False,
         per_device_train_batch_size=micro, gradient_accumulation_steps=P * G // micro, num_generations=G,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         generation_kwargs=None if args.stop_at_eos else {"min_new_tokens": args.max_new_tokens},
@@ -285,6 +289,7 @@ def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
              args.iters, "--warmup", args.warmup, "--threads", args.threads, "--micro-batch", args.micro_batch,
              "--seed", args.seed] + (["--stop-at-eos"] if args.stop_at_eos else [])  # fmt: skip
     flags += ["--no-shared-prompts"] if args.no_shared_prompts else []
+    flags += ["--bf16"] if args.bf16 else []
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, *map(str, flags)]
     # OpenMP reads OMP_WAIT_POLICY when torch loads it, so the side's process gets it through its environment.
     # ``default`` is the runtime's own (spin a while, then sleep), as the pipeline's workers run; ``passive`` (idle
@@ -345,6 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="both sides' OMP_WAIT_POLICY (passive: idle threads sleep, kind to shared cores but every "
                         "small op pays a wake-up; default: unset, as the pipeline's workers run); not with "
                         "--in-process")  # fmt: skip
+    p.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast (fp32 master weights)")
     p.add_argument("--in-process", action="store_true", help="quick check: both sides in this process, no peak RSS")
     p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -372,7 +378,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "prompt_tokens" in ours["iterations"][0]:  # what sharing prompts can save in the update is their share
         p_tok = statistics.median(i["prompt_tokens"] for i in ours["iterations"])
         print(f"# update rows per iteration: {p_tok:.0f} prompt + {ours['tokens']:.0f} completion tokens (median)")
-    shape = f"{args.preset}_P{args.prompts}xG{args.group}_new{args.max_new_tokens}_fp32_{args.threads}threads"
+    dtype = "bf16" if args.bf16 else "fp32"
+    shape = f"{args.preset}_P{args.prompts}xG{args.group}_new{args.max_new_tokens}_{dtype}_{args.threads}threads"
     if args.omp_wait_policy != "default" and not args.in_process:
         shape += f"_omp_{args.omp_wait_policy}"
     results = rows_of(ours, base, shape)

@@ -538,8 +538,11 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def data_columns(row: dict) -> list[str]:
-    """The dataset columns rewards receive: every one but the prompt itself (TRL's reward convention)."""
-    return [k for k in row if k != "prompt"]
+    """The dataset columns rewards receive: every one but the prompt itself (TRL's reward convention) and the
+    loader's record of the prompt's format (``TEXT_PROMPT``)."""
+    from dsalign.alignment.data import TEXT_PROMPT
+
+    return [k for k in row if k not in ("prompt", TEXT_PROMPT)]
 
 
 def expand_columns(rows: list[dict], n: int) -> dict[str, list]:
@@ -559,9 +562,14 @@ def sample_columns(rows: list[dict], n: int, comps) -> dict[str, list]:
 
 def score_samples(scorer, rows: list[dict], n: int, texts: list[str], comps):
     """Score ``n`` completions per row (in order) with a combiner or reward pool: TRL's call with one prompt per
-    sample, the completion ids and every column (``sample_columns``)."""
-    return scorer([r["prompt"] for r in rows for _ in range(n)], texts, [c.token_ids for c in comps],
-                  **sample_columns(rows, n, comps))  # fmt: skip
+    sample in TRL's format (a string prompt and text completion for rows whose file prompt was a string, message
+    lists otherwise: ``trl_reward_inputs``), the completion ids and every column (``sample_columns``)."""
+    from dsalign.alignment.data import TEXT_PROMPT
+    from dsalign.rewards import trl_reward_inputs
+
+    prompts, completions = trl_reward_inputs([r["prompt"] for r in rows for _ in range(n)], texts,
+                                             [bool(r.get(TEXT_PROMPT)) for r in rows for _ in range(n)])  # fmt: skip
+    return scorer(prompts, completions, [c.token_ids for c in comps], **sample_columns(rows, n, comps))
 
 
 def build_combiner(entries):

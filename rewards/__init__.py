@@ -16,6 +16,7 @@ from .api import (
     load_reward,
     register_reward,
     reward_name,
+    trl_reward_inputs,
     unfilled_parameters,
 )
 from .code import code_execution, extract_code
@@ -67,4 +68,5 @@ __all__ = [
     "unfilled_parameters",
     "target_length",
     "think_format",
+    "trl_reward_inputs",
 ]

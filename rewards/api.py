@@ -22,7 +22,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 RewardFn = Callable[..., Any]
@@ -93,6 +93,34 @@ def last_user_text(prompt: Any) -> str:
         users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         return completion_text(users[-1]) if users else completion_text(prompt)
     return completion_text(prompt)
+
+
+def trl_reward_inputs(prompts: Sequence[Any], texts: Sequence[str], text_prompt: Sequence[bool]) -> tuple[list, list]:
+    """The ``prompts`` and ``completions`` a reward receives, in TRL's two formats: a sample whose dataset prompt
+    was a string ("standard") gets that string and its completion's text; one whose prompt is a list of messages
+    ("conversational") gets the messages and ``[{"role": "assistant", "content": text}]``, as ``GRPOTrainer``
+    passes them. ``prompts`` are message lists (the loaders turn a string prompt into one user turn and remember
+    it in ``text_prompt``); a string prompt's text is its user turn (a system turn the pipeline added, such as a
+    length budget, is not part of it). Message keys whose value is None (``reasoning_content`` the loader adds to
+    every message) are left out.
+
+    >>> trl_reward_inputs([[{"role": "user", "content": "2+2?"}]], ["4"], [True])
+    (['2+2?'], ['4'])
+    >>> trl_reward_inputs([[{"role": "user", "content": "2+2?", "reasoning_content": None}]], ["4"], [False])
+    ([[{'role': 'user', 'content': '2+2?'}]], [[{'role': 'assistant', 'content': '4'}]])
+    """
+    if not len(prompts) == len(texts) == len(text_prompt):
+        raise ValueError(f"{len(prompts)} prompts, {len(texts)} completions and {len(text_prompt)} format flags")
+    out_prompts: list[Any] = []
+    out_completions: list[Any] = []
+    for prompt, text, as_text in zip(prompts, texts, text_prompt):
+        if as_text or isinstance(prompt, str):
+            out_prompts.append(last_user_text(prompt))
+            out_completions.append(text)
+        else:
+            out_prompts.append([{k: v for k, v in m.items() if v is not None} for m in prompt])
+            out_completions.append([{"role": "assistant", "content": text}])
+    return out_prompts, out_completions
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:

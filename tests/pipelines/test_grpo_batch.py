@@ -215,3 +215,39 @@ def test_shared_prompts_setting_reaches_the_batch():
     assert on["prompt_group"].tolist() == [0, 0, 1, 1] and on["prompt_len"].tolist() == [2, 2, 1, 1]
     off = make_rl_batch(tok, [[1, 2], [3]], _comps(4), rewards, 2, GRPOParams(group_size=2, shared_prompts=False))
     assert "prompt_group" not in off and "prompt_len" not in off
+
+
+def test_rewards_get_trls_two_formats(tmp_path):
+    """A string prompt in the file reaches a reward as that string with a plain-text completion (TRL's "standard"
+    format); a chat prompt as its messages with ``[{"role": "assistant", "content": ...}]`` (TRL's
+    "conversational" format), so TRL's own rewards, which index ``completion[0]["content"]`` on chat data, score it.
+    The loader's format flag is not a column rewards see."""
+    import json
+
+    from dsalign.pipelines.stages import score_samples, stage_file_rows
+    from dsalign.rewards import RewardCombiner, RewardSpec
+    from trl.rewards import think_format_reward
+
+    text, chat = tmp_path / "text.jsonl", tmp_path / "chat.jsonl"
+    text.write_text(json.dumps({"prompt": "What is 2+2?", "answer": "4"}) + "\n")
+    msgs = [{"role": "system", "content": "Think first."}, {"role": "user", "content": "What is 2+2?"}]
+    chat.write_text(json.dumps({"prompt": msgs, "answer": "4"}) + "\n")
+    seen = []
+
+    def spy(prompts, completions, completion_ids=None, **columns):
+        seen.append((prompts, completions, sorted(columns)))
+        return [1.0] * len(prompts)
+
+    reply = "<think>\nadd\n</think>\n4"
+    for path, specs in [(text, [RewardSpec(spy)]),  # TRL's think_format_reward reads conversational data only
+                        (chat, [RewardSpec(spy), RewardSpec(think_format_reward, name="trl_format")])]:
+        rows, _ = stage_file_rows(SimpleNamespace(path=str(path), num_rows=None, length_target=None,
+                                                  skip_invalid=False), "prompt")
+        scored = score_samples(RewardCombiner(specs), rows, 2, [reply, "4"], _comps(2))
+        assert not scored.failures
+    assert scored.components["trl_format"] == [1.0, 0.0]
+    (p_text, c_text, cols), (p_chat, c_chat, _) = seen
+    assert p_text == ["What is 2+2?"] * 2 and c_text == [reply, "4"]
+    assert p_chat == [msgs] * 2 and c_chat == [[{"role": "assistant", "content": reply}], [{"role": "assistant",
+                                                                                            "content": "4"}]]
+    assert cols == ["answer", "finish_reason", "prompt_id"]
