@@ -25,6 +25,7 @@ column and rows).
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -174,7 +175,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     Undecodable bytes are kept as surrogates (not a decode error for the whole file) so the bad line is named and,
     with ``skip_invalid``, dropped like any other malformed row."""
     rows: list[tuple[str, Any]] = []
-    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a leading byte-order mark is not data
         for lineno, line in enumerate(f, start=1):
             if line.strip():
                 rows.append((f"line {lineno}", _parse_line(line)))
@@ -184,10 +185,12 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
 def _starts_with_bracket(path: Path) -> bool:
     """Whether the file's first non-blank character is ``[`` (a JSON array, which no JSON-lines row can start)."""
     with path.open("rb") as f:
-        while chunk := f.read(4096):
+        chunk = f.read(4096).removeprefix(codecs.BOM_UTF8)
+        while chunk:
             stripped = chunk.lstrip()
             if stripped:
                 return stripped.startswith(b"[")
+            chunk = f.read(4096)
     return False
 
 
@@ -195,7 +198,7 @@ def _read_json_array(path: Path) -> list[tuple[str, Any]]:
     """A ``.json`` file holding one array of row objects (``datasets``' other JSON layout); rows are ``row i``. The
     whole file is one document, so a syntax error is the file's, named with its line and column."""
     try:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             rows = json.load(f)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None

@@ -64,6 +64,18 @@ def test_non_utf8_line_is_named_and_skippable(tmp_path):
     assert report.num_invalid == 1 and ds["prompt_id"] == ["u.jsonl:1", "u.jsonl:3"]
 
 
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    """Editors on Windows save UTF-8 with a byte-order mark: JSON lines and JSON arrays read as without one."""
+    rows = [{"prompt": "a?", "answer": "1"}, {"prompt": "b?", "answer": "2"}]
+    lines = tmp_path / "bom.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    array = tmp_path / "bom.json"
+    array.write_text(json.dumps(rows, indent=1), encoding="utf-8-sig")
+    for path in (lines, array):
+        ds, report = load_prompts(str(path), skip_invalid=True)
+        assert report.num_invalid == 0 and ds["answer"] == ["1", "2"], path
+
+
 def test_corrupt_parquet_names_the_file(tmp_path):
     path = tmp_path / "bad.parquet"
     path.write_bytes(b"this is not a parquet file")
