@@ -301,13 +301,18 @@ def _accepted_kwargs(fn: RewardFn, columns: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate(name: str, out: Any, n: int) -> dict[str, list[float | None]]:
-    """Check a reward's return: ``n`` numbers-or-None, or a dict of such lists. NaN is read as ``None`` (TRL);
+    """Check a reward's return: ``n`` numbers-or-None (a list, tuple or 1-D numpy array / tensor), or a dict of
+    such. NaN is read as ``None`` (TRL);
     +-inf is kept for :meth:`RewardCombiner._drop_infinite`, which fails only the samples that have it."""
     columns = {f"{name}/{k}": v for k, v in out.items()} if isinstance(out, dict) else {name: out}
     checked = {}
     for key, values in columns.items():
+        if getattr(values, "ndim", None) == 1 and hasattr(values, "tolist"):  # a numpy array or torch tensor
+            values = values.tolist()
         if not isinstance(values, (list, tuple)):
-            raise ValueError(f"value: {key} returned {type(values).__name__}, expected a list of float | None")
+            shape = f" of shape {tuple(values.shape)}" if hasattr(values, "shape") else ""
+            raise ValueError(f"value: {key} returned {type(values).__name__}{shape}, expected a list (or 1-D array) "
+                             "of float | None")  # fmt: skip
         if len(values) != n:
             raise ValueError(f"length: {key} returned {len(values)} rewards for {n} completions (need one each)")
         checked[key] = [_as_float(key, v, i) for i, v in enumerate(values)]
@@ -317,6 +322,8 @@ def _validate(name: str, out: Any, n: int) -> dict[str, list[float | None]]:
 def _as_float(key: str, value: Any, index: int) -> float | None:
     if value is None:
         return None
+    if isinstance(value, (str, bytes)):  # float("1.0") would pass: a reward that returns text has a bug
+        raise ValueError(f"value: {key} returned {value!r} at index {index}, expected float | None, not text")
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -180,3 +180,29 @@ def test_default_names_skip_explicit_ones():
     assert list(names) == ["think_format", "think_format_2", "think_format_3"]
     explicit_first = RewardCombiner([RewardSpec("markdown_style", name="think_format"), RewardSpec("think_format")])
     assert list(explicit_first.fns) == ["think_format", "think_format_2"]
+
+
+def test_array_returns_are_read_and_text_is_refused():
+    """TRL iterates a reward's return, so numpy arrays and torch tensors work there: here too (1-D only). A string
+    such as "1.0" is a bug in the reward, not a score."""
+    import numpy as np
+    import torch
+
+    def as_numpy(completions, **kw):
+        return np.array([1.0, np.nan])
+
+    def as_tensor(completions, **kw):
+        return {"t": torch.tensor([0.5, 2.0])}
+
+    def as_text(completions, **kw):
+        return ["1.0", 0.0]
+
+    def as_matrix(completions, **kw):
+        return np.ones((2, 1))
+
+    out = RewardCombiner([as_numpy, as_tensor, as_text, as_matrix])(["p"] * 2, ["a", "b"])
+    assert out.components["as_numpy"] == [1.0, None] and out.components["as_tensor/t"] == [0.5, 2.0]
+    assert out.components["as_text"] == [None, None]  # a bad return fails the reward on its whole batch
+    text, matrix = (next(f.message for f in out.failures if f.reward == name) for name in ("as_text", "as_matrix"))
+    assert "returned '1.0' at index 0, expected float | None, not text" in text
+    assert "returned ndarray of shape (2, 1), expected a list (or 1-D array)" in matrix
