@@ -17,6 +17,7 @@ from .config import ModelSource, RewardEntry, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
 from .schema import ConfigError
 from .stages import (
+    HELD_OUT_SEED,
     RUNTIME_OVERRIDES,
     SAMPLE_COLUMNS,
     TOKEN_ID_FIELDS,
@@ -237,33 +238,68 @@ def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
                                 f"tokenizer: {path}")  # fmt: skip
 
 
-def _check_eval_file(cfg: RunConfig, problems: list[str]) -> None:
+def _missing_gold(rows: list[dict], what: str) -> str | None:
+    """``math_accuracy``'s gold is the ``answer`` column, else ``solution``: a row without one (absent, null, empty
+    or NaN) would score None on every sample. The problem, or None."""
+    import math
+
+    gold = "answer" if "answer" in rows[0] else "solution"
+
+    def absent(v) -> bool:
+        return v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip()
+
+    missing = [str(r["prompt_id"]) for r in rows if absent(r.get(gold))]
+    if not missing:
+        return None
+    column = f"'{gold}'" if gold in rows[0] else "'answer' (or 'solution')"
+    return (f"{len(missing)} of {len(rows)} rows have no {column} {what} (first: {', '.join(missing[:3])}); "
+            "math_accuracy reads the gold answer from the 'answer' column, else 'solution'")
+
+
+def _check_eval_file(cfg: RunConfig, problems: list[str]) -> list[dict] | None:
     """The held-out file exists, parses, and (for the default ``math_accuracy``) every row the evaluation takes has
-    an ``answer``."""
+    a gold answer. Returns the rows the evaluation takes (None when the file failed)."""
     if not Path(cfg.eval.path).exists():
         problems.append(f"eval.path: {cfg.eval.path} does not exist")
-        return
+        return None
     try:
         rows = prompt_file_rows(cfg.eval.path, cfg.eval.num_prompts)
     except ValueError as e:  # DataError names the file, row and field
         problems.append(f"eval.path: {e}")
-        return
-    if cfg.eval.reward.fn != "math_accuracy":
-        return
-    missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
-    if missing:
-        problems.append(f"eval.path: {len(missing)} of {len(rows)} rows have no 'answer' to check completions against "
-                        f"(first: {', '.join(missing[:3])})")  # fmt: skip
+        return None
+    if not rows:
+        problems.append(f"eval.path: {cfg.eval.path} has no rows")
+        return None
+    if cfg.eval.reward.fn == "math_accuracy" and (problem := _missing_gold(rows, "to check completions against")):
+        problems.append(f"eval.path: {problem}")
+    return rows
 
 
-def _stage_columns(cfg: RunConfig, stage: StageConfig, file_rows: list[dict] | None) -> set[str] | None:
-    """The columns a stage's rewards are called with (every data column but the prompt, plus ``finish_reason``:
-    ``stages.sample_columns``), or None when its data could not be read (reported elsewhere)."""
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what the reward call passes besides the columns
+
+
+def _reward_columns(rows: list[dict] | None, where: str, problems: list[str]) -> set[str] | None:
+    """The columns rewards are called with on these rows (every data column but the prompt, plus ``finish_reason``:
+    ``stages.sample_columns``), or None without rows (reported elsewhere). A data column named like one of the
+    call's own arguments or sample columns is a problem: the call would fail, or overwrite it."""
+    if not rows:
+        return None
+    columns = set(data_columns(rows[0]))
+    clash = sorted(columns & {*REWARD_ARGUMENTS, *SAMPLE_COLUMNS})
+    if clash:
+        problems.append(f"{where}: column(s) {clash} of the data clash with what the reward call passes itself "
+                        f"({', '.join(REWARD_ARGUMENTS + SAMPLE_COLUMNS)}); rename them")  # fmt: skip
+    return columns | set(SAMPLE_COLUMNS)
+
+
+def _stage_columns(cfg: RunConfig, stage: StageConfig, file_rows: list[dict] | None, where: str,
+                   problems: list[str]) -> set[str] | None:  # fmt: skip
+    """A stage's reward columns (``_reward_columns``), its data file's or its synthetic prompts'."""
     from .demo_task import make_prompts
 
     if stage.data.synthetic is not None:
         file_rows = make_prompts(cfg.task, 1, stage.data.seed, budget=stage.data.length_target)
-    return {*data_columns(file_rows[0]), *SAMPLE_COLUMNS} if file_rows else None
+    return _reward_columns(file_rows, f"{where}.data.path", problems)
 
 
 def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> list[dict] | None:
@@ -286,11 +322,9 @@ def _check_stage_data(stage: StageConfig, where: str, problems: list[str]) -> li
         problems.append(f"{where}.data.path: {path} has no usable rows")
         return None
     _check_rows_per_round(stage, where, len(rows), problems)
-    if stage.kind != "sft" and any(e.fn == "math_accuracy" for e in stage.rewards):
-        missing = [str(r["prompt_id"]) for r in rows if r.get("answer") is None]
-        if missing:
-            problems.append(f"{where}.data.path: {len(missing)} of {len(rows)} rows have no 'answer' for the stage's "
-                            f"math_accuracy reward (first: {', '.join(missing[:3])})")  # fmt: skip
+    gold_checked = stage.kind != "sft" and any(e.fn == "math_accuracy" for e in stage.rewards)
+    if gold_checked and (problem := _missing_gold(rows, "for the stage's math_accuracy reward")):
+        problems.append(f"{where}.data.path: {problem}")
     return rows
 
 
@@ -310,9 +344,14 @@ def _check_rows_per_round(stage: StageConfig, where: str, usable: int, problems:
 
 def _check_reward(entry: RewardEntry, where: str, problems: list[str], columns: set[str] | None = None) -> None:
     """The reward spec imports and takes its ``params``; with the data's ``columns`` known, every required
-    parameter is filled by the call, a param or a column (else it would fail on every sample)."""
+    parameter is filled by the call, a param or a column (else it would fail on every sample), and no param is
+    also a column (the column's value would silently win)."""
     from dsalign.rewards import load_reward, unfilled_parameters
 
+    shadowed = sorted(set(entry.params) & (columns or set()))
+    if shadowed:
+        problems.append(f"{where}.params {shadowed}: also column(s) of the data, whose values the call would pass "
+                        "instead; rename the param or the column")  # fmt: skip
     try:
         reward = load_reward(entry.fn, **entry.params)
         unfilled = [] if columns is None else unfilled_parameters(reward, columns)
@@ -364,13 +403,18 @@ def preflight(cfg: RunConfig) -> None:
         rows = _check_stage_data(stage, where, problems)
         if stage.kind in ("grpo", "distill") and not stage.rewards and not stage.on_policy_distill:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
-        columns = _stage_columns(cfg, stage, rows) if stage.rewards and stage.kind != "sft" else None
+        columns = _stage_columns(cfg, stage, rows, where, problems) if stage.rewards and stage.kind != "sft" else None
         for j, entry in enumerate(stage.rewards):
             _check_reward(entry, f"{where}.rewards[{j}]", problems, columns)
-    if cfg.eval.enabled and cfg.eval.path is not None:
-        _check_eval_file(cfg, problems)
     if cfg.eval.enabled:
-        _check_reward(cfg.eval.reward, "eval.reward", problems)
+        if cfg.eval.path is not None:
+            eval_rows = _check_eval_file(cfg, problems)
+        else:  # the synthetic held-out prompts
+            from .demo_task import make_prompts
+
+            eval_rows = make_prompts(cfg.task, 1, HELD_OUT_SEED)
+        columns = _reward_columns(eval_rows, "eval.path", problems)
+        _check_reward(cfg.eval.reward, "eval.reward", problems, columns)
     for key, out in [("output_dir", Path(cfg.output_dir))] + [
         (f"stages[{i}].output_dir", Path(s.output_dir)) for i, s in enumerate(cfg.stages) if s.output_dir
     ]:

@@ -8,6 +8,7 @@ it calls ``sympy.parse_expr``, which runs ``eval`` on the text, and model output
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from typing import Any
@@ -117,8 +118,8 @@ def math_accuracy(
 
 
 def _score(text: str, gold: Any) -> float | None:
-    if gold is None or str(gold).strip() == "":
-        return None
+    if gold is None or (isinstance(gold, float) and math.isnan(gold)) or str(gold).strip() == "":
+        return None  # a Parquet / pandas null arrives as NaN
     gold_text = str(gold)
     gold_answer = extract_answer(gold_text) if ("\\boxed" in gold_text or "answer" in gold_text.lower()) else None
     gold_answer = (gold_answer or gold_text).strip().strip("$").strip()

@@ -138,8 +138,8 @@ def test_preflight_reads_every_stage_data_file(tmp_path):
     problems = err.value.problems
     sft = next(p for p in problems if p.startswith("stages[0] (sft).data.path: "))
     assert "sft.jsonl: line 2: field 'messages'" in sft and "set the stage's data.skip_invalid: true" in sft
-    assert "stages[1] (grpo).data.path: 2 of 2 rows have no 'answer' for the stage's math_accuracy reward" in "\n".join(
-        problems)
+    assert ("stages[1] (grpo).data.path: 2 of 2 rows have no 'answer' (or 'solution') for the stage's math_accuracy "
+            "reward") in "\n".join(problems)
     assert any(p.startswith("stages[2] (distill).data.path: ") and "empty.jsonl" in p for p in problems), problems
     assert any(p.startswith("stages[3] (length).data.path: ") and "convos.jsonl: line 1" in p for p in problems)
     # the same files, fixed: SFT skips its bad row when told to (counted), GRPO's rows have answers
@@ -174,6 +174,38 @@ def test_preflight_refuses_a_reward_whose_required_params_nothing_fills(tmp_path
         preflight(load_config(_write(tmp_path, data)))
     data["stages"][1]["rewards"][1]["params"] = {"max_length": 60, "cache_length": 10}
     preflight(load_config(_write(tmp_path, data)))
+
+
+def test_preflight_checks_what_rewards_will_be_called_with(tmp_path):
+    """math_accuracy's gold may be 'solution' (TRL / NuminaMath datasets); a data column named like the call's own
+    arguments would fail or be overwritten; a param that is also a column would lose to it silently; eval.reward's
+    required columns are checked against the evaluation's prompts as stage rewards are."""
+    user = tmp_path / "user_rewards.py"
+    user.write_text("def needs_level(prompts, completions, level, **kw):\n"
+                    "    return [float(level[0])] * len(prompts)\n")
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    solution = jsonl("solution.jsonl", [{"prompt": f"{i}+1?", "solution": str(i + 1)} for i in range(16)])
+    clash = jsonl("clash.jsonl", [{"prompt": f"{i}+1?", "answer": str(i + 1), "completions": "x", "level": 1}
+                                  for i in range(16)])  # fmt: skip
+    base = [f"output_dir={tmp_path / 'out'}", "stages=[{name: grpo, kind: grpo, model: {preset: tiny}, "
+            "grpo: {iterations: 1}, rewards: [{fn: math_accuracy}]}]"]  # fmt: skip
+    preflight(load_config(DEMO, [*base, f"stages.grpo.data.path={solution}", f"eval.path={solution}"]))
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(DEMO, [*base, f"stages.grpo.data.path={clash}",
+                                     "stages.grpo.rewards=[{fn: math_accuracy}, "
+                                     f"{{fn: '{user}:needs_level', params: {{level: 3}}}}]",
+                                     f"eval.reward={{fn: '{user}:needs_level'}}"]))  # fmt: skip
+    problems = err.value.problems
+    assert any(p.startswith("stages[0] (grpo).data.path: column(s) ['completions'] of the data clash with what the "
+                            "reward call passes itself") for p in problems), problems  # fmt: skip
+    assert any(p.startswith("stages[0] (grpo).rewards[1].params ['level']: also column(s) of the data") for p in
+               problems), problems  # fmt: skip
+    assert any(p.startswith(f"eval.reward.fn '{user}:needs_level': nothing fills its required parameter(s) "
+                            "['level']") for p in problems), problems  # fmt: skip
 
 
 def test_preflight_refuses_tokenizer_fields_in_a_preset_models_overrides(tmp_path):
@@ -369,7 +401,8 @@ def test_preflight_checks_the_eval_file_and_checkpoint_overrides(tmp_path):
     assert err.value.problems == [
         "stages[0] (sft).model.overrides: ['hidden_size'] cannot change a checkpoint's architecture; only the runtime "
         "switches ['fp8', 'fp8_pow2_scales'] apply to a checkpoint",
-        "eval.path: 1 of 2 rows have no 'answer' to check completions against (first: held.jsonl:2)",
+        "eval.path: 1 of 2 rows have no 'answer' to check completions against (first: held.jsonl:2); math_accuracy "
+        "reads the gold answer from the 'answer' column, else 'solution'",
     ]
     preflight(load_config(TINY, [*base, f"eval.path={held}", "eval.num_prompts=1"]))  # only the first row is used
     preflight(load_config(TINY, [*base, f"eval.path={tmp_path / 'gone.jsonl'}", "eval.enabled=false"]))
