@@ -454,10 +454,18 @@ class RunConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
         dirs: dict[Path, str] = {}
+        run_dir = Path(os.path.abspath(self.output_dir))
         for stage in self.stages:
             if stage.name in RESERVED_NAMES or stage.name.endswith(".png"):
                 raise ConfigError(f"stage name {stage.name!r} is taken by a file of the run directory; pick another")
             where = Path(os.path.abspath(self.stage_dir(stage)))
+            taken = next((run_dir / n for n in RESERVED_NAMES if where == run_dir / n or run_dir / n in where.parents),
+                         None)  # fmt: skip
+            if where == run_dir or where in run_dir.parents or taken is not None:
+                what = f"the run's {taken.name}" if taken is not None else "the run directory"
+                raise ConfigError(f"stage {stage.name!r}: output_dir {where} overlaps {what} ({taken or run_dir}), "
+                                  "which the driver writes (and a fresh run clears stage directories); give the stage "
+                                  "a directory of its own")  # fmt: skip
             for other_dir, other in dirs.items():
                 if where == other_dir or other_dir in where.parents or where in other_dir.parents:
                     raise ConfigError(f"stages {other!r} and {stage.name!r} write to overlapping directories "

@@ -36,7 +36,18 @@ class PreflightError(ConfigError):
         super().__init__("config problems found before starting:\n  - " + "\n  - ".join(problems))
 
 
-def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
+def _check_model(src: ModelSource, where: str, problems: list[str],
+                 built: dict[str, ModelConfig | None] | None = None) -> ModelConfig | None:  # fmt: skip
+    """The source's problems; returns the config its model would have (None when unknown or broken). ``built``:
+    the configs of the stages before this one, by name, for a ``from_stage`` source."""
+    model_cfg = None
+    if src.from_stage is not None:
+        fixed = sorted(set(src.overrides) - set(RUNTIME_OVERRIDES))
+        if fixed:
+            problems.append(f"{where}.overrides: {fixed} cannot change the architecture of stage "
+                            f"{src.from_stage!r}'s output (a checkpoint); only the runtime switches "
+                            f"{list(RUNTIME_OVERRIDES)} apply to it")  # fmt: skip
+        return (built or {}).get(src.from_stage)
     if src.preset is not None:
         # set from the run's tokenizer when a preset is instantiated (``stages.load_source``), so not overridable
         taken = [k for k in ("vocab_size", *TOKEN_ID_FIELDS) if k in src.overrides]
@@ -45,9 +56,9 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
                             "vocabulary is sized to it, the special token ids are its own); remove them, or change "
                             "the tokenizer")  # fmt: skip
         try:
-            cfg = ModelConfig.preset(src.preset)
+            model_cfg = ModelConfig.preset(src.preset)
             if src.overrides:
-                cfg.replace(**src.overrides)
+                model_cfg = model_cfg.replace(**src.overrides)
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"{where}: {e}")
     elif src.checkpoint is not None:
@@ -65,9 +76,18 @@ def _check_model(src: ModelSource, where: str, problems: list[str]) -> None:
             problems.append(f"{where}.checkpoint: {path} has no *.safetensors weights")
         else:
             try:
-                check_checkpoint(path)  # config.json, shard headers, weights' keys and layers; reads no tensor
+                model_cfg = check_checkpoint(path)  # config.json, shard headers, weights' keys and layers; no tensor
             except (ValueError, FileNotFoundError) as e:
                 problems.append(f"{where}.checkpoint: {e}")
+    return model_cfg
+
+
+def _check_expert_parallel(stage: StageConfig, model_cfg: ModelConfig | None, where: str, problems: list[str]) -> None:
+    """Expert parallelism gives each of ``ep_size`` ranks an equal slice of every MoE layer's routed experts."""
+    ep = stage.resources.ep_size
+    if model_cfg is not None and ep > 1 and model_cfg.n_routed_experts % ep:
+        problems.append(f"{where}.resources.ep_size: {ep} does not divide the model's {model_cfg.n_routed_experts} "
+                        "routed experts (each rank holds an equal share); use a divisor")  # fmt: skip
 
 
 def _check_algorithm_names(stage: StageConfig, where: str, problems: list[str]) -> None:
@@ -380,14 +400,16 @@ def preflight(cfg: RunConfig) -> None:
                 problems.append(f"tokenizer: {e}")
     local = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")  # a Ray we start here: capacity known
     local_cpus = float(cfg.ray.num_cpus or os.cpu_count() or 1) if local else None
+    built: dict[str, ModelConfig | None] = {}  # each stage's model config (its output's), for from_stage sources
     for i, stage in enumerate(cfg.stages):
         where = f"stages[{i}] ({stage.name})"
-        _check_model(stage.model, f"{where}.model", problems)
+        built[stage.name] = _check_model(stage.model, f"{where}.model", problems, built)
+        _check_expert_parallel(stage, built[stage.name], where, problems)
         _check_resources(stage, where, local_cpus, problems)
         _check_lora(stage, where, problems)
         _check_shares(stage, where, problems)
         if stage.kind == "distill":
-            _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems)
+            _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems, built)
         if stage.kind == "grpo":
             _check_algorithm_names(stage, where, problems)
         if stage.data.synthetic is not None:

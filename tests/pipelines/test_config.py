@@ -208,6 +208,23 @@ def test_preflight_checks_what_rewards_will_be_called_with(tmp_path):
                             "['level']") for p in problems), problems  # fmt: skip
 
 
+def test_preflight_refuses_an_ep_size_the_experts_do_not_split_into_and_overrides_of_a_stage_output(tmp_path):
+    """Both used to pass preflight: an ep_size that does not divide the routed experts failed in the workers (and was
+    retried), architecture overrides on a from_stage source were silently ignored."""
+    base = [f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(TINY, [*base, "stages.sft.resources={num_workers: 3, ep_size: 3, cpus_per_worker: 0.5}",
+                                     "stages.sft.sft.batch_size=6",
+                                     "stages.grpo.model.overrides={num_hidden_layers: 2}"]))  # fmt: skip
+    assert err.value.problems[:2] == [
+        "stages[0] (sft).resources.ep_size: 3 does not divide the model's 8 routed experts (each rank holds an equal "
+        "share); use a divisor",
+        "stages[1] (grpo).model.overrides: ['num_hidden_layers'] cannot change the architecture of stage 'sft''s "
+        "output (a checkpoint); only the runtime switches ['fp8', 'fp8_pow2_scales'] apply to it",
+    ], err.value.problems
+    preflight(load_config(TINY, [*base, "stages.grpo.model.overrides={fp8: true}"]))
+
+
 def test_preflight_refuses_tokenizer_fields_in_a_preset_models_overrides(tmp_path):
     """A preset's vocabulary and special token ids come from the run's tokenizer: overriding them used to pass
     preflight and crash the stage (``replace() got multiple values for keyword argument 'vocab_size'``)."""
@@ -565,6 +582,10 @@ def test_a_key_given_twice_or_a_non_utf8_file_is_refused(tmp_path):
         ("stages.grpo.output_dir=runs/tiny/sft", r"stages 'sft' and 'grpo' write to overlapping directories"),
         ("stages.grpo.output_dir=runs/tiny/sft/inner", r"stages 'sft' and 'grpo' write to overlapping directories"),
         ("stages.sft.name=report.md", r"stage name 'report.md' is taken by a file of the run directory"),
+        ("stages.sft.output_dir=runs/tiny/tokenizer", r"stage 'sft': output_dir .*tokenizer overlaps the run's"),
+        ("stages.sft.output_dir=runs/tiny/tokenizer/x", r"output_dir .*overlaps the run's tokenizer"),
+        ("stages.sft.output_dir=runs/tiny", r"stage 'sft': output_dir .*runs/tiny overlaps the run directory"),
+        ("stages.sft.output_dir=runs", r"stage 'sft': output_dir .*runs overlaps the run directory"),
         ("seed=-1", r"seed: expected an integer in \[0, 2\*\*63\)"),
     ],
 )
