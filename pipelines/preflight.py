@@ -222,16 +222,22 @@ def _vocab_size(checkpoint: Path) -> int | None:
         return None
 
 
-def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
+def _check_vocabulary(cfg: RunConfig, problems: list[str], finished: dict[str, str] | None = None) -> None:
     """A checkpoint a stage starts from must read token ids as the run's tokenizer writes them: its embedding must
-    cover the tokenizer, and a tokenizer shipped beside it must be the same vocabulary."""
+    cover the tokenizer, and a tokenizer shipped beside it must be the same vocabulary. ``finished`` (a resumed
+    run's finished stages and their outputs): a stage still to run from one of them is checked alike, since the
+    run's tokenizer may have changed since (another ``task`` retrains the demo tokenizer)."""
     sources = []
     for i, stage in enumerate(cfg.stages):
+        if finished and stage.name in finished:
+            continue
         where = f"stages[{i}] ({stage.name})"
         sources.append((f"{where}.model", stage.model))
         if stage.kind == "distill":
             sources.append((f"{where}.distill.teacher", stage.distill.teacher))
-    external = [(w, Path(s.checkpoint)) for w, s in sources if s.checkpoint]
+    external = [(f"{w}.checkpoint", Path(s.checkpoint)) for w, s in sources if s.checkpoint]
+    external += [(f"{w}.from_stage ({s.from_stage!r}, finished earlier)", Path(finished[s.from_stage]))
+                 for w, s in sources if s.from_stage and s.from_stage in (finished or {})]  # fmt: skip
     external = [(w, path, _vocab_size(path)) for w, path in external]
     external = [(w, path, rows) for w, path, rows in external if rows is not None]  # (others already reported)
     if not external:
@@ -242,20 +248,22 @@ def _check_vocabulary(cfg: RunConfig, problems: list[str]) -> None:
     run_vocab = tok.get_vocab()
     for where, path, rows in external:
         if rows < len(tok):
-            problems.append(f"{where}.checkpoint: {path} embeds {rows} tokens but the run's tokenizer "
+            problems.append(f"{where}: {path} embeds {rows} tokens but the run's tokenizer "
                             f"({cfg.tokenizer}) has {len(tok)}; set tokenizer: to the checkpoint's own")  # fmt: skip
         elif any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             try:
                 theirs = load_tokenizer(path).get_vocab()
             except ValueError as e:
-                problems.append(f"{where}.checkpoint: {e}")
+                problems.append(f"{where}: {e}")
                 continue
             if theirs != run_vocab:
                 differ = sum(theirs.get(t) != i for t, i in run_vocab.items())
                 sizes = f"{len(theirs)} vs {len(run_vocab)} tokens, {differ} of the run's with other ids"
-                problems.append(f"{where}.checkpoint: the tokenizer saved with {path} differs from the run's "
-                                f"(tokenizer: {cfg.tokenizer}; {sizes}): token ids would mean other tokens; set "
-                                f"tokenizer: {path}")  # fmt: skip
+                fix = (f"set tokenizer: {path}" if "finished earlier" not in where else "the run's tokenizer changed "
+                       "since that stage ran (task or tokenizer settings): restore them, or run afresh without "
+                       "--resume")  # fmt: skip
+                problems.append(f"{where}: the tokenizer saved with {path} differs from the run's (tokenizer: "
+                                f"{cfg.tokenizer}; {sizes}): token ids would mean other tokens; {fix}")
 
 
 def _missing_gold(rows: list[dict], what: str) -> str | None:
@@ -384,8 +392,9 @@ def _check_reward(entry: RewardEntry, where: str, problems: list[str], columns: 
                         "params")  # fmt: skip
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Raise ``PreflightError`` listing every problem found; return quietly when the run can start."""
+def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
+    """Raise ``PreflightError`` listing every problem found; return quietly when the run can start. ``finished``:
+    the stages a resumed run will not run again, and their outputs."""
     problems: list[str] = []
     if not cfg.stages:
         problems.append("stages: a run needs at least one stage (sft, grpo or distill)")
@@ -448,6 +457,6 @@ def preflight(cfg: RunConfig) -> None:
         if not os.access(probe, os.W_OK):
             problems.append(f"{key}: {out} is not writable")
     if not any(p.startswith("tokenizer:") for p in problems):
-        _check_vocabulary(cfg, problems)
+        _check_vocabulary(cfg, problems, finished)
     if problems:
         raise PreflightError(problems)

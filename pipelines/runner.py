@@ -22,7 +22,7 @@ from .errors import StageFailed
 from .jobs import dsalign_settings
 from .preflight import preflight
 from .report import format_table, write_report, write_text_atomic
-from .schema import from_dict, to_dict
+from .schema import ConfigError, from_dict, to_dict
 
 
 @dataclass
@@ -108,10 +108,11 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     """Run every stage of ``cfg``; with ``resume`` finished stages are skipped and a partial one continues."""
     from . import actors
 
-    preflight(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "run_state.json"
+    earlier = RunState.load(state_path).finished if resume and state_path.is_file() else {}
+    preflight(cfg, {name: path for name, path in earlier.items() if Path(path).is_dir()})
+    out.mkdir(parents=True, exist_ok=True)
     if resume and not state_path.is_file():
         print(f"[run] --resume: {out} holds no earlier run of this config (no run_state.json); starting afresh",
               flush=True)  # fmt: skip
@@ -147,6 +148,11 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
                   f"rest keep them so that the table compares like with like: {'; '.join(eval_changes)} do not "
                   "apply (evaluate checkpoints afresh with `dsalign eval`, or start the run afresh)",
                   flush=True)  # fmt: skip
+        kept = {st.get("name"): st for st in before.get("stages") or [] if isinstance(st, dict)}
+        if any(name in kept for name in state.finished):  # a finished stage ran with its earlier values: record those
+            now = json.loads(resolved_text)
+            now["stages"] = [kept.get(st["name"], st) if st["name"] in state.finished else st for st in now["stages"]]
+            resolved_text = json.dumps(now, indent=2)
     write_text_atomic(resolved, resolved_text)
     ray = init_ray(cfg)
     t0 = time.time()
@@ -242,7 +248,21 @@ def _interrupt_on_sigterm():
 
 
 def config_changes(before: Any, after: Any, path: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two resolved configs (plain data)."""
+    """``key: old -> new`` for every leaf that differs between two resolved configs (plain data). Stages are
+    matched by name (``stages[i]`` is the new config's index), so adding, removing or moving one names that stage
+    instead of printing both whole lists."""
+    if path == "stages" and isinstance(before, list) and isinstance(after, list) and all(
+        isinstance(st, dict) and "name" in st for st in before + after
+    ):
+        old = {st["name"]: st for st in before}
+        out = [c for i, st in enumerate(after) if st["name"] in old
+               for c in config_changes(old[st["name"]], st, f"stages[{i}]")]  # fmt: skip
+        out += [f"stages[{i}]: new stage {st['name']!r}" for i, st in enumerate(after) if st["name"] not in old]
+        names = [st["name"] for st in after]
+        out += [f"stages: stage {name!r} removed" for name in old if name not in names]
+        if not out and [st["name"] for st in before] != names:
+            out.append(f"stages: order {[st['name'] for st in before]} -> {names}")
+        return out
     if isinstance(before, dict) and isinstance(after, dict):
         keys = list(before) + [k for k in after if k not in before]
         return [c for k in keys for c in config_changes(before.get(k), after.get(k), f"{path}.{k}" if path else k)]
@@ -383,7 +403,7 @@ def run_stage_with_retries(
                 detail = detail.splitlines()[0]
             at = f"last checkpoint: step {step}" if step is not None else "no checkpoint yet"
             msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} ({at}): {detail}"
-            if isinstance(getattr(e, "cause", None), DataError):  # the same input fails the same way again
+            if isinstance(getattr(e, "cause", None), (DataError, ConfigError)):  # the same input fails alike again
                 raise StageFailed(msg + "; not retried: the stage's input is at fault") from e
             if attempt == attempts:
                 raise StageFailed(msg + f"; no retries left (stage retries={stage.retries})") from e

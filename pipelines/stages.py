@@ -301,6 +301,12 @@ class StageLoop:
         if env.resume and latest_checkpoint(self.ckpt_root) is not None:
             self.start, _ = load_training_checkpoint(self.ckpt_root, runner)
             print(f"[{env.stage.name}] resumed at step {self.start}", flush=True)
+            if self.start > total_steps:
+                from .schema import ConfigError
+
+                raise ConfigError(f"stage {env.stage.name!r}: its last checkpoint is at step {self.start} but it is "
+                                  f"now configured for {total_steps} steps; set the stage's steps (or iterations) to "
+                                  f"{self.start} or more, or run it afresh without --resume")  # fmt: skip
         self.raylet_pid, self.parent_pid = _raylet_pid(), os.getppid()
         self.logger = None
         if self.rank == 0:  # a fresh stage's directory was cleared by the driver (runner.clear_stage_state)

@@ -453,6 +453,23 @@ def test_preflight_refuses_a_checkpoint_whose_vocabulary_is_not_the_runs(tmp_pat
     ]
 
 
+def test_preflight_on_resume_checks_finished_stages_against_a_changed_tokenizer(tmp_path):
+    """--resume with another task retrains the demo tokenizer: a stage still to run from a finished stage's output
+    would read its token ids as other tokens (it used to run, silently). Finished stages themselves are not checked."""
+    sft = _demo_sized_checkpoint(tmp_path / "sft_final", with_tokenizer=True)
+    base = [f"output_dir={tmp_path / 'out'}"]
+    preflight(load_config(TINY, base), finished={"sft": str(sft)})
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(TINY, [*base, "task.max_terms=4"]), finished={"sft": str(sft)})
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(
+        f"stages[1] (grpo).model.from_stage ('sft', finished earlier): the tokenizer saved with {sft} differs from "
+        "the run's (tokenizer: demo; "), err.value.problems  # fmt: skip
+    assert err.value.problems[0].endswith("the run's tokenizer changed since that stage ran (task or tokenizer "
+                                          "settings): restore them, or run afresh without --resume")  # fmt: skip
+    every = {name: str(sft) for name in ("sft", "grpo", "distill", "length")}  # nothing left to run from them
+    preflight(load_config(TINY, [*base, "task.max_terms=4"]), finished=every)
+
+
 def test_training_block_reaches_the_trainer():
     from dsalign.pipelines.stages import trainer_config
 

@@ -246,3 +246,20 @@ def test_stage_worker_notices_its_ray_node_is_gone(monkeypatch):
     assert loop._node_gone()
     monkeypatch.setenv("RAY_RAYLET_PID", str(gone.pid))  # out of sight at the start: not watched
     assert stages._raylet_pid() is None
+
+
+def test_a_resumed_stage_configured_for_fewer_steps_than_its_checkpoint_is_refused(monkeypatch, tmp_path):
+    """Resumed at step 40 with ``iterations: 10`` the stage used to export its 40-step model as finished, silently;
+    now it is a config error (not retried: ``runner`` retries neither data nor config errors)."""
+    from types import SimpleNamespace
+
+    import dsalign.alignment.trainer as trainer
+    from dsalign.pipelines import stages
+    from dsalign.pipelines.schema import ConfigError
+
+    monkeypatch.setattr(trainer, "latest_checkpoint", lambda root: root / "step_40")
+    monkeypatch.setattr(trainer, "load_training_checkpoint", lambda root, runner: (40, {}))
+    env = SimpleNamespace(out_dir=tmp_path, resume=True, stage=SimpleNamespace(name="grpo"))
+    with pytest.raises(ConfigError, match="stage 'grpo': its last checkpoint is at step 40 but it is now configured "
+                                          "for 10 steps"):  # fmt: skip
+        stages.StageLoop(env, runner=None, total_steps=10)

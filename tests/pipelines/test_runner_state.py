@@ -52,7 +52,7 @@ def driver(monkeypatch):
         acc = (sum(map(ord, key)) % 997) / 997
         return {"accuracy": acc, "format": 1.0, "mean_length": 10.0, "per_prompt": [acc] * 4}
 
-    monkeypatch.setattr(runner, "preflight", lambda cfg: None)
+    monkeypatch.setattr(runner, "preflight", lambda cfg, finished=None: None)
     monkeypatch.setattr(runner, "init_ray", lambda cfg: _FakeRay)
     monkeypatch.setattr(runner, "write_report", lambda out, dirs, rows, title: out / "report.md")
     monkeypatch.setattr(actors, "prepare_tokenizer", _Remote(lambda cfg: "tok"))
@@ -111,6 +111,11 @@ def test_resume_drops_only_the_rerun_stages_own_rows_and_says_what_it_skips(driv
     assert sorted(state.per_prompt) == ["grpo", "grpo2", "s", "untrained"]  # "grpo2" kept, though it starts with "s"
     out = capsys.readouterr().out
     assert "stage grpo: finished earlier" in out and "stages[1].data.num_rows: 8 -> 16" in out
+    resolved = json.loads((tmp_path / "config.resolved.json").read_text())
+    assert resolved["stages"][1]["data"]["num_rows"] == 8  # what the finished stage ran with, not the ignored 16
+    capsys.readouterr()
+    runner.run(cfg, resume=True, progress=False)  # the original config again: nothing reads as changed
+    assert "changed config" not in capsys.readouterr().out
 
 
 def test_resume_keeps_the_runs_eval_settings_and_says_so(driver, tmp_path, capsys):

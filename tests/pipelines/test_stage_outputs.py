@@ -194,6 +194,10 @@ def test_resume_reports_what_changed_in_the_config():
     after = to_dict(load_config(tiny, ["stages.grpo.grpo.iterations=5", "eval.path=held.jsonl"]))
     assert config_changes(before, after) == ["stages[1].grpo.iterations: 2 -> 5", "eval.path: None -> 'held.jsonl'"]
     assert config_changes(before, before) == []
+    fewer = {**after, "stages": after["stages"][1:]}  # sft removed: stages are matched by name, not position
+    assert config_changes(before, fewer) == ["stages[0].grpo.iterations: 2 -> 5", "stages: stage 'sft' removed",
+                                             "eval.path: None -> 'held.jsonl'"]  # fmt: skip
+    assert config_changes(fewer, after) == ["stages[0]: new stage 'sft'"]
 
 
 def test_stage_device_and_batches_follow_the_model():
