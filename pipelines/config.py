@@ -61,7 +61,11 @@ class DataSource:
     )
     seed: int = field(default=0, metadata={"help": "synthetic generation seed"})
     length_target: int | None = field(default=None, metadata={"help": "budget written into each prompt's system turn"})
-    skip_invalid: bool = field(default=False, metadata={"help": "drop and count malformed rows instead of failing"})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "drop and count malformed rows (and prompts too long for the model's context) instead of "
+                          "failing"},
+    )
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.synthetic is None):

@@ -8,6 +8,7 @@ together, each naming its stage and key. (Value ranges are checked earlier, when
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from dsalign.model import ModelConfig, check_checkpoint
 
 from .config import ModelSource, RewardEntry, RunConfig, StageConfig
 from .placement import stage_layout, total_cpus
-from .schema import ConfigError
+from .schema import ConfigError, to_dict
 from .stages import (
     HELD_OUT_SEED,
     RUNTIME_OVERRIDES,
@@ -202,7 +203,21 @@ def _check_resources(stage: StageConfig, where: str, local_cpus: float | None, p
 
 
 def _run_tokenizer(cfg: RunConfig):
-    """The tokenizer the run will use (``prepare_tokenizer``'s: the demo one is deterministic in the task)."""
+    """The tokenizer the run will use (``prepare_tokenizer``'s: the demo one is deterministic in the task); made
+    once per task (a tokenizer directory is read each time: it may change between runs)."""
+    if cfg.tokenizer != "demo":
+        return _make_run_tokenizer(cfg)
+    key = json.dumps(to_dict(cfg.task), sort_keys=True)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = _make_run_tokenizer(cfg)
+    return _TOKENIZERS[key]
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _make_run_tokenizer(cfg: RunConfig):
     if cfg.tokenizer == "demo":
         from .demo_tokenizer import task_tokenizer
 
@@ -214,8 +229,6 @@ def _run_tokenizer(cfg: RunConfig):
 
 def _vocab_size(checkpoint: Path) -> int | None:
     """``vocab_size`` of a checkpoint's config.json; None when it has none that reads (``_check_model`` says why)."""
-    import json
-
     try:
         return int(json.loads((checkpoint / "config.json").read_text()).get("vocab_size", 0))
     except (OSError, ValueError, TypeError, AttributeError):
@@ -264,6 +277,19 @@ def _check_vocabulary(cfg: RunConfig, problems: list[str], finished: dict[str, s
                        "--resume")  # fmt: skip
                 problems.append(f"{where}: the tokenizer saved with {path} differs from the run's (tokenizer: "
                                 f"{cfg.tokenizer}; {sizes}): token ids would mean other tokens; {fix}")
+
+
+def _check_prompt_lengths(rows: list[dict], path: str, models: list[ModelConfig], cfg: RunConfig, where: str,
+                          problems: list[str], advice: str) -> None:  # fmt: skip
+    """Prompts the models that sample from them have no room to generate after (a worker would fail on them)."""
+    if not models or any(p.startswith("tokenizer:") for p in problems):
+        return
+    from .stages import long_prompts_problem, too_long_prompts
+
+    context = min(m.max_position_embeddings for m in models)
+    long = too_long_prompts(rows, _run_tokenizer(cfg), context)
+    if long:
+        problems.append(f"{where}: {long_prompts_problem(path, long, context)}{advice}")
 
 
 def _missing_gold(rows: list[dict], what: str) -> str | None:
@@ -417,8 +443,8 @@ def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
         _check_resources(stage, where, local_cpus, problems)
         _check_lora(stage, where, problems)
         _check_shares(stage, where, problems)
-        if stage.kind == "distill":
-            _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems, built)
+        teacher = _check_model(stage.distill.teacher, f"{where}.distill.teacher", problems, built) if (
+            stage.kind == "distill") else None  # fmt: skip
         if stage.kind == "grpo":
             _check_algorithm_names(stage, where, problems)
         if stage.data.synthetic is not None:
@@ -432,6 +458,12 @@ def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
                     f"min_terms {cfg.task.min_terms}, max_terms {cfg.task.max_terms}, max_value {cfg.task.max_value})"
                 )
         rows = _check_stage_data(stage, where, problems)
+        if rows and stage.kind != "sft" and not stage.data.skip_invalid:  # (with it, the stage drops and counts them)
+            traces = stage.kind == "distill" and not stage.on_policy_distill  # only the teacher samples
+            sampled_by = [teacher] if traces else [built[stage.name], teacher]
+            _check_prompt_lengths(rows, stage.data.path, [c for c in sampled_by if c], cfg, f"{where}.data.path",
+                                  problems, "; shorten them, or set the stage's data.skip_invalid: true to drop (and "
+                                  "count) them")  # fmt: skip
         if stage.kind in ("grpo", "distill") and not stage.rewards and not stage.on_policy_distill:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
         columns = _stage_columns(cfg, stage, rows, where, problems) if stage.rewards and stage.kind != "sft" else None
@@ -445,6 +477,9 @@ def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
 
             eval_rows = make_prompts(cfg.task, 1, HELD_OUT_SEED)
         columns = _reward_columns(eval_rows, "eval.path", problems)
+        if cfg.eval.path is not None and eval_rows:  # every stage's model is evaluated on them
+            _check_prompt_lengths(eval_rows, cfg.eval.path, [c for c in built.values() if c], cfg, "eval.path",
+                                  problems, "; shorten them or lower eval.num_prompts")  # fmt: skip
         _check_reward(cfg.eval.reward, "eval.reward", problems, columns)
     for key, out in [("output_dir", Path(cfg.output_dir))] + [
         (f"stages[{i}].output_dir", Path(s.output_dir)) for i, s in enumerate(cfg.stages) if s.output_dir

@@ -142,6 +142,38 @@ def training_prompts(run: RunConfig, data: DataSource, summary_dir: Path | None 
     return rows
 
 
+def too_long_prompts(rows: list[dict[str, Any]], tokenizer, context: int) -> list[tuple[str, int]]:
+    """``(prompt_id, tokens)`` of the prompts that leave no room to generate in a ``context``-token model (the
+    chat template applied, as the rollout tokenizes them)."""
+    from dsalign.alignment.chat import tokenize_prompt
+
+    lengths = ((r["prompt_id"], len(tokenize_prompt(tokenizer, r["prompt"]))) for r in rows)
+    return [(pid, n) for pid, n in lengths if n >= context]
+
+
+def long_prompts_problem(path: str, long: list[tuple[str, int]], context: int) -> str:
+    names = ", ".join(f"{pid} ({n} tokens)" for pid, n in long[:3]) + (", ..." if len(long) > 3 else "")
+    return (f"{path}: {len(long)} prompt(s) do not fit the model's context of {context} tokens with room to "
+            f"generate: {names}")
+
+
+def prompts_that_fit(rows: list[dict[str, Any]], data: DataSource, tokenizer, context: int,
+                     stage_dir: Path | None) -> list[dict[str, Any]]:  # fmt: skip
+    """A data file's prompt rows, refusing (``DataError``) the ones too long to sample from (``too_long_prompts``),
+    or with ``skip_invalid`` dropping them, counted in ``data.json``. Preflight runs the same check first."""
+    from dsalign.alignment.data import DataError
+
+    long = too_long_prompts(rows, tokenizer, context) if data.path is not None else []
+    if not long:
+        return rows
+    problem = long_prompts_problem(data.path, long, context)
+    if not data.skip_invalid:
+        raise DataError(f"{problem}; shorten them, or {STAGE_SKIP_ADVICE}")
+    count_skipped(stage_dir, len(long), problem + ": dropped")
+    dropped = {pid for pid, _ in long}
+    return [r for r in rows if r["prompt_id"] not in dropped]
+
+
 def enough_rows(rows: list[dict[str, Any]], per_round: int, key: str) -> list[dict[str, Any]]:
     """``rows``, if a round's ``per_round`` prompts fit in them: with fewer, every round would train on fewer groups
     than configured without a word (and workers would get unequal shares, so their collectives would not pair up).
@@ -900,8 +932,9 @@ def run_grpo(env: StageEnv) -> Path:
     p = env.stage.grpo
     device = stage_device(env.stage)
     model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device)
-    rows = enough_rows(training_prompts(env.run, env.stage.data, summary_dir(env)), p.prompts_per_iter,
-                       "grpo.prompts_per_iter")  # fmt: skip
+    rows = prompts_that_fit(training_prompts(env.run, env.stage.data, summary_dir(env)), env.stage.data,
+                            env.tokenizer, model.cfg.max_position_embeddings, summary_dir(env))  # fmt: skip
+    rows = enough_rows(rows, p.prompts_per_iter, "grpo.prompts_per_iter")
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
                          bias_update_gamma=p.bias_update_gamma)  # fmt: skip
@@ -996,7 +1029,8 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
 
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(stage_device(env.stage)).eval()
-    every = training_prompts(env.run, env.stage.data, summary_dir(env))
+    every = prompts_that_fit(training_prompts(env.run, env.stage.data, summary_dir(env)), env.stage.data,
+                             env.tokenizer, teacher.cfg.max_position_embeddings, summary_dir(env))  # fmt: skip
     row_ids = list(range(rank, len(every), world))
     rows = [every[i] for i in row_ids]
     engine = rollout_engine(teacher, env.tokenizer, d.max_batch_size)
@@ -1050,8 +1084,10 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    rows = enough_rows(training_prompts(env.run, env.stage.data, summary_dir(env)), op.prompts_per_step,
-                       "distill.on_policy.prompts_per_step")  # fmt: skip
+    context = min(student.cfg.max_position_embeddings, teacher.cfg.max_position_embeddings)
+    rows = prompts_that_fit(training_prompts(env.run, env.stage.data, summary_dir(env)), env.stage.data,
+                            env.tokenizer, context, summary_dir(env))  # fmt: skip
+    rows = enough_rows(rows, op.prompts_per_step, "distill.on_policy.prompts_per_step")
     scorer = (env.reward_pool or build_combiner(env.stage.rewards)) if env.stage.rewards else None
     cfg = trainer_config(op.optim, op.steps, env.run, env.stage, mtp_lambda=0.0)
     torch.manual_seed(env.run.seed)

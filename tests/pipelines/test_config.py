@@ -225,6 +225,39 @@ def test_preflight_refuses_an_ep_size_the_experts_do_not_split_into_and_override
     preflight(load_config(TINY, [*base, "stages.grpo.model.overrides={fp8: true}"]))
 
 
+def test_prompts_too_long_to_sample_from_are_refused_before_the_run_or_dropped_and_counted(tmp_path):
+    """A prompt the model has no room to generate after used to pass preflight and fail the stage mid-run (retried),
+    named by its index in a batch; now preflight names the file and the prompt, and with skip_invalid the stage drops
+    it and counts it in data.json."""
+    from dsalign.pipelines.preflight import _run_tokenizer
+    from dsalign.pipelines.stages import prompts_that_fit, stage_file_rows, write_data_summary
+
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(8)]
+    rows[2]["prompt"] = "1 + " * 1500 + "1?"  # the tiny preset's context is 1024 tokens
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [f"output_dir={tmp_path / 'out'}", "stages=[{name: grpo, kind: grpo, model: {preset: tiny}, "
+            "grpo: {iterations: 1, prompts_per_iter: 4}, rewards: [{fn: math_accuracy}], "
+            f"data: {{path: {path}}}}}]"]
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(DEMO, base))
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(
+        f"stages[0] (grpo).data.path: {path}: 1 prompt(s) do not fit the model's context of 1024 tokens with room to "
+        "generate: long.jsonl:3 ("), err.value.problems  # fmt: skip
+    cfg = load_config(DEMO, [*base, "stages.grpo.data.skip_invalid=true"])
+    preflight(cfg)
+    data = cfg.stages[0].data
+    loaded, report = stage_file_rows(data, "prompt")
+    write_data_summary(tmp_path, str(path), loaded, report)
+    tok = _run_tokenizer(cfg)
+    kept = prompts_that_fit(loaded, data, tok, 1024, tmp_path)
+    assert [r["prompt_id"] for r in kept] == [f"long.jsonl:{i}" for i in (1, 2, 4, 5, 6, 7, 8)]
+    summary = json.loads((tmp_path / "data.json").read_text())
+    assert summary["rows"] == 7 and summary["skipped_invalid"] == 1 and "dropped" in summary["problems"][-1]
+    with pytest.raises(ValueError, match=r"long.jsonl: 1 prompt\(s\) do not fit .*; shorten them, or set the stage's"):
+        prompts_that_fit(loaded, load_config(DEMO, base).stages[0].data, tok, 1024, None)
+
+
 def test_preflight_refuses_tokenizer_fields_in_a_preset_models_overrides(tmp_path):
     """A preset's vocabulary and special token ids come from the run's tokenizer: overriding them used to pass
     preflight and crash the stage (``replace() got multiple values for keyword argument 'vocab_size'``)."""
