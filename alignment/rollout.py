@@ -242,7 +242,8 @@ class RolloutEngine:
         self.num_layers = self.cfg.num_hidden_layers + (1 if speculative else 0)
         self.cache: LatentCache | None = None  # allocated by generate, sized to what the call can reach
         eos = self.cfg.eos_token_id
-        self.default_stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.default_stop_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos) | frozenset(
+            getattr(model, "generation_eos_token_ids", ()))  # a checkpoint's generation_config.json: load_checkpoint
         self.last_stats = GenerationStats()
         # expert-sharded model (colocated with an EP trainer): forwards run in step across the EP group
         self._lockstep = _EPLockstep.for_model(model)

@@ -264,7 +264,25 @@ def load_checkpoint(
         _init_mtp(model)
     if report.ignored:
         log.warning("%s: ignored %d checkpoint tensors, e.g. %s", path, len(report.ignored), report.ignored[:4])
+    model.generation_eos_token_ids = generation_eos_token_ids(path)
     return model
+
+
+def generation_eos_token_ids(path: str | Path) -> frozenset[int]:
+    """The ``eos_token_id`` (an id or a list) of the checkpoint's ``generation_config.json``, which ``generate`` in
+    transformers stops at (a chat model lists its end-of-turn token there, often not in ``config.json``); empty
+    without the file or the key. A file that does not parse is an error naming it."""
+    gen = Path(path) / "generation_config.json"
+    if not gen.is_file():
+        return frozenset()
+    try:
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{gen}: not a JSON object ({e})") from None
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{gen}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    return frozenset(ids)
 
 
 def check_checkpoint(path: str | Path, missing_mtp: str = "drop", report: LoadReport | None = None) -> ModelConfig:
@@ -273,6 +291,7 @@ def check_checkpoint(path: str | Path, missing_mtp: str = "drop", report: LoadRe
     Returns the config the model would be built with; raises as ``load_checkpoint`` would. With a ``report``, what
     the loader would log (a missing-MTP decision) goes to ``report.notes`` only, for a caller that says it itself."""
     model, *_ = _checked_plan(Path(path), torch.float32, missing_mtp, report or LoadReport(), log_notes=report is None)
+    generation_eos_token_ids(path)  # raises on a generation_config.json load_checkpoint would refuse
     return model.cfg
 
 

@@ -122,6 +122,9 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg, k + 1) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg)
         self.activation_checkpointing = False
+        # end-of-sequence ids a checkpoint's generation_config.json adds to config.json's (a chat model's end-of-turn
+        # token); set by load_checkpoint, read by the rollout engine
+        self.generation_eos_token_ids: frozenset[int] = frozenset()
         self.document_attention = True  # padded / packed batches attend per document (layout.DocumentLayout)
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()

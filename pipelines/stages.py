@@ -121,6 +121,7 @@ def load_source(src: dict[str, Any], tokenizer, seed: int = 0) -> Transformer:
         if runtime:
             fresh = Transformer(model.cfg.replace(**runtime))
             fresh.load_state_dict(model.state_dict())
+            fresh.generation_eos_token_ids = model.generation_eos_token_ids
             model = fresh
     return model
 

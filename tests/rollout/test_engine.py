@@ -127,6 +127,32 @@ def test_eos_from_config_stops_unless_ignored():
     assert c.finish_reason == "stop" and c.token_ids == base.token_ids[: base.token_ids.index(c.stop_reason) + 1]
 
 
+def test_a_checkpoints_generation_config_eos_also_stops(tmp_path):
+    """transformers' generate stops at generation_config.json's eos_token_id (a chat model's end-of-turn token is
+    often listed only there): a loaded checkpoint's engine stops there too, besides config.json's EOS."""
+    import json
+
+    from dsalign.model import load_checkpoint, save_checkpoint
+
+    model = tiny_model()
+    prompt = _prompts(model.cfg.vocab_size)[0]
+    base = RolloutEngine(model, max_batch_size=1, max_len=64).generate(
+        [prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]  # fmt: skip
+    turn_end = next(t for t in base.token_ids[2:] if t != model.cfg.eos_token_id)
+    save_checkpoint(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": [model.cfg.eos_token_id,
+                                                                                            turn_end]}))  # fmt: skip
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.generation_eos_token_ids == {model.cfg.eos_token_id, turn_end}
+    c = RolloutEngine(loaded, max_batch_size=1, max_len=64).generate(
+        [prompt], SamplingParams(max_new_tokens=8, temperature=0))[0]  # fmt: skip
+    assert (c.finish_reason, c.stop_reason) == ("stop", turn_end)
+    assert c.token_ids == base.token_ids[: base.token_ids.index(turn_end) + 1]
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be an integer or a list"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
 def test_context_limit_ends_with_length():
     model = tiny_model()
     engine = RolloutEngine(model, max_batch_size=2, max_len=10, speculative=True)
