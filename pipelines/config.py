@@ -416,7 +416,8 @@ class EvalConfig:
     num_prompts: int = field(default=200, metadata={"help": "held-out prompts (the first ones of path)"})
     reward: RewardEntry = field(
         default_factory=lambda: RewardEntry(fn="math_accuracy"),
-        metadata={"help": "what 'accuracy' averages per sample (None counts as 0); its weight is ignored"},
+        metadata={"help": "what 'accuracy' averages per sample (a failed or None sample counts as 0, with a "
+                          "warning; none scored is an error); its weight is ignored"},
     )
     samples_per_prompt: int = field(default=4, metadata={"help": "samples per prompt"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})

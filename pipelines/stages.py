@@ -636,7 +636,7 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     prompts = [r["prompt"] for r in rows for _ in range(k)]
     scored = score_samples(score, rows, k, texts, comps)
     acc = scored.rewards
-    check_eval_failures(scored.failures, len(acc), ev.reward.fn)
+    check_eval_failures(scored.failures, len(acc), ev.reward.fn, acc)
     fmt = think_format(prompts, texts)
     lengths = [len(c.token_ids) for c in comps]
     out = {
@@ -659,17 +659,22 @@ def evaluate(model: Transformer, tokenizer, run: RunConfig, rows: list[dict],
     return out
 
 
-def check_eval_failures(failures: list, n: int, reward: str) -> None:
-    """An evaluation counts a failed sample as 0, so a reward that failed says so: a warning naming how many samples
-    and the first error, and an error when it failed on every sample (the accuracy would be a meaningless 0)."""
-    if not failures:
-        return
-    failed = n if any(f.sample_index is None for f in failures) else len({f.sample_index for f in failures})
-    if failed == n:
-        raise ValueError(f"eval reward {reward!r} failed on all {n} samples, so there is no accuracy to report; "
-                           f"first failure: {failures[0]}")  # fmt: skip
-    print(f"[eval] reward {reward!r} failed on {failed} of {n} samples (counted as 0); first: {failures[0]}",
-          flush=True)  # fmt: skip
+def check_eval_failures(failures: list, n: int, reward: str, scores: list[float | None] | None = None) -> None:
+    """An evaluation counts a failed sample as 0, and one its reward scored ``None`` ("not applicable", e.g.
+    ``math_accuracy`` without a gold answer) too, so each says so: a warning naming how many samples (and the first
+    error), and an error when no sample was scored (the accuracy would be a meaningless 0)."""
+    failed_at = set(range(n)) if any(f.sample_index is None for f in failures) else {f.sample_index for f in failures}
+    unscored = sum(v is None for i, v in enumerate(scores or []) if i not in failed_at)
+    if len(failed_at) + unscored == n and n:
+        detail = f"first failure: {failures[0]}" if failures else "it returned None (not applicable) on every one"
+        raise ValueError(f"eval reward {reward!r} scored none of the {n} samples, so there is no accuracy to report; "
+                         f"{detail}")  # fmt: skip
+    if failed_at:
+        print(f"[eval] reward {reward!r} failed on {len(failed_at)} of {n} samples (counted as 0); first: "
+              f"{failures[0]}", flush=True)  # fmt: skip
+    if unscored:
+        print(f"[eval] reward {reward!r} returned None (not applicable) on {unscored} of {n} samples (counted as 0)",
+              flush=True)  # fmt: skip
 
 
 def sample_statistics(scores: list[float | None], texts: list[str], k: int, math: bool) -> dict[str, float]:

@@ -263,13 +263,22 @@ def test_evaluation_scores_with_the_configured_reward(tmp_path, capsys):
     custom.write_text(custom.read_text() + "def picky(prompts, completions, **kw):\n"
                       "    if any('0+1' in str(p) for p in prompts):\n        raise ValueError('no zeros')\n"
                       "    return [1.0] * len(completions)\n"
-                      "def broken(prompts, completions, **kw):\n    raise KeyError('answer')\n")  # fmt: skip
+                      "def broken(prompts, completions, **kw):\n    raise KeyError('answer')\n"
+                      "def some_none(prompts, completions, **kw):\n"
+                      "    return [None if '1+1' in str(p) else 1.0 for p in prompts]\n"
+                      "def all_none(prompts, completions, **kw):\n    return [None] * len(prompts)\n")  # fmt: skip
     model = load_source({"preset": "tiny"}, tok).eval()
     out = evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:picky"]), held_out_prompts(run))
     assert out["per_prompt"] == [0.0, 1.0, 1.0]
     assert "picky' failed on 2 of 6 samples (counted as 0); first: " in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"eval reward '.*:broken' failed on all 6 samples.*KeyError"):
+    with pytest.raises(ValueError, match=r"eval reward '.*:broken' scored none of the 6 samples.*KeyError"):
         evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:broken"]), held_out_prompts(run))
+    # "not applicable" (None) also counts as 0, said so; None on every sample is an error like failing on every one
+    out = evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:some_none"]), held_out_prompts(run))
+    assert out["per_prompt"] == [1.0, 0.0, 1.0]
+    assert "some_none' returned None (not applicable) on 2 of 6 samples (counted as 0)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"all_none' scored none of the 6 samples.*returned None .* on every one"):
+        evaluate(model, tok, load_config(tiny, [*base, f"eval.reward.fn={custom}:all_none"]), held_out_prompts(run))
     with pytest.raises(Exception, match="eval.reward.fn 'nope_pkg:fn': RewardLoadError: .*No module named 'nope_pkg'"):
         preflight(load_config(tiny, [*base, "eval.reward.fn=nope_pkg:fn"]))
 
