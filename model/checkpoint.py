@@ -182,7 +182,14 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{path}: no model.safetensors.index.json and no *.safetensors file")
-    return {k: shard for shard in shards for k in _shard_keys(shard)}
+    files: dict[str, Path] = {}
+    for shard in shards:
+        for key in _shard_keys(shard):
+            if key in files:  # without an index nothing says which copy is meant
+                raise ValueError(f"{path}: tensor {key!r} is in both {files[key].name} and {shard.name} and no "
+                                 "model.safetensors.index.json says which to use; remove the stray file")  # fmt: skip
+            files[key] = shard
+    return files
 
 
 def _shard_keys(file: Path) -> list[str]:
@@ -522,6 +529,10 @@ def save_checkpoint(
     ``write_extra(tmp_dir)`` may add files (tokenizer, generation config) before the rename.
     """
     path = Path(path)
+    adapters = [n for n, _ in model.named_parameters() if ".lora_" in n or ".base_layer." in n]
+    if adapters:  # their keys are not the official layout: transformers would initialize those weights randomly
+        raise ValueError(f"the model carries unmerged LoRA adapters ({len(adapters)} parameters, e.g. {adapters[0]}); "
+                         "save it with dsalign.alignment.trainer.lora.export_merged (or merge_lora first)")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -246,3 +246,29 @@ def test_to_hf_and_replace_do_not_share_rope_scaling():
     other = cfg.replace(rope_theta=5.0)
     other.rope_scaling["factor"] = 99.0
     assert cfg.rope_scaling["factor"] == YARN["factor"]
+
+
+def test_a_stray_shard_holding_a_tensor_again_is_an_error(saved, tmp_path):
+    """Without an index every *.safetensors file is read: a second copy of a tensor used to win by file name order,
+    silently (transformers reads model.safetensors only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    ck = _copy(saved, tmp_path)
+    save_file({"model.norm.weight": torch.full((tiny().hidden_size,), 7.0)}, str(ck / "zz.safetensors"))
+    with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' is in both model.safetensors and "
+                                         r"zz.safetensors and no model.safetensors.index.json says which"):  # fmt: skip
+        load_checkpoint(ck)
+
+
+def test_saving_a_model_with_unmerged_lora_adapters_is_refused(tmp_path):
+    """Its adapter keys (``base_layer``, ``lora_A``) are not the official layout: load_checkpoint refused the result
+    and transformers initialized those weights randomly. ``export_merged`` is the way."""
+    from dsalign.alignment.trainer.lora import apply_lora, export_merged
+
+    lora = apply_lora(Transformer(tiny()))
+    with pytest.raises(ValueError, match=r"unmerged LoRA adapters \(\d+ parameters, e.g. .*\); save it with "
+                                         r"dsalign.alignment.trainer.lora.export_merged"):  # fmt: skip
+        save_checkpoint(lora, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and not list(tmp_path.iterdir())
+    load_checkpoint(export_merged(lora, tmp_path / "merged"))
