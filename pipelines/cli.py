@@ -78,13 +78,15 @@ def _config(args: argparse.Namespace) -> int:
         print(config_reference(), end="")
         return 0
     import yaml
-    from dsalign.pipelines.config import load_config
+    from dsalign.pipelines.config import config_notes, load_config
     from dsalign.pipelines.preflight import preflight
     from dsalign.pipelines.schema import to_dict
 
     cfg = load_config(args.config, args.set)
     preflight(cfg)  # the checks `dsalign run` makes before starting Ray
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    for note in config_notes(cfg):
+        print(f"# note: {note}", file=sys.stderr)
     print(f"# {args.config}: valid; {len(cfg.stages)} stage(s): {', '.join(s.name for s in cfg.stages)}",
           file=sys.stderr)  # fmt: skip
     return 0

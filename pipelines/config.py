@@ -438,6 +438,9 @@ class RayConfig:
     address: str | None = field(default=None, metadata={"help": "cluster address; unset = start a local Ray"})
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray (unset = all)"})
 
+    def __post_init__(self) -> None:
+        _expect(self, "num_cpus", lambda v: v is None or v >= 1, "null (all CPUs) or at least 1")
+
 
 @dataclass
 class RunConfig:
@@ -455,6 +458,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _expect(self, "seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2**63) (torch's seed range)")
+        for key in ("name", "output_dir"):
+            _expect(self, key, lambda v: bool(v.strip()), "a non-empty string")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
@@ -486,6 +491,31 @@ class RunConfig:
 
     def stage_dir(self, stage: StageConfig) -> Path:
         return Path(stage.output_dir) if stage.output_dir else Path(self.output_dir) / stage.name
+
+
+def optimizer_steps(stage: StageConfig) -> tuple[str, int, OptimConfig]:
+    """(the key of its optimizer block, its optimizer steps, that block) for a stage: what its learning-rate
+    schedule spans (``stages.trainer_config``'s ``total_steps``)."""
+    if stage.kind == "sft":
+        return "sft.optim", stage.sft.steps, stage.sft.optim
+    if stage.kind == "grpo":
+        return "grpo.optim", stage.grpo.iterations * stage.grpo.updates_per_batch, stage.grpo.optim
+    if stage.on_policy_distill:
+        return "distill.on_policy.optim", stage.distill.on_policy.steps, stage.distill.on_policy.optim
+    return "distill.sft.optim", stage.distill.sft.steps, stage.distill.sft.optim
+
+
+def config_notes(cfg: RunConfig) -> list[str]:
+    """Settings that run but probably not as meant (``dsalign run`` and ``config show`` print them): a warmup as
+    long as the stage, whose learning rate then never reaches ``lr`` and never decays."""
+    notes = []
+    for i, stage in enumerate(cfg.stages):
+        key, steps, optim = optimizer_steps(stage)
+        if optim.warmup_steps > steps > 0:
+            notes.append(f"stages[{i}] ({stage.name}).{key}.warmup_steps is {optim.warmup_steps} but the stage makes "
+                         f"{steps} optimizer steps: its learning rate peaks at {steps / optim.warmup_steps:.2g}x lr "
+                         "and never decays")  # fmt: skip
+    return notes
 
 
 # what the driver writes at the top of the run directory (and each plot, NAME.png), where a stage named so would put

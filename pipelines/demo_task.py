@@ -36,6 +36,16 @@ class AdditionTask:
         default=0.5, metadata={"help": "cold-start prompts carrying a random (not yet obeyed) length budget"}
     )
 
+    def __post_init__(self) -> None:  # the schema prefixes the block's path ("task: slip_rate: ...")
+        checks = [("min_terms", self.min_terms >= 2, "at least 2 numbers to add"),
+                  ("max_terms", self.max_terms >= self.min_terms, f">= min_terms ({self.min_terms})"),
+                  ("max_value", self.max_value >= 1, "a largest term >= 1")]  # fmt: skip
+        checks += [(k, 0 <= getattr(self, k) <= 1, "a probability in [0, 1]")
+                   for k in ("slip_rate", "verbose_fraction", "budget_prompt_fraction")]  # fmt: skip
+        for key, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{key}: expected {expected}, got {getattr(self, key)!r}")
+
     def num_distinct(self) -> int:
         """How many different term tuples the task can produce."""
         return sum(self.max_value**n for n in range(self.min_terms, self.max_terms + 1))

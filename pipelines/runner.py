@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import EvalConfig, ModelSource, RunConfig, StageConfig
+from .config import EvalConfig, ModelSource, RunConfig, StageConfig, config_notes
 from .errors import StageFailed
 from .jobs import dsalign_settings
 from .preflight import preflight
@@ -174,6 +174,8 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         state.save(state_path)
         print(f"[eval] {label}: {row}", flush=True)
 
+    for note in config_notes(cfg):
+        print(f"[run] note: {note}", flush=True)
     if cfg.eval.enabled and cfg.eval.path is None and all(s.data.synthetic is None for s in cfg.stages):
         print("[run] note: the held-out evaluation uses the synthetic addition task (no eval.path given) while no "
               "stage trains on it; set eval.path to your held-out prompts or eval.enabled: false",

@@ -69,6 +69,12 @@ def test_wrong_type_names_path(tmp_path):
         ("stages.distill.distill.mode=online", r"stages\[2\]\.distill: mode: expected 'traces' or 'on_policy'"),
         ("stages.distill.distill.on_policy.loss=kl", r"distill\.on_policy: loss: expected sampled_reverse_kl \| topk_"),
         ("stages.grpo.grpo.rollout_is_cap=0.5", r"stages\[1\]\.grpo: rollout_is_cap: expected null or a weight bound"),
+        ("task.slip_rate=2", r"task: slip_rate: expected a probability in \[0, 1\], got 2"),
+        ("task.verbose_fraction=-1", r"task: verbose_fraction: expected a probability in \[0, 1\], got -1"),
+        ("task.min_terms=0", r"task: min_terms: expected at least 2 numbers to add, got 0"),
+        ("task.min_terms=9", r"task: max_terms: expected >= min_terms \(9\), got 5"),
+        ("ray.num_cpus=0", r"ray: num_cpus: expected null \(all CPUs\) or at least 1, got 0"),
+        ("name=", r"name: expected a non-empty string, got ''"),
     ],
 )
 def test_out_of_range_values_fail_on_load_naming_the_key(override, message):
@@ -694,3 +700,13 @@ def test_a_stage_refuses_fewer_rows_than_a_round_needs():
     assert enough_rows([{}] * 4, 4, "grpo.prompts_per_iter") == [{}] * 4
     with pytest.raises(DataError, match=r"grpo.prompts_per_iter is 16 prompts per round but the stage has 5 usable"):
         enough_rows([{}] * 5, 16, "grpo.prompts_per_iter")
+
+
+def test_a_warmup_longer_than_the_stage_is_noted():
+    """It runs (as in other trainers) but the learning rate never reaches lr: `run` and `config show` say so."""
+    from dsalign.pipelines.config import config_notes
+
+    assert config_notes(load_config(TINY)) == [] and config_notes(load_config(DEMO)) == []
+    assert config_notes(load_config(TINY, ["stages.sft.sft.optim.warmup_steps=10"])) == [
+        "stages[0] (sft).sft.optim.warmup_steps is 10 but the stage makes 4 optimizer steps: its learning rate peaks "
+        "at 0.4x lr and never decays"]  # fmt: skip
