@@ -146,6 +146,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif isinstance(node, dict):
                 if last:
                     node[key] = value
+                elif key not in node and keys[i + 1].lstrip("-").isdigit():
+                    raise ConfigError(f"override {item!r}: {where} is not in the config file, so there is no list to "
+                                      f"index; set the whole list ({where}=[...])")  # fmt: skip
                 else:
                     node = node.setdefault(key, {})
             else:

@@ -596,6 +596,8 @@ def test_shipped_configs_load(path):
     ("stages.grpo.resources.mode=weird", "stages[1].resources: mode: expected one of"),
     ("stages.sft.name=../../etc", "stages[0]: name: expected a plain name"),
     ("stages.sft.rewards=[{fn: math_accuracy}]", "stage 'sft': rewards apply to grpo and distill stages, not sft"),
+    ("stages.sft.sft.optim.betas.0=0.8", "stages.sft.sft.optim.betas is not in the config file, so there is no list to "
+                                         "index; set the whole list (stages.sft.sft.optim.betas=[...])"),
 ])  # fmt: skip
 def test_bad_values_name_their_place(override, message):
     with pytest.raises(ConfigError) as err:
