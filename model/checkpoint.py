@@ -332,6 +332,7 @@ def _checked_plan(path: Path, dtype: torch.dtype, missing_mtp: str, report: Load
     names = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
     plan, ignored = _plan(key_files, cfg, names)
     report.ignored.extend(ignored)
+    _check_shapes(path, key_files, plan, model)
     unfilled = _unfilled(plan, expected)
     zero_bias = [name for name in unfilled if name.endswith("e_score_correction_bias")]
     missing = [
@@ -381,6 +382,41 @@ def _plan(key_files: dict[str, Path], cfg: ModelConfig, names: set[str]) -> tupl
         else:
             plan.append((key, target))
     return plan, sorted(ignored)
+
+
+def _target_shape(param_shape: torch.Size, target: Target) -> tuple[int, ...]:
+    """The shape a checkpoint tensor must have to fill ``target`` (``_assign``'s view of the parameter)."""
+    if target.expert is None:
+        return tuple(param_shape)
+    shape = list(param_shape[1:])
+    if target.part is not None:
+        shape[0] //= 2
+    return tuple(shape)
+
+
+def _check_shapes(path: Path, key_files: dict[str, Path], plan: list[tuple[str, Target]], model: Transformer) -> None:
+    """Every planned tensor's shape, read from its shard's header, against the parameter it fills: a config.json
+    that does not match the weights fails here, before any tensor is read (``check_checkpoint``, preflight)."""
+    shapes = dict(model.named_parameters())
+    shapes.update(dict(model.named_buffers()))
+    by_file: dict[Path, list[tuple[str, Target]]] = {}
+    for key, target in plan:
+        if not target.shared_copy:  # (a shared copy is compared with the main tensor after loading)
+            by_file.setdefault(key_files[key], []).append((key, target))
+    wrong = []
+    for file, entries in by_file.items():
+        handle = _open_shard(file)
+        try:
+            for key, target in entries:
+                got = tuple(handle.get_slice(key).get_shape())
+                want = _target_shape(shapes[target.name].shape, target)
+                if got != want:
+                    wrong.append(f"{key} has shape {got}, expected {want} for {target.name}")
+        finally:
+            handle.__exit__(None, None, None)
+    if wrong:
+        more = f" (and {len(wrong) - _EXAMPLES} more)" if len(wrong) > _EXAMPLES else ""
+        raise ValueError(f"{path}: {len(wrong)} tensors do not fit config.json: {'; '.join(wrong[:_EXAMPLES])}{more}")
 
 
 def _unfilled(plan: list[tuple[str, Target]], expected: dict[str, int]) -> dict[str, int]:

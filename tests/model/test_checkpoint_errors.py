@@ -272,3 +272,17 @@ def test_saving_a_model_with_unmerged_lora_adapters_is_refused(tmp_path):
         save_checkpoint(lora, tmp_path / "raw")
     assert not (tmp_path / "raw").exists() and not list(tmp_path.iterdir())
     load_checkpoint(export_merged(lora, tmp_path / "merged"))
+
+
+def test_check_checkpoint_compares_tensor_shapes_with_config_json(saved, tmp_path):
+    """Shapes are in the shard headers: preflight (check_checkpoint) catches a config.json the weights do not fit,
+    which only the load in a worker caught before."""
+    from dsalign.model import check_checkpoint
+
+    ck = _copy(saved, tmp_path, vocab_size=300)
+    with pytest.raises(ValueError, match=r"tensors do not fit config.json: .*model.embed_tokens.weight has shape "
+                                         r"\(256, 64\), expected \(300, 64\) for embed_tokens.weight"):  # fmt: skip
+        check_checkpoint(ck)
+    ck2 = _copy(saved, tmp_path / "b", moe_intermediate_size=tiny().moe_intermediate_size * 2)
+    with pytest.raises(ValueError, match=r"mlp.experts.0.gate_proj.weight has shape \(\d+, 64\), expected"):
+        check_checkpoint(ck2)
