@@ -14,11 +14,13 @@ shards plus an index, ``config.json``), into a temporary directory that is renam
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -562,15 +564,22 @@ def save_checkpoint(
     """Write the official HF layout atomically: everything goes to a temp dir beside ``path``, renamed at the end.
 
     ``fp8=True`` stores linear weights as e4m3 with 128x128 ``weight_scale_inv`` and adds ``quantization_config``.
-    ``write_extra(tmp_dir)`` may add files (tokenizer, generation config) before the rename.
+    ``write_extra(tmp_dir)`` may add files (tokenizer, generation config) before the rename. Saving over an existing
+    directory keeps the files of it this save does not write (``_keep_other_files``); temp directories of killed
+    saves to ``path`` on this host are removed first.
     """
     path = Path(path)
     adapters = [n for n, _ in model.named_parameters() if ".lora_" in n or ".base_layer." in n]
     if adapters:  # their keys are not the official layout: transformers would initialize those weights randomly
         raise ValueError(f"the model carries unmerged LoRA adapters ({len(adapters)} parameters, e.g. {adapters[0]}); "
                          "save it with dsalign.alignment.trainer.lora.export_merged (or merge_lora first)")  # fmt: skip
+    if model.cfg.moe_layer_freq != 1:
+        log.warning("%s: moe_layer_freq=%d: dsalign reads it back, transformers' DeepseekV3 ignores it (it makes every "
+                    "layer from first_k_dense_replace on MoE and would initialize the missing experts randomly)",
+                    path, model.cfg.moe_layer_freq)  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_dead_saves(path)
+    tmp = path.parent / f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         _write_tensors(model, tmp, max_shard_bytes, fp8)
@@ -589,6 +598,7 @@ def save_checkpoint(
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)
+        _keep_other_files(path, tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -632,6 +642,41 @@ def _write_tensors(model: Transformer, out_dir: Path, max_shard_bytes: int, fp8:
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_HOST = socket.gethostname()
+_WEIGHT_FILES = re.compile(r"(.*\.safetensors|model\.safetensors\.index\.json|config\.json)$")
+
+
+def _remove_dead_saves(path: Path) -> None:
+    """Temp directories that killed saves to ``path`` left beside it (``.NAME.tmp-HOST-PID-ID``): those of this
+    host whose process is gone (another host's, on a shared filesystem, may still be writing)."""
+    prefix = f".{path.name}.tmp-{_HOST}-"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _keep_other_files(path: Path, tmp: Path) -> None:
+    """Saving over an existing checkpoint directory keeps what the save does not write there (tokenizer, chat
+    template, generation config, a README), as transformers' ``save_pretrained`` into a directory does; the old
+    weights, index and config.json are replaced."""
+    if not path.is_dir():
+        return
+    for item in path.iterdir():
+        if (tmp / item.name).exists() or _WEIGHT_FILES.fullmatch(item.name):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, tmp / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, tmp / item.name, follow_symlinks=False)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:

@@ -286,3 +286,34 @@ def test_check_checkpoint_compares_tensor_shapes_with_config_json(saved, tmp_pat
     ck2 = _copy(saved, tmp_path / "b", moe_intermediate_size=tiny().moe_intermediate_size * 2)
     with pytest.raises(ValueError, match=r"mlp.experts.0.gate_proj.weight has shape \(\d+, 64\), expected"):
         check_checkpoint(ck2)
+
+
+def test_saving_over_a_checkpoint_keeps_its_other_files_and_clears_dead_temp_dirs(tmp_path, caplog):
+    """save_checkpoint(load_checkpoint(d), d) deleted the tokenizer and generation config beside the weights (the
+    directory was swapped whole); a killed save's temp directory stayed forever."""
+    import os
+    import subprocess
+    import sys
+
+    from dsalign.model.checkpoint import _HOST
+
+    ck = save_checkpoint(Transformer(tiny()), tmp_path / "ck")
+    (ck / "tokenizer.json").write_text("{}")
+    (ck / "generation_config.json").write_text('{"eos_token_id": 1}')
+    (ck / "extra").mkdir()
+    (ck / "extra" / "notes.txt").write_text("kept")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ck.tmp-{_HOST}-{dead.pid}-0badc0de"
+    alive = tmp_path / f".ck.tmp-{_HOST}-{os.getppid()}-0badc0de"  # a live process's save: left alone
+    stale.mkdir()
+    alive.mkdir()
+    save_checkpoint(load_checkpoint(ck), ck, max_shard_bytes=20_000)  # sharded this time: the old single file goes
+    assert {p.name for p in ck.iterdir()} >= {"tokenizer.json", "generation_config.json", "extra", "config.json",
+                                              "model.safetensors.index.json"}  # fmt: skip
+    assert not (ck / "model.safetensors").exists() and (ck / "extra" / "notes.txt").read_text() == "kept"
+    assert not stale.exists() and alive.exists()
+    load_checkpoint(ck)
+    caplog.clear()
+    save_checkpoint(Transformer(tiny(moe_layer_freq=2)), tmp_path / "freq")
+    assert "moe_layer_freq=2: dsalign reads it back, transformers' DeepseekV3 ignores it" in caplog.text
