@@ -1166,7 +1166,12 @@ def run_distill(env: StageEnv) -> Path:
         if world > 1:
             dist.barrier()
         if not data_file.is_file():
-            raise RuntimeError(f"distill: no teacher trace passed the filter (min_reward={d.min_reward})")
+            from dsalign.alignment.data import DataError
+
+            raise DataError(f"distill: no teacher trace passed the filter (min_reward={d.min_reward}, "
+                            f"require_well_formed={d.require_well_formed}); the teacher samples with fixed seeds, so "
+                            "a retry would draw the same traces: lower distill.min_reward, turn off "
+                            "distill.require_well_formed, or sample more (distill.samples_per_prompt)")  # fmt: skip
     conversations = [json.loads(line) for line in data_file.read_text().splitlines()]
     student = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(stage_device(env.stage))
     return run_sft_loop(env, student, conversations, d.sft)

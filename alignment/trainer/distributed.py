@@ -36,7 +36,7 @@ from dsalign.model.moe import MoE
 from torch import nn
 
 from .config import TrainerConfig
-from .optim import build_optimizer, build_scheduler, param_groups
+from .optim import build_optimizer, build_scheduler, param_groups, resync_lr
 from .step import LocalRunner, Runner, collective_device
 
 
@@ -281,6 +281,7 @@ class DeepSpeedRunner:
             states[dist.get_rank(group)] = state["optimizer"]
             zero.load_state_dict(states, load_optimizer_states=True)
         self.engine.lr_scheduler.load_state_dict(state["scheduler"])
+        resync_lr(self.engine.lr_scheduler)
 
 
 def build_runner(model: Transformer, cfg: TrainerConfig) -> Runner:

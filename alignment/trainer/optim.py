@@ -109,3 +109,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> Lam
         return lr_factor(step, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio)
 
     return LambdaLR(optimizer, factor)
+
+
+def resync_lr(scheduler: LambdaLR) -> None:
+    """After a state load, set each group's lr to the schedule's value at the loaded step: the optimizer's saved lr
+    was computed under the schedule of the run that saved it, which a resume may have changed (``total_steps``:
+    more iterations), and the first step after the resume would use it."""
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

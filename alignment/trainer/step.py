@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import TrainerConfig
 from .hostmem import retain_host_memory
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, resync_lr
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 # A loss function may carry ``units(batch) -> int``: how many items (target tokens, sequences) its loss averages
@@ -79,6 +79,7 @@ class LocalRunner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        resync_lr(self.scheduler)
 
 
 def prepare_model(model: Transformer, cfg: TrainerConfig) -> Transformer:

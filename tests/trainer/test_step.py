@@ -93,6 +93,18 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
 
 
+def test_a_resume_with_more_total_steps_follows_the_new_schedule_from_its_first_step():
+    """The optimizer's saved lr came from the schedule it was saved under; resumed with more total steps (more
+    GRPO iterations) the first step used it, the next ones the new schedule."""
+    _, runner = _run(3, warmup_steps=1)  # total 3: the cosine is near its end
+    state = runner.state_dict()
+    cfg = TrainerConfig(lr=3e-3, total_steps=30, warmup_steps=1)
+    resumed = LocalRunner(prepare_model(Transformer(ModelConfig.preset("tiny")), cfg), cfg)
+    resumed.load_state_dict(state)
+    assert resumed.lr() == pytest.approx(3e-3 * lr_factor(3, 1, 30, cfg.min_lr_ratio))
+    assert resumed.lr() > 2 * runner.lr()
+
+
 def test_bf16_moments_and_bf16_compute_track_fp32():
     base, _ = _run(6)
     bf16_moments, runner = _run(6, moment_dtype="bf16")
