@@ -164,7 +164,12 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         if not cfg.eval.enabled:
             return
         task = actors.evaluate_source.options(num_cpus=cpus, num_gpus=gpus)
-        result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
+        try:
+            result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:  # the run stops with a report
+            cause = getattr(e, "cause", None)
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+            raise StageFailed(f"evaluation of {label!r} failed: {detail}") from e
         state.per_prompt[label] = per = result.pop("per_prompt")
         row = {"stage": label, "accuracy": result["accuracy"], "acc_se": clustered_se(per)}
         row.update({k: v for k, v in result.items() if k not in ("accuracy", "length_target")})
@@ -180,12 +185,12 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         print("[run] note: the held-out evaluation uses the synthetic addition task (no eval.path given) while no "
               "stage trains on it; set eval.path to your held-out prompts or eval.enabled: false",
               flush=True)  # fmt: skip
-    if not state.evals:
-        evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], initial_label(cfg))
     labels = comparison_labels(cfg)
     stage_dirs = {s.name: cfg.stage_dir(s) for s in cfg.stages}
     previous_sigterm = _interrupt_on_sigterm()
     try:
+        if not state.evals:
+            evaluate(resolve_sources(cfg, cfg.stages[0], state)["model"], initial_label(cfg))
         for stage in cfg.stages:
             if stage.name in state.finished:
                 ignored = [c for c in changed if c.startswith(f"stages[{cfg.stages.index(stage)}].")]

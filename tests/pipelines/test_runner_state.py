@@ -22,6 +22,8 @@ class _Remote:
 
 
 class _FakeRay:
+    import ray.exceptions as exceptions
+
     @staticmethod
     def get(x):
         return x
@@ -31,7 +33,7 @@ class _FakeRay:
 def driver(monkeypatch):
     """Stages 'train' instantly (writing a checkpoint tagged with the run that wrote it, resuming from the latest
     one like the real stage loop); an evaluation's accuracy is a function of the source it measured."""
-    calls = {"stages": [], "evals": [], "tag": None, "crash_in": None}
+    calls = {"stages": [], "evals": [], "tag": None, "crash_in": None, "eval_error": None, "reports": []}
 
     def run_stage(cfg, stage, sources, tokenizer_dir, resume, attempt):
         root = cfg.stage_dir(stage) / "checkpoints"
@@ -49,12 +51,15 @@ def driver(monkeypatch):
     def evaluate_source(run_cfg, source, tokenizer_dir, length_target=None):
         key = json.dumps(source, sort_keys=True)
         calls["evals"].append(key)
+        if calls["eval_error"] is not None:
+            raise calls["eval_error"]
         acc = (sum(map(ord, key)) % 997) / 997
         return {"accuracy": acc, "format": 1.0, "mean_length": 10.0, "per_prompt": [acc] * 4}
 
     monkeypatch.setattr(runner, "preflight", lambda cfg, finished=None: None)
     monkeypatch.setattr(runner, "init_ray", lambda cfg: _FakeRay)
-    monkeypatch.setattr(runner, "write_report", lambda out, dirs, rows, title: out / "report.md")
+    monkeypatch.setattr(runner, "write_report", lambda out, dirs, rows, title: calls["reports"].append(title) or (
+        out / "report.md"))  # fmt: skip
     monkeypatch.setattr(actors, "prepare_tokenizer", _Remote(lambda cfg: "tok"))
     monkeypatch.setattr(actors, "evaluate_source", _Remote(evaluate_source))
     monkeypatch.setattr(actors, "run_stage", run_stage)
@@ -169,3 +174,16 @@ def test_the_demo_tokenizer_is_retrained_when_the_task_changes(tmp_path):
     assert actors.demo_tokenizer_dir(to_dict(cfg)) == first
     assert load_tokenizer(first).get_vocab() == task_tokenizer(cfg.task).get_vocab()  # what preflight checks against
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+def test_a_failed_evaluation_stops_the_run_with_a_report(driver, tmp_path):
+    """An evaluation that raised (e.g. eval.reward needs a column the prompts lack) used to end the run with Ray's
+    raw traceback and no report; now it is a StageFailed naming the evaluation and the error, with a partial
+    report, like a failed stage."""
+    import ray.exceptions
+
+    stages = [_stage("one", {"preset": "tiny"})]
+    driver["eval_error"] = ray.exceptions.RayTaskError("evaluate_source", "Traceback ...", KeyError("difficulty"))
+    with pytest.raises(StageFailed, match=r"evaluation of 'untrained' failed: KeyError: 'difficulty'"):
+        runner.run(config_from_data({"name": "r", "output_dir": str(tmp_path), "stages": stages}), progress=False)
+    assert driver["reports"] == ["dsalign run r (stopped: evaluation of 'untrained' failed: KeyError: 'difficulty')"]
