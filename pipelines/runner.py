@@ -112,7 +112,10 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
     state_path = out / "run_state.json"
     earlier = RunState.load(state_path).finished if resume and state_path.is_file() else {}
     preflight(cfg, {name: path for name, path in earlier.items() if Path(path).is_dir()})
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (preflight's access check passes root where a filesystem still refuses: /proc, ...)
+        raise ConfigError(f"output_dir: cannot create {out}: {e.strerror or e}") from e
     if resume and not state_path.is_file():
         print(f"[run] --resume: {out} holds no earlier run of this config (no run_state.json); starting afresh",
               flush=True)  # fmt: skip
