@@ -326,6 +326,11 @@ def caching_autocast_weights():
             _CAST_CACHE.clear()
 
 
+def caching_casts() -> bool:
+    """Whether a ``caching_autocast_weights`` block is open (and a no-grad forward's casts are kept)."""
+    return bool(_CACHING[0]) and not torch.is_grad_enabled()
+
+
 def autocast_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w`` in the autocast dtype. With gradients enabled a fresh cast (part of the graph, as autocast casts
     ``nn.Linear`` weights); without, inside ``caching_autocast_weights`` (the rollout engine's decode under the

@@ -381,6 +381,28 @@ def test_expert_parallel_rank_failing_between_generate_calls_stops_the_others(la
     assert "rank 0: raised RuntimeError: generate: another rank of the expert-parallel group failed" in rank0
 
 
+def test_dense_weights_are_cast_once_per_generate_under_autocast(monkeypatch):
+    """Each decode step under the trainer's bf16 autocast cast every projection's fp32 weight again (autocast casts
+    per call): generation ran 1.85x slower in bf16 than fp32 on the bench (docs/PERFORMANCE.md). The projections now
+    reuse one copy per generate, with the same tokens and log-probs bit for bit."""
+    from dsalign.kernels.grouped_gemm import _CAST_CACHE
+    from dsalign.model import layers
+
+    model = tiny_model()
+    engine = RolloutEngine(model, max_batch_size=2, max_len=64)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    prompts = _prompts(model.cfg.vocab_size)[:2]
+    cached = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = engine.generate(prompts, sp, on_token=lambda *a: cached.append(len(_CAST_CACHE)))
+        monkeypatch.setattr(layers, "caching_casts", lambda: False)
+        plain = engine.generate(prompts, sp)
+    experts = sum(1 for name, _ in model.named_parameters() if "experts." in name)
+    assert max(cached) > experts  # the dense projections' copies too, not only the expert stacks'
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+    assert [c.logprobs for c in fast] == [c.logprobs for c in plain]
+
+
 def test_experts_autocast_copies_live_only_inside_generate():
     """Under the trainer's bf16 autocast the engine's decode steps reuse one bf16 copy per expert stack; the copies
     are dropped when generate returns, and no-grad forwards outside it (a teacher's scores, the rollout correction)
