@@ -235,7 +235,7 @@ class RolloutEngine:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.fp8_cache = cache_dtype == "fp8"
-        self.cache_dtype = self.dtype if cache_dtype in (None, "fp8") else cache_dtype
+        self.explicit_cache_dtype = None if cache_dtype in (None, "fp8") else cache_dtype
         if speculative and not len(model.mtp):
             raise ValueError("speculative=True needs an MTP module (the model has num_nextn_predict_layers=0)")
         self.speculative = speculative
@@ -272,17 +272,28 @@ class RolloutEngine:
             with torch.inference_mode():
                 self._lockstep.drain()
 
+    def _latent_dtype(self) -> torch.dtype:
+        """The cache's latent (FP8 cache: read-back) dtype: the one given, else under an autocast of the engine's
+        device its dtype (attention would cast fp32 latents to it on every decode step, the whole context each
+        time), else the model's."""
+        if self.explicit_cache_dtype is not None:
+            return self.explicit_cache_dtype
+        device_type = self.device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.dtype
+
     def _new_cache(self, batch: int, length: int, device: torch.device | str | None = None) -> LatentCache:
         kind = FP8LatentCache if self.fp8_cache else LatentCache
-        dtype = self.dtype if self.fp8_cache else self.cache_dtype
-        return kind(self.cfg, batch, length, num_layers=self.num_layers, dtype=dtype, device=device or self.device)
+        return kind(self.cfg, batch, length, num_layers=self.num_layers, dtype=self._latent_dtype(),
+                    device=device or self.device)  # fmt: skip
 
     def _ensure_cache(self, ids: list[list[int]], params: Sequence[SamplingParams]) -> None:
         """Preallocate the slots' cache for the longest sequence this call can produce (kept for later calls;
         grown only when a call needs more). One extra position lets a verify step hold the draft of a sequence at
         the context's last token."""
         need = min(self.max_len, max(len(i) + p.max_new_tokens for i, p in zip(ids, params))) + 1
-        if self.cache is None or self.cache.max_len < need:
+        if self.cache is None or self.cache.max_len < need or self.cache.latent_dtype != self._latent_dtype():
             self.cache = None  # free the old buffer before allocating the new one
             self.cache = self._new_cache(self.max_batch_size, need)
 

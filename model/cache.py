@@ -78,6 +78,11 @@ class LatentCache:
     def batch_size(self) -> int:
         return self.data.shape[1]
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype ``read`` returns the latents in."""
+        return self.data.dtype
+
     def values_per_token_per_layer(self) -> int:
         return self.data.shape[-1]
 
@@ -176,6 +181,10 @@ class FP8LatentCache(LatentCache):
     @property
     def batch_size(self) -> int:
         return self.c_kv.shape[1]
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        return self.compute_dtype
 
     def values_per_token_per_layer(self) -> int:
         return self.kv_lora_rank + self.rope_dim

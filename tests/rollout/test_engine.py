@@ -403,6 +403,24 @@ def test_dense_weights_are_cast_once_per_generate_under_autocast(monkeypatch):
     assert [c.logprobs for c in fast] == [c.logprobs for c in plain]
 
 
+def test_under_autocast_the_latent_cache_is_kept_in_its_dtype():
+    """Attention under the trainer's bf16 autocast cast the fp32 latents to bf16 on every decode step (the whole
+    context, every layer): the cache now holds them in bf16, half the memory per token, with the same tokens and
+    log-probs bit for bit; an explicit cache_dtype still wins, and a later call without autocast gets fp32 again."""
+    model = tiny_model()
+    prompts = _prompts(model.cfg.vocab_size)[:3]
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    engine = RolloutEngine(model, max_batch_size=3, max_len=64)
+    fp32 = RolloutEngine(model, max_batch_size=3, max_len=64, cache_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, full = engine.generate(prompts, sp), fp32.generate(prompts, sp)
+        assert engine.cache.latent_dtype == torch.bfloat16 and fp32.cache.latent_dtype == torch.float32
+        assert engine.cache_bytes_per_token() * 2 == fp32.cache_bytes_per_token()
+    assert [(c.token_ids, c.logprobs) for c in half] == [(c.token_ids, c.logprobs) for c in full]
+    engine.generate(prompts, sp)
+    assert engine.cache.latent_dtype == torch.float32
+
+
 def test_experts_autocast_copies_live_only_inside_generate():
     """Under the trainer's bf16 autocast the engine's decode steps reuse one bf16 copy per expert stack; the copies
     are dropped when generate returns, and no-grad forwards outside it (a teacher's scores, the rollout correction)
