@@ -89,7 +89,12 @@ class MLA(nn.Module):
             cache.write(self.layer_idx, self._as_kv_b_input(c_kv), k_pe, position_ids_BT, valid_BT)
             if absorbed:
                 c_kv, k_pe = cache.read(self.layer_idx, mask_BTS.shape[-1])
-                c_kv, k_pe = c_kv.to(x_BTD.dtype), k_pe.to(x_BTD.dtype)
+                # the dtype attention computes in: under autocast its dtype, which the engine keeps the latents in
+                # (no cast of the whole context per step), else the residual stream's
+                device_type = x_BTD.device.type
+                autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+                dtype = torch.get_autocast_dtype(device_type) if autocast else x_BTD.dtype
+                c_kv, k_pe = c_kv.to(dtype), k_pe.to(dtype)
         if absorbed:
             o_BTHV = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask_BTS)
         else:

@@ -169,7 +169,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         task = actors.evaluate_source.options(num_cpus=cpus, num_gpus=gpus)
         try:
             result = ray.get(task.remote(to_dict(cfg), source, tokenizer_dir, length_target))
-        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:  # the run stops with a report
+        except ray.exceptions.RayError as e:  # raised, crashed, killed for memory: the run stops with a report
             cause = getattr(e, "cause", None)
             detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
             raise StageFailed(f"evaluation of {label!r} failed: {detail}") from e
@@ -181,6 +181,17 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
         state.evals.append(row)
         state.save(state_path)
         print(f"[eval] {label}: {row}", flush=True)
+
+    def evaluate_stage(stage: StageConfig, ckpt: str, vs: str, missing_only: bool = False) -> None:
+        """A finished stage's rows (plain prompts, and budget prompts for a length stage); ``missing_only``: those
+        a resumed run lacks (an evaluation that failed after the stage finished)."""
+        final = {"checkpoint": ckpt, "overrides": {}}
+        rows = [(stage.name, None)]
+        if stage.data.length_target is not None:
+            rows.append((f"{stage.name} (budget prompts)", stage.data.length_target))
+        for label, target in rows:
+            if not missing_only or label not in state.per_prompt:
+                evaluate(final, label, target, vs=vs)
 
     for note in config_notes(cfg):
         print(f"[run] note: {note}", flush=True)
@@ -200,6 +211,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
                 print(f"[run] stage {stage.name}: finished earlier ({state.finished[stage.name]}); not run again"
                       + (f", so these changes do not apply to it: {'; '.join(ignored)} (delete its final/ directory "
                          "to run it again with them)" if ignored else ""), flush=True)  # fmt: skip
+                evaluate_stage(stage, state.finished[stage.name], labels[stage.name], missing_only=True)
                 continue
             vs = labels[stage.name]
             if vs not in state.per_prompt and not comparison_source(stage).from_stage:
@@ -208,10 +220,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunState
             ckpt = run_stage_with_retries(cfg, stage, state, tokenizer_dir, resume, progress, state_path)
             state.finished[stage.name] = ckpt
             state.save(state_path)
-            final = {"checkpoint": ckpt, "overrides": {}}
-            evaluate(final, stage.name, vs=vs)
-            if stage.data.length_target is not None:
-                evaluate(final, f"{stage.name} (budget prompts)", stage.data.length_target, vs=vs)
+            evaluate_stage(stage, ckpt, vs)
     except (StageFailed, KeyboardInterrupt) as e:  # keep what the run learned: evaluations so far, curves up to here
         try:
             if isinstance(e, KeyboardInterrupt):

@@ -311,10 +311,15 @@ def save_hf(runner, path: Path, tokenizer) -> Path:
     """Export the stage's model with its tokenizer (chat template included) and generation config."""
     from dsalign.alignment.trainer import export_hf
 
+    # the stop ids the stage's model was loaded with (a checkpoint's generation_config.json: an end-of-turn token)
+    # stay with its output, after the tokenizer's EOS
+    more = sorted(set(getattr(runner.model, "generation_eos_token_ids", ())) - {tokenizer.eos_token_id})
+    eos = [tokenizer.eos_token_id, *more] if more else tokenizer.eos_token_id
+
     def extra(tmp: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
-        gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id, "do_sample": True, "temperature": 1.0}  # fmt: skip
+        gen = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id,
+               "do_sample": True, "temperature": 1.0}  # fmt: skip
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     export_hf(runner, path, write_extra=extra)
@@ -504,9 +509,15 @@ def apply_stage_lora(model: Transformer, stage: StageConfig):
 
 # ---------------------------------------------------------------------------------------------------- generation
 def completion_texts(tokenizer, completions) -> list[str]:
-    """Decoded completions without the end-of-sequence token (special tags like ``<think>`` are kept)."""
-    eos = tokenizer.eos_token_id
-    return [tokenizer.decode([t for t in c.token_ids if t != eos], skip_special_tokens=False) for c in completions]
+    """Decoded completions as generated (special tags like ``<think>`` kept) without the stop token that ended a
+    sample: EOS, or an end-of-turn id from the checkpoint's ``generation_config.json`` (``rollout.completion_text``)."""
+    from dsalign.alignment.rollout import completion_text
+
+    def ended_by(c) -> tuple[int, ...]:
+        stop = getattr(c, "stop_reason", None)
+        return (stop,) if getattr(c, "finish_reason", None) == "stop" and isinstance(stop, int) else ()
+
+    return [completion_text(tokenizer, c.token_ids, ended_by(c)) for c in completions]
 
 
 def rollout_engine(model: Transformer, tokenizer, slots: int):

@@ -96,13 +96,14 @@ def last_user_text(prompt: Any) -> str:
 
 
 def trl_reward_inputs(prompts: Sequence[Any], texts: Sequence[str], text_prompt: Sequence[bool]) -> tuple[list, list]:
-    """The ``prompts`` and ``completions`` a reward receives, in TRL's two formats: a sample whose dataset prompt
-    was a string ("standard") gets that string and its completion's text; one whose prompt is a list of messages
-    ("conversational") gets the messages and ``[{"role": "assistant", "content": text}]``, as ``GRPOTrainer``
-    passes them. ``prompts`` are message lists (the loaders turn a string prompt into one user turn and remember
-    it in ``text_prompt``); a string prompt's text is its user turn (a system turn the pipeline added, such as a
-    length budget, is not part of it). Message keys whose value is None (``reasoning_content`` the loader adds to
-    every message) are left out.
+    """The ``prompts`` and ``completions`` a reward receives, in TRL's two formats, one per call as in
+    ``GRPOTrainer``: when every sample's dataset prompt was a string ("standard"), those strings and the
+    completions' texts; otherwise ("conversational") every prompt as its messages and every completion as
+    ``[{"role": "assistant", "content": text}]`` (a file mixing the two gets the conversational form for all).
+    ``prompts`` are message lists (the loaders turn a string prompt into one user turn and remember it in
+    ``text_prompt``); a string prompt's text is its user turn (a system turn the pipeline added, such as a length
+    budget, is not part of it). Message keys whose value is None (``reasoning_content`` the loader adds to every
+    message) are left out.
 
     >>> trl_reward_inputs([[{"role": "user", "content": "2+2?"}]], ["4"], [True])
     (['2+2?'], ['4'])
@@ -111,16 +112,11 @@ def trl_reward_inputs(prompts: Sequence[Any], texts: Sequence[str], text_prompt:
     """
     if not len(prompts) == len(texts) == len(text_prompt):
         raise ValueError(f"{len(prompts)} prompts, {len(texts)} completions and {len(text_prompt)} format flags")
-    out_prompts: list[Any] = []
-    out_completions: list[Any] = []
-    for prompt, text, as_text in zip(prompts, texts, text_prompt):
-        if as_text or isinstance(prompt, str):
-            out_prompts.append(last_user_text(prompt))
-            out_completions.append(text)
-        else:
-            out_prompts.append([{k: v for k, v in m.items() if v is not None} for m in prompt])
-            out_completions.append([{"role": "assistant", "content": text}])
-    return out_prompts, out_completions
+    if all(flag or isinstance(p, str) for p, flag in zip(prompts, text_prompt)):
+        return [last_user_text(p) for p in prompts], list(texts)
+    as_messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    return ([[{k: v for k, v in m.items() if v is not None} for m in p] for p in as_messages],
+            [[{"role": "assistant", "content": t}] for t in texts])  # fmt: skip
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:

@@ -281,7 +281,7 @@ class DeepSpeedRunner:
             states[dist.get_rank(group)] = state["optimizer"]
             zero.load_state_dict(states, load_optimizer_states=True)
         self.engine.lr_scheduler.load_state_dict(state["scheduler"])
-        resync_lr(self.engine.lr_scheduler)
+        resync_lr(self.engine.lr_scheduler, self.cfg.lr)
 
 
 def build_runner(model: Transformer, cfg: TrainerConfig) -> Runner:

@@ -111,10 +111,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig) -> Lam
     return LambdaLR(optimizer, factor)
 
 
-def resync_lr(scheduler: LambdaLR) -> None:
-    """After a state load, set each group's lr to the schedule's value at the loaded step: the optimizer's saved lr
-    was computed under the schedule of the run that saved it, which a resume may have changed (``total_steps``:
-    more iterations), and the first step after the resume would use it."""
+def resync_lr(scheduler: LambdaLR, lr: float) -> None:
+    """After a state load, set each group's lr to the current schedule's value at the loaded step, from the
+    current peak ``lr``: the loaded state holds the schedule and peak of the run that saved it, which a resume may
+    have changed (more iterations, another ``optim.lr``), and the first step after the resume would use them."""
+    scheduler.base_lrs = [lr] * len(scheduler.optimizer.param_groups)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = lr
     for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

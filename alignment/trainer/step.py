@@ -79,7 +79,7 @@ class LocalRunner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        resync_lr(self.scheduler)
+        resync_lr(self.scheduler, self.cfg.lr)
 
 
 def prepare_model(model: Transformer, cfg: TrainerConfig) -> Transformer:

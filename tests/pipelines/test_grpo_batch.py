@@ -251,3 +251,11 @@ def test_rewards_get_trls_two_formats(tmp_path):
     assert p_chat == [msgs] * 2 and c_chat == [[{"role": "assistant", "content": reply}], [{"role": "assistant",
                                                                                             "content": "4"}]]
     assert cols == ["answer", "finish_reason", "prompt_id"]
+    mixed = tmp_path / "mixed.jsonl"  # one format per call, as TRL: conversational when any prompt is chat
+    mixed.write_text(text.read_text() + chat.read_text())
+    rows, _ = stage_file_rows(SimpleNamespace(path=str(mixed), num_rows=None, length_target=None,
+                                              skip_invalid=False), "prompt")  # fmt: skip
+    scored = score_samples(RewardCombiner([RewardSpec(spy), RewardSpec(think_format_reward, name="f")]), rows, 1,
+                           [reply, reply], _comps(2))  # fmt: skip
+    assert scored.components["f"] == [1.0, 1.0] and not scored.failures
+    assert seen[-1][0] == [[{"role": "user", "content": "What is 2+2?"}], msgs]

@@ -51,7 +51,7 @@ def driver(monkeypatch):
     def evaluate_source(run_cfg, source, tokenizer_dir, length_target=None):
         key = json.dumps(source, sort_keys=True)
         calls["evals"].append(key)
-        if calls["eval_error"] is not None:
+        if calls["eval_error"] is not None and calls.get("eval_fail_on", "") in key:
             raise calls["eval_error"]
         acc = (sum(map(ord, key)) % 997) / 997
         return {"accuracy": acc, "format": 1.0, "mean_length": 10.0, "per_prompt": [acc] * 4}
@@ -187,3 +187,21 @@ def test_a_failed_evaluation_stops_the_run_with_a_report(driver, tmp_path):
     with pytest.raises(StageFailed, match=r"evaluation of 'untrained' failed: KeyError: 'difficulty'"):
         runner.run(config_from_data({"name": "r", "output_dir": str(tmp_path), "stages": stages}), progress=False)
     assert driver["reports"] == ["dsalign run r (stopped: evaluation of 'untrained' failed: KeyError: 'difficulty')"]
+
+
+def test_an_evaluation_that_failed_after_its_stage_runs_on_resume(driver, tmp_path):
+    """The stage finished, its evaluation failed (or was killed): --resume skips the finished stage, and used to
+    skip its evaluation too, so its row was missing from the table for good. Ray's crash errors (a killed worker,
+    out of memory) stop the run with a report as a raised error does."""
+    import ray.exceptions
+
+    stages = [_stage("one", {"preset": "tiny"}), _stage("two", {"from_stage": "one"})]
+    cfg = config_from_data({"name": "r", "output_dir": str(tmp_path), "stages": stages})
+    driver.update(eval_error=ray.exceptions.WorkerCrashedError(), eval_fail_on="one/final")
+    with pytest.raises(StageFailed, match=r"evaluation of 'one' failed: "):
+        runner.run(cfg, progress=False)
+    assert driver["reports"][-1].startswith("dsalign run r (stopped: evaluation of 'one' failed")
+    driver.update(eval_error=None)
+    state = runner.run(cfg, resume=True, progress=False)
+    assert [row["stage"] for row in state.evals] == ["untrained", "one", "two"]
+    assert [s for s, *_ in driver["stages"]] == ["one", "two"]  # stage one was not trained again

@@ -338,3 +338,30 @@ def test_skipped_rows_are_counted_in_the_stage_and_the_report(tmp_path):
     assert "sft.jsonl: line 2: field 'messages'" in summary["problems"][0]
     text = write_report(tmp_path / "out", {"sft": env.out_dir}, [], "t").read_text()
     assert f"| sft | {data} | 2 | 2 |" in text and "- sft: " in text
+
+
+def test_a_stage_output_keeps_its_sources_end_of_turn_stop_and_texts_drop_it(tmp_path):
+    """A model loaded from a checkpoint whose generation_config.json lists an end-of-turn id besides EOS stops at it
+    (``load_checkpoint``); the stage's export wrote the tokenizer's EOS alone, so the next stage, the evaluation and
+    transformers ran past it again. Completion texts drop whichever stop token ended a sample."""
+    from types import SimpleNamespace
+
+    from dsalign.alignment.trainer import LocalRunner, TrainerConfig
+    from dsalign.model import ModelConfig, Transformer, load_checkpoint
+    from dsalign.pipelines.demo_task import AdditionTask, corpus_for_tokenizer
+    from dsalign.pipelines.demo_tokenizer import train_tokenizer
+    from dsalign.pipelines.stages import completion_texts, padded_vocab, save_hf
+
+    tok = train_tokenizer(corpus_for_tokenizer(AdditionTask()))
+    model = Transformer(ModelConfig.preset("tiny").replace(vocab_size=padded_vocab(tok), eos_token_id=tok.eos_token_id))
+    turn_end = tok.convert_tokens_to_ids("</think>")
+    model.generation_eos_token_ids = frozenset({tok.eos_token_id, turn_end})
+    save_hf(LocalRunner(model, TrainerConfig()), tmp_path / "final", tok)
+    gen = json.loads((tmp_path / "final" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.eos_token_id, turn_end]
+    assert load_checkpoint(tmp_path / "final").generation_eos_token_ids == {tok.eos_token_id, turn_end}
+    ids = tok.encode("12", add_special_tokens=False)
+    ended = [SimpleNamespace(token_ids=[*ids, turn_end], finish_reason="stop", stop_reason=turn_end),
+             SimpleNamespace(token_ids=[*ids, turn_end], finish_reason="length", stop_reason=None)]  # fmt: skip
+    texts = completion_texts(tok, ended)
+    assert texts[0] == tok.decode(ids) and texts[1].endswith("</think>")

@@ -412,9 +412,20 @@ def test_under_autocast_the_latent_cache_is_kept_in_its_dtype():
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
     engine = RolloutEngine(model, max_batch_size=3, max_len=64)
     fp32 = RolloutEngine(model, max_batch_size=3, max_len=64, cache_dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    from dsalign.model.mla import MLA
+
+    seen = set()
+    attend = MLA._attend_absorbed
+
+    def spy(self, q_nope, q_pe, c_kv, *rest):
+        seen.add(c_kv.dtype)  # what attention reads the context in: never upcast from the bf16 cache
+        return attend(self, q_nope, q_pe, c_kv, *rest)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MLA, "_attend_absorbed", spy)
         half, full = engine.generate(prompts, sp), fp32.generate(prompts, sp)
         assert engine.cache.latent_dtype == torch.bfloat16 and fp32.cache.latent_dtype == torch.float32
+        assert seen == {torch.bfloat16}
         assert engine.cache_bytes_per_token() * 2 == fp32.cache_bytes_per_token()
     assert [(c.token_ids, c.logprobs) for c in half] == [(c.token_ids, c.logprobs) for c in full]
     engine.generate(prompts, sp)

@@ -103,6 +103,10 @@ def test_a_resume_with_more_total_steps_follows_the_new_schedule_from_its_first_
     resumed.load_state_dict(state)
     assert resumed.lr() == pytest.approx(3e-3 * lr_factor(3, 1, 30, cfg.min_lr_ratio))
     assert resumed.lr() > 2 * runner.lr()
+    lower = TrainerConfig(lr=1e-4, total_steps=30, warmup_steps=1)  # and another optim.lr: the new peak applies
+    again = LocalRunner(prepare_model(Transformer(ModelConfig.preset("tiny")), lower), lower)
+    again.load_state_dict(state)
+    assert again.lr() == pytest.approx(1e-4 * lr_factor(3, 1, 30, lower.min_lr_ratio))
 
 
 def test_bf16_moments_and_bf16_compute_track_fp32():
