@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -58,8 +60,9 @@ class StageWorker:
 
         torch.set_num_threads(max(1, num_threads))
 
-    def pid(self) -> int:
-        return os.getpid()
+    def process(self) -> tuple[str, int]:
+        """(host name, process id): the driver stops a local run's workers itself on an interrupt."""
+        return socket.gethostname(), os.getpid()
 
     def address(self) -> tuple[str, int]:
         """This worker's node address and a free port on it: rank 0's serve as the group's rendezvous."""
@@ -105,6 +108,40 @@ def _local_node_down(grace_s: float = 1.0) -> bool:
             return False
         time.sleep(0.05)
     return False
+
+
+def _kill_local(pids: list[int]) -> None:
+    """SIGKILL the stage's actor processes on this machine (the local node ``_local_node_down`` found going): a
+    checkpoint they were writing stays a temp directory, which the next save or resume ignores."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
+    """Wait until the stage's actor processes on this machine have exited (SIGKILL what is left at the timeout), so
+    that nothing the run reports as stopped still writes to its directory."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        if alive:
+            time.sleep(0.05)
+    _kill_local(alive)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) has stopped
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def last_checkpoint_step(stage_dir: Path) -> int | None:
@@ -167,10 +204,13 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
     except TimeoutError as e:
         raise StageWorkerError(str(e)) from e
     actors: list[Any] = []
+    pids: list[int] = []
     node_down = False
     try:
         trainers, pools = start_actors(cfg, stage, sources, tokenizer_dir, pg, layout)
         actors = trainers + [w for pool in pools.values() for w in pool.workers]
+        host = socket.gethostname()
+        pids = [pid for where, pid in ray.get([w.process.remote() for w in actors]) if where == host]
         fault = _fault(stage, attempt)
         refs = [w.run.remote(to_dict(cfg), stage.name, sources, tokenizer_dir, resume, fault, pools) for w in trainers]
         try:
@@ -183,12 +223,15 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
         # then blocks for a minute and aborts the driver before the partial report is written. Without a node there
         # is nothing to clean up (a worker whose node is gone stops at its next step: stages.StageLoop)
         node_down = _local_node_down()
+        if node_down:  # its raylet may take seconds to go, and the workers train on meanwhile: stop them here
+            _kill_local(pids)
         raise
     finally:
         if not node_down:
             for w in actors:
                 ray.kill(w, no_restart=True)
             release(pg)
+            _wait_gone(pids)  # ray.kill returns at once: a worker would train on (and checkpoint) a moment longer
 
 
 @ray.remote(num_cpus=1)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import socket
 from typing import Any
 
 import ray
@@ -72,6 +74,10 @@ class RolloutWorker:
             return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
         self.local = LocalRollout(self.engine, self.tokenizer, autocast=autocast)
+
+    def process(self) -> tuple[str, int]:
+        """(host name, process id): the driver stops a local run's workers itself on an interrupt."""
+        return socket.gethostname(), os.getpid()
 
     def update_weights(self, state: dict, verify: bool) -> str | None:
         """Copy the trainer's weights in; with ``verify`` return the digest of the whole model afterwards."""
@@ -132,6 +138,10 @@ class RewardWorker:
 
     def names(self) -> list[str]:
         return list(self.combiner.fns)
+
+    def process(self) -> tuple[str, int]:
+        """(host name, process id): the driver stops a local run's workers itself on an interrupt."""
+        return socket.gethostname(), os.getpid()
 
     def score(self, prompts: list, completions: list, completion_ids: list | None, columns: dict[str, Any]):
         return self.combiner(prompts, completions, completion_ids, **columns)

@@ -182,14 +182,16 @@ def test_cli_reports_a_failed_stage_in_one_message(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("target", ["driver", "group"])
+@pytest.mark.parametrize("target", ["driver", "group", "group, 2 workers"])
 def test_sigterm_stops_the_run_with_a_partial_report(tmp_path, target):
     """SIGTERM to `dsalign run` (kill, a scheduler's preemption, `dsalign stop` of a Ray job) used to abort the
     driver in Ray's signal handler without a report; now it stops like Ctrl-C: partial report, exit code 130.
     ``group``: SIGTERM to the run's whole process group (systemd, Slurm, ``kill -- -PGID``) also stops the local
     Ray node's processes; the driver used to block a minute in a Ray call and abort without a report, and the
-    stage's worker, re-parented, trained on and wrote checkpoints."""
+    stage's worker, re-parented, trained on and wrote checkpoints. ``2 workers`` (EP 2): the raylet outlived the
+    driver by seconds and both workers trained on to the end, writing ``final/``; now the driver kills them."""
     import os
+    import shlex
     import signal
     import subprocess
     import sys
@@ -198,27 +200,52 @@ def test_sigterm_stops_the_run_with_a_partial_report(tmp_path, target):
     cfg = _sft_only(tmp_path, "term")  # writes tmp_path / term.yaml
     cmd = [sys.executable, "-m", "dsalign.pipelines.cli", "run", str(tmp_path / "term.yaml"),
            "--set", "stages.sft.sft.steps=400", "--set", "eval.enabled=false"]  # fmt: skip
+    stage = "sft"
+    if "2 workers" in target:  # a GRPO stage on 2 workers (EP 2, ZeRO-1), as a QA run found it
+        stage = "grpo"
+        two = "resources: {num_workers: 2, ep_size: 2, zero_stage: 1, cpus_per_worker: 1}"
+        cmd = [*cmd[:-4], "--set", "eval.enabled=false", "--set", "stages=[{name: sft, kind: sft, model: {preset: "
+               "tiny}, data: {synthetic: addition, num_rows: 64, seed: 1}, sft: {steps: 3, batch_size: 8}, "
+               f"{two}}}, {{name: grpo, kind: grpo, model: {{from_stage: sft}}, data: {{synthetic: addition, "
+               "num_rows: 64, seed: 2}, rewards: [{fn: math_accuracy}], checkpoint_every: 10, grpo: {iterations: "
+               f"400, prompts_per_iter: 4, group_size: 4, max_new_tokens: 16, micro_batch_size: 8}}, {two}}}]"]
+    if "2 workers" in target:  # under a shell, as `setsid bash -c 'dsalign run ... > log'` (how it was found)
+        cmd = ["bash", "-c", f"{shlex.join(cmd)} > {shlex.quote(str(tmp_path / 'log.txt'))} 2>&1"]
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=target == "group")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=target != "driver")
         try:
             deadline = time.monotonic() + 240
-            while "step 2/400" not in (tmp_path / "log.txt").read_text():
+            while f"[{stage}] step {12 if stage == 'grpo' else 2}/400" not in (tmp_path / "log.txt").read_text():
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-2000:]
                 time.sleep(0.5)
-            if target == "group":
+            if target != "driver":
                 os.killpg(proc.pid, signal.SIGTERM)
             else:
                 os.kill(proc.pid, signal.SIGTERM)
-            assert proc.wait(timeout=120) == 130, (tmp_path / "log.txt").read_text()[-2000:]
+            if "2 workers" in target:  # the shell dies of the signal; the driver under it ends on its own
+                proc.wait(timeout=120)
+                while "dsalign: interrupted" not in (tmp_path / "log.txt").read_text():
+                    assert time.monotonic() < deadline + 120, (tmp_path / "log.txt").read_text()[-2000:]
+                    time.sleep(0.5)
+                time.sleep(1)  # its last lines after the message: the report is written before it
+            else:
+                assert proc.wait(timeout=120) == 130, (tmp_path / "log.txt").read_text()[-2000:]
         finally:
             if proc.poll() is None:
                 proc.kill()
     out = (tmp_path / "log.txt").read_text()
     assert "dsalign: interrupted" in out
-    metrics = Path(cfg.output_dir) / "sft" / "metrics.jsonl"
-    rows = metrics.read_text().count("\n")
-    time.sleep(5)  # ~100 steps of this stage: a worker left running would add rows
-    assert metrics.read_text().count("\n") == rows, "the stage's worker outlived the run"
+    stage_dir = Path(cfg.output_dir) / stage
+
+    def written() -> tuple[int, list[str]]:  # metrics rows and checkpoints
+        ckpts = stage_dir / "checkpoints"
+        return ((stage_dir / "metrics.jsonl").read_text().count("\n"),
+                sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else [])  # fmt: skip
+
+    before = written()
+    time.sleep(5)  # ~100 steps of this stage: a worker left running would add rows and checkpoints
+    assert written() == before, "the stage's worker outlived the run"
+    assert not (stage_dir / "final").exists()
     report = (Path(cfg.output_dir) / "report.md").read_text()
     assert report.startswith("# dsalign run") and "(stopped: interrupted" in report.splitlines()[0]
 
