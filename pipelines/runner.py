@@ -395,6 +395,7 @@ def run_stage_with_retries(
     """Run one stage in fresh actors; when an actor dies or raises, report it and retry from the checkpoint."""
     import ray
     from dsalign.alignment.data import DataError
+    from dsalign.alignment.trainer import CheckpointMismatch
 
     from . import actors
 
@@ -422,7 +423,7 @@ def run_stage_with_retries(
                 detail = detail.splitlines()[0]
             at = f"last checkpoint: step {step}" if step is not None else "no checkpoint yet"
             msg = f"stage {stage.name!r} attempt {attempt}/{attempts} failed: {what} ({at}): {detail}"
-            if isinstance(getattr(e, "cause", None), (DataError, ConfigError)):  # the same input fails alike again
+            if isinstance(getattr(e, "cause", None), (DataError, ConfigError, CheckpointMismatch)):  # fails alike again
                 raise StageFailed(msg + "; not retried: the stage's input is at fault") from e
             if attempt == attempts:
                 raise StageFailed(msg + f"; no retries left (stage retries={stage.retries})") from e

@@ -5,6 +5,7 @@ The loop calls named steps (``train_step`` = ``forward_backward`` per micro-batc
 """
 
 from .checkpoint import (
+    CheckpointMismatch,
     export_hf,
     latest_checkpoint,
     list_checkpoints,
@@ -29,6 +30,7 @@ from .step import (
 )
 
 __all__ = [
+    "CheckpointMismatch",
     "AdamW",
     "ExpertLoadTracker",
     "LocalRunner",

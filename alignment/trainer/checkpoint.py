@@ -198,6 +198,11 @@ def _ep_size(runner: Runner) -> int:
     return int(getattr(cfg, "ep_size", 1))
 
 
+class CheckpointMismatch(ValueError):
+    """A training checkpoint this run cannot resume from as configured (another world size or EP size, a damaged
+    state file): trying again fails the same way, so the pipeline does not retry it."""
+
+
 def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any]:
     """Restore model, optimizer, scheduler and RNG states from a checkpoint directory; returns (step, data_state).
 
@@ -212,15 +217,15 @@ def load_training_checkpoint(path: str | Path, runner: Runner) -> tuple[int, Any
     try:
         meta = json.loads((path / STATE_FILE).read_text())
     except ValueError as e:
-        raise ValueError(f"{path / STATE_FILE}: damaged ({e}); delete {path} to resume from the checkpoint before "
-                         "it") from None  # fmt: skip
+        raise CheckpointMismatch(f"{path / STATE_FILE}: damaged ({e}); delete {path} to resume from the checkpoint "
+                                 "before it") from None  # fmt: skip
     rank, world = _rank_world()
     if meta["world_size"] != world:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}; "
-                         "resume with the same world size (and EP size)")  # fmt: skip
+        raise CheckpointMismatch(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
+                                 f"{world}; resume with the same world size (and EP size)")  # fmt: skip
     if meta.get("ep_size", _ep_size(runner)) != _ep_size(runner):  # (older checkpoints do not say)
-        raise ValueError(f"checkpoint {path} was written with ep_size {meta['ep_size']} (its expert shards), this "
-                         f"run uses ep_size {_ep_size(runner)}; resume with the same ep_size")  # fmt: skip
+        raise CheckpointMismatch(f"checkpoint {path} was written with ep_size {meta['ep_size']} (its expert shards), "
+                                 f"this run uses ep_size {_ep_size(runner)}; resume with the same ep_size")  # fmt: skip
     shard = path / f"rank{rank:05d}.pt"
     try:
         payload = torch.load(shard, map_location="cpu", weights_only=False)

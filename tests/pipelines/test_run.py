@@ -161,6 +161,16 @@ def test_bad_input_is_not_retried_and_other_failures_are(tmp_path, monkeypatch, 
     assert calls == [1]
     assert "no checkpoint yet" in str(err.value) and "line 3: field 'messages': missing" in str(err.value)
     assert "not retried: the stage's input is at fault" in str(err.value)
+    from dsalign.alignment.trainer import CheckpointMismatch
+    from dsalign.pipelines.schema import ConfigError
+
+    for cause in (CheckpointMismatch("checkpoint x was written by 2 ranks, this run has 1; resume with the same "
+                                     "world size (and EP size)"), ConfigError("stage 'sft': ... now configured")):
+        calls.clear()  # a resume with another world size fails alike on every attempt (a QA run saw it retried)
+        monkeypatch.setattr(actors, "run_stage", failing(cause))
+        with pytest.raises(StageFailed, match="not retried"):
+            run_stage_with_retries(cfg, stage, RunState(), "tok", resume=False, progress=False)
+        assert calls == [1]
     calls.clear()
     monkeypatch.setattr(actors, "run_stage", failing(RuntimeError("worker lost its GPU")))
     with pytest.raises(StageFailed, match="attempt 3/3 failed.*no retries left"):
