@@ -61,8 +61,8 @@ class StageWorker:
         torch.set_num_threads(max(1, num_threads))
 
     def process(self) -> tuple[str, int]:
-        """(host name, process id): the driver stops a local run's workers itself on an interrupt."""
-        return socket.gethostname(), os.getpid()
+        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def address(self) -> tuple[str, int]:
         """This worker's node address and a free port on it: rank 0's serve as the group's rendezvous."""
@@ -209,8 +209,8 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
     try:
         trainers, pools = start_actors(cfg, stage, sources, tokenizer_dir, pg, layout)
         actors = trainers + [w for pool in pools.values() for w in pool.workers]
-        host = socket.gethostname()
-        pids = [pid for where, pid in ray.get([w.process.remote() for w in actors]) if where == host]
+        here = ray.get_runtime_context().get_node_id()  # (a host name can repeat across machines; a node id not)
+        pids = [pid for node, pid in ray.get([w.process.remote() for w in actors]) if node == here]
         fault = _fault(stage, attempt)
         refs = [w.run.remote(to_dict(cfg), stage.name, sources, tokenizer_dir, resume, fault, pools) for w in trainers]
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import socket
 from typing import Any
 
 import ray
@@ -76,8 +75,8 @@ class RolloutWorker:
         self.local = LocalRollout(self.engine, self.tokenizer, autocast=autocast)
 
     def process(self) -> tuple[str, int]:
-        """(host name, process id): the driver stops a local run's workers itself on an interrupt."""
-        return socket.gethostname(), os.getpid()
+        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def update_weights(self, state: dict, verify: bool) -> str | None:
         """Copy the trainer's weights in; with ``verify`` return the digest of the whole model afterwards."""
@@ -140,8 +139,8 @@ class RewardWorker:
         return list(self.combiner.fns)
 
     def process(self) -> tuple[str, int]:
-        """(host name, process id): the driver stops a local run's workers itself on an interrupt."""
-        return socket.gethostname(), os.getpid()
+        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def score(self, prompts: list, completions: list, completion_ids: list | None, columns: dict[str, Any]):
         return self.combiner(prompts, completions, completion_ids, **columns)
