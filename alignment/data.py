@@ -245,7 +245,8 @@ def _read_table(cfg: DataConfig) -> tuple[str, list[tuple[str, Any]]]:
             raise DataError(f"{path}: cannot read the saved dataset ({type(e).__name__}: {e})") from e
         if isinstance(ds, datasets.DatasetDict):
             if cfg.split not in ds:
-                raise DataError(f"{path}: no split {cfg.split!r}; available: {', '.join(ds)}")
+                raise DataError(f"{path}: no split {cfg.split!r}; available: {', '.join(ds)} (a run config picks one "
+                                "with data.split or eval.split)")  # fmt: skip
             ds = ds[cfg.split]
     elif path.suffix or path.is_absolute() or cfg.path.startswith("."):
         raise DataError(f"{cfg.path}: no such file or directory")

@@ -66,6 +66,7 @@ class DataSource:
         metadata={"help": "drop and count malformed rows (and prompts too long for the model's context) instead of "
                           "failing"},
     )
+    split: str = field(default="train", metadata={"help": "path: the split of a saved DatasetDict directory"})
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.synthetic is None):
@@ -414,6 +415,7 @@ class EvalConfig:
         metadata={"help": "held-out prompt file (prompt + answer columns); null = the synthetic task's held-out set"},
     )
     num_prompts: int = field(default=200, metadata={"help": "held-out prompts (the first ones of path)"})
+    split: str = field(default="test", metadata={"help": "path: the split of a saved DatasetDict directory"})
     reward: RewardEntry = field(
         default_factory=lambda: RewardEntry(fn="math_accuracy"),
         metadata={"help": "what 'accuracy' averages per sample (a failed or None sample counts as 0, with a "

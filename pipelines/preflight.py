@@ -317,7 +317,7 @@ def _check_eval_file(cfg: RunConfig, problems: list[str]) -> list[dict] | None:
         problems.append(f"eval.path: {cfg.eval.path} does not exist")
         return None
     try:
-        rows = prompt_file_rows(cfg.eval.path, cfg.eval.num_prompts)
+        rows = prompt_file_rows(cfg.eval.path, cfg.eval.num_prompts, split=cfg.eval.split)
     except ValueError as e:  # DataError names the file, row and field
         problems.append(f"eval.path: {e}")
         return None

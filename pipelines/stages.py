@@ -191,25 +191,26 @@ def stage_file_rows(data: DataSource, schema: str):
     """A stage's data file as rows of ``schema`` ("prompt" or "conversation") with the loader's ``LoadReport``: the
     stage's ``skip_invalid`` (and how to set it, in the error), its first ``num_rows``, its ``length_target``."""
     rows, report = _file_rows(data.path, schema, data.num_rows, data.length_target, data.skip_invalid,
-                              STAGE_SKIP_ADVICE)  # fmt: skip
+                              STAGE_SKIP_ADVICE, data.split)  # fmt: skip
     if data.num_rows and data.num_rows > len(rows):
         print(f"[data] {data.path}: num_rows is {data.num_rows} but the file has {len(rows)} usable rows; using all "
               f"{len(rows)}", flush=True)  # fmt: skip
     return rows, report
 
 
-def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None) -> list[dict]:
-    """The first ``num_rows`` (None or 0 = all) rows of a prompt file; with ``budget``, each prompt carries the
-    length instruction in its system turn and a ``length_target`` column, as the synthetic task's budget prompts do.
-    Malformed rows are an error (the evaluation's files have no skip option)."""
-    return _file_rows(path, "prompt", num_rows, budget, False, None)[0]
+def prompt_file_rows(path: str, num_rows: int | None, budget: int | None = None, split: str = "test") -> list[dict]:
+    """The first ``num_rows`` (None or 0 = all) rows of a prompt file (of a saved DatasetDict: its ``split``); with
+    ``budget``, each prompt carries the length instruction in its system turn and a ``length_target`` column, as the
+    synthetic task's budget prompts do. Malformed rows are an error (the evaluation's files have no skip option)."""
+    return _file_rows(path, "prompt", num_rows, budget, False, None, split)[0]
 
 
 def _file_rows(path: str, schema: str, num_rows: int | None, budget: int | None, skip_invalid: bool,
-               skip_advice: str | None):  # fmt: skip
+               skip_advice: str | None, split: str = "train"):  # fmt: skip
     from dsalign.alignment.data import DataConfig, load_records
 
-    ds, report = load_records(DataConfig(path=path, schema=schema, skip_invalid=skip_invalid, skip_advice=skip_advice))
+    ds, report = load_records(DataConfig(path=path, schema=schema, skip_invalid=skip_invalid, skip_advice=skip_advice,
+                                         split=split))  # fmt: skip
     rows = first_rows(list(ds), num_rows, path)
     if budget is not None:
         rows = [with_budget(r, budget, "prompt" if schema == "prompt" else "messages") for r in rows]
@@ -268,7 +269,7 @@ def held_out_prompts(run: RunConfig, budget: int | None = None) -> list[dict[str
     """The evaluation's prompts: ``eval.path`` (its first ``num_prompts`` rows) or the synthetic task's held-out set
     (never used in training)."""
     if run.eval.path is not None:
-        return prompt_file_rows(run.eval.path, run.eval.num_prompts, budget)
+        return prompt_file_rows(run.eval.path, run.eval.num_prompts, budget, run.eval.split)
     return make_prompts(run.task, run.eval.num_prompts, HELD_OUT_SEED, budget=budget)
 
 

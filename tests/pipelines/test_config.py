@@ -712,3 +712,23 @@ def test_a_warmup_longer_than_the_stage_is_noted():
     assert config_notes(load_config(TINY, ["stages.sft.sft.optim.warmup_steps=10"])) == [
         "stages[0] (sft).sft.optim.warmup_steps is 10 but the stage makes 4 optimizer steps: its learning rate peaks "
         "at 0.4x lr and never decays"]  # fmt: skip
+
+
+def test_a_saved_dataset_dict_is_read_at_its_split(tmp_path):
+    """A DatasetDict saved to disk (train / test) could only be read at 'train': data.split picks a stage's split,
+    eval.split (default 'test') the held-out one."""
+    import datasets
+    from dsalign.pipelines.stages import held_out_prompts, stage_file_rows
+
+    rows = {name: [{"prompt": f"{name} {i}+1?", "answer": str(i + 1)} for i in range(n)]
+            for name, n in (("train", 6), ("test", 3))}  # fmt: skip
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(tmp_path / "ds")
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", f"eval.path={tmp_path / 'ds'}",
+                             f"stages.grpo.data={{path: {tmp_path / 'ds'}}}", "stages.grpo.grpo.prompts_per_iter=2"])
+    assert [r["prompt"][0]["content"] for r in held_out_prompts(cfg)] == ["test 0+1?", "test 1+1?", "test 2+1?"]
+    assert len(stage_file_rows(cfg.stages[1].data, "prompt")[0]) == 6
+    only_test = load_config(TINY, [f"stages.grpo.data={{path: {tmp_path / 'ds'}, split: test}}"]).stages[1].data
+    assert [r["answer"] for r in stage_file_rows(only_test, "prompt")[0]] == ["1", "2", "3"]
+    with pytest.raises(ValueError, match=r"no split 'dev'; available: train, test \(a run config picks one with "
+                                         r"data.split or eval.split\)"):  # fmt: skip
+        held_out_prompts(load_config(TINY, [f"eval.path={tmp_path / 'ds'}", "eval.split=dev"]))
