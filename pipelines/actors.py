@@ -110,6 +110,20 @@ def _local_node_down(grace_s: float = 1.0) -> bool:
     return False
 
 
+def _died_peer(refs: list, wait_s: float = 3.0) -> Exception | None:
+    """The ``RayActorError`` of a stage worker that died, if one did within ``wait_s``: when a worker is killed its
+    peers fail in their collectives ("Connection reset by peer"), and that error can reach the driver first."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            return e
+        except Exception:  # noqa: BLE001 - a raised error is what the caller reports anyway
+            continue
+    return None
+
+
 def _kill_local(pids: list[int]) -> None:
     """SIGKILL the stage's actor processes on this machine (the local node ``_local_node_down`` found going): a
     checkpoint they were writing stays a temp directory, which the next save or resume ignores."""
@@ -216,6 +230,9 @@ def run_stage(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_dir: 
         try:
             results = ray.get(refs)  # raises on the first failed task, not after every task ended
         except ray.exceptions.RayTaskError as e:
+            died = _died_peer(refs)  # a rank whose peer was killed raises the broken connection, maybe first
+            if died is not None:
+                raise died from e
             raise StageWorkerError(f"{type(e.cause).__name__}: {e.cause}", e.cause) from e
         return results[0]
     except KeyboardInterrupt:

@@ -300,3 +300,21 @@ def test_a_resumed_stage_configured_for_fewer_steps_than_its_checkpoint_is_refus
     with pytest.raises(ConfigError, match="stage 'grpo': its last checkpoint is at step 40 but it is now configured "
                                           "for 10 steps"):  # fmt: skip
         stages.StageLoop(env, runner=None, total_steps=10)
+
+
+def test_a_killed_worker_is_reported_as_died_not_as_its_peers_broken_connection(monkeypatch):
+    """With one of two workers killed, the survivor's collective fails ("Connection reset by peer") and that error
+    could reach the driver first: the stage was reported as having raised a gloo error (1 of 3 kills in a QA run).
+    The driver looks for a worker that died before reporting a raise."""
+    import ray.exceptions
+    from dsalign.pipelines import actors
+
+    outcomes = {"a": ray.exceptions.ActorDiedError(), "b": RuntimeError("[gloo] Connection reset by peer")}
+
+    def get(ref, timeout=None):
+        raise outcomes[ref]
+
+    monkeypatch.setattr(actors.ray, "wait", lambda refs, num_returns, timeout: (list(refs), []))
+    monkeypatch.setattr(actors.ray, "get", get)
+    assert isinstance(actors._died_peer(["b", "a"]), ray.exceptions.RayActorError)
+    assert actors._died_peer(["b"]) is None  # only a raise: the caller reports it
