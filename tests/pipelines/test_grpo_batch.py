@@ -241,7 +241,7 @@ def test_rewards_get_trls_two_formats(tmp_path):
     reply = "<think>\nadd\n</think>\n4"
     for path, specs in [(text, [RewardSpec(spy)]),  # TRL's think_format_reward reads conversational data only
                         (chat, [RewardSpec(spy), RewardSpec(think_format_reward, name="trl_format")])]:
-        rows, _ = stage_file_rows(SimpleNamespace(path=str(path), num_rows=None, length_target=None,
+        rows, _ = stage_file_rows(SimpleNamespace(path=str(path), num_rows=None, length_target=None, split="train",
                                                   skip_invalid=False), "prompt")
         scored = score_samples(RewardCombiner(specs), rows, 2, [reply, "4"], _comps(2))
         assert not scored.failures
@@ -253,7 +253,7 @@ def test_rewards_get_trls_two_formats(tmp_path):
     assert cols == ["answer", "finish_reason", "prompt_id"]
     mixed = tmp_path / "mixed.jsonl"  # one format per call, as TRL: conversational when any prompt is chat
     mixed.write_text(text.read_text() + chat.read_text())
-    rows, _ = stage_file_rows(SimpleNamespace(path=str(mixed), num_rows=None, length_target=None,
+    rows, _ = stage_file_rows(SimpleNamespace(path=str(mixed), num_rows=None, length_target=None, split="train",
                                               skip_invalid=False), "prompt")  # fmt: skip
     scored = score_samples(RewardCombiner([RewardSpec(spy), RewardSpec(think_format_reward, name="f")]), rows, 1,
                            [reply, reply], _comps(2))  # fmt: skip
