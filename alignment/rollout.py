@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from dsalign.kernels.grouped_gemm import caching_autocast_weights, invalidate_weight_caches
+from dsalign.kernels.grouped_gemm import autocast_dtype, caching_autocast_weights, invalidate_weight_caches
 from dsalign.model import FP8LatentCache, LatentCache, Transformer, build_attention_mask
 from torch import Tensor
 
@@ -278,10 +278,7 @@ class RolloutEngine:
         time), else the model's."""
         if self.explicit_cache_dtype is not None:
             return self.explicit_cache_dtype
-        device_type = self.device.type
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.dtype
+        return autocast_dtype(self.device.type) or self.dtype
 
     def _new_cache(self, batch: int, length: int, device: torch.device | str | None = None) -> LatentCache:
         kind = FP8LatentCache if self.fp8_cache else LatentCache

@@ -326,6 +326,13 @@ def caching_autocast_weights():
             _CAST_CACHE.clear()
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype an autocast open for ``device_type`` computes in; None when none is (cpu and cuda only)."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def caching_casts() -> bool:
     """Whether a ``caching_autocast_weights`` block is open (and a no-grad forward's casts are kept)."""
     return bool(_CACHING[0]) and not torch.is_grad_enabled()
@@ -393,11 +400,10 @@ def grouped_gemm(
             f"{tuple(w_EOK.shape)}, {tuple(counts_E.shape)}"
         )
     triton_path = use_triton(x_RK, backend)
-    device_type = x_RK.device.type
-    if not fp8 and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    dtype = None if fp8 else autocast_dtype(x_RK.device.type)
+    if dtype is not None:
         # autocast does not reach inside our Functions: cast here, as it casts nn.Linear's operands (the casts are
         # differentiable, so fp32 master weights still receive fp32 gradients); FP8 quantizes from any dtype
-        dtype = torch.get_autocast_dtype(device_type)
         x_RK, w_EOK = x_RK.to(dtype), autocast_weight(w_EOK, dtype)
     if not fp8 and (not triton_path or (backend == "auto" and _torch_grouped_mm_wins(x_RK, w_EOK))):
         from dsalign.kernels.moe import grouped_mm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from dsalign.kernels import cpu_gemm
-from dsalign.kernels.grouped_gemm import autocast_weight, caching_casts
+from dsalign.kernels.grouped_gemm import autocast_dtype, autocast_weight, caching_casts
 from torch import nn
 
 from .config import ModelConfig
@@ -34,14 +34,13 @@ class Linear(nn.Linear):
     small products) exactly ``F.linear``. Same parameters and state-dict keys; peft wraps it like ``nn.Linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        if caching_casts() and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = autocast_dtype(x.device.type) if caching_casts() else None
+        if dtype is not None:
             # a decode step under the trainer's autocast (the rollout engine's ``caching_autocast_weights``): the
             # weight is cast once per ``generate`` instead of once per step, as autocast would (on a memory-bound
             # decode step the per-step cast cost more than the GEMM)
-            dtype = torch.get_autocast_dtype(device_type)
             bias = None if self.bias is None else autocast_weight(self.bias, dtype)
-            with torch.autocast(device_type, enabled=False):
+            with torch.autocast(x.device.type, enabled=False):
                 return F.linear(x.to(dtype), autocast_weight(self.weight, dtype), bias)
         return cpu_gemm.linear(x, self.weight, self.bias)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from dsalign.kernels.causal_attention import blocked_causal_attention
+from dsalign.kernels.grouped_gemm import autocast_dtype
 from torch import nn
 
 from .cache import LatentCache
@@ -91,9 +92,7 @@ class MLA(nn.Module):
                 c_kv, k_pe = cache.read(self.layer_idx, mask_BTS.shape[-1])
                 # the dtype attention computes in: under autocast its dtype, which the engine keeps the latents in
                 # (no cast of the whole context per step), else the residual stream's
-                device_type = x_BTD.device.type
-                autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-                dtype = torch.get_autocast_dtype(device_type) if autocast else x_BTD.dtype
+                dtype = autocast_dtype(x_BTD.device.type) or x_BTD.dtype
                 c_kv, k_pe = c_kv.to(dtype), k_pe.to(dtype)
         if absorbed:
             o_BTHV = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask_BTS)
