@@ -26,9 +26,9 @@ import ray
 
 from .config import RunConfig, StageConfig
 from .placement import StageLayout, in_bundle, release, reserve
-from .pools import RewardPool, RewardWorker, RolloutPool, RolloutWorker, assigned_device
+from .pools import ProcessInfo, RewardPool, RewardWorker, RolloutPool, RolloutWorker, assigned_device
 from .schema import from_dict, to_dict
-from .stages import Fault
+from .stages import Fault, pid_alive
 
 
 class StageWorkerError(RuntimeError):
@@ -52,7 +52,7 @@ def _threads(cpus: float) -> int:
 
 
 @ray.remote
-class StageWorker:
+class StageWorker(ProcessInfo):
     """Runs one stage (SFT, GRPO or distillation) in its own process."""
 
     def __init__(self, num_threads: int):
@@ -60,9 +60,6 @@ class StageWorker:
 
         torch.set_num_threads(max(1, num_threads))
 
-    def process(self) -> tuple[str, int]:
-        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def address(self) -> tuple[str, int]:
         """This worker's node address and a free port on it: rank 0's serve as the group's rendezvous."""
@@ -145,13 +142,10 @@ def _wait_gone(pids: list[int], timeout_s: float = 10.0) -> None:
 
 
 def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """``stages.pid_alive``, and not a zombie (exited, not yet reaped by its parent: it has stopped)."""
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) has stopped
+    try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:

@@ -52,8 +52,16 @@ def assigned_device() -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+class ProcessInfo:
+    """Mixed into the stage's actor classes: where each one runs."""
+
+    def process(self) -> tuple[str, int]:
+        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
 @ray.remote
-class RolloutWorker:
+class RolloutWorker(ProcessInfo):
     """A model copy and a ``RolloutEngine``; takes weights from the trainer, returns completions with log-probs."""
 
     def __init__(self, source: dict[str, Any], tokenizer_dir: str, seed: int, max_batch_size: int, num_threads: int,
@@ -74,9 +82,6 @@ class RolloutWorker:
 
         self.local = LocalRollout(self.engine, self.tokenizer, autocast=autocast)
 
-    def process(self) -> tuple[str, int]:
-        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def update_weights(self, state: dict, verify: bool) -> str | None:
         """Copy the trainer's weights in; with ``verify`` return the digest of the whole model afterwards."""
@@ -124,7 +129,7 @@ class RolloutPool:
 
 
 @ray.remote
-class RewardWorker:
+class RewardWorker(ProcessInfo):
     """Scores slices of a batch with the stage's rewards (loaded once, in this process)."""
 
     def __init__(self, entries: list, num_threads: int):
@@ -138,9 +143,6 @@ class RewardWorker:
     def names(self) -> list[str]:
         return list(self.combiner.fns)
 
-    def process(self) -> tuple[str, int]:
-        """(Ray node id, process id): the driver stops the workers on its own node itself on an interrupt."""
-        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def score(self, prompts: list, completions: list, completion_ids: list | None, columns: dict[str, Any]):
         return self.combiner(prompts, completions, completion_ids, **columns)

@@ -21,6 +21,7 @@ from .stages import (
     HELD_OUT_SEED,
     RUNTIME_OVERRIDES,
     SAMPLE_COLUMNS,
+    STAGE_SKIP_ADVICE,
     TOKEN_ID_FIELDS,
     data_columns,
     lora_settings,
@@ -295,14 +296,10 @@ def _check_prompt_lengths(rows: list[dict], path: str, models: list[ModelConfig]
 def _missing_gold(rows: list[dict], what: str) -> str | None:
     """``math_accuracy``'s gold is the ``answer`` column, else ``solution``: a row without one (absent, null, empty
     or NaN) would score None on every sample. The problem, or None."""
-    import math
+    from dsalign.rewards.accuracy import gold_missing
 
     gold = "answer" if "answer" in rows[0] else "solution"
-
-    def absent(v) -> bool:
-        return v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip()
-
-    missing = [str(r["prompt_id"]) for r in rows if absent(r.get(gold))]
+    missing = [str(r["prompt_id"]) for r in rows if gold_missing(r.get(gold))]
     if not missing:
         return None
     column = f"'{gold}'" if gold in rows[0] else "'answer' (or 'solution')"
@@ -462,8 +459,7 @@ def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
             traces = stage.kind == "distill" and not stage.on_policy_distill  # only the teacher samples
             sampled_by = [teacher] if traces else [built[stage.name], teacher]
             _check_prompt_lengths(rows, stage.data.path, [c for c in sampled_by if c], cfg, f"{where}.data.path",
-                                  problems, "; shorten them, or set the stage's data.skip_invalid: true to drop (and "
-                                  "count) them")  # fmt: skip
+                                  problems, f"; shorten them, or {STAGE_SKIP_ADVICE}")  # fmt: skip
         if stage.kind in ("grpo", "distill") and not stage.rewards and not stage.on_policy_distill:
             problems.append(f"{where}.rewards: a {stage.kind} stage needs at least one reward")
         columns = _stage_columns(cfg, stage, rows, where, problems) if stage.rewards and stage.kind != "sft" else None

@@ -175,6 +175,12 @@ def prompts_that_fit(rows: list[dict[str, Any]], data: DataSource, tokenizer, co
     return [r for r in rows if r["prompt_id"] not in dropped]
 
 
+def stage_prompts(env: StageEnv, context: int) -> list[dict[str, Any]]:
+    """The stage's prompt rows (``training_prompts``) that fit a ``context``-token model (``prompts_that_fit``)."""
+    rows = training_prompts(env.run, env.stage.data, summary_dir(env))
+    return prompts_that_fit(rows, env.stage.data, env.tokenizer, context, summary_dir(env))
+
+
 def enough_rows(rows: list[dict[str, Any]], per_round: int, key: str) -> list[dict[str, Any]]:
     """``rows``, if a round's ``per_round`` prompts fit in them: with fewer, every round would train on fewer groups
     than configured without a word (and workers would get unequal shares, so their collectives would not pair up).
@@ -386,7 +392,7 @@ class StageLoop:
         if self.raylet_pid is None:
             return False
         reparented = self.parent_pid == self.raylet_pid and os.getppid() != self.parent_pid
-        return reparented or not _pid_alive(self.raylet_pid)
+        return reparented or not pid_alive(self.raylet_pid)
 
     def close(self) -> None:
         if self.logger is not None:
@@ -396,10 +402,10 @@ class StageLoop:
 def _raylet_pid() -> int | None:
     """This Ray worker's raylet (Ray sets ``RAY_RAYLET_PID`` in its workers) when it is alive as seen from here."""
     pid = os.environ.get("RAY_RAYLET_PID", "")
-    return int(pid) if pid.isdigit() and _pid_alive(int(pid)) else None
+    return int(pid) if pid.isdigit() and pid_alive(int(pid)) else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -950,9 +956,8 @@ def run_grpo(env: StageEnv) -> Path:
     p = env.stage.grpo
     device = stage_device(env.stage)
     model = load_source(env.sources["model"], env.tokenizer, env.run.seed).to(device)
-    rows = prompts_that_fit(training_prompts(env.run, env.stage.data, summary_dir(env)), env.stage.data,
-                            env.tokenizer, model.cfg.max_position_embeddings, summary_dir(env))  # fmt: skip
-    rows = enough_rows(rows, p.prompts_per_iter, "grpo.prompts_per_iter")
+    rows = enough_rows(stage_prompts(env, model.cfg.max_position_embeddings), p.prompts_per_iter,
+                       "grpo.prompts_per_iter")  # fmt: skip
     scorer = env.reward_pool or build_combiner(env.stage.rewards)
     cfg = trainer_config(p.optim, p.iterations * p.updates_per_batch, env.run, env.stage, mtp_lambda=p.mtp_lambda,
                          bias_update_gamma=p.bias_update_gamma)  # fmt: skip
@@ -1047,8 +1052,7 @@ def teacher_traces(env: StageEnv, rank: int, world: int) -> list[dict[str, Any]]
 
     d = env.stage.distill
     teacher = load_source(env.sources["teacher"], env.tokenizer, env.run.seed).to(stage_device(env.stage)).eval()
-    every = prompts_that_fit(training_prompts(env.run, env.stage.data, summary_dir(env)), env.stage.data,
-                             env.tokenizer, teacher.cfg.max_position_embeddings, summary_dir(env))  # fmt: skip
+    every = stage_prompts(env, teacher.cfg.max_position_embeddings)
     row_ids = list(range(rank, len(every), world))
     rows = [every[i] for i in row_ids]
     engine = rollout_engine(teacher, env.tokenizer, d.max_batch_size)
@@ -1103,9 +1107,7 @@ def run_on_policy_distill(env: StageEnv) -> Path:
     for p in teacher.parameters():
         p.requires_grad_(False)
     context = min(student.cfg.max_position_embeddings, teacher.cfg.max_position_embeddings)
-    rows = prompts_that_fit(training_prompts(env.run, env.stage.data, summary_dir(env)), env.stage.data,
-                            env.tokenizer, context, summary_dir(env))  # fmt: skip
-    rows = enough_rows(rows, op.prompts_per_step, "distill.on_policy.prompts_per_step")
+    rows = enough_rows(stage_prompts(env, context), op.prompts_per_step, "distill.on_policy.prompts_per_step")
     scorer = (env.reward_pool or build_combiner(env.stage.rewards)) if env.stage.rewards else None
     cfg = trainer_config(op.optim, op.steps, env.run, env.stage, mtp_lambda=0.0)
     torch.manual_seed(env.run.seed)

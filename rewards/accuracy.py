@@ -117,9 +117,15 @@ def math_accuracy(
     return [_score(completion_text(c), gold) for c, gold in zip(completions, gold_column, strict=True)]
 
 
+def gold_missing(gold: Any) -> bool:
+    """No gold answer to compare against: absent, empty, or NaN (a Parquet / pandas null); ``math_accuracy``
+    scores such a sample None, and preflight refuses rows without one."""
+    return gold is None or (isinstance(gold, float) and math.isnan(gold)) or str(gold).strip() == ""
+
+
 def _score(text: str, gold: Any) -> float | None:
-    if gold is None or (isinstance(gold, float) and math.isnan(gold)) or str(gold).strip() == "":
-        return None  # a Parquet / pandas null arrives as NaN
+    if gold_missing(gold):
+        return None
     gold_text = str(gold)
     gold_answer = extract_answer(gold_text) if ("\\boxed" in gold_text or "answer" in gold_text.lower()) else None
     gold_answer = (gold_answer or gold_text).strip().strip("$").strip()
