@@ -1,10 +1,15 @@
 """One GRPO iteration of the ``small`` preset: dsalign's pipeline path vs TRL's ``GRPOTrainer``, same weights.
 
-    python bench/grpo.py [--prompts 8] [--group 8] [--max-new-tokens 64] [--iters 5] [--warmup 2] [--threads 2]
+    python bench/grpo.py [--prompts 8] [--group 8] [--max-new-tokens 64 512] [--iters 5] [--warmup 2] [--threads 2]
                          [--omp-wait-policy passive|active|default] [--bf16]
 
 An iteration is what one step of the pipeline's GRPO stage does: sample G completions for each of P prompts,
-score them, and make one optimizer step on the P*G completions.
+score them, and make one optimizer step on the P*G completions. The comparison runs once per completion length; the
+default lengths are the demo's (64 tokens: the arithmetic task's answers are short) and TRL's own default
+``max_completion_length`` (512, with its default ``num_generations`` 8: the shape a TRL user gets out of the box, and
+closer to reasoning RL, whose completions run to thousands of tokens). Which costs dominate moves with the length:
+at 64 tokens the decode steps are overhead-bound and the update is GEMMs on few tokens; at 512 the cache reads and
+the attention over long rows are what each side does well or not.
 
 Setup (shared): the demo task's prompts (``make_prompts``, sums of small numbers, chat-formatted) and the demo
 tokenizer (trained locally, saved in the HF format next to the weights, so TRL loads it with ``AutoTokenizer``);
@@ -337,7 +342,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--preset", default="small", help="model preset (sized to the demo tokenizer)")
     p.add_argument("--prompts", type=int, default=8, help="P: prompts per iteration")
     p.add_argument("--group", type=int, default=8, help="G: completions per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length cap")
+    p.add_argument("--max-new-tokens", type=int, nargs="+", default=[64, 512],
+                   help="completion length(s); one comparison per value (default: the demo's 64 and TRL's default "
+                        "max_completion_length, 512)")  # fmt: skip
     p.add_argument("--iters", type=int, default=5, help="timed iterations per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per side")
     p.add_argument("--threads", type=int, default=2)
@@ -358,16 +365,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.micro_batch and (args.prompts * args.group) % args.micro_batch:
         p.error(f"--micro-batch {args.micro_batch} must divide P*G = {args.prompts * args.group}")
     if args.child:
+        (args.max_new_tokens,) = args.max_new_tokens  # run_side passes exactly one
         child(args.child, args.ckpt, args)
         return []
 
-    print(f"# load average before: {os.getloadavg()}", flush=True)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, args.preset)
         write_checkpoint(ckpt, args.preset)
-        side = in_process if args.in_process else run_side
-        base = side("baseline", ckpt, args)
-        ours = side("ours", ckpt, args)
+        for new_tokens in args.max_new_tokens:  # one comparison per completion length, same checkpoint
+            results += compare(ckpt, argparse.Namespace(**{**vars(args), "max_new_tokens": new_tokens}))
+    for r in results:
+        print(json.dumps(r))
+    return results
+
+
+def compare(ckpt: str, args: argparse.Namespace) -> list[dict]:
+    """Both sides at one completion length (``args.max_new_tokens`` is one number here): the JSON rows, and a
+    comment line with the iteration ratio as soon as it is known."""
+    print(f"# {args.max_new_tokens} new tokens per completion; load average before: {os.getloadavg()}", flush=True)
+    side = in_process if args.in_process else run_side
+    base = side("baseline", ckpt, args)
+    ours = side("ours", ckpt, args)
     print(f"# load average after: {os.getloadavg()}", flush=True)
     if [i["answers"] for i in ours["iterations"]] != [i["answers"] for i in base["iterations"]]:
         raise RuntimeError("the two sides saw different prompts (TRL's sampler order changed?); the comparison is off")
@@ -383,8 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.omp_wait_policy != "default" and not args.in_process:
         shape += f"_omp_{args.omp_wait_policy}"
     results = rows_of(ours, base, shape)
-    for r in results:
-        print(json.dumps(r))
+    print(f"# {args.max_new_tokens} new tokens: iteration {results[0]['ratio']}x (ours {results[0]['ours']} s, TRL "
+          f"{results[0]['baseline']} s)", flush=True)
     return results
 
 

@@ -63,6 +63,16 @@ def test_matches_float64_reference_at_bench_vocab():
         assert _rel(g.double(), r64) < max(2 * _rel(r32.double(), r64), 1e-6)
 
 
+def test_default_chunks_capped_in_rows_at_small_vocabularies():
+    """A small vocabulary is cut at 4,096 rows per chunk (even chunks), not left as one chunk of the whole batch;
+    large vocabularies are cut by the element budget as before."""
+    assert default_chunk_rows(16384, 320) == 4096
+    assert default_chunk_rows(5000, 320) == 2500  # two even chunks
+    assert default_chunk_rows(3000, 320) == 3000
+    assert default_chunk_rows(2000, 32000) == 1000
+    assert default_chunk_rows(10, 129280) == 10
+
+
 def test_all_rows_ignored_gives_zero_loss_and_zero_grads():
     h, w = torch.randn(6, 4), torch.randn(9, 4)
     loss, gh, gw = _loss_and_grads(lambda h, w: fused_linear_cross_entropy(h, w, torch.full((6,), -100)), h, w)

@@ -35,7 +35,8 @@ def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith('{"metric"')]
 
 
-def _check(rows: list[dict], with_rss: bool) -> None:
+def _check(rows: list[dict], with_rss: bool, new_tokens: int = 4) -> None:
+    assert all(f"_new{new_tokens}_" in r["metric"] for r in rows), rows
     names = [r["metric"].split("_tiny_")[0] for r in rows]
     expected = ["grpo_iteration_s", "grpo_iteration_cpu_s", "grpo_generated_tokens_per_s", "grpo_generate_s",
                 "grpo_score_and_update_s", "grpo_generated_tokens"]  # fmt: skip
@@ -45,17 +46,23 @@ def _check(rows: list[dict], with_rss: bool) -> None:
         for key in ("ours", "baseline", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, r
     tokens = rows[names.index("grpo_generated_tokens")]
-    assert tokens["ours"] == tokens["baseline"] == 2 * 2 * 4  # both sides generate exactly max_new_tokens
+    assert tokens["ours"] == tokens["baseline"] == 2 * 2 * new_tokens  # both sides generate exactly max_new_tokens
 
 
 def test_bench_grpo_toy_in_process(capsys):
+    """Two completion lengths in one run: one set of rows per length, all printed at the end."""
     spec = importlib.util.spec_from_file_location("bench_grpo", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    returned = bench.main([*TOY, "--in-process"])
-    printed = _json_lines(capsys.readouterr().out)
+    two = TOY[: TOY.index("4") + 1] + ["6"] + TOY[TOY.index("4") + 1 :]  # --max-new-tokens 4 6
+    returned = bench.main([*two, "--in-process"])
+    out = capsys.readouterr().out
+    printed = _json_lines(out)
     assert printed == returned
-    _check(printed, with_rss=False)
+    assert [line.startswith('{"metric"') for line in out.splitlines()][-len(printed) :] == [True] * len(printed)
+    half = len(printed) // 2
+    _check(printed[:half], with_rss=False, new_tokens=4)
+    _check(printed[half:], with_rss=False, new_tokens=6)
 
 
 @pytest.mark.slow
