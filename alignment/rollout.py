@@ -54,6 +54,8 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text: str | None = None
+    drafted: int = 0  # speculative decoding: MTP drafts verified for this completion, and how many were accepted
+    accepted: int = 0
 
 
 def completion_text(tokenizer: Any, token_ids: Sequence[int], stop_ids: Collection[int] = ()) -> str:
@@ -107,6 +109,8 @@ class _Seq:
     logprobs: list[float] = field(default_factory=list)
     draft: int = -1
     draft_probs: Tensor | None = None
+    drafted: int = 0
+    accepted: int = 0
     finish: str | None = None
     stop_reason: int | str | None = None
 
@@ -559,9 +563,8 @@ class RolloutEngine:
             text = completion_text(self.tokenizer, seq.tokens, seq.stop_ids)
             if isinstance(seq.stop_reason, str) and seq.stop_reason in text:
                 text = text[: text.index(seq.stop_reason)]
-        return Completion(
-            seq.request, seq.sample, seq.prompt, seq.tokens, seq.logprobs, seq.finish, seq.stop_reason, text
-        )
+        return Completion(seq.request, seq.sample, seq.prompt, seq.tokens, seq.logprobs, seq.finish, seq.stop_reason,
+                          text, seq.drafted, seq.accepted)  # fmt: skip
 
     def _knobs(self, seqs: Sequence[_Seq]) -> tuple[Tensor, Tensor, Tensor]:
         temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=self.device)
@@ -678,6 +681,8 @@ class RolloutEngine:
         lp_bonus = policy_logprobs(logits[:, 1], knobs[0], bonus).tolist()
         first, bonus, accepted_l = first.tolist(), bonus.tolist(), accepted.tolist()
         for j, i in enumerate(live):
+            slots[i].drafted += 1
+            slots[i].accepted += accepted_l[j]
             if accepted_l[j]:
                 self._append(slots[i], [first[j], bonus[j]], [lp_first[j], lp_bonus[j]], done)
             else:

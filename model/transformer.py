@@ -341,7 +341,50 @@ def mtp_loss(
         return labels.new_zeros((), dtype=torch.float32), {}
     terms = [_shifted_ce(x, labels, k + 1, segment_ids, weight) for k, x in enumerate(outs, start=1)]
     metrics = {f"mtp_ce_{k}": term.item() for k, term in enumerate(terms, start=1)}
+    metrics.update(mtp_acceptance(out, labels, segment_ids, head_weight))
     return mtp_lambda / len(outs) * torch.stack(terms).sum(), metrics
+
+
+ACCEPTANCE_POSITIONS = 512
+
+
+@torch.no_grad()
+def mtp_acceptance(
+    out: ModelOutput,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    head_weight: torch.Tensor | None = None,
+    max_positions: int = ACCEPTANCE_POSITIONS,
+) -> dict[str, float]:
+    """Teacher-forced greedy acceptance of each MTP depth: the share of positions whose draft (depth ``k`` at
+    position ``i``, predicting token ``i + k + 1``) is the main model's own greedy choice for that token (the main
+    head at position ``i + k``). That is the rate at which greedy speculative decoding accepts the depth-``k`` draft
+    on this text, given the earlier tokens (``docs/SPEC.md``: DeepSeek-V3 reports 85-90% at depth 1). Counted over
+    positions whose depth-``k`` target is a trained token (``labels`` != -100, same packed segment), at most
+    ``max_positions`` of them, evenly spaced (no random draw: the training RNG is left alone), so the head GEMMs
+    stay small next to the step's. ``{"mtp_acceptance": depth 1, "mtp_acceptance_<k>": depth k >= 2}``; empty
+    without MTP outputs or positions. Same ``out`` / ``head_weight`` conventions as ``causal_lm_loss``."""
+    fused = out.logits is None
+    main, drafts = (out.hidden, out.mtp_hidden) if fused else (out.logits, out.mtp_logits)
+    if fused and (head_weight is None or main is None):
+        return {}
+    T = labels.shape[1]
+    metrics: dict[str, float] = {}
+    for k, draft_BTX in enumerate(drafts, start=1):
+        if k + 1 >= T:
+            break
+        b, i = (_shifted_targets(labels, k + 1, segment_ids) != -100).nonzero(as_tuple=True)
+        if b.numel() == 0:
+            continue
+        if b.numel() > max_positions:
+            pick = torch.linspace(0, b.numel() - 1, max_positions, device=b.device).round().long()
+            b, i = b[pick], i[pick]
+        draft, verify = draft_BTX[b, i], main[b, i + k]
+        if fused:
+            draft, verify = F.linear(draft, head_weight), F.linear(verify, head_weight)
+        rate = (draft.argmax(-1) == verify.argmax(-1)).float().mean().item()
+        metrics["mtp_acceptance" if k == 1 else f"mtp_acceptance_{k}"] = rate
+    return metrics
 
 
 def causal_lm_loss(

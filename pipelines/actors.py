@@ -182,7 +182,7 @@ def start_actors(cfg: RunConfig, stage: StageConfig, sources: dict, tokenizer_di
         pools["rollout"] = RolloutPool([
             RolloutWorker.options(**opts, **in_bundle(pg, b)).remote(
                 sources["model"], tokenizer_dir, cfg.seed, slots, _threads(res.rollout_cpus_per_worker),
-                stage.training.compute_dtype)
+                stage.training.compute_dtype, p.speculative)
             for b in layout.rollout
         ])  # fmt: skip
     if layout.reward:

@@ -264,6 +264,12 @@ class GRPOParams:
                                         "draws one mask for all its samples; false: every sample recomputes it)"}
     )  # fmt: skip
     mtp_lambda: float = field(default=0.0, metadata={"help": "keep training MTP on the sampled completions (0 = off)"})
+    speculative: bool = field(
+        default=False, metadata={"help": "rollouts decode with MTP speculative decoding (same output distribution; "
+                                         "logs rollout_mtp_acceptance; pays where a 2-token verify forward costs about "
+                                         "a 1-token one, e.g. GPU decode; pair with mtp_lambda > 0 so the MTP module "
+                                         "follows the policy)"}
+    )  # fmt: skip
     bias_update_gamma: float = field(default=0.001, metadata={"help": "expert-bias update speed (0 = off)"})
     dynamic_sampling: bool = field(
         default=False, metadata={"help": "DAPO: drop groups whose rewards are all equal, refill with more prompts"}

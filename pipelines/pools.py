@@ -65,7 +65,7 @@ class RolloutWorker(ProcessInfo):
     """A model copy and a ``RolloutEngine``; takes weights from the trainer, returns completions with log-probs."""
 
     def __init__(self, source: dict[str, Any], tokenizer_dir: str, seed: int, max_batch_size: int, num_threads: int,
-                 compute_dtype: str = "fp32"):  # fmt: skip
+                 compute_dtype: str = "fp32", speculative: bool = False):  # fmt: skip
         import torch
 
         from .stages import LocalRollout, load_source, load_tokenizer, rollout_engine
@@ -74,7 +74,7 @@ class RolloutWorker(ProcessInfo):
         self.tokenizer = load_tokenizer(tokenizer_dir)
         device = assigned_device()  # rollout_gpus_per_worker
         model = load_source(source, self.tokenizer, seed).to(device)
-        self.engine = rollout_engine(model, self.tokenizer, max_batch_size)
+        self.engine = rollout_engine(model, self.tokenizer, max_batch_size, speculative)
         bf16 = compute_dtype == "bf16"  # decode in the trainer's precision (training.compute_dtype)
 
         def autocast():

@@ -444,6 +444,10 @@ def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
             stage.kind == "distill") else None  # fmt: skip
         if stage.kind == "grpo":
             _check_algorithm_names(stage, where, problems)
+            model_cfg = built[stage.name]
+            if stage.grpo.speculative and model_cfg is not None and model_cfg.num_nextn_predict_layers < 1:
+                problems.append(f"{where}.grpo.speculative: the model has no MTP module to draft with "
+                                "(num_nextn_predict_layers 0, or a checkpoint without MTP weights); set it to false")
         if stage.data.synthetic is not None:
             _check_rows_per_round(stage, where, stage.data.num_rows, problems)
         if stage.data.synthetic is not None and stage.data.num_rows and cfg.eval.path is None:

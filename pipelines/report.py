@@ -17,7 +17,8 @@ PLOTTED = {
     "response_length": "response length (tokens)",
     "kl": "KL to reference",
     "expert_load_max_over_mean": "expert load max/mean",
-    "mtp_acceptance": "MTP acceptance",
+    "mtp_acceptance": "MTP acceptance (teacher-forced, greedy)",
+    "rollout_mtp_acceptance": "MTP draft acceptance in speculative rollouts",
     "loss": "loss",
 }
 

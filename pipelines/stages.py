@@ -527,13 +527,14 @@ def completion_texts(tokenizer, completions) -> list[str]:
     return [completion_text(tokenizer, c.token_ids, ended_by(c)) for c in completions]
 
 
-def rollout_engine(model: Transformer, tokenizer, slots: int):
+def rollout_engine(model: Transformer, tokenizer, slots: int, speculative: bool = False):
     """The rollout engine every stage (and rollout worker) decodes with: ``slots`` sequences at a time, each up to
     the model's whole context (``max_position_embeddings``). Its latent cache is sized per call to the longest
-    prompt + ``max_new_tokens`` that call can reach, so the full context costs nothing unless used."""
+    prompt + ``max_new_tokens`` that call can reach, so the full context costs nothing unless used.
+    ``speculative``: MTP drafts verified by the model (``grpo.speculative``)."""
     from dsalign.alignment.rollout import RolloutEngine
 
-    return RolloutEngine(model, tokenizer, max_batch_size=slots)
+    return RolloutEngine(model, tokenizer, max_batch_size=slots, speculative=speculative)
 
 
 def rollout(engine, tokenizer, rows: list[dict], n: int, temperature: float, max_new_tokens: int, seed: int,
@@ -875,7 +876,8 @@ def _rollout_tallies(comps, scored, gen_s: float, sampling: dict[str, Any]) -> d
     """This rank's sums and counts behind the logged rollout metrics (combined over ranks by ``grpo_metrics``)."""
     t: dict[str, Any] = {"tokens": sum(len(c.token_ids) for c in comps), "completions": len(comps),
                          "truncated": sum(c.finish_reason == "length" for c in comps), "generate_s": gen_s,
-                         "sampling": dict(sampling)}  # fmt: skip
+                         "sampling": dict(sampling), "drafted": sum(c.drafted for c in comps),
+                         "accepted": sum(c.accepted for c in comps)}  # fmt: skip
     if scored is not None:
 
         def tally(values):
@@ -890,8 +892,9 @@ def _rollout_tallies(comps, scored, gen_s: float, sampling: dict[str, Any]) -> d
 
 def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float,
                  sampling: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The step's logged scalars: the trainer's, plus length, generation speed and expert load, and (when the
-    samples were ``scored``) reward (means over the samples a reward scored), reward failures and unscorable share.
+    """The step's logged scalars: the trainer's, plus length, generation speed and expert load (with speculative
+    rollouts the MTP drafts' acceptance), and (when the samples were ``scored``) reward (means over the samples a
+    reward scored), reward failures and unscorable share.
 
     Collective with several trainer ranks: each holds only its share of the samples, so the sums and counts of
     every rank are combined (lengths and rewards are means over all samples, ``tokens_per_s`` the group's tokens
@@ -909,6 +912,9 @@ def grpo_metrics(metrics: dict[str, Any], comps, scored, gen_s: float,
     metrics.update(response_length=tokens / count if count else math.nan, generate_s=gen,
                    tokens_per_s=tokens / max(gen, 1e-9),
                    truncated_frac=sum(t["truncated"] for t in ranks) / count if count else math.nan)  # fmt: skip
+    drafted = sum(t["drafted"] for t in ranks)
+    if drafted:  # speculative rollouts: the share of MTP drafts the model accepted
+        metrics["rollout_mtp_acceptance"] = sum(t["accepted"] for t in ranks) / drafted
     if scored is not None:
 
         def mean(pairs):
@@ -973,7 +979,7 @@ def run_grpo(env: StageEnv) -> Path:
     runner = build_runner(model, cfg)
     if env.rollout_pool is None:
         slots = p.prompts_per_iter * p.group_size
-        generator = LocalRollout(rollout_engine(model, env.tokenizer, slots), env.tokenizer,
+        generator = LocalRollout(rollout_engine(model, env.tokenizer, slots, p.speculative), env.tokenizer,
                                  autocast=lambda: autocast_context(cfg, device))  # fmt: skip
     else:
         generator = env.rollout_pool

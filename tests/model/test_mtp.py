@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dsalign.model import ModelOutput, Transformer, causal_lm_loss, load_checkpoint, save_checkpoint
+from dsalign.model import (
+    ModelOutput,
+    Transformer,
+    causal_lm_loss,
+    load_checkpoint,
+    mtp_acceptance,
+    save_checkpoint,
+)
 from safetensors import safe_open
 
 from .conftest import tiny
@@ -120,3 +127,65 @@ def test_mtp_trains_with_the_main_model():
     loss, _ = causal_lm_loss(out, x, mtp_lambda=0.3)
     loss.backward()
     assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0
+
+
+def _acceptance_by_hand(logits, drafts, labels, seg=None):
+    """Depth k at position i is accepted iff argmax(draft_k[i]) == argmax(logits[i + k]); over positions whose
+    target labels[i + k + 1] is trained and in position i's segment."""
+    B, T = labels.shape
+    rates = []
+    for k, d in enumerate(drafts, start=1):
+        hits = []
+        for b in range(B):
+            for i in range(T - k - 1):
+                if labels[b, i + k + 1] == -100 or (seg is not None and seg[b, i] != seg[b, i + k + 1]):
+                    continue
+                hits.append(int(d[b, i].argmax() == logits[b, i + k].argmax()))
+        rates.append(sum(hits) / len(hits))
+    return rates
+
+
+def test_mtp_acceptance_by_hand():
+    """Drafts built to agree with the main head on known positions: the rate counts exactly those, skips untrained
+    targets and targets in another packed sample, and reports each depth."""
+    torch.manual_seed(0)
+    B, T, V = 2, 10, 7
+    logits = torch.randn(B, T, V)
+    d1, d2 = torch.randn(B, T, V), torch.randn(B, T, V)
+    d1[:, :-1] = logits[:, 1:]  # depth 1 agrees everywhere ...
+    d1[0, 3] = -logits[0, 4]  # ... but one position (its argmax moves)
+    d2[:, :4] = logits[:, 2:6]
+    labels = torch.randint(0, V, (B, T))
+    labels[1, 5] = -100
+    seg = torch.tensor([[1] * 6 + [2] * 4, [1] * 10])
+    got = mtp_acceptance(ModelOutput(logits=logits, mtp_logits=[d1, d2]), labels, seg)
+    want = _acceptance_by_hand(logits, [d1, d2], labels, seg)
+    assert set(got) == {"mtp_acceptance", "mtp_acceptance_2"}
+    assert abs(got["mtp_acceptance"] - want[0]) < 1e-6 and 0.8 < want[0] < 1.0
+    assert abs(got["mtp_acceptance_2"] - want[1]) < 1e-6
+    assert mtp_acceptance(ModelOutput(logits=logits), labels) == {}  # no MTP outputs
+    assert mtp_acceptance(ModelOutput(logits=logits, mtp_logits=[d1]), torch.full((B, T), -100)) == {}
+
+
+def test_mtp_acceptance_fused_matches_logits_and_is_logged():
+    """The fused path (head inputs + head weight) gives the logits path's rate; the SFT loss logs it; the position
+    cap samples evenly (a rate over the cap's positions, no RNG drawn)."""
+    from dsalign.alignment.trainer.step import lm_loss_fn
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (3, 16))
+    with torch.no_grad():
+        full = model(x, compute_mtp=True)
+        fused = model(x, compute_mtp=True, return_logits=False)
+    want = _acceptance_by_hand(full.logits, full.mtp_logits, x)[0]
+    assert abs(mtp_acceptance(full, x)["mtp_acceptance"] - want) < 1e-6
+    assert abs(mtp_acceptance(fused, x, head_weight=model.lm_head.weight)["mtp_acceptance"] - want) < 1e-6
+    state = torch.get_rng_state()
+    capped = mtp_acceptance(full, x, max_positions=5)["mtp_acceptance"]
+    assert torch.equal(state, torch.get_rng_state()) and capped * 5 == round(capped * 5)
+    _, metrics = lm_loss_fn(mtp_lambda=0.1)(model.train(), {"input_ids": x, "labels": x})
+    assert 0.0 <= metrics["mtp_acceptance"] <= 1.0
+    _, metrics = lm_loss_fn(mtp_lambda=0.0)(model, {"input_ids": x, "labels": x})
+    assert "mtp_acceptance" not in metrics

@@ -17,7 +17,8 @@ def share(rank: int):
         lens, rewards, acc = [10], [0.5], [1.0]
         extra = {"dynamic_sampling/rounds": 3, "dynamic_sampling/groups_dropped": 4}
     cut = {10}  # rank 1's completion hit max_new_tokens: 1 of the 4 completions is truncated
-    comps = [SimpleNamespace(token_ids=[7] * n, finish_reason="length" if n in cut else "stop") for n in lens]
+    comps = [SimpleNamespace(token_ids=[7] * n, finish_reason="length" if n in cut else "stop", drafted=n,
+                             accepted=n // 2) for n in lens]  # speculative: 6 drafts (2 accepted) on rank 0, 10 (5)
     scored = SimpleNamespace(rewards=rewards, components={"math_accuracy": acc}, metrics={"errors/total": rank + 1.0})
     return comps, scored, 2.0 + 2 * rank, extra
 

@@ -231,6 +231,19 @@ def test_preflight_refuses_an_ep_size_the_experts_do_not_split_into_and_override
     preflight(load_config(TINY, [*base, "stages.grpo.model.overrides={fp8: true}"]))
 
 
+def test_speculative_rollouts_need_an_mtp_module(tmp_path):
+    """grpo.speculative drafts with the model's MTP module: a model without one is refused before any actor starts
+    (the engine would raise in the worker); the tiny config's speculative stage (from a stage with MTP) passes."""
+    base = [f"output_dir={tmp_path / 'out'}"]
+    preflight(load_config(TINY, base))  # its `length` stage decodes speculatively
+    with pytest.raises(PreflightError) as err:
+        preflight(load_config(TINY, [*base, "stages.sft.model.overrides={num_nextn_predict_layers: 0}"]))
+    assert err.value.problems == [
+        "stages[3] (length).grpo.speculative: the model has no MTP module to draft with (num_nextn_predict_layers 0, "
+        "or a checkpoint without MTP weights); set it to false"
+    ], err.value.problems
+
+
 def test_prompts_too_long_to_sample_from_are_refused_before_the_run_or_dropped_and_counted(tmp_path):
     """A prompt the model has no room to generate after used to pass preflight and fail the stage mid-run (retried),
     named by its index in a batch; now preflight names the file and the prompt, and with skip_invalid the stage drops

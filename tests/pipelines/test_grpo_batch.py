@@ -13,8 +13,8 @@ from dsalign.pipelines.stages import grpo_metrics, make_rl_batch
 
 
 def _comps(n: int):
-    return [SimpleNamespace(token_ids=[5, 6, 7][: 1 + i % 3], logprobs=[-0.5] * (1 + i % 3), finish_reason="stop")
-            for i in range(n)]  # fmt: skip
+    return [SimpleNamespace(token_ids=[5, 6, 7][: 1 + i % 3], logprobs=[-0.5] * (1 + i % 3), finish_reason="stop",
+                            drafted=0, accepted=0) for i in range(n)]  # fmt: skip
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "drgrpo", "rloo"])
@@ -44,6 +44,10 @@ def test_grpo_metrics_average_what_was_scored_and_count_failures():
     assert m["reward"] == 0.5 and m["accuracy"] == 0.5 and m["unscorable_frac"] == 0.5 and m["reward_errors"] == 2.0
     none = SimpleNamespace(rewards=[None], components={"x": [None]}, metrics={})
     assert math.isnan(grpo_metrics({}, _comps(1), none, gen_s=1.0)["reward"])
+    assert "rollout_mtp_acceptance" not in m  # plain decoding drafts nothing
+    spec = _comps(2)
+    spec[0].drafted, spec[0].accepted, spec[1].drafted, spec[1].accepted = 3, 2, 1, 0
+    assert grpo_metrics({}, spec, None, gen_s=1.0)["rollout_mtp_acceptance"] == 2 / 4
 
 
 @pytest.mark.distributed
@@ -61,6 +65,7 @@ def test_grpo_metrics_pool_every_ranks_samples(launch_workers):
     assert m["reward"] == 1.5 / 3 and m["accuracy"] == 2.0 / 3 and m["unscorable_frac"] == 1 / 4
     assert m["reward_errors"] == 3.0 and m["truncated_frac"] == 1 / 4
     assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/groups_dropped"] == 4
+    assert m["rollout_mtp_acceptance"] == 7 / 16
 
 
 class _FakeGenerator:

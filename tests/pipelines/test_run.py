@@ -47,6 +47,13 @@ def test_full_chain_runs_and_exports_loadable_checkpoints(tmp_path, local_ray, c
     assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
     rows = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward", "response_length", "loss", "expert_load_max_over_mean"} <= set(rows[-1])
+    sft = [json.loads(line) for line in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["mtp_acceptance"] <= 1.0 for r in sft)  # SFT trains MTP: its greedy acceptance is logged
+    length = [json.loads(line) for line in (tmp_path / "run" / "length" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["rollout_mtp_acceptance"] <= 1.0 and r["mtp_acceptance"] >= 0.0 for r in length)  # speculative
+    assert "rollout_mtp_acceptance" not in rows[-1]  # the first GRPO stage decodes plainly
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "mtp_acceptance.png" in report and "rollout_mtp_acceptance.png" in report
     assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "reward.png").is_file()
     distilled = [
         json.loads(line) for line in (tmp_path / "run" / "distill" / "distill_sft.jsonl").read_text().splitlines()

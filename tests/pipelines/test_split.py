@@ -36,7 +36,7 @@ def _grpo_config(tmp: Path, name: str, tokenizer: str = "demo", **resources):
     rewards = [{"fn": f"{tmp / 'rewards.py'}:even_tokens"}, {"fn": "think_format", "weight": 0.2}]
     grpo.update(model={"preset": "tiny"}, checkpoint_every=1, resources=resources, rewards=rewards)
     grpo["data"]["num_rows"] = 16
-    grpo["grpo"].update(max_new_tokens=12, mask_truncated=False)
+    grpo["grpo"].update(max_new_tokens=12, mask_truncated=False, speculative=True)  # rollouts draft with MTP
     data.update(stages=[grpo], output_dir=str(tmp / name), tokenizer=tokenizer)
     data["eval"].update(num_prompts=1, samples_per_prompt=1, max_new_tokens=4)
     path = tmp / f"{name}.yaml"
@@ -57,7 +57,7 @@ def _weights(state) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, local_ray):
     """The same GRPO stage colocated, then split (one rollout worker, one reward worker, fractional CPUs so that
-    trainer + rollout + reward fit the 2-CPU local Ray)."""
+    trainer + rollout + reward fit the 2-CPU local Ray); both decode speculatively (``grpo.speculative``)."""
     tmp = tmp_path_factory.mktemp("split")
     (tmp / "rewards.py").write_text(REWARDS_PY)
     colocated = run(_grpo_config(tmp, "colocated"))
@@ -80,9 +80,10 @@ def test_split_mode_matches_colocated_and_keeps_rollout_weights_bitwise_in_sync(
     assert split[0]["weights_sha256"] == weights_digest(initial.state_dict())  # iteration 1 decodes the source model
     # Same weights and per-prompt seeds, same engine batch shape, one thread each: the rollout worker samples exactly
     # the colocated completions and log-probs, so rewards, losses and the updated weights agree bit for bit.
-    keys = ["reward", "reward/even_tokens", "reward/think_format", "response_length", "loss"]
+    keys = ["reward", "reward/even_tokens", "reward/think_format", "response_length", "loss", "rollout_mtp_acceptance"]
     assert [[r[k] for k in keys] for r in split] == [[r[k] for k in keys] for r in colocated]
     assert split[0]["reward/even_tokens"] not in (0.0, 1.0)
+    assert all(0.0 <= r["rollout_mtp_acceptance"] <= 1.0 for r in split)  # the rollout worker's own drafts, counted
     a, b = _weights(runs["split"]), _weights(runs["colocated"])
     assert all(torch.equal(a[k], b[k]) for k in a), "split and colocated runs ended with different weights"
     assert (Path(runs["split"].finished["grpo"]) / "tokenizer.json").is_file()  # HF export with its tokenizer

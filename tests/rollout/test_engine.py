@@ -39,8 +39,13 @@ def test_greedy_equals_full_forward_argmax_ragged(speculative):
     for c, p in zip(out, params):
         assert c.token_ids == _argmax_reference(model, c.prompt_ids, p.max_new_tokens), c.request_index
         assert c.finish_reason == "length"
-    if speculative:
+    if speculative:  # each completion counts its own drafts: they add up to the call's
         assert engine.last_stats.drafted > 0
+        assert sum(c.drafted for c in out) == engine.last_stats.drafted
+        assert sum(c.accepted for c in out) == engine.last_stats.accepted
+        assert all(0 <= c.accepted <= c.drafted < len(c.token_ids) for c in out)
+    else:
+        assert all(c.drafted == c.accepted == 0 for c in out)
 
 
 @pytest.mark.parametrize("speculative", [False, True])
