@@ -1,7 +1,7 @@
 """One GRPO iteration of the ``small`` preset: dsalign's pipeline path vs TRL's ``GRPOTrainer``, same weights.
 
     python bench/grpo.py [--prompts 8] [--group 8] [--max-new-tokens 64 512] [--iters 5] [--warmup 2] [--threads 2]
-                         [--omp-wait-policy passive|active|default] [--bf16]
+                         [--omp-wait-policy passive|active|default] [--bf16] [--malloc-keep]
 
 An iteration is what one step of the pipeline's GRPO stage does: sample G completions for each of P prompts,
 score them, and make one optimizer step on the P*G completions. The comparison runs once per completion length; the
@@ -21,7 +21,11 @@ master weights; ours ``training.compute_dtype: bf16``, whose autocast also cover
 the pipeline; TRL ``bf16=True``, whose accelerate autocast wraps the model's forward, which ``generate`` calls too);
 figures are medians over the timed iterations. Besides wall time, each iteration's process CPU time (all threads)
 is reported: on cores shared with other jobs it moves less than wall time does, so when the two disagree, the
-machine was busy.
+machine was busy. The comment lines also give each side's kernel time and minor page faults per iteration: with
+glibc's default allocator, tensors above its mmap threshold go back to the OS when freed and are faulted in afresh
+the next time, which on this VM (~1.7 us per 4 KiB page) cost TRL's update about half its time at 512 new tokens.
+``--malloc-keep`` runs both sides with glibc tunables that keep freed memory in the process, so the comparison is
+of the computation alone.
   * ours: the code ``pipelines/stages.py::run_grpo`` runs: ``RolloutEngine`` colocated on the trainer's model,
     ``make_rl_batch`` (``build_rl_batch`` + group advantages; prompt groups, so the update computes each prompt once
     as the pipeline does by default, ``--no-shared-prompts`` turns that off), ``grpo_loss_fn`` (PPO-clip, eps 0.2/0.28,
@@ -64,6 +68,8 @@ import time
 import torch
 
 REWARDS = (("math_accuracy", 1.0), ("think_format", 0.2))
+# --malloc-keep: glibc keeps freed memory in the process (no mmap'd chunks, no trimming) instead of returning it
+MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 LR, BETAS, WEIGHT_DECAY, GRAD_CLIP, EPS_LOW, EPS_HIGH = 5e-5, (0.9, 0.95), 0.0, 1.0, 0.2, 0.28
 
 
@@ -72,6 +78,13 @@ def prompt_rows(args: argparse.Namespace) -> list[dict]:
     from dsalign.pipelines.demo_task import AdditionTask, make_prompts
 
     return make_prompts(AdditionTask(), args.prompts * (args.warmup + args.iters), seed=args.seed)
+
+
+def kernel_time() -> tuple[float, int]:
+    """(system CPU seconds, minor page faults) of this process so far: the kernel's share of an iteration is mostly
+    faulting in fresh pages for large tensors that the allocator returned to the OS after the previous one."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_stime, r.ru_minflt
 
 
 def write_checkpoint(path: str, preset: str) -> None:
@@ -136,7 +149,7 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
     engine = RolloutEngine(model, tok, max_batch_size=P * G, max_len=max(256, 64 + args.max_new_tokens))
 
     def iteration(it: int) -> dict:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, (k0, f0) = time.perf_counter(), time.process_time(), kernel_time()
         it_rows = rows[it * P : (it + 1) * P]
         # stages.rollout, plus ignore_eos when fixed-length completions are asked for (the pipeline stops at EOS)
         prompt_ids = [tokenize_prompt(tok, r["prompt"]) for r in it_rows]
@@ -153,8 +166,9 @@ def _ours(ckpt: str, args: argparse.Namespace, rows: list[dict]):
         micro = split_micro(batch, p.micro_batch_size)
         cfg.micro_batches = len(micro)
         metrics = train_step(runner, micro, loss_fn, cfg)
-        t1 = time.perf_counter()
-        return {"s": t1 - t0, "cpu_s": time.process_time() - c0, "generate_s": t_gen - t0,
+        t1, (k1, f1) = time.perf_counter(), kernel_time()
+        return {"s": t1 - t0, "cpu_s": time.process_time() - c0, "generate_s": t_gen - t0, "sys_s": k1 - k0,
+                "faults": f1 - f0,
                 "tokens": sum(len(c.token_ids) for c in comps), "loss": float(metrics["loss"]),
                 "prompt_tokens": G * sum(map(len, prompt_ids)),  # in the update's rows (shared prompts: 1/G of it)
                 "answers": [r["answer"] for r in it_rows]}  # fmt: skip
@@ -224,10 +238,12 @@ def _baseline(ckpt: str, args: argparse.Namespace, rows: list[dict]):
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
+            self.t0, self.c0, self.k0 = time.perf_counter(), time.process_time(), kernel_time()
 
         def on_step_end(self, a, state, control, **kw):
-            steps.append((time.perf_counter() - self.t0, time.process_time() - self.c0))
+            k1 = kernel_time()
+            steps.append((time.perf_counter() - self.t0, time.process_time() - self.c0, k1[0] - self.k0[0],
+                          k1[1] - self.k0[1]))
 
     trainer.add_callback(Clock())
 
@@ -237,8 +253,8 @@ def _baseline(ckpt: str, args: argparse.Namespace, rows: list[dict]):
             raise RuntimeError(f"TRL made {len(steps)} steps and {len(tokens)} generations; expected "
                                f"{args.warmup + args.iters} of each (one generation per optimizer step)")  # fmt: skip
         return [
-            {"s": s, "cpu_s": c, "generate_s": g, "tokens": n, "answers": a}
-            for (s, c), g, n, a in zip(steps, gen_s, tokens, answers)
+            {"s": s, "cpu_s": c, "sys_s": k, "faults": f, "generate_s": g, "tokens": n, "answers": a}
+            for (s, c, k, f), g, n, a in zip(steps, gen_s, tokens, answers)
         ]
 
     experts = getattr(model.config, "_experts_implementation_internal", "?")
@@ -263,6 +279,8 @@ def measure(side: str, ckpt: str, args: argparse.Namespace) -> dict:
         "impl": impl,
         "s": median(lambda i: i["s"]),
         "cpu_s": median(lambda i: i["cpu_s"]),
+        "sys_s": median(lambda i: i["sys_s"]),
+        "faults": median(lambda i: i["faults"]),
         "generate_s": median(lambda i: i["generate_s"]),
         "update_s": median(lambda i: i["s"] - i["generate_s"]),
         "tokens": median(lambda i: i["tokens"]),
@@ -295,6 +313,7 @@ def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
              "--seed", args.seed] + (["--stop-at-eos"] if args.stop_at_eos else [])  # fmt: skip
     flags += ["--no-shared-prompts"] if args.no_shared_prompts else []
     flags += ["--bf16"] if args.bf16 else []
+    flags += ["--malloc-keep"] if args.malloc_keep else []
     cmd = [sys.executable, __file__, "--child", side, "--ckpt", ckpt, *map(str, flags)]
     # OpenMP reads OMP_WAIT_POLICY when torch loads it, so the side's process gets it through its environment.
     # ``default`` is the runtime's own (spin a while, then sleep), as the pipeline's workers run; ``passive`` (idle
@@ -305,6 +324,8 @@ def run_side(side: str, ckpt: str, args: argparse.Namespace) -> dict:
         env.pop("OMP_WAIT_POLICY", None)
     else:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    if args.malloc_keep:  # glibc reads its tunables at process start
+        env["GLIBC_TUNABLES"] = MALLOC_KEEP
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{side} benchmark process failed:\n{proc.stderr[-4000:]}")
@@ -358,10 +379,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "small op pays a wake-up; default: unset, as the pipeline's workers run); not with "
                         "--in-process")  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast (fp32 master weights)")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help=f"both sides with GLIBC_TUNABLES={MALLOC_KEEP}: freed memory stays in the process, so large "
+                        "tensors do not fault in fresh pages every iteration (not with --in-process)")  # fmt: skip
     p.add_argument("--in-process", action="store_true", help="quick check: both sides in this process, no peak RSS")
     p.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.malloc_keep and args.in_process:
+        p.error("--malloc-keep sets glibc's tunables for the sides' own processes; not with --in-process")
     if args.micro_batch and (args.prompts * args.group) % args.micro_batch:
         p.error(f"--micro-batch {args.micro_batch} must divide P*G = {args.prompts * args.group}")
     if args.child:
@@ -393,7 +419,9 @@ def compare(ckpt: str, args: argparse.Namespace) -> list[dict]:
     for name, r in (("ours", ours), ("baseline", base)):
         per_it = [(round(i["s"], 2), round(i["generate_s"], 2), i["tokens"]) for i in r["iterations"]]
         peak = f"peak {r['peak_mib']:.0f} MiB, OMP_WAIT_POLICY {r['omp_wait_policy']} " if "peak_mib" in r else ""
-        print(f"# {name:8s} (s, generate s, tokens) per iteration, warm-up first: {per_it}; {peak}({r['impl']})")
+        print(f"# {name:8s} (s, generate s, tokens) per iteration, warm-up first: {per_it}; {peak}({r['impl']}); "
+              f"kernel time {r['sys_s']:.2f} s and {r['faults'] / 1e3:.0f}k minor page faults per iteration "
+              "(median)")
     if "prompt_tokens" in ours["iterations"][0]:  # what sharing prompts can save in the update is their share
         p_tok = statistics.median(i["prompt_tokens"] for i in ours["iterations"])
         print(f"# update rows per iteration: {p_tok:.0f} prompt + {ours['tokens']:.0f} completion tokens (median)")
@@ -401,6 +429,8 @@ def compare(ckpt: str, args: argparse.Namespace) -> list[dict]:
     shape = f"{args.preset}_P{args.prompts}xG{args.group}_new{args.max_new_tokens}_{dtype}_{args.threads}threads"
     if args.omp_wait_policy != "default" and not args.in_process:
         shape += f"_omp_{args.omp_wait_policy}"
+    if args.malloc_keep:
+        shape += "_malloc_keep"
     results = rows_of(ours, base, shape)
     print(f"# {args.max_new_tokens} new tokens: iteration {results[0]['ratio']}x (ours {results[0]['ours']} s, TRL "
           f"{results[0]['baseline']} s)", flush=True)
