@@ -5,6 +5,7 @@ Shape legend: B batch, T tokens, S cached key positions, D hidden, V vocab, L Mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -362,8 +363,10 @@ def mtp_acceptance(
     on this text, given the earlier tokens (``docs/SPEC.md``: DeepSeek-V3 reports 85-90% at depth 1). Counted over
     positions whose depth-``k`` target is a trained token (``labels`` != -100, same packed segment), at most
     ``max_positions`` of them, evenly spaced (no random draw: the training RNG is left alone), so the head GEMMs
-    stay small next to the step's. ``{"mtp_acceptance": depth 1, "mtp_acceptance_<k>": depth k >= 2}``; empty
-    without MTP outputs or positions. Same ``out`` / ``head_weight`` conventions as ``causal_lm_loss``."""
+    stay small next to the step's. ``{"mtp_acceptance": depth 1, "mtp_acceptance_<k>": depth k >= 2}``, NaN for a
+    depth with no position to count (the keys depend only on the model, so that data-parallel ranks, which average
+    their metrics key by key and skip NaNs, always pass the same ones); empty without MTP outputs. Same ``out`` /
+    ``head_weight`` conventions as ``causal_lm_loss``."""
     fused = out.logits is None
     main, drafts = (out.hidden, out.mtp_hidden) if fused else (out.logits, out.mtp_logits)
     if fused and (head_weight is None or main is None):
@@ -371,8 +374,10 @@ def mtp_acceptance(
     T = labels.shape[1]
     metrics: dict[str, float] = {}
     for k, draft_BTX in enumerate(drafts, start=1):
+        key = "mtp_acceptance" if k == 1 else f"mtp_acceptance_{k}"
+        metrics[key] = math.nan
         if k + 1 >= T:
-            break
+            continue
         b, i = (_shifted_targets(labels, k + 1, segment_ids) != -100).nonzero(as_tuple=True)
         if b.numel() == 0:
             continue
@@ -382,8 +387,7 @@ def mtp_acceptance(
         draft, verify = draft_BTX[b, i], main[b, i + k]
         if fused:
             draft, verify = F.linear(draft, head_weight), F.linear(verify, head_weight)
-        rate = (draft.argmax(-1) == verify.argmax(-1)).float().mean().item()
-        metrics["mtp_acceptance" if k == 1 else f"mtp_acceptance_{k}"] = rate
+        metrics[key] = (draft.argmax(-1) == verify.argmax(-1)).float().mean().item()
     return metrics
 
 

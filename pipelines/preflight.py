@@ -78,7 +78,9 @@ def _check_model(src: ModelSource, where: str, problems: list[str],
             problems.append(f"{where}.checkpoint: {path} has no *.safetensors weights")
         else:
             try:
-                model_cfg = check_checkpoint(path)  # config.json, shard headers, weights' keys and layers; no tensor
+                # config.json, shard headers, weights' keys and layers; no tensor. Missing MTP weights as the stages
+                # load them (``load_source``: fresh MTP modules, trained by any stage with mtp_lambda > 0)
+                model_cfg = check_checkpoint(path, missing_mtp="init")
             except (ValueError, FileNotFoundError) as e:
                 problems.append(f"{where}.checkpoint: {e}")
     return model_cfg
@@ -447,7 +449,7 @@ def preflight(cfg: RunConfig, finished: dict[str, str] | None = None) -> None:
             model_cfg = built[stage.name]
             if stage.grpo.speculative and model_cfg is not None and model_cfg.num_nextn_predict_layers < 1:
                 problems.append(f"{where}.grpo.speculative: the model has no MTP module to draft with "
-                                "(num_nextn_predict_layers 0, or a checkpoint without MTP weights); set it to false")
+                                "(num_nextn_predict_layers 0); set it to false")
         if stage.data.synthetic is not None:
             _check_rows_per_round(stage, where, stage.data.num_rows, problems)
         if stage.data.synthetic is not None and stage.data.num_rows and cfg.eval.path is None:

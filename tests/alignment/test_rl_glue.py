@@ -46,6 +46,12 @@ def test_on_policy_loss_has_unit_ratio_and_mtp_term_trains_mtp_only_when_asked()
     loss, metrics = grpo_loss_fn(cfg, aux_loss_coef=0.0, mtp_lambda=0.3)(model, batch)
     loss.backward()
     assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0 and "mtp_ce_1" in metrics
+    assert 0.0 <= metrics["mtp_acceptance"] <= 1.0
+    # a rank whose completions are all masked (e.g. every one truncated under mask_truncated) reports the same keys
+    # (NaN values): data-parallel ranks average their metrics key by key, and different keys abort the collective
+    empty = {**batch, "completion_mask": torch.zeros_like(batch["completion_mask"])}
+    _, none = grpo_loss_fn(cfg, aux_loss_coef=0.0, mtp_lambda=0.3)(model, empty)
+    assert none.keys() == metrics.keys() and math.isnan(none["mtp_acceptance"])
 
 
 def test_fused_token_logprobs_match_the_logits_path():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from dsalign.model import (
@@ -164,7 +166,12 @@ def test_mtp_acceptance_by_hand():
     assert abs(got["mtp_acceptance"] - want[0]) < 1e-6 and 0.8 < want[0] < 1.0
     assert abs(got["mtp_acceptance_2"] - want[1]) < 1e-6
     assert mtp_acceptance(ModelOutput(logits=logits), labels) == {}  # no MTP outputs
-    assert mtp_acceptance(ModelOutput(logits=logits, mtp_logits=[d1]), torch.full((B, T), -100)) == {}
+    # nothing to count (e.g. every completion of this rank masked as truncated): the same keys, NaN, so that ranks
+    # averaging their metrics key by key still agree on the keys
+    none = mtp_acceptance(ModelOutput(logits=logits, mtp_logits=[d1, d2]), torch.full((B, T), -100))
+    assert list(none) == ["mtp_acceptance", "mtp_acceptance_2"] and all(math.isnan(v) for v in none.values())
+    short = mtp_acceptance(ModelOutput(logits=logits[:, :2], mtp_logits=[d1[:, :2], d2[:, :2]]), labels[:, :2])
+    assert list(short) == ["mtp_acceptance", "mtp_acceptance_2"] and math.isnan(short["mtp_acceptance_2"])
 
 
 def test_mtp_acceptance_fused_matches_logits_and_is_logged():

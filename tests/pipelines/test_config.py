@@ -239,9 +239,20 @@ def test_speculative_rollouts_need_an_mtp_module(tmp_path):
     with pytest.raises(PreflightError) as err:
         preflight(load_config(TINY, [*base, "stages.sft.model.overrides={num_nextn_predict_layers: 0}"]))
     assert err.value.problems == [
-        "stages[3] (length).grpo.speculative: the model has no MTP module to draft with (num_nextn_predict_layers 0, "
-        "or a checkpoint without MTP weights); set it to false"
+        "stages[3] (length).grpo.speculative: the model has no MTP module to draft with (num_nextn_predict_layers 0); "
+        "set it to false"
     ], err.value.problems
+    # a checkpoint whose config declares MTP but whose weights lack it (as many published ones do) gets fresh MTP
+    # modules when a stage loads it, which SFT then trains: preflight sees the model the stages build
+    from dsalign.model import ModelConfig, Transformer, save_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    model = Transformer(ModelConfig.preset("tiny").replace(vocab_size=512))  # room for the demo tokenizer
+    save_checkpoint(model, tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model.safetensors"
+    mtp = f"model.layers.{model.cfg.num_hidden_layers}."
+    save_file({k: v for k, v in load_file(shard).items() if not k.startswith(mtp)}, shard, metadata={"format": "pt"})
+    preflight(load_config(TINY, [*base, f"stages.sft.model={{checkpoint: {tmp_path / 'ckpt'}}}"]))
 
 
 def test_prompts_too_long_to_sample_from_are_refused_before_the_run_or_dropped_and_counted(tmp_path):
