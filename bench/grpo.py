@@ -24,8 +24,9 @@ is reported: on cores shared with other jobs it moves less than wall time does, 
 machine was busy. The comment lines also give each side's kernel time and minor page faults per iteration: with
 glibc's default allocator, tensors above its mmap threshold go back to the OS when freed and are faulted in afresh
 the next time, which on this VM (~1.7 us per 4 KiB page) cost TRL's update about half its time at 512 new tokens.
-``--malloc-keep`` runs both sides with glibc tunables that keep freed memory in the process, so the comparison is
-of the computation alone.
+Our trainer keeps freed memory in the process itself (``alignment/trainer/hostmem.py``, from ``prepare_model``);
+``--malloc-keep`` gives both sides' processes glibc tunables to the same effect, so the comparison is of the
+computation alone.
   * ours: the code ``pipelines/stages.py::run_grpo`` runs: ``RolloutEngine`` colocated on the trainer's model,
     ``make_rl_batch`` (``build_rl_batch`` + group advantages; prompt groups, so the update computes each prompt once
     as the pipeline does by default, ``--no-shared-prompts`` turns that off), ``grpo_loss_fn`` (PPO-clip, eps 0.2/0.28,
