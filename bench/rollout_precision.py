@@ -60,7 +60,9 @@ def main() -> None:
     print(f"bf16 rollout: mean |dlogp| {ours_mean:.3e}, max {ours_max:.3e}")
     print(f"fp32 rollout: mean |dlogp| {base_mean:.3e}, max {base_max:.3e}")
     for metric, ours, base in (("mean_abs_dlogp", ours_mean, base_mean), ("max_abs_dlogp", ours_max, base_max)):
-        print(json.dumps({"metric": metric, "ours": ours, "baseline": base, "ratio": base / ours, "unit": "nats"}))
+        ratio = base / ours if ours > 0 else None  # none: the bf16 rollout matched exactly
+        print(json.dumps({"metric": metric, "ours": ours, "baseline": base, "ratio": ratio,
+                          "unit": "nats (ratio = baseline/ours)"}))
 
 
 if __name__ == "__main__":
