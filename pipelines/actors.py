@@ -1,4 +1,5 @@
-"""Ray actors and tasks: the only place (with ``runner.py`` and ``jobs.py``) that talks to Ray.
+"""Ray actors and tasks: with ``pools.py`` (rollout and reward workers), ``placement.py`` (placement groups),
+``runner.py`` and ``jobs.py``, the only code that talks to Ray.
 
 - ``StageWorker``: one process of a stage's trainer group. With ``num_workers > 1`` the workers form one
   ``torch.distributed`` group (gloo on CPU, NCCL on GPU; rendezvous on rank 0's node) and run the stage SPMD; rank 0
