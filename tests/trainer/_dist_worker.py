@@ -122,3 +122,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Everything is written and the process group destroyed. Skip the interpreter's teardown: about once in 90 runs
+    # a native thread of the gloo / DeepSpeed CPU communication stack was destroyed while joinable there ("terminate
+    # called without an active exception", SIGABRT after the results were complete), failing a run that had passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
