@@ -61,7 +61,6 @@ class StageWorker(ProcessInfo):
 
         torch.set_num_threads(max(1, num_threads))
 
-
     def address(self) -> tuple[str, int]:
         """This worker's node address and a free port on it: rank 0's serve as the group's rendezvous."""
         return ray.util.get_node_ip_address(), _free_port()

@@ -82,7 +82,6 @@ class RolloutWorker(ProcessInfo):
 
         self.local = LocalRollout(self.engine, self.tokenizer, autocast=autocast)
 
-
     def update_weights(self, state: dict, verify: bool) -> str | None:
         """Copy the trainer's weights in; with ``verify`` return the digest of the whole model afterwards."""
         from .stages import weights_digest
@@ -142,7 +141,6 @@ class RewardWorker(ProcessInfo):
 
     def names(self) -> list[str]:
         return list(self.combiner.fns)
-
 
     def score(self, prompts: list, completions: list, completion_ids: list | None, columns: dict[str, Any]):
         return self.combiner(prompts, completions, completion_ids, **columns)
